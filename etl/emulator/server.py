@@ -492,7 +492,9 @@ class EmulatorServer:
         """Serve in a daemon thread; returns self."""
         self.bind()
         assert self._httpd is not None
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="etl-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="etl-emulator", daemon=True
+        )
         self._thread.start()
         return self
 

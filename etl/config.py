@@ -1,0 +1,498 @@
+"""Configuration: `config/etl.toml` plus environment overrides, read once into a frozen object.
+
+Every problem found is collected and raised together as one `ConfigError`, so a user fixes the file
+once, not once per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from etl.errors import ConfigError
+
+DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
+CREDENTIAL_NAME = "anthropic_api_key"
+TEMPLATE_BUILTINS = frozenset({"body", "doc_key", "task"})
+CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z?]+$")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A string that never shows itself in `repr`, `str` or a log line."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self.value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    model: str
+    template: str
+    max_tokens: int
+    system: str = ""
+    output_schema: Mapping[str, Any] | None = None
+    cache_system: bool = False
+    template_fields: tuple[str, ...] = ()
+
+    @property
+    def metadata_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in self.template_fields if f not in TEMPLATE_BUILTINS)
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """Standard (non-batch) prices in USD per million tokens."""
+
+    input: float
+    output: float
+
+
+@dataclass(frozen=True)
+class Pricing:
+    models: Mapping[str, ModelPrice]
+    batch_discount: float = 0.5
+    cache_write_5m: float = 1.25
+    cache_write_1h: float = 2.0
+    cache_read: float = 0.1
+
+    def for_model(self, model: str) -> ModelPrice | None:
+        """Longest configured prefix of `model` wins: `claude-haiku-4-5` prices `claude-haiku-4-5-20251001`."""
+        best: tuple[int, ModelPrice] | None = None
+        for name, price in self.models.items():
+            if model.startswith(name) and (best is None or len(name) > best[0]):
+                best = (len(name), price)
+        return None if best is None else best[1]
+
+
+@dataclass(frozen=True)
+class SubmitSettings:
+    max_requests_per_batch: int = 100_000
+    max_batch_bytes: int = 200_000_000
+    max_body_bytes: int = 1_000_000
+    max_attempts: int = 3
+    claim_lease_seconds: int = 600
+    create_timeout_seconds: float = 300.0
+    reconcile_grace_seconds: int = 1800
+    reconcile_window_seconds: int = 900
+    max_batches_per_run: int = 1000
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    chunk_size: int = 2000
+    stream_retries: int = 3
+    stream_backoff_seconds: float = 2.0
+    stream_timeout_seconds: float = 120.0
+    late_after_days: float = 7.0
+    warn_before_archive_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    timezone: str = "UTC"
+    submit_cron: str = "0 0 * * *"
+    collect_cron: str = "0 7 * * *"
+    poll_minutes: float = 30.0
+    poll_max_minutes: float = 240.0
+    leader_lease_seconds: int = 120
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str
+    warehouse_url: str
+    api_key: Secret
+    api_key_sources: tuple[str, ...]
+    base_url: str | None
+    api_timeout_seconds: float
+    tasks: Mapping[str, Task]
+    pricing: Pricing
+    submit: SubmitSettings
+    collect: CollectSettings
+    schedule: ScheduleSettings
+    source: str = "<defaults>"
+    log_level: str = "info"
+
+    @property
+    def separate_warehouse(self) -> bool:
+        return self.warehouse_url != self.database_url
+
+    def require_api_key(self) -> str:
+        if not self.api_key:
+            where = "; ".join(self.api_key_sources)
+            raise ConfigError([f"no Anthropic API key found; it is looked for in: {where}"])
+        return self.api_key.value
+
+
+def find_config_path(env: Mapping[str, str]) -> Path | None:
+    if env.get("ETL_CONFIG"):
+        return Path(env["ETL_CONFIG"])
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
+    """Read the TOML file (if any) and the environment, validate, and return a frozen Config."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    path = path or find_config_path(env)
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(f"config file {path} does not exist (from ETL_CONFIG or the default locations)")
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"{path}: not valid TOML: {exc}")
+        except OSError as exc:
+            problems.append(f"{path}: cannot read: {exc}")
+    base_dir = path.parent.parent if path is not None and path.parent.name == "config" else Path.cwd()
+    cfg = _build(raw, env, problems, source, base_dir)
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _section(raw: Mapping[str, Any], name: str, problems: list[str]) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        problems.append(f"[{name}] must be a table")
+        return {}
+    return value
+
+
+def _typed(
+    section: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    default: Any,
+    where: str,
+    problems: list[str],
+) -> Any:
+    if key not in section:
+        return default
+    value = section[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        problems.append(f"{where}.{key} must be {kinds[0].__name__}, got {value!r}")
+        return default
+    if not isinstance(value, kinds):
+        problems.append(f"{where}.{key} must be {kinds[0].__name__}, got {value!r}")
+        return default
+    return value
+
+
+def _positive(value: float, where: str, problems: list[str]) -> None:
+    if value <= 0:
+        problems.append(f"{where} must be positive, got {value!r}")
+
+
+def _api_key(env: Mapping[str, str]) -> tuple[Secret, tuple[str, ...]]:
+    sources = ["the environment variable ANTHROPIC_API_KEY"]
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    cred_hint = (
+        f"the file {cred_dir}/{CREDENTIAL_NAME} (systemd LoadCredential=)"
+        if cred_dir
+        else f"the file $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} (systemd LoadCredential=; not set here)"
+    )
+    sources.append(cred_hint)
+    key = env.get("ANTHROPIC_API_KEY", "").strip()
+    if not key and cred_dir:
+        try:
+            key = (Path(cred_dir) / CREDENTIAL_NAME).read_text(encoding="utf-8").strip()
+        except OSError:
+            key = ""
+    return Secret(key), tuple(sources)
+
+
+def _sqlite_url_relative_to(url: str, base_dir: Path) -> str:
+    """`sqlite:///var/etl.db` in the shipped config means relative to the project, not the cwd."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        rel = url[len(prefix) :]
+        if not rel.startswith("/"):
+            return prefix + str((base_dir / rel).resolve())
+    return url
+
+
+def _build(
+    raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], source: str, base_dir: Path
+) -> Config | None:
+    known = {"database", "api", "submit", "collect", "schedule", "pricing", "tasks", "logging"}
+    for key in raw:
+        if key not in known:
+            problems.append(f"unknown section [{key}] (known: {', '.join(sorted(known))})")
+
+    db = _section(raw, "database", problems)
+    database_url = env.get("ETL_DATABASE_URL") or _typed(
+        db, "url", str, "sqlite:///var/etl.db", "database", problems
+    )
+    warehouse_url = env.get("ETL_WAREHOUSE_URL") or _typed(db, "warehouse_url", str, "", "database", problems)
+    database_url = _sqlite_url_relative_to(database_url, base_dir)
+    warehouse_url = _sqlite_url_relative_to(warehouse_url, base_dir) if warehouse_url else database_url
+    for label, url in (("database url", database_url), ("warehouse url", warehouse_url)):
+        if not (url.startswith("sqlite:") or url.startswith("postgresql")):
+            problems.append(f"{label} {url.split('@')[-1]!r} is neither sqlite:/// nor postgresql://")
+
+    api = _section(raw, "api", problems)
+    base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None
+    api_timeout = float(_typed(api, "timeout_seconds", (int, float), 60.0, "api", problems))
+    _positive(api_timeout, "api.timeout_seconds", problems)
+    api_key, key_sources = _api_key(env)
+
+    sub = _section(raw, "submit", problems)
+    submit = SubmitSettings(
+        **{
+            name: _typed(
+                sub,
+                name,
+                type(default) if not isinstance(default, float) else (int, float),
+                default,
+                "submit",
+                problems,
+            )
+            for name, default in SubmitSettings().__dict__.items()
+        }
+    )
+    for name, value in submit.__dict__.items():
+        _positive(value, f"submit.{name}", problems)
+    if submit.max_requests_per_batch > 100_000:
+        problems.append(
+            f"submit.max_requests_per_batch is {submit.max_requests_per_batch}; the API allows 100000"
+        )
+    if submit.max_batch_bytes >= 256 * 1000 * 1000:
+        problems.append(
+            f"submit.max_batch_bytes is {submit.max_batch_bytes}; the API refuses 256 MB and over"
+        )
+    if submit.max_body_bytes > submit.max_batch_bytes:
+        problems.append(
+            "submit.max_body_bytes is larger than submit.max_batch_bytes: no such document could be sent"
+        )
+    _check_unknown(sub, SubmitSettings, "submit", problems)
+
+    col = _section(raw, "collect", problems)
+    collect = CollectSettings(
+        **{
+            name: _typed(
+                col,
+                name,
+                type(default) if not isinstance(default, float) else (int, float),
+                default,
+                "collect",
+                problems,
+            )
+            for name, default in CollectSettings().__dict__.items()
+        }
+    )
+    for name, value in collect.__dict__.items():
+        if name != "stream_retries":
+            _positive(value, f"collect.{name}", problems)
+    if collect.late_after_days >= 29:
+        problems.append(
+            "collect.late_after_days must be under 29: results are archived 29 days after creation"
+        )
+    _check_unknown(col, CollectSettings, "collect", problems)
+
+    sch = _section(raw, "schedule", problems)
+    schedule = ScheduleSettings(
+        **{
+            name: _typed(
+                sch,
+                name,
+                type(default) if not isinstance(default, float) else (int, float),
+                default,
+                "schedule",
+                problems,
+            )
+            for name, default in ScheduleSettings().__dict__.items()
+        }
+    )
+    if env.get("ETL_TIMEZONE"):
+        schedule = ScheduleSettings(**{**schedule.__dict__, "timezone": env["ETL_TIMEZONE"]})
+    try:
+        ZoneInfo(schedule.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(f"schedule.timezone {schedule.timezone!r} is not a known IANA time zone")
+    for name in ("submit_cron", "collect_cron"):
+        expr = getattr(schedule, name)
+        parts = expr.split()
+        if len(parts) != 5 or not all(CRON_FIELD.match(p) for p in parts):
+            problems.append(
+                f"schedule.{name} {expr!r} is not a 5-field cron expression (minute hour day month weekday)"
+            )
+    _check_unknown(sch, ScheduleSettings, "schedule", problems)
+
+    pricing = _pricing(_section(raw, "pricing", problems), problems)
+    tasks = _tasks(_section(raw, "tasks", problems), problems)
+    for task in tasks.values():
+        if pricing.for_model(task.model) is None:
+            problems.append(
+                f"task {task.name!r}: no price configured for model {task.model!r} in [pricing.models]"
+            )
+
+    logging_section = _section(raw, "logging", problems)
+    log_level = str(
+        env.get("ETL_LOG_LEVEL") or _typed(logging_section, "level", str, "info", "logging", problems)
+    )
+    if log_level.lower() not in {"debug", "info", "warning", "error"}:
+        problems.append(f"logging.level {log_level!r} is not one of debug, info, warning, error")
+
+    if problems:
+        return None
+    return Config(
+        database_url=database_url,
+        warehouse_url=warehouse_url,
+        api_key=api_key,
+        api_key_sources=key_sources,
+        base_url=base_url,
+        api_timeout_seconds=api_timeout,
+        tasks=tasks,
+        pricing=pricing,
+        submit=submit,
+        collect=collect,
+        schedule=schedule,
+        source=source,
+        log_level=log_level.lower(),
+    )
+
+
+def _check_unknown(section: Mapping[str, Any], cls: type, where: str, problems: list[str]) -> None:
+    allowed = set(getattr(cls, "__dataclass_fields__", {}))
+    for key in section:
+        if key not in allowed:
+            problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(allowed))})")
+
+
+DEFAULT_PRICES = {
+    "claude-haiku-4-5": ModelPrice(1.0, 5.0),
+    "claude-sonnet-4-5": ModelPrice(3.0, 15.0),
+    "claude-sonnet-4-6": ModelPrice(3.0, 15.0),
+    "claude-opus-4-5": ModelPrice(5.0, 25.0),
+    "claude-opus-4-1": ModelPrice(15.0, 75.0),
+}
+
+
+def _pricing(section: Mapping[str, Any], problems: list[str]) -> Pricing:
+    models: dict[str, ModelPrice] = dict(DEFAULT_PRICES)
+    raw_models = section.get("models", {})
+    if not isinstance(raw_models, Mapping):
+        problems.append("[pricing.models] must be a table of model = { input = ..., output = ... }")
+        raw_models = {}
+    for name, spec in raw_models.items():
+        if not isinstance(spec, Mapping):
+            problems.append(f"pricing.models.{name} must be a table with input and output prices")
+            continue
+        try:
+            price = ModelPrice(float(spec["input"]), float(spec["output"]))
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"pricing.models.{name} needs numeric input and output (USD per million tokens)")
+            continue
+        if price.input < 0 or price.output < 0:
+            problems.append(f"pricing.models.{name}: prices cannot be negative")
+        models[name] = price
+    values = {}
+    for key, default in (
+        ("batch_discount", 0.5),
+        ("cache_write_5m", 1.25),
+        ("cache_write_1h", 2.0),
+        ("cache_read", 0.1),
+    ):
+        values[key] = float(_typed(section, key, (int, float), default, "pricing", problems))
+    if not 0 < values["batch_discount"] <= 1:
+        problems.append("pricing.batch_discount must be in (0, 1]; the Batches API charges 0.5 of standard")
+    for key in section:
+        if key not in {*values, "models"}:
+            problems.append(f"unknown setting pricing.{key}")
+    return Pricing(models=models, **values)
+
+
+def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
+    if not section:
+        problems.append("no [tasks.<name>] defined; at least [tasks.default] is needed")
+        return {}
+    tasks: dict[str, Task] = {}
+    allowed = {"model", "system", "template", "max_tokens", "output_schema", "cache_system"}
+    for name, spec in section.items():
+        where = f"tasks.{name}"
+        if not isinstance(spec, Mapping):
+            problems.append(f"[{where}] must be a table")
+            continue
+        for key in spec:
+            if key not in allowed:
+                problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(allowed))})")
+        model = spec.get("model")
+        if not isinstance(model, str) or not model:
+            problems.append(f'{where}.model is required (e.g. "claude-haiku-4-5")')
+            model = ""
+        template = spec.get("template", "{body}")
+        fields: tuple[str, ...] = ()
+        if not isinstance(template, str):
+            problems.append(f"{where}.template must be a string")
+            template = "{body}"
+        else:
+            try:
+                fields = tuple(
+                    dict.fromkeys(fname for _, fname, _, _ in string.Formatter().parse(template) if fname)
+                )
+            except ValueError as exc:
+                problems.append(f"{where}.template is not a valid template: {exc}")
+            for fname in fields:
+                if not fname.isidentifier():
+                    problems.append(
+                        f"{where}.template field {{{fname}}} must be a plain name: body, doc_key, task or a metadata key"
+                    )
+        max_tokens = spec.get("max_tokens", 1024)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            problems.append(f"{where}.max_tokens must be a positive integer, got {max_tokens!r}")
+            max_tokens = 1
+        system = spec.get("system", "")
+        if not isinstance(system, str):
+            problems.append(f"{where}.system must be a string")
+            system = ""
+        schema = spec.get("output_schema")
+        if schema is not None and (not isinstance(schema, Mapping) or schema.get("type") != "object"):
+            problems.append(f'{where}.output_schema must be a JSON schema table whose type is "object"')
+            schema = None
+        cache_system = spec.get("cache_system", False)
+        if not isinstance(cache_system, bool):
+            problems.append(f"{where}.cache_system must be true or false")
+            cache_system = False
+        if cache_system and not system:
+            problems.append(f"{where}.cache_system is true but the task has no system prompt to cache")
+        tasks[name] = Task(
+            name=name,
+            model=model,
+            template=template,
+            max_tokens=max_tokens,
+            system=system,
+            output_schema=schema,
+            cache_system=cache_system,
+            template_fields=fields,
+        )
+    if "default" not in tasks and tasks:
+        problems.append("no [tasks.default]: rows inserted without a task name would have nowhere to go")
+    return tasks

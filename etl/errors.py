@@ -1,0 +1,73 @@
+"""The project's exceptions: one root, one subtree per boundary."""
+
+from __future__ import annotations
+
+
+class EtlError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EtlError):
+    """The configuration is unusable; `problems` lists every reason at once."""
+
+    exit_code = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it from looping
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"configuration has {len(self.problems)} problem(s):\n{lines}")
+
+
+class StoreError(EtlError):
+    """The database is unusable or in the wrong shape."""
+
+
+class SchemaOutOfDate(StoreError):
+    exit_code = 78
+
+
+class ProviderError(EtlError):
+    """A Batches API call failed. `kind` says what the caller may do about it.
+
+    kinds:
+      - ``ambiguous``: the request may or may not have taken effect (timeout, reset, 5xx, 529).
+      - ``rejected``: the API refused the request itself (400, 404, 413...): it did not take effect.
+      - ``rate_limited``: 429 without a spend-limit code: nothing happened, try later.
+      - ``systemic``: spend limit, authentication, permission or billing: stop and tell a human.
+      - ``not_found``: the object does not exist (or is not visible yet).
+      - ``transient``: a read failed in a way that retrying later may fix.
+    """
+
+    def __init__(
+        self, message: str, *, kind: str, status: int | None = None, retry_after: float | None = None
+    ):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found"}
+
+
+class ResultsIncomplete(ProviderError):
+    """A results stream ended, broke or stalled before every result arrived."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="transient")
+
+
+class ResultsGone(ProviderError):
+    """The batch's results are archived (29 days after creation) or otherwise unavailable for good."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="rejected")
+
+
+class SubmissionPaused(EtlError):
+    """Submission is paused by a systemic failure until an operator runs `etl resume`."""
+
+    exit_code = 75  # EX_TEMPFAIL

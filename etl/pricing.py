@@ -1,0 +1,61 @@
+"""What a result cost in the Batches API, and what the same tokens would cost at standard prices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from etl.config import Pricing
+
+MILLION = 1_000_000
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    cache_read: int = 0
+
+    @property
+    def cache_write(self) -> int:
+        return self.cache_write_5m + self.cache_write_1h
+
+    @classmethod
+    def from_api(cls, usage: Mapping[str, Any]) -> Usage:
+        writes = int(usage.get("cache_creation_input_tokens") or 0)
+        detail = usage.get("cache_creation") or {}
+        w1h = int(detail.get("ephemeral_1h_input_tokens") or 0)
+        w5m = int(detail.get("ephemeral_5m_input_tokens") or 0)
+        if w1h + w5m != writes:  # no breakdown: price writes at the 5-minute rate
+            w5m, w1h = writes, 0
+        return cls(
+            input_tokens=int(usage.get("input_tokens") or 0),
+            output_tokens=int(usage.get("output_tokens") or 0),
+            cache_write_5m=w5m,
+            cache_write_1h=w1h,
+            cache_read=int(usage.get("cache_read_input_tokens") or 0),
+        )
+
+
+def standard_cost(pricing: Pricing, model: str, usage: Usage) -> float | None:
+    price = pricing.for_model(model)
+    if price is None:
+        return None
+    inp = (
+        usage.input_tokens
+        + usage.cache_write_5m * pricing.cache_write_5m
+        + usage.cache_write_1h * pricing.cache_write_1h
+        + usage.cache_read * pricing.cache_read
+    ) * price.input
+    return (inp + usage.output_tokens * price.output) / MILLION
+
+
+def costs(pricing: Pricing, model: str, usage: Usage) -> tuple[float, float]:
+    """(batch cost, standard cost) in USD; zeros for a model without a price (logged by the caller)."""
+    standard = standard_cost(pricing, model, usage)
+    if standard is None:
+        return 0.0, 0.0
+    return standard * pricing.batch_discount, standard

@@ -1,0 +1,130 @@
+"""Turns one queue row into one Messages request, or into a reason it can never be sent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from etl.config import Task
+
+CUSTOM_ID_PREFIX = "q"
+
+
+def custom_id(queue_id: int) -> str:
+    """One custom_id per queue row, stable across attempts and batches: `q<row id>`."""
+    return f"{CUSTOM_ID_PREFIX}{queue_id}"
+
+
+def queue_id_of(cid: str) -> int | None:
+    if not cid.startswith(CUSTOM_ID_PREFIX):
+        return None
+    digits = cid[len(CUSTOM_ID_PREFIX) :]
+    return int(digits) if digits.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    doc_key: str
+    task: str
+    body: Any
+    metadata: Any
+
+
+class Rejection(Exception):
+    """The row can never be sent as it is; `reason` is what the user reads on the row."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _text_problem(value: str, what: str) -> str | None:
+    if "\x00" in value:
+        return f"{what} contains NUL bytes (binary data?): only text can be sent"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{what} is not valid UTF-8 text (bad character at position {exc.start})"
+    return None
+
+
+def _metadata(raw: Any) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise Rejection(f"metadata is not valid JSON: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise Rejection(f"metadata must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def build_params(row: Row, tasks: Mapping[str, Task], max_body_bytes: int) -> dict[str, Any]:
+    """The `params` of a batch request for this row. Raises `Rejection` with a readable reason."""
+    task = tasks.get(row.task)
+    if task is None:
+        known = ", ".join(sorted(tasks)) or "none"
+        raise Rejection(f"task {row.task!r} does not exist (configured tasks: {known})")
+    body = row.body
+    if body is None:
+        raise Rejection("body is NULL")
+    if isinstance(body, bytes):
+        raise Rejection("body is binary data, not text")
+    if not isinstance(body, str):
+        body = str(body)
+    size = len(body.encode("utf-8", "surrogatepass"))
+    if size > max_body_bytes:
+        raise Rejection(f"body is {size:,} bytes; the limit is {max_body_bytes:,} (submit.max_body_bytes)")
+    if not body.strip():
+        raise Rejection("body is empty or only whitespace")
+    problem = _text_problem(body, "body") or _text_problem(row.doc_key, "doc_key")
+    if problem:
+        raise Rejection(problem)
+    meta = _metadata(row.metadata)
+    values: dict[str, Any] = {"body": body, "doc_key": row.doc_key, "task": task.name}
+    missing = [f for f in task.metadata_fields if f not in meta]
+    if missing:
+        raise Rejection(
+            f"metadata lacks {', '.join(repr(m) for m in missing)} required by the template of task {task.name!r}"
+        )
+    for name in task.metadata_fields:
+        value = meta[name]
+        values[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        problem = _text_problem(values[name], f"metadata field {name!r}")
+        if problem:
+            raise Rejection(problem)
+    text = task.template.format_map(values)
+    params: dict[str, Any] = {
+        "model": task.model,
+        "max_tokens": task.max_tokens,
+        "messages": [{"role": "user", "content": text}],
+    }
+    if task.system:
+        block: dict[str, Any] = {"type": "text", "text": task.system}
+        if task.cache_system:
+            block["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+        params["system"] = [block]
+    if task.output_schema is not None:
+        params["output_config"] = {"format": {"type": "json_schema", "schema": dict(task.output_schema)}}
+    return params
+
+
+def encode_request(queue_id: int, params: Mapping[str, Any]) -> bytes:
+    """One element of the create body's `requests` array, as compact JSON bytes."""
+    return json.dumps(
+        {"custom_id": custom_id(queue_id), "params": params}, ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def batch_body(parts: list[bytes]) -> bytes:
+    return b'{"requests":[' + b",".join(parts) + b"]}"
+
+
+BODY_OVERHEAD = len(batch_body([]))

@@ -1,0 +1,228 @@
+"""The Batches API seam: the only module that imports `anthropic`.
+
+Every SDK exception is translated here into `ProviderError` with a `kind` that tells the caller what it
+may do next. Creates are sent with `max_retries=0`: the API takes no idempotency key, so a retried
+create that the server had already accepted would be a second, billed batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anthropic
+import httpx2
+from anthropic.types.messages import MessageBatch
+
+from etl.clock import ensure_utc
+from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
+
+SYSTEMIC_ERROR_CODES = {"enforced_spend_limit_reached", "contract_spend_limit_reached"}
+AMBIGUOUS_STATUSES = {408, 409, 500, 502, 503, 504, 529}
+
+
+@dataclass(frozen=True)
+class RemoteBatch:
+    id: str
+    processing_status: str
+    request_counts: dict[str, int]
+    created_at: datetime
+    expires_at: datetime | None
+    ended_at: datetime | None
+    archived_at: datetime | None
+    cancel_initiated_at: datetime | None
+    results_url: str | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.request_counts.values())
+
+    @property
+    def ended(self) -> bool:
+        return self.processing_status == "ended"
+
+
+def _remote(batch: MessageBatch) -> RemoteBatch:
+    counts = batch.request_counts
+    return RemoteBatch(
+        id=batch.id,
+        processing_status=batch.processing_status,
+        request_counts={
+            "processing": counts.processing,
+            "succeeded": counts.succeeded,
+            "errored": counts.errored,
+            "canceled": counts.canceled,
+            "expired": counts.expired,
+        },
+        created_at=ensure_utc(batch.created_at),
+        expires_at=ensure_utc(batch.expires_at) if batch.expires_at else None,
+        ended_at=ensure_utc(batch.ended_at) if batch.ended_at else None,
+        archived_at=ensure_utc(batch.archived_at) if batch.archived_at else None,
+        cancel_initiated_at=ensure_utc(batch.cancel_initiated_at) if batch.cancel_initiated_at else None,
+        results_url=batch.results_url,
+    )
+
+
+def _error_code(exc: anthropic.APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            details = err.get("details")
+            if isinstance(details, dict) and isinstance(details.get("error_code"), str):
+                return str(details["error_code"])
+    return None
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
+    """Map an SDK/transport exception to a ProviderError. `mutating` calls turn doubt into 'ambiguous'."""
+    doubt = "ambiguous" if mutating else "transient"
+    if isinstance(exc, anthropic.APITimeoutError):
+        return ProviderError(f"{what}: timed out", kind=doubt)
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ProviderError(f"{what}: connection failed: {exc.__cause__ or exc}", kind=doubt)
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        message = f"{what}: HTTP {status}: {exc.message}"
+        code = _error_code(exc)
+        if status == 429 and code in SYSTEMIC_ERROR_CODES:
+            return ProviderError(
+                f"{what}: spend limit reached ({code}); submission paused", kind="systemic", status=status
+            )
+        if status in (401, 402, 403):
+            return ProviderError(message, kind="systemic", status=status)
+        if status == 429:
+            return ProviderError(message, kind="rate_limited", status=status, retry_after=_retry_after(exc))
+        if status == 404:
+            return ProviderError(message, kind="not_found", status=status)
+        if status in AMBIGUOUS_STATUSES or status >= 500:
+            return ProviderError(message, kind=doubt, status=status, retry_after=_retry_after(exc))
+        return ProviderError(message, kind="rejected", status=status)
+    if isinstance(exc, (httpx2.HTTPError, OSError)):
+        return ProviderError(f"{what}: {type(exc).__name__}: {exc}", kind=doubt)
+    if isinstance(exc, anthropic.AnthropicError):
+        return ProviderError(f"{what}: {exc}", kind="rejected")
+    raise exc
+
+
+class Provider:
+    """A thin, typed wrapper over `anthropic.Anthropic` for the calls the daemon makes."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        create_timeout: float = 300.0,
+        read_retries: int = 2,
+    ) -> None:
+        self._client = anthropic.Anthropic(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=read_retries
+        )
+        self._create_timeout = create_timeout
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._client.close()
+
+    def create_batch(self, body: bytes) -> RemoteBatch:
+        """POST a pre-encoded `{"requests": [...]}` body exactly once. Never retried here."""
+        try:
+            batch = self._client.post(
+                "/v1/messages/batches",
+                content=body,
+                cast_to=MessageBatch,
+                options={
+                    "max_retries": 0,
+                    "timeout": self._create_timeout,
+                    "headers": {"content-type": "application/json"},
+                },
+            )
+        except Exception as exc:  # translated: every failure has a kind the caller must act on
+            raise translate(exc, "create batch", mutating=True) from exc
+        return _remote(batch)
+
+    def retrieve(self, batch_id: str) -> RemoteBatch:
+        try:
+            return _remote(self._client.messages.batches.retrieve(batch_id))
+        except Exception as exc:
+            raise translate(exc, f"retrieve {batch_id}", mutating=False) from exc
+
+    def cancel(self, batch_id: str) -> RemoteBatch:
+        try:
+            return _remote(self._client.messages.batches.cancel(batch_id))
+        except Exception as exc:
+            raise translate(exc, f"cancel {batch_id}", mutating=True) from exc
+
+    def list_recent(self, since: datetime, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Batches created at or after `since`, newest first (stops paging once older ones appear)."""
+        try:
+            page = self._client.messages.batches.list(limit=page_size)
+            for batch in page:
+                remote = _remote(batch)
+                if remote.created_at < since:
+                    return
+                yield remote
+        except Exception as exc:
+            raise translate(exc, "list batches", mutating=False) from exc
+
+    def iter_result_lines(self, batch_id: str, stall_timeout: float) -> Iterator[bytes]:
+        """Yield each raw JSONL line of a batch's results, CRLF and blank lines tolerated.
+
+        Raises `ResultsIncomplete` when the stream breaks or stalls, and `ResultsGone` when the results
+        are no longer available (archived). A stream that ends early *without* an error is not detected
+        here: the caller counts results against what it sent.
+        """
+        api = self._client.with_options(timeout=httpx2.Timeout(stall_timeout, connect=10.0))
+        try:
+            with api.messages.batches.with_streaming_response.results(batch_id) as response:
+                buffer = b""
+                for chunk in response.iter_bytes(1 << 16):
+                    buffer += chunk
+                    lines = buffer.split(b"\n")
+                    buffer = lines.pop()
+                    for line in lines:
+                        line = line.rstrip(b"\r")
+                        if line.strip():
+                            yield line
+                if buffer.strip():
+                    yield buffer.rstrip(b"\r")
+        except anthropic.NotFoundError as exc:
+            raise ResultsGone(f"results of {batch_id} are not available: {exc.message}") from exc
+        except anthropic.AnthropicError as exc:
+            if isinstance(exc, anthropic.APIStatusError) and exc.status_code in (401, 403):
+                raise translate(exc, f"results {batch_id}", mutating=False) from exc
+            if (
+                isinstance(exc, anthropic.APIStatusError)
+                and 400 <= exc.status_code < 500
+                and exc.status_code != 429
+            ):
+                raise ResultsGone(f"results of {batch_id}: HTTP {exc.status_code}: {exc.message}") from exc
+            raise ResultsIncomplete(f"results of {batch_id}: {type(exc).__name__}: {exc}") from exc
+        except (httpx2.HTTPError, OSError) as exc:
+            raise ResultsIncomplete(f"results of {batch_id} broke off: {type(exc).__name__}: {exc}") from exc
+
+
+def backoff_sleep(attempt: int, base: float, cap: float = 60.0) -> None:
+    """Real sleep between retries of a broken results stream (a network wait, not a wait for time)."""
+    time.sleep(min(cap, base * (2**attempt)))
+
+
+def describe(batch: RemoteBatch) -> dict[str, Any]:
+    return {
+        "batch_id": batch.id,
+        "processing_status": batch.processing_status,
+        "counts": batch.request_counts,
+    }

@@ -1,0 +1,162 @@
+"""The morning report: what happened since the last one, what is pending, and what is late.
+
+Built from the aggregated events and the live tables; logged as one `morning_report` event and saved
+so `etl report` can print it later as a readable block.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from etl.clock import isoformat
+from etl.config import Config
+from etl.runtime import Runtime
+from etl.schema import BatchStatus
+from etl.store import batches as intents
+from etl.store import events, state
+from etl.store import queue as q
+
+log = structlog.get_logger("etl.report")
+
+KINDS = ("submitted", "succeeded", "requeued", "dead", "rejected", "released", "archived")
+
+
+def _hours(delta: timedelta) -> float:
+    return round(delta.total_seconds() / 3600, 1)
+
+
+def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
+    cfg: Config = rt.config
+    with rt.engine.connect() as conn:
+        rows = events.summary_since(conn, since)
+        open_ = intents.open_intents(conn)
+        unknown = intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.SENDING)
+        queue_counts = q.counts(conn)
+        oldest = q.oldest_queued(conn)
+        paused = state.pause_reason(conn)
+
+    per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {k: 0 for k in KINDS})
+    failures: dict[str, int] = defaultdict(int)
+    totals = {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_write_tokens": 0,
+        "cache_read_tokens": 0,
+        "cost_usd": 0.0,
+        "standard_cost_usd": 0.0,
+    }
+    for r in rows:
+        task = r["task"] or "(all)"
+        per_task[task][r["kind"]] += int(r["documents"] or 0)
+        if r["kind"] in ("requeued", "dead", "rejected", "released", "archived"):
+            failures[f"{r['kind']}: {r['reason'] or 'unspecified'}"] += int(r["documents"] or 0)
+        if r["kind"] == "succeeded":
+            for key in totals:
+                totals[key] += r[key] or 0
+    totals["cost_usd"] = round(float(totals["cost_usd"]), 6)
+    totals["standard_cost_usd"] = round(float(totals["standard_cost_usd"]), 6)
+    totals["savings_usd"] = round(totals["standard_cost_usd"] - totals["cost_usd"], 6)
+
+    late_after = timedelta(days=cfg.collect.late_after_days)
+    warn_before = timedelta(days=cfg.collect.warn_before_archive_days)
+    pending: list[dict[str, Any]] = []
+    late: list[dict[str, Any]] = []
+    for intent in open_:
+        created = intent.remote_created_at or intent.created_at
+        entry = {
+            "batch_id": intent.batch_id,
+            "status": intent.status,
+            "requests": intent.request_count,
+            "counts": intent.request_counts,
+            "age_hours": _hours(now - created),
+            "results_expire_at": isoformat(intent.results_expire_at),
+        }
+        pending.append(entry)
+        if intent.ended_at is not None and now - intent.ended_at > late_after:
+            late.append(
+                {**entry, "why": f"ended {_hours(now - intent.ended_at)} h ago and still not collected"}
+            )
+        elif intent.results_expire_at is not None and intent.results_expire_at - now < warn_before:
+            late.append({**entry, "why": f"results vanish in {_hours(intent.results_expire_at - now)} h"})
+    for intent in unknown:
+        late.append(
+            {
+                "batch_id": None,
+                "intent": intent.id,
+                "status": intent.status,
+                "requests": intent.request_count,
+                "why": "create outcome unknown: waiting for reconciliation",
+            }
+        )
+
+    report = {
+        "generated_at": isoformat(now),
+        "since": isoformat(since),
+        "tasks": {task: dict(v) for task, v in sorted(per_task.items())},
+        "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1])),
+        "tokens_and_cost": totals,
+        "pending_batches": pending,
+        "late": late,
+        "queue": queue_counts,
+        "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
+        "submission_paused": paused,
+    }
+    return report
+
+
+def morning(rt: Runtime) -> dict[str, Any]:
+    """Build, save and log the report covering everything since the previous one."""
+    now = rt.clock()
+    with rt.engine.connect() as conn:
+        last = events.last_report(conn)
+    report = build(rt, now, last[0] if last else None)
+    with rt.engine.begin() as conn:
+        events.save_report(conn, now, last[0] if last else None, report)
+    level = log.warning if report["late"] or report["submission_paused"] else log.info
+    level("morning_report", **report)
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    """The readable block printed by `etl report`."""
+    lines = [f"Morning report {report['generated_at']} (since {report['since'] or 'the beginning'})", ""]
+    tasks = report.get("tasks") or {}
+    header = f"{'task':<20}" + "".join(f"{k:>11}" for k in KINDS)
+    lines.append(header)
+    lines.append("-" * len(header))
+    for task, counts in tasks.items():
+        lines.append(f"{task:<20}" + "".join(f"{counts.get(k, 0):>11}" for k in KINDS))
+    if not tasks:
+        lines.append("(nothing happened in this period)")
+    money = report["tokens_and_cost"]
+    lines += [
+        "",
+        f"tokens: input {money['input_tokens']:,}  output {money['output_tokens']:,}  "
+        f"cache write {money['cache_write_tokens']:,}  cache read {money['cache_read_tokens']:,}",
+        f"cost: ${money['cost_usd']:.4f} with the Batches API; ${money['standard_cost_usd']:.4f} at standard "
+        f"prices; saved ${money['savings_usd']:.4f}",
+    ]
+    if report["failures"]:
+        lines += ["", "failures by reason:"]
+        lines += [f"  {n:>8}  {reason}" for reason, n in report["failures"].items()]
+    lines += ["", f"queue now: {', '.join(f'{k} {v}' for k, v in report['queue'].items())}"]
+    if report["oldest_queued_age_hours"] is not None:
+        lines.append(f"oldest queued document: {report['oldest_queued_age_hours']} h old")
+    if report["pending_batches"]:
+        lines += ["", "pending batches:"]
+        for b in report["pending_batches"]:
+            lines.append(
+                f"  {b['batch_id']}  {b['status']:<9} {b['requests']:>7} requests  age {b['age_hours']} h  "
+                f"results until {b['results_expire_at']}  counts {b['counts']}"
+            )
+    if report["late"]:
+        lines += ["", "!! LATE OR AT RISK:"]
+        for b in report["late"]:
+            lines.append(f"  !! {b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}")
+    if report["submission_paused"]:
+        lines += ["", f"!! SUBMISSION PAUSED: {report['submission_paused']} (fix it, then run: etl resume)"]
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Every table, declared once. Migrations in `etl/migrations/` must produce exactly this."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import DateTime, TypeDecorator
+
+from etl.clock import ensure_utc
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on both databases (SQLite stores naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = ensure_utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return ensure_utc(value)
+
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DocStatus(StrEnum):
+    QUEUED = "queued"  # waiting for the next submit
+    CLAIMED = "claimed"  # taken by a submit run into a batch intent, not yet known to be at the API
+    SUBMITTED = "submitted"  # inside a batch the API accepted
+    DONE = "done"  # result in the warehouse
+    DEAD = "dead"  # gave up: reason and attempts on the row
+    REJECTED = "rejected"  # bad input, never sent: reason on the row
+
+
+class BatchStatus(StrEnum):
+    CLAIMED = "claimed"  # rows assigned under a lease; nothing sent
+    SENDING = "sending"  # fence passed, create call under way
+    UNKNOWN = "unknown"  # create outcome ambiguous: must be reconciled, never re-sent
+    SUBMITTED = "submitted"  # the API has it (batch_id recorded)
+    ENDED = "ended"  # the API says ended; results not fully collected yet
+    COLLECTED = "collected"  # every request accounted for
+    RELEASED = "released"  # never reached the API; rows went back to the queue
+    FAILED = "failed"  # the API refused the create; rows went back to the queue
+    ARCHIVED = "archived"  # results vanished before collection; rows re-queued
+
+
+DOC_STATUSES = tuple(s.value for s in DocStatus)
+BATCH_STATUSES = tuple(s.value for s in BatchStatus)
+OPEN_BATCH_STATUSES = (BatchStatus.SUBMITTED.value, BatchStatus.ENDED.value)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+metadata = MetaData()
+warehouse_metadata = MetaData()
+
+queue = Table(
+    "etl_queue",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("doc_key", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("task", Text, nullable=False, server_default="default"),
+    Column("metadata", Json, nullable=True),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("status", Text, nullable=False, server_default=DocStatus.QUEUED.value),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("reason", Text, nullable=True),
+    Column("batch_ref", Id, ForeignKey("etl_batches.id", name="fk_etl_queue_batch"), nullable=True),
+    Column("enqueued_at", UtcDateTime, nullable=False, server_default=func.current_timestamp()),
+    Column("updated_at", UtcDateTime, nullable=True),
+    CheckConstraint(_in("status", DOC_STATUSES), name="ck_etl_queue_status"),
+    Index("ix_etl_queue_claim", "status", "priority", "id"),
+    Index("ix_etl_queue_batch", "batch_ref"),
+)
+
+batches = Table(
+    "etl_batches",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("batch_id", Text, nullable=True, unique=True),
+    Column("status", Text, nullable=False),
+    Column("owner", Text, nullable=True),
+    Column("lease_expires_at", UtcDateTime, nullable=True),
+    Column("request_count", Integer, nullable=False, server_default=text("0")),
+    Column("payload_bytes", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("sent_at", UtcDateTime, nullable=True),
+    Column("submitted_at", UtcDateTime, nullable=True),
+    Column("remote_created_at", UtcDateTime, nullable=True),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Column("collected_at", UtcDateTime, nullable=True),
+    Column("processing_status", Text, nullable=True),
+    Column("request_counts", Json, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("adopted", Integer, nullable=False, server_default=text("0")),
+    CheckConstraint(_in("status", BATCH_STATUSES), name="ck_etl_batches_status"),
+    Index("ix_etl_batches_status", "status"),
+)
+
+events = Table(
+    "etl_events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("task", Text, nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("documents", Integer, nullable=False, server_default=text("0")),
+    Column("input_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("output_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("cache_write_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("cache_read_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("standard_cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("batch_ref", Id, nullable=True),
+    Index("ix_etl_events_at", "at"),
+)
+
+runs = Table(
+    "etl_runs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("job", Text, nullable=False),
+    Column("slot", UtcDateTime, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("host", Text, nullable=True),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Column("outcome", Text, nullable=False, server_default="running"),
+    Column("detail", Text, nullable=True),
+    UniqueConstraint("job", "slot", name="uq_etl_runs_job_slot"),
+)
+
+reports = Table(
+    "etl_reports",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("period_start", UtcDateTime, nullable=True),
+    Column("body", Json, nullable=False),
+)
+
+state = Table(
+    "etl_state",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=True),
+    Column("holder", Text, nullable=True),
+    Column("expires_at", UtcDateTime, nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+results = Table(
+    "etl_results",
+    warehouse_metadata,
+    Column("doc_key", Text, primary_key=True),
+    Column("task", Text, primary_key=True),
+    Column("queue_id", BigInteger, nullable=False),
+    Column("custom_id", Text, nullable=False),
+    Column("output_text", Text, nullable=True),
+    Column("output_json", Json, nullable=True),
+    Column("model", Text, nullable=True),
+    Column("stop_reason", Text, nullable=True),
+    Column("input_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("output_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("cache_creation_input_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("cache_read_input_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("standard_cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("batch_id", Text, nullable=False),
+    Column("enqueued_at", UtcDateTime, nullable=True),
+    Column("batch_ended_at", UtcDateTime, nullable=True),
+    Column("collected_at", UtcDateTime, nullable=False),
+)
+
+SCHEMA_VERSION_TABLE = "etl_alembic_version"
+WAREHOUSE_VERSION_TABLE = "etl_warehouse_alembic_version"

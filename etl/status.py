@@ -1,0 +1,56 @@
+"""`etl status`: the queue, pending batches with progress and deadlines, recent runs, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etl import report
+from etl.clock import isoformat
+from etl.runtime import Runtime
+from etl.store import state
+
+
+def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
+    now = rt.clock()
+    info = report.build(rt, now, since=now)
+    with rt.engine.connect() as conn:
+        runs = state.last_runs(conn, limit=10)
+    info["last_runs"] = [
+        {
+            "job": r.job,
+            "slot": isoformat(r.slot),
+            "outcome": r.outcome,
+            "detail": r.detail,
+            "started_at": isoformat(r.started_at),
+            "ended_at": isoformat(r.ended_at),
+        }
+        for r in runs
+    ]
+    problems: list[str] = []
+    latest: dict[str, str] = {}
+    for r in runs:
+        latest.setdefault(r.job, r.outcome)
+    problems += [f"last {job} run {outcome}" for job, outcome in latest.items() if outcome == "failed"]
+    problems += [f"{b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}" for b in info["late"]]
+    if info["submission_paused"]:
+        problems.append(f"submission paused: {info['submission_paused']}")
+    return info, not problems, problems
+
+
+def render(info: dict[str, Any], problems: list[str]) -> str:
+    lines = [f"queue: {', '.join(f'{k} {v}' for k, v in info['queue'].items())}"]
+    if info["oldest_queued_age_hours"] is not None:
+        lines.append(f"oldest queued: {info['oldest_queued_age_hours']} h")
+    lines.append(f"pending batches: {len(info['pending_batches'])}")
+    for b in info["pending_batches"]:
+        counts = b["counts"] or {}
+        done = sum(v for k, v in counts.items() if k != "processing")
+        lines.append(
+            f"  {b['batch_id']}  {b['status']:<9} {done}/{b['requests']} processed  age {b['age_hours']} h  "
+            f"collect before {b['results_expire_at']}"
+        )
+    for r in info.get("last_runs", [])[:5]:
+        lines.append(f"run {r['job']:<8} slot {r['slot']}  {r['outcome']}  {r['detail'] or ''}".rstrip())
+    lines.append("health: OK" if not problems else "health: PROBLEMS")
+    lines += [f"  - {p}" for p in problems]
+    return "\n".join(lines)

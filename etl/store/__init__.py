@@ -1,0 +1,1 @@
+"""The only package that writes SQL. Dialect differences live in `engine`."""

@@ -1,0 +1,250 @@
+"""The queue table: claims, and every guarded transition of a document's status."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Text, bindparam, cast, func, select, update
+
+from etl.prompt import Row
+from etl.schema import DocStatus, queue
+
+S = DocStatus
+
+
+def claim(conn: Connection, batch_ref: int, limit: int, now: datetime) -> int:
+    """Take up to `limit` queued rows into batch intent `batch_ref`. Concurrent claimers never overlap.
+
+    PostgreSQL: `FOR UPDATE SKIP LOCKED`. SQLite: the transaction is `BEGIN IMMEDIATE` (see engine), so
+    claimers are serialised and the guarded `status = 'queued'` keeps them apart.
+    """
+    picked = (
+        select(queue.c.id)
+        .where(queue.c.status == S.QUEUED)
+        .order_by(queue.c.priority.desc(), queue.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    result = conn.execute(
+        update(queue)
+        .where(queue.c.id.in_(picked), queue.c.status == S.QUEUED)
+        .values(status=S.CLAIMED, batch_ref=batch_ref, updated_at=now)
+    )
+    return int(result.rowcount)
+
+
+def iter_claimed(conn: Connection, batch_ref: int, page: int = 2000) -> Iterator[Row]:
+    """The rows of an intent in id order, read in pages so memory does not grow with the batch."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            select(
+                queue.c.id,
+                queue.c.doc_key,
+                queue.c.task,
+                cast(queue.c.body, Text).label("body"),
+                cast(queue.c.metadata, Text).label("metadata"),
+            )
+            .where(queue.c.batch_ref == batch_ref, queue.c.status == S.CLAIMED, queue.c.id > last)
+            .order_by(queue.c.id)
+            .limit(page)
+        ).all()
+        if not rows:
+            return
+        for r in rows:
+            yield Row(id=r.id, doc_key=r.doc_key, task=r.task, body=r.body, metadata=r.metadata)
+        last = rows[-1].id
+
+
+def _by_reason(items: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for qid, reason in items:
+        groups[reason].append(qid)
+    return groups
+
+
+def _chunks(ids: list[int], size: int = 5000) -> Iterator[list[int]]:
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+def _guarded(conn: Connection, ids: list[int], batch_ref: int, expected: str, values: dict[str, Any]) -> int:
+    changed = 0
+    for chunk in _chunks(ids):
+        result = conn.execute(
+            update(queue)
+            .where(
+                queue.c.id.in_(chunk),
+                queue.c.batch_ref == batch_ref,
+                queue.c.status == expected,
+            )
+            .values(**values)
+        )
+        changed += int(result.rowcount)
+    return changed
+
+
+def reject(conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime) -> int:
+    """Claimed rows that can never be sent: `rejected` with the reason, out of the intent."""
+    changed = 0
+    for reason, ids in _by_reason(items).items():
+        changed += _guarded(
+            conn,
+            ids,
+            batch_ref,
+            S.CLAIMED,
+            {"status": S.REJECTED, "reason": reason, "batch_ref": None, "updated_at": now},
+        )
+    return changed
+
+
+def unclaim(
+    conn: Connection, batch_ref: int, now: datetime, ids: list[int] | None = None, reason: str | None = None
+) -> int:
+    """Give claimed rows back to the queue, untouched attempts (they were never sent)."""
+    values: dict[str, Any] = {"status": S.QUEUED, "batch_ref": None, "updated_at": now}
+    if reason is not None:
+        values["reason"] = reason
+    if ids is not None:
+        return _guarded(conn, ids, batch_ref, S.CLAIMED, values)
+    result = conn.execute(
+        update(queue).where(queue.c.batch_ref == batch_ref, queue.c.status == S.CLAIMED).values(**values)
+    )
+    return int(result.rowcount)
+
+
+def mark_submitted(conn: Connection, batch_ref: int, now: datetime) -> int:
+    result = conn.execute(
+        update(queue)
+        .where(queue.c.batch_ref == batch_ref, queue.c.status == S.CLAIMED)
+        .values(status=S.SUBMITTED, updated_at=now, reason=None)
+    )
+    return int(result.rowcount)
+
+
+def submitted_rows(conn: Connection, batch_ref: int) -> dict[int, tuple[str, str, int, str]]:
+    """{queue id: (doc_key, task, attempts, status)} of every row the intent sent."""
+    rows = conn.execute(
+        select(queue.c.id, queue.c.doc_key, queue.c.task, queue.c.attempts, queue.c.status).where(
+            queue.c.batch_ref == batch_ref
+        )
+    )
+    return {r.id: (r.doc_key, r.task, r.attempts, r.status) for r in rows}
+
+
+def enqueued_at(conn: Connection, ids: list[int]) -> dict[int, datetime]:
+    out: dict[int, datetime] = {}
+    for chunk in _chunks(ids):
+        for r in conn.execute(select(queue.c.id, queue.c.enqueued_at).where(queue.c.id.in_(chunk))):
+            out[r.id] = r.enqueued_at
+    return out
+
+
+def mark_done(conn: Connection, batch_ref: int, ids: list[int], now: datetime) -> int:
+    return _guarded(conn, ids, batch_ref, S.SUBMITTED, {"status": S.DONE, "reason": None, "updated_at": now})
+
+
+def requeue(
+    conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime, *, count_attempt: bool
+) -> int:
+    """Sent rows that failed for a transient reason go back to `queued` (attempt counted or not)."""
+    changed = 0
+    for reason, ids in _by_reason(items).items():
+        values: dict[str, Any] = {"status": S.QUEUED, "reason": reason, "batch_ref": None, "updated_at": now}
+        if count_attempt:
+            values["attempts"] = queue.c.attempts + 1
+        changed += _guarded(conn, ids, batch_ref, S.SUBMITTED, values)
+    return changed
+
+
+def kill(conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime) -> int:
+    """Sent rows that can never succeed (or ran out of attempts): `dead`, attempt counted, reason kept."""
+    changed = 0
+    for reason, ids in _by_reason(items).items():
+        changed += _guarded(
+            conn,
+            ids,
+            batch_ref,
+            S.SUBMITTED,
+            {"status": S.DEAD, "reason": reason, "attempts": queue.c.attempts + 1, "updated_at": now},
+        )
+    return changed
+
+
+def requeue_all_submitted(conn: Connection, batch_ref: int, reason: str, now: datetime) -> int:
+    result = conn.execute(
+        update(queue)
+        .where(queue.c.batch_ref == batch_ref, queue.c.status == S.SUBMITTED)
+        .values(status=S.QUEUED, reason=reason, batch_ref=None, updated_at=now)
+    )
+    return int(result.rowcount)
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(queue.c.status, func.count()).group_by(queue.c.status))
+    out = {s.value: 0 for s in S}
+    out.update({r[0]: int(r[1]) for r in rows})
+    return out
+
+
+def counts_by_task(conn: Connection) -> dict[str, dict[str, int]]:
+    rows = conn.execute(
+        select(queue.c.task, queue.c.status, func.count()).group_by(queue.c.task, queue.c.status)
+    )
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for task, status, n in rows:
+        out[task][status] = int(n)
+    return dict(out)
+
+
+def oldest_queued(conn: Connection) -> datetime | None:
+    value: datetime | None = conn.execute(
+        select(func.min(queue.c.enqueued_at)).where(queue.c.status == S.QUEUED)
+    ).scalar_one_or_none()
+    return value
+
+
+def reasons(conn: Connection, status: str, limit: int = 20) -> list[tuple[str, int]]:
+    rows = conn.execute(
+        select(queue.c.reason, func.count().label("n"))
+        .where(queue.c.status == status)
+        .group_by(queue.c.reason)
+        .order_by(func.count().desc())
+        .limit(limit)
+    )
+    return [(r.reason or "", int(r.n)) for r in rows]
+
+
+def insert_documents(conn: Connection, docs: list[dict[str, Any]]) -> int:
+    """Bulk insert for `etl enqueue` (plain SQL INSERTs do the same thing)."""
+    if not docs:
+        return 0
+    stmt = queue.insert().values(
+        doc_key=bindparam("doc_key"),
+        body=bindparam("body"),
+        task=bindparam("task"),
+        metadata=bindparam("metadata"),
+        priority=bindparam("priority"),
+    )
+    conn.execute(stmt, docs)
+    return len(docs)
+
+
+def fail_claimed(conn: Connection, batch_ref: int, reason: str, now: datetime, max_attempts: int) -> int:
+    """Claimed rows whose whole batch the API refused: an attempt is counted so a poison batch ends."""
+    base = (queue.c.batch_ref == batch_ref) & (queue.c.status == S.CLAIMED)
+    dead = conn.execute(
+        update(queue)
+        .where(base, queue.c.attempts + 1 >= max_attempts)
+        .values(status=S.DEAD, reason=reason, attempts=queue.c.attempts + 1, updated_at=now)
+    ).rowcount
+    back = conn.execute(
+        update(queue)
+        .where(base)
+        .values(status=S.QUEUED, reason=reason, attempts=queue.c.attempts + 1, batch_ref=None, updated_at=now)
+    ).rowcount
+    return int(dead) + int(back)

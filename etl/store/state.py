@@ -1,0 +1,103 @@
+"""Small shared facts: the submission pause, the leader lease, and the record of job runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from etl.schema import runs, state
+
+PAUSE_KEY = "submission_paused"
+LEADER_KEY = "leader"
+
+
+def pause_reason(conn: Connection) -> str | None:
+    row = conn.execute(select(state.c.value).where(state.c.key == PAUSE_KEY)).first()
+    return None if row is None else row.value
+
+
+def pause(conn: Connection, reason: str, now: datetime) -> None:
+    """Record a systemic failure. The first reason is kept: it is the one a human must fix."""
+    if pause_reason(conn) is None:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(state).values(key=PAUSE_KEY, value=reason, updated_at=now))
+        except IntegrityError:
+            pass
+
+
+def resume(conn: Connection) -> str | None:
+    reason = pause_reason(conn)
+    conn.execute(delete(state).where(state.c.key == PAUSE_KEY))
+    return reason
+
+
+def acquire_lease(conn: Connection, key: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+    """Take or renew a named lease (e.g. the scheduler's leadership). True if `holder` has it now."""
+    until = now + ttl
+    renewed = conn.execute(
+        update(state)
+        .where(state.c.key == key, (state.c.holder == holder) | (state.c.expires_at < now))
+        .values(holder=holder, expires_at=until, updated_at=now)
+    ).rowcount
+    if renewed:
+        return True
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(state).values(key=key, holder=holder, expires_at=until, updated_at=now))
+        return True
+    except IntegrityError:
+        return False
+
+
+def release_lease(conn: Connection, key: str, holder: str) -> None:
+    conn.execute(delete(state).where(state.c.key == key, state.c.holder == holder))
+
+
+@dataclass(frozen=True)
+class Run:
+    job: str
+    slot: datetime
+    run_id: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str
+    detail: str | None
+
+
+def start_run(conn: Connection, job: str, slot: datetime, run_id: str, host: str, now: datetime) -> bool:
+    """Claim a (job, slot): False if any instance already ran or is running it."""
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(runs).values(
+                    job=job, slot=slot, run_id=run_id, host=host, started_at=now, outcome="running"
+                )
+            )
+        return True
+    except IntegrityError:
+        return False
+
+
+def finish_run(conn: Connection, run_id: str, outcome: str, detail: str | None, now: datetime) -> None:
+    conn.execute(
+        update(runs).where(runs.c.run_id == run_id).values(outcome=outcome, detail=detail, ended_at=now)
+    )
+
+
+def last_runs(conn: Connection, limit: int = 10) -> list[Run]:
+    rows = conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit)).mappings()
+    return [
+        Run(r["job"], r["slot"], r["run_id"], r["started_at"], r["ended_at"], r["outcome"], r["detail"])
+        for r in rows
+    ]
+
+
+def last_slot(conn: Connection, job: str) -> datetime | None:
+    row = conn.execute(
+        select(runs.c.slot).where(runs.c.job == job).order_by(runs.c.slot.desc()).limit(1)
+    ).first()
+    return None if row is None else row.slot

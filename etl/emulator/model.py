@@ -90,8 +90,8 @@ def last_user_text(params: Mapping[str, Any]) -> str:
 def reply_text(params: Mapping[str, Any]) -> str:
     """The fake model's full (untruncated) plain-text reply."""
     text = last_user_text(params)
-    words = text.split()
-    head = " ".join(words[:SUMMARY_WORDS]) if words else "(empty)"
+    words = text.split(maxsplit=SUMMARY_WORDS)[:SUMMARY_WORDS]
+    head = " ".join(words) if words else "(empty)"
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
     return f"Summary: {head} [{digest}]"
 

@@ -9,6 +9,7 @@ params and those codes while streaming, so a batch is never held twice in memory
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,14 +40,23 @@ INJECTED = 6
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
+def _base62(data: bytes) -> str:
+    number = int.from_bytes(data, "big")
+    digits = []
+    for _ in range(24):
+        number, digit = divmod(number, 62)
+        digits.append(BASE62[digit])
+    return "".join(digits)
+
+
 def new_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(BASE62) for _ in range(24))
+    """``prefix`` + 24 random base62 characters, like ``msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d``."""
+    return prefix + _base62(secrets.token_bytes(24))
 
 
 def stable_id(prefix: str, *parts: str) -> str:
     """An id derived from ``parts``, so a result line is identical on every download."""
-    rng = random.Random("\x00".join(parts))
-    return prefix + "".join(rng.choice(BASE62) for _ in range(24))
+    return prefix + _base62(hashlib.blake2b("\x00".join(parts).encode(), digest_size=24).digest())
 
 
 class ApiError(Exception):

@@ -11,12 +11,11 @@ from typing import Any
 import anthropic
 import pytest
 
-try:
-    import etl.emulator  # noqa: F401
-except ModuleNotFoundError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:  # so `etl` (uninstalled checkout) and `tests.emulator.conftest` import
+    sys.path.insert(0, ROOT)
 
-from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
+from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer  # noqa: E402
 
 MODEL = "claude-haiku-4-5"
 

@@ -49,7 +49,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return ensure_utc(value)
 
 
-Json = JSON().with_variant(JSONB(), "postgresql")
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
 

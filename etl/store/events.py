@@ -83,7 +83,15 @@ def summary_since(conn: Connection, since: datetime | None) -> list[dict[str, An
     )
     if since is not None:
         stmt = stmt.where(events.c.at > since)
-    return [dict(r._mapping) for r in conn.execute(stmt)]
+    out = []
+    for r in conn.execute(stmt):
+        row = dict(r._mapping)
+        for key in ("documents", "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens"):
+            row[key] = int(row[key] or 0)  # PostgreSQL sums bigints as Decimal
+        for key in ("cost_usd", "standard_cost_usd"):
+            row[key] = float(row[key] or 0.0)
+        out.append(row)
+    return out
 
 
 def save_report(conn: Connection, now: datetime, period_start: datetime | None, body: dict[str, Any]) -> None:

@@ -1,0 +1,266 @@
+"""The nightly pipeline end to end, on SQLite and PostgreSQL, against the emulator through the real SDK."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from etl import collector, report, submitter
+from etl.emulator import EmulatorControl
+from etl.emulator.model import reply_json, reply_text
+from etl.prompt import Row, build_params
+from etl.runtime import Runtime
+from tests.conftest import SharedClock, insert_docs, queue_rows
+
+DAY = 86400
+
+
+def results_by_key(rt: Runtime) -> dict[str, dict[str, Any]]:
+    with rt.warehouse.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM etl_results"))
+        return {f"{r.doc_key}/{r.task}": dict(r._mapping) for r in rows}
+
+
+def expected_params(rt: Runtime, qid: int, doc: dict[str, Any]) -> dict[str, Any]:
+    row = Row(qid, doc["doc_key"], doc.get("task", "default"), doc["body"], doc.get("metadata"))
+    return build_params(row, rt.config.tasks, rt.config.submit.max_body_bytes)
+
+
+def cycle(rt: Runtime, clock: SharedClock, hours: float = 2) -> collector.CollectOutcome:
+    submitter.run(rt)
+    clock.advance(hours * 3600)
+    return collector.run(rt)
+
+
+def test_rows_inserted_with_plain_sql_end_in_the_warehouse_once_with_the_models_output(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    docs = [{"doc_key": f"doc-{i}", "body": f"Invoice {i} for {i * 7} crates of apples"} for i in range(25)]
+    docs.append(
+        {
+            "doc_key": "c-1",
+            "body": "Quarterly revenue grew",
+            "task": "classify",
+            "metadata": '{"title": "Q3"}',
+        }
+    )
+    insert_docs(runtime, docs)
+    out = submitter.run(runtime)
+    assert (out.batches, out.documents, out.rejected) == (1, 26, 0)
+    assert {r["status"] for r in queue_rows(runtime).values()} == {"submitted"}
+
+    clock.advance(3600)
+    col = collector.run(runtime)
+    assert (col.batches_collected, col.succeeded, col.requeued, col.dead) == (1, 26, 0, 0)
+
+    rows = queue_rows(runtime)
+    results = results_by_key(runtime)
+    assert len(results) == 26
+    for doc in docs:
+        qid = rows[doc["doc_key"]]["id"]
+        res = results[f"{doc['doc_key']}/{doc.get('task', 'default')}"]
+        params = expected_params(runtime, qid, doc)
+        if doc.get("task") == "classify":
+            expected = reply_json(params)
+            output_json = res["output_json"]
+            if isinstance(output_json, str):
+                output_json = json.loads(output_json)
+            assert output_json == expected
+        else:
+            assert res["output_text"] == reply_text(params)
+            assert res["output_json"] is None
+        assert res["custom_id"] == f"q{qid}"
+        assert res["model"] == "claude-haiku-4-5-20251001"
+        assert res["input_tokens"] > 0 and res["output_tokens"] > 0
+        assert 0 < res["cost_usd"] < res["standard_cost_usd"]
+    assert {r["status"] for r in rows.values()} == {"done"}
+
+    # Re-collecting changes nothing, and nobody was billed twice.
+    again = collector.run(runtime)
+    assert again.batches_checked == 0
+    assert len(results_by_key(runtime)) == 26
+    ledger = control.ledger()
+    assert ledger["batches_created"] == 1
+    assert sorted(ledger["billed"].values()) == [1] * 26
+
+
+def test_transient_errors_expired_and_invalid_requests_end_in_the_right_states(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    insert_docs(runtime, [{"doc_key": f"d{i}", "body": f"text number {i}"} for i in range(12)])
+    ids = {k: v["id"] for k, v in queue_rows(runtime).items()}
+    control.set_faults(
+        outcomes=[
+            {
+                "custom_id": f"q{ids['d0']}|q{ids['d1']}",
+                "outcome": "errored",
+                "error_type": "overloaded_error",
+            },
+            {"custom_id": f"q{ids['d2']}", "outcome": "expired"},
+            {
+                "custom_id": f"q{ids['d3']}",
+                "outcome": "errored",
+                "error_type": "invalid_request_error",
+                "message": "messages: text content blocks must be non-empty",
+            },
+            {"custom_id": f"q{ids['d4']}", "outcome": "canceled"},
+        ]
+    )
+    out = cycle(runtime, clock)
+    assert (out.succeeded, out.requeued, out.dead) == (7, 4, 1)
+    rows = queue_rows(runtime)
+    for key in ("d0", "d1"):
+        assert (rows[key]["status"], rows[key]["attempts"]) == ("queued", 1)
+        assert rows[key]["reason"].startswith("overloaded_error")
+    assert (rows["d2"]["status"], rows["d2"]["attempts"]) == ("queued", 1)
+    assert "expired" in rows["d2"]["reason"]
+    assert (rows["d3"]["status"], rows["d3"]["attempts"]) == ("dead", 1)
+    assert rows["d3"]["reason"] == "invalid_request_error: messages: text content blocks must be non-empty"
+    assert (rows["d4"]["status"], rows["d4"]["attempts"]) == ("queued", 1)
+    assert all(rows[f"d{i}"]["status"] == "done" for i in range(5, 12))
+
+    # The next night the re-queued rows succeed; the dead one is never sent again.
+    control.clear_faults()
+    out = cycle(runtime, clock)
+    assert (out.succeeded, out.requeued, out.dead) == (4, 0, 0)
+    rows = queue_rows(runtime)
+    assert sorted(r["status"] for r in rows.values()).count("done") == 11
+    assert control.ledger()["billed"].get(f"q{ids['d3']}") is None
+
+
+def test_a_document_failing_three_times_goes_dead_with_its_attempts(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    insert_docs(
+        runtime, [{"doc_key": "flaky", "body": "always overloaded"}, {"doc_key": "fine", "body": "ok"}]
+    )
+    qid = queue_rows(runtime)["flaky"]["id"]
+    control.set_faults(
+        outcomes=[{"custom_id": f"q{qid}", "outcome": "errored", "error_type": "overloaded_error"}]
+    )
+    attempts = []
+    for _ in range(4):
+        cycle(runtime, clock)
+        attempts.append((queue_rows(runtime)["flaky"]["status"], queue_rows(runtime)["flaky"]["attempts"]))
+    assert attempts == [("queued", 1), ("queued", 2), ("dead", 3), ("dead", 3)]
+    assert queue_rows(runtime)["flaky"]["reason"].startswith(
+        "gave up after 3 attempts; last: overloaded_error"
+    )
+    assert control.ledger()["batches_created"] == 3
+
+
+def test_bad_rows_are_rejected_with_a_reason_and_never_reach_the_api(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    insert_docs(
+        runtime,
+        [
+            {"doc_key": "empty", "body": ""},
+            {"doc_key": "blank", "body": "   \n\t "},
+            {"doc_key": "huge", "body": "x" * 1_100_000},
+            {"doc_key": "no-task", "body": "hello", "task": "translate"},
+            {"doc_key": "no-title", "body": "hello", "task": "classify", "metadata": '{"author": "me"}'},
+            {"doc_key": "good", "body": "a perfectly fine document"},
+        ],
+    )
+    out = submitter.run(runtime)
+    assert (out.documents, out.rejected) == (1, 5)
+    rows = queue_rows(runtime)
+    assert rows["empty"]["reason"] == "body is empty or only whitespace"
+    assert rows["blank"]["reason"] == "body is empty or only whitespace"
+    assert rows["huge"]["reason"] == "body is 1,100,000 bytes; the limit is 1,000,000 (submit.max_body_bytes)"
+    assert (
+        rows["no-task"]["reason"] == "task 'translate' does not exist (configured tasks: classify, default)"
+    )
+    assert rows["no-title"]["reason"] == "metadata lacks 'title' required by the template of task 'classify'"
+    assert {k for k, r in rows.items() if r["status"] == "rejected"} == {
+        "empty",
+        "blank",
+        "huge",
+        "no-task",
+        "no-title",
+    }
+    assert control.ledger()["requests_created"] == 1
+    clock.advance(3600)
+    collector.run(runtime)
+    assert list(control.ledger()["billed"]) == [f"q{rows['good']['id']}"]
+
+
+def test_reenqueued_document_with_a_new_body_replaces_its_result(
+    runtime: Runtime, clock: SharedClock
+) -> None:
+    insert_docs(runtime, [{"doc_key": "policy", "body": "version one of the travel policy"}])
+    cycle(runtime, clock)
+    insert_docs(runtime, [{"doc_key": "policy", "body": "version two of the travel policy"}])
+    cycle(runtime, clock)
+    results = results_by_key(runtime)
+    assert len(results) == 1
+    assert "version two" in results["policy/default"]["output_text"]
+
+
+def test_morning_report_counts_and_costs_match_the_ledger(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    insert_docs(runtime, [{"doc_key": f"r{i}", "body": f"report document {i} " * (i + 1)} for i in range(10)])
+    insert_docs(runtime, [{"doc_key": "bad", "body": " "}])
+    qid = queue_rows(runtime)["r0"]["id"]
+    control.set_faults(outcomes=[{"custom_id": f"q{qid}", "outcome": "expired"}])
+    cycle(runtime, clock)
+    body = report.morning(runtime)
+    task = body["tasks"]["default"]
+    assert (task["submitted"], task["succeeded"], task["requeued"], task["rejected"]) == (10, 9, 1, 1)
+    ledger = control.ledger()
+    money = body["tokens_and_cost"]
+    assert money["input_tokens"] == ledger["input_tokens"]
+    assert money["output_tokens"] == ledger["output_tokens"]
+    # Haiku 4.5: $1 / $5 per million at standard prices; batch is half.
+    standard = (ledger["input_tokens"] * 1.0 + ledger["output_tokens"] * 5.0) / 1e6
+    assert abs(money["standard_cost_usd"] - standard) < 1e-9
+    assert abs(money["cost_usd"] - standard / 2) < 1e-9
+    assert body["queue"]["queued"] == 1
+    assert any("expired" in reason for reason in body["failures"])
+    text_block = report.render(body)
+    assert "saved $" in text_block and "default" in text_block
+
+
+def test_batches_are_cut_by_bytes_as_well_as_by_count(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+) -> None:
+    rt = make_runtime(
+        submit={"max_requests_per_batch": 400, "max_batch_bytes": 60_000, "max_body_bytes": 10_000}
+    )
+    insert_docs(rt, [{"doc_key": f"k{i}", "body": f"body {i} " + "y" * 100} for i in range(1000)])
+    out = submitter.run(rt)
+    assert out.documents == 1000 and out.batches >= 3  # the byte cap, not the count cap, decides here
+    clock.advance(3600)
+    col = collector.run(rt)
+    assert col.succeeded == 1000 and col.batches_collected == out.batches
+    assert len(results_by_key(rt)) == 1000
+    assert sorted(control.ledger()["billed"]) == sorted(f"q{r['id']}" for r in queue_rows(rt).values())
+
+
+@pytest.mark.slow
+def test_150k_document_queue_splits_into_batches_whose_custom_ids_all_map_back(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO etl_queue (doc_key, body) VALUES (:doc_key, :body)"),
+            [{"doc_key": f"n{i}", "body": f"note {i}"} for i in range(150_000)],
+        )
+    out = submitter.run(runtime)
+    assert out.documents == 150_000 and out.batches == 2  # the API's 100,000-request cap
+    clock.advance(3600)
+    col = collector.run(runtime)
+    assert (col.succeeded, col.batches_collected) == (150_000, 2)
+    ledger = control.ledger()
+    with runtime.engine.connect() as conn:
+        ids = {f"q{r[0]}" for r in conn.execute(text("SELECT id FROM etl_queue WHERE status = 'done'"))}
+    assert len(ids) == 150_000 and set(ledger["billed"]) == ids
+    assert set(ledger["billed"].values()) == {1}
+    with runtime.warehouse.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM etl_results")).scalar_one() == 150_000

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import uuid
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 import structlog
@@ -69,8 +71,26 @@ def configure(level: str = "info", *, json: bool | None = None, stream: TextIO |
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(LEVELS.get(level, logging.INFO))
+    logging.captureWarnings(True)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the level (the daemon calls this on SIGHUP)."""
+    logging.getLogger().setLevel(LEVELS.get(level, logging.INFO))
     # Third-party loggers go through the same pipeline but stay quiet unless asked.
     noisy = logging.DEBUG if level == "debug" else logging.WARNING
     for name in ("apscheduler", "sqlalchemy", "httpx2", "httpcore", "anthropic", "alembic"):
         logging.getLogger(name).setLevel(noisy)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@contextmanager
+def run_context(job: str, run_id: str | None = None) -> Iterator[str]:
+    """Every event logged inside (in this thread or context) carries `job` and `run_id`."""
+    run_id = run_id or new_run_id()
+    with structlog.contextvars.bound_contextvars(job=job, run_id=run_id):
+        yield run_id

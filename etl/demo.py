@@ -1,0 +1,217 @@
+"""`etl demo`: the whole cycle in a few seconds, on a fresh SQLite file, against an in-process emulator.
+
+Nothing to install and no API key: the emulator plays the Batches API on a virtual clock, so "the night"
+passes by advancing that clock (and the demo's own clock with it) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from etl import collector, report, submitter
+from etl import config as config_mod
+from etl.clock import utcnow
+from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
+from etl.runtime import Runtime, build
+from etl.store import migrate
+
+NIGHT = timedelta(hours=7)
+DEMO_KEY = "demo-key-for-the-local-emulator"
+OVERLOADED = ("doc-004", "doc-011", "doc-023")  # come back `overloaded_error`, are re-queued
+INVALID = "doc-017"  # comes back `invalid_request_error`: resending cannot help, dead-lettered
+LAST_CHANCE = "doc-030"  # already tried twice; overloaded once more, it reaches max_attempts
+
+
+class _Style:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def _wrap(self, code: str, s: str) -> str:
+        return f"\033[{code}m{s}\033[0m" if self.enabled else s
+
+    def bold(self, s: str) -> str:
+        return self._wrap("1", s)
+
+    def dim(self, s: str) -> str:
+        return self._wrap("2", s)
+
+    def green(self, s: str) -> str:
+        return self._wrap("32", s)
+
+    def yellow(self, s: str) -> str:
+        return self._wrap("33", s)
+
+
+def _samples() -> list[dict[str, Any]]:
+    raw = resources.files("etl.samples").joinpath("documents.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+
+@contextmanager
+def _demo_config_path() -> Iterator[Path]:
+    with resources.as_file(resources.files("etl.samples").joinpath("demo.toml")) as path:
+        yield path
+
+
+def _enqueue(rt: Runtime, docs: list[dict[str, Any]], max_attempts: int) -> dict[str, int]:
+    """Plain SQL, as any other system would write to the queue. Returns doc_key -> queue id."""
+    rows = [
+        {
+            "doc_key": d["doc_key"],
+            "body": d["body"],
+            "task": d.get("task", "default"),
+            "metadata": json.dumps(d["metadata"]) if d.get("metadata") else None,
+            "attempts": max_attempts - 1 if d["doc_key"] == LAST_CHANCE else 0,
+        }
+        for d in docs
+    ]
+    with rt.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO etl_queue (doc_key, body, task, metadata, attempts) "
+                "VALUES (:doc_key, :body, :task, :metadata, :attempts)"
+            ),
+            rows,
+        )
+        ids = conn.execute(text("SELECT doc_key, id FROM etl_queue")).all()
+    return {k: int(v) for k, v in ids}
+
+
+def _faults(ids: dict[str, int]) -> dict[str, Any]:
+    overloaded = "|".join(f"q{ids[k]}" for k in (*OVERLOADED, LAST_CHANCE))
+    return {
+        "outcomes": [
+            {
+                "custom_id": f"q{ids[INVALID]}",
+                "outcome": "errored",
+                "error_type": "invalid_request_error",
+                "message": "messages.0.content: the document could not be parsed",
+            },
+            {"custom_id": overloaded, "outcome": "errored", "error_type": "overloaded_error"},
+        ]
+    }
+
+
+def run_demo(directory: Path | None = None, keep: bool = False) -> int:
+    s = _Style(sys.stdout.isatty())
+    workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="etl-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_path = workdir / "demo.db"
+    db_path.unlink(missing_ok=True)
+    offset = [timedelta(0)]
+
+    def clock() -> datetime:
+        return utcnow() + offset[0]
+
+    def say(title: str) -> None:
+        print(f"\n{s.bold('==> ' + title)}")
+
+    emulator = EmulatorServer(EmulatorConfig(port=0, processing_seconds=2, seed=7)).start()
+    control = EmulatorControl(emulator.base_url)
+    env = {
+        "ETL_DATABASE_URL": f"sqlite:///{db_path}",
+        "ANTHROPIC_API_KEY": DEMO_KEY,
+        "ANTHROPIC_BASE_URL": emulator.base_url,
+    }
+    rt: Runtime | None = None
+    try:
+        with _demo_config_path() as path:
+            cfg = config_mod.load(env, path)
+        rt = build(cfg, clock=clock)
+        print(
+            s.bold("etl demo") + s.dim(f"  (database {db_path}, Batches API emulator at {emulator.base_url})")
+        )
+
+        say("1. Create the schema")
+        for _role, before, after in migrate.upgrade(rt.engine, rt.warehouse):
+            print(f"   schema {before or 'empty'} -> {after}")
+
+        say("2. Enqueue sample documents (plain SQL INSERT INTO etl_queue)")
+        docs = _samples()
+        ids = _enqueue(rt, docs, cfg.submit.max_attempts)
+        tasks: dict[str, int] = {}
+        for d in docs:
+            tasks[d.get("task", "default")] = tasks.get(d.get("task", "default"), 0) + 1
+        print(f"   {len(docs)} documents: " + ", ".join(f"{n} for task '{t}'" for t, n in tasks.items()))
+        control.set_faults(**_faults(ids))
+        print(
+            s.dim(
+                f"   the emulator will answer overloaded_error for {', '.join(OVERLOADED)} and {LAST_CHANCE} "
+                f"(already tried {cfg.submit.max_attempts - 1} times), invalid_request_error for {INVALID}"
+            )
+        )
+
+        say("3. Night: the submit job")
+        out = submitter.run(rt)
+        print(
+            f"   {out.documents} documents sent in {out.batches} batches (one create call each, never retried)"
+        )
+        for batch_id in out.batch_ids:
+            print(s.dim(f"     {batch_id}"))
+
+        say(f"4. Time passes ({NIGHT.seconds // 3600} hours on the emulator's clock, not yours)")
+        control.advance(NIGHT.total_seconds())
+        offset[0] += NIGHT
+        print(f"   it is now {clock():%Y-%m-%d %H:%M} UTC for the pipeline")
+
+        say("5. Morning: the collect job, then the report")
+        col = collector.run(rt)
+        print(
+            f"   {col.batches_collected} batches collected: {s.green(str(col.succeeded) + ' succeeded')}, "
+            f"{s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
+            f"{s.yellow(str(col.dead) + ' dead-lettered')}"
+        )
+        body = report.morning(rt)
+        print()
+        print("\n".join("   " + line for line in report.render(body).splitlines()))
+
+        say("6. The next night: the overload has passed, the re-queued documents go again")
+        control.clear_faults()
+        again = submitter.run(rt)
+        control.advance(NIGHT.total_seconds())
+        offset[0] += NIGHT
+        col2 = collector.run(rt)
+        print(f"   {again.documents} re-sent; {col2.succeeded} succeeded")
+        with rt.engine.connect() as conn:
+            counts: dict[str, int] = {
+                str(k): int(v)
+                for k, v in conn.execute(text("SELECT status, count(*) FROM etl_queue GROUP BY status"))
+            }
+            dead = conn.execute(text("SELECT doc_key, reason FROM etl_queue WHERE status = 'dead'")).all()
+        print("   queue: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        for doc_key, reason in dead:
+            print(s.yellow(f"   dead: {doc_key}: {reason}"))
+
+        say("Use it for real")
+        print(
+            "   export ANTHROPIC_API_KEY=sk-ant-...            # or systemd LoadCredential=anthropic_api_key\n"
+            "   export ETL_DATABASE_URL=postgresql://etl@db/etl  # default: SQLite at var/etl.db\n"
+            "   etl db upgrade                                 # create the schema\n"
+            "   etl enqueue documents.jsonl                    # or INSERT INTO etl_queue from anywhere\n"
+            "   etl run                                        # the daemon: nightly submit, morning report\n"
+            "   systemd: see docs/deploy.md (deploy/systemd/etl.service); container: the Dockerfile"
+        )
+        if keep or directory:
+            print(
+                s.dim(
+                    f"\n   demo database kept at {db_path}: try ETL_DATABASE_URL=sqlite:///{db_path} etl status"
+                )
+            )
+        return 0
+    finally:
+        if rt is not None:
+            rt.close()
+        emulator.stop()
+        if not keep and directory is None:
+            shutil.rmtree(workdir, ignore_errors=True)

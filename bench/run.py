@@ -1,0 +1,351 @@
+"""Benchmark `etl submit` and `etl collect` against their least-work baselines, in one run.
+
+    .venv/bin/python bench/run.py --docs 100000 --db postgresql
+    .venv/bin/python bench/run.py --docs 100000 --db sqlite
+
+What it does: a fresh database (a throwaway PostgreSQL database, or a SQLite file in a temporary folder),
+`etl db upgrade`, N queued documents (1 KB bodies; 80 % task `default`, 20 % task `classify` with
+metadata {"title": ...}) loaded by COPY/executemany and ANALYZEd, the emulator started as its own process
+with zero processing time. Then, each as a separate process whose wall time and peak RSS (ru_maxrss from
+wait4, i.e. measured by the kernel) are recorded:
+
+1. `bench/baseline_submit.py`  (then the emulator is reset, so it holds only etl's batches)
+2. `etl submit`
+3. `bench/baseline_collect.py` (reads the results of the batches `etl submit` created)
+4. `etl collect`               (includes the morning report, as the command does)
+
+Both sides pay interpreter start-up (the baselines import only the standard library and psycopg; `etl`
+imports the SDK, SQLAlchemy and structlog). Ratios are etl / baseline. The last line printed is
+`RESULT db=... docs=... submit_s=... submit_ratio=... collect_s=... collect_ratio=... submit_rss_mb=...
+collect_rss_mb=...` (MB = MiB of peak resident memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _shared import DEFAULT_CONFIG, ROOT
+
+HERE = Path(__file__).resolve().parent
+PG_ADMIN = os.environ.get("ETL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+BASELINE_TABLE = "bench_baseline_results"
+BODY_BYTES = 1024
+CLASSIFY_EVERY = 5  # every 5th document is a `classify` task
+
+
+@dataclass
+class Measured:
+    name: str
+    seconds: float
+    rss_mb: float
+    cpu_s: float
+    output: str
+
+
+def measure(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Measured:
+    """Run one child to completion: wall time, and peak RSS and CPU time as the kernel accounted them."""
+    out_path = logdir / f"{name}.out"
+    err_path = logdir / f"{name}.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    output = out_path.read_text(errors="replace").strip()
+    if proc.returncode != 0:
+        tail = err_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{name} exited {proc.returncode}\nstdout: {output}\nstderr tail:\n{tail}")
+    return Measured(name, seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, output)
+
+
+# -- documents -------------------------------------------------------------------------------------
+
+
+def _corpus(seed: int = 42) -> str:
+    rng = random.Random(seed)
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    weights = [12, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    vocab = ["".join(rng.choices(letters, weights, k=rng.randint(2, 11))) for _ in range(5000)]
+    words = rng.choices(vocab, k=400_000)
+    return " ".join(words)
+
+
+def documents(n: int) -> Iterator[tuple[str, str, str, str | None]]:
+    """(doc_key, body, task, metadata JSON): distinct ~1 KB ASCII bodies, deterministic."""
+    corpus = _corpus()
+    span = len(corpus) - 2 * BODY_BYTES
+    for i in range(n):
+        head = f"Document {i}: "
+        offset = (i * 7919) % span
+        body = head + corpus[offset : offset + BODY_BYTES - len(head)]
+        if i % CLASSIFY_EVERY == CLASSIFY_EVERY - 1:
+            yield f"doc-{i}", body, "classify", json.dumps({"title": f"Report {i} on quarterly figures"})
+        else:
+            yield f"doc-{i}", body, "default", None
+
+
+BASELINE_DDL = """CREATE TABLE {table} (
+    doc_key TEXT, task TEXT, queue_id BIGINT, custom_id TEXT, output_text TEXT, output_json {json},
+    model TEXT, stop_reason TEXT, input_tokens INTEGER, output_tokens INTEGER,
+    cache_creation_input_tokens INTEGER, cache_read_input_tokens INTEGER, cost_usd DOUBLE PRECISION,
+    standard_cost_usd DOUBLE PRECISION, batch_id TEXT, enqueued_at {ts}, batch_ended_at {ts}, collected_at {ts}
+)"""
+
+
+class Database:
+    """The throwaway database under test, with the few direct queries the harness needs."""
+
+    def __init__(self, kind: str, workdir: Path, pg_admin: str) -> None:
+        self.kind = kind
+        self.pg_admin = pg_admin
+        self.name = f"etl_bench_{uuid.uuid4().hex[:10]}"
+        if kind == "sqlite":
+            self.url = f"sqlite:///{workdir / 'etl.db'}"
+        else:
+            with psycopg.connect(pg_admin, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.name}"')
+            self.url = f"{pg_admin.rsplit('/', 1)[0]}/{self.name}"
+
+    def _sqlite(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.url.removeprefix("sqlite:///"), isolation_level=None)
+
+    def load(self, n: int) -> None:
+        if self.kind == "sqlite":
+            conn = self._sqlite()
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO etl_queue (doc_key, body, task, metadata) VALUES (?, ?, ?, ?)", documents(n)
+            )
+            conn.execute("COMMIT")
+            conn.execute("ANALYZE")
+            conn.execute(BASELINE_DDL.format(table=BASELINE_TABLE, json="TEXT", ts="TEXT"))
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+            return
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            with (
+                conn.cursor() as cur,
+                cur.copy("COPY etl_queue (doc_key, body, task, metadata) FROM STDIN") as cp,
+            ):
+                for doc in documents(n):
+                    cp.write_row(doc)
+            conn.execute("VACUUM ANALYZE etl_queue")
+            conn.execute(BASELINE_DDL.format(table=BASELINE_TABLE, json="JSONB", ts="TIMESTAMPTZ"))
+            conn.execute("CHECKPOINT")
+
+    def scalar(self, sql: str) -> Any:
+        if self.kind == "sqlite":
+            conn = self._sqlite()
+            try:
+                return conn.execute(sql).fetchone()[0]
+            finally:
+                conn.close()
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute(sql).fetchone()
+            return None if row is None else row[0]
+
+    def column(self, sql: str) -> list[Any]:
+        if self.kind == "sqlite":
+            conn = self._sqlite()
+            try:
+                return [r[0] for r in conn.execute(sql)]
+            finally:
+                conn.close()
+        with psycopg.connect(self.url) as conn:
+            return [r[0] for r in conn.execute(sql)]
+
+    def drop(self) -> None:
+        if self.kind == "postgresql":
+            with psycopg.connect(self.pg_admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+class Emulator:
+    """`python -m etl.emulator` as its own process, zero processing time, on a free port."""
+
+    def __init__(self, python: str, logdir: Path) -> None:
+        self._err: IO[bytes] = (logdir / "emulator.err").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "etl.emulator",
+                "--port",
+                "0",
+                "--processing-seconds",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        self.base_url = ""
+        for raw in self.proc.stdout:
+            line = raw.decode().strip()
+            if line.startswith("export ANTHROPIC_BASE_URL="):
+                self.base_url = line.split("=", 1)[1]
+                break
+        if not self.base_url:
+            raise SystemExit("the emulator did not start; see emulator.err")
+
+    def reset(self) -> None:
+        request = urllib.request.Request(
+            f"{self.base_url}/_emulator/reset",
+            data=b"{}",
+            method="POST",
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=100_000)
+    p.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="etl config (tasks and caps)")
+    p.add_argument(
+        "--pg-admin", default=PG_ADMIN, help="PostgreSQL URL used to create the throwaway database"
+    )
+    p.add_argument("--workdir", type=Path, help="where logs (and the SQLite file) go; default a temp folder")
+    p.add_argument("--keep", action="store_true", help="keep the database and the work folder")
+    p.add_argument(
+        "--profile",
+        choices=["cprofile", "py-spy"],
+        help="also write a profile of each etl process to the work folder (timings then include the profiler)",
+    )
+    args = p.parse_args(argv)
+    python = sys.executable
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="etl-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"bench: {args.docs} documents on {args.db}; logs in {workdir}", flush=True)
+
+    db = Database(args.db, workdir, args.pg_admin)
+    emulator: Emulator | None = None
+    try:
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
+        env = {
+            **base_env,
+            "ETL_CONFIG": str(args.config),
+            "ETL_DATABASE_URL": db.url,
+            "ANTHROPIC_API_KEY": "bench-key",
+        }
+        etl = [python, "-m", "etl.cli"]
+        measure("db_upgrade", [*etl, "db", "upgrade"], env, workdir)
+        t = time.perf_counter()
+        db.load(args.docs)
+        print(f"bench: enqueued {args.docs} documents in {time.perf_counter() - t:.1f}s", flush=True)
+
+        emulator = Emulator(python, workdir)
+        env["ANTHROPIC_BASE_URL"] = emulator.base_url
+
+        def etl_cmd(command: str) -> list[str]:
+            if args.profile == "cprofile":
+                return [
+                    python,
+                    "-m",
+                    "cProfile",
+                    "-o",
+                    str(workdir / f"{command}.prof"),
+                    "-m",
+                    "etl.cli",
+                    command,
+                ]
+            if args.profile == "py-spy":
+                spy = shutil.which("py-spy") or str(Path(python).parent / "py-spy")
+                out = str(workdir / f"{command}.speedscope.json")
+                return [spy, "record", "-f", "speedscope", "-o", out, "-r", "200", "--", *etl, command]
+            return [*etl, command]
+
+        cfg = str(args.config)
+        b_submit = measure(
+            "baseline_submit",
+            [python, str(HERE / "baseline_submit.py"), db.url, emulator.base_url, cfg],
+            env,
+            workdir,
+        )
+        emulator.reset()
+        submit = measure("etl_submit", etl_cmd("submit"), env, workdir)
+        submitted = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'submitted'")
+        if submitted != args.docs:
+            raise SystemExit(f"etl submit left {submitted} of {args.docs} rows submitted: {submit.output}")
+        batch_ids = db.column("SELECT batch_id FROM etl_batches WHERE batch_id IS NOT NULL ORDER BY id")
+        b_collect = measure(
+            "baseline_collect",
+            [
+                python,
+                str(HERE / "baseline_collect.py"),
+                db.url,
+                emulator.base_url,
+                cfg,
+                BASELINE_TABLE,
+                *batch_ids,
+            ],
+            env,
+            workdir,
+        )
+        collect = measure("etl_collect", etl_cmd("collect"), env, workdir)
+        done = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'done'")
+        results = db.scalar("SELECT count(*) FROM etl_results")
+        baseline_rows = db.scalar(f"SELECT count(*) FROM {BASELINE_TABLE}")
+        if not done == results == baseline_rows == args.docs:
+            raise SystemExit(
+                f"expected {args.docs} everywhere: done={done} results={results} baseline={baseline_rows}"
+            )
+    finally:
+        if emulator is not None:
+            emulator.stop()
+        if not args.keep:
+            db.drop()
+            if args.workdir is None and args.profile is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"{'process':<18}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}")
+    for m in (b_submit, submit, b_collect, collect):
+        print(f"{m.name:<18}{m.seconds:>9.2f}{m.cpu_s:>9.2f}{m.rss_mb:>13.1f}")
+    print(f"batches: {len(batch_ids)}; etl submit said: {submit.output}")
+    print(
+        f"RESULT db={args.db} docs={args.docs} submit_s={submit.seconds:.2f} "
+        f"submit_ratio={submit.seconds / b_submit.seconds:.2f} collect_s={collect.seconds:.2f} "
+        f"collect_ratio={collect.seconds / b_collect.seconds:.2f} submit_rss_mb={submit.rss_mb:.0f} "
+        f"collect_rss_mb={collect.rss_mb:.0f}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

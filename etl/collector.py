@@ -19,7 +19,8 @@ from etl.config import Task
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
 from etl.pricing import Usage, costs
 from etl.prompt import queue_id_of
-from etl.provider import RemoteBatch, backoff_sleep
+from etl.provider import backoff_sleep
+from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import DocStatus
 from etl.store import batches as intents
@@ -129,6 +130,7 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()
         foreign: list[str] = []
+        elsewhere: dict[int, str] = {}  # rows no longer in this intent (re-queued, or in a newer batch)
         duplicates: list[str] = []
         buffer: list[tuple[int, dict[str, Any]]] = []
         error: str | None = None
@@ -141,8 +143,14 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
                 except (ValueError, KeyError, TypeError) as exc:
                     raise ResultsIncomplete(f"results of {intent.batch_id}: unreadable line ({exc})") from exc
                 qid = queue_id_of(cid) if isinstance(cid, str) else None
-                if qid is None or qid not in expected:
+                if qid is None:
                     foreign.append(str(cid))
+                    continue
+                if qid not in expected:
+                    if qid in elsewhere:
+                        duplicates.append(cid)
+                    else:
+                        elsewhere[qid] = cid
                     continue
                 if qid in seen:
                     duplicates.append(cid)
@@ -163,6 +171,8 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
         except ProviderError as exc:
             error = str(exc)
         applier.apply(buffer)
+        moved = _moved_on(rt, elsewhere)
+        foreign += [cid for qid, cid in elsewhere.items() if qid not in moved]
         if foreign or duplicates:
             problem = (
                 f"batch {intent.batch_id}: {len(foreign)} result(s) for custom_ids never sent "
@@ -176,11 +186,11 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
                 duplicates=len(duplicates),
                 examples=(foreign + duplicates)[:5],
             )
-        if intent.adopted and not seen and foreign:
+        if intent.adopted and not seen and (foreign or moved):
             _disown(rt, intent, out)
             return
         pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
-        if error is None and not pending and len(seen) == intent.request_count:
+        if error is None and not pending and len(seen) + len(moved) == intent.request_count:
             failpoints.hit("collect.before_mark_collected")
             with rt.engine.begin() as conn:
                 intents.mark_collected(conn, intent.id, rt.clock())
@@ -202,6 +212,16 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
     )
     with rt.engine.begin() as conn:
         intents.note_error(conn, intent.id, "results incomplete; will retry on the next collect")
+
+
+def _moved_on(rt: Runtime, elsewhere: dict[int, str]) -> set[int]:
+    """Results for rows that exist but no longer point at this intent: a run before this one settled them
+    (a re-queued row loses its batch_ref; it may even sit in a newer batch by now). Nothing is written
+    for them, but they count towards the batch being complete."""
+    if not elsewhere:
+        return set()
+    with rt.engine.connect() as conn:
+        return q.existing_ids(conn, list(elsewhere))
 
 
 def _disown(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:

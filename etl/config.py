@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from etl.errors import ConfigError
+from etl.errors import ConfigError, MissingApiKey
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
@@ -139,8 +139,7 @@ class Config:
 
     def require_api_key(self) -> str:
         if not self.api_key:
-            where = "; ".join(self.api_key_sources)
-            raise ConfigError([f"no Anthropic API key found; it is looked for in: {where}"])
+            raise MissingApiKey(list(self.api_key_sources))
         return self.api_key.value
 
 

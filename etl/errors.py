@@ -20,6 +20,14 @@ class ConfigError(EtlError):
         super().__init__(f"configuration has {len(self.problems)} problem(s):\n{lines}")
 
 
+class MissingApiKey(ConfigError):
+    """No API key anywhere it is looked for: one line saying where those places are."""
+
+    def __init__(self, sources: list[str]) -> None:
+        super().__init__([f"no Anthropic API key found; it is looked for in: {'; '.join(sources)}"])
+        Exception.__init__(self, self.problems[0])
+
+
 class StoreError(EtlError):
     """The database is unusable or in the wrong shape."""
 

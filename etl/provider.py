@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,30 +18,10 @@ from anthropic.types.messages import MessageBatch
 
 from etl.clock import ensure_utc
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
+from etl.remote import RemoteBatch
 
 SYSTEMIC_ERROR_CODES = {"enforced_spend_limit_reached", "contract_spend_limit_reached"}
 AMBIGUOUS_STATUSES = {408, 409, 500, 502, 503, 504, 529}
-
-
-@dataclass(frozen=True)
-class RemoteBatch:
-    id: str
-    processing_status: str
-    request_counts: dict[str, int]
-    created_at: datetime
-    expires_at: datetime | None
-    ended_at: datetime | None
-    archived_at: datetime | None
-    cancel_initiated_at: datetime | None
-    results_url: str | None
-
-    @property
-    def total(self) -> int:
-        return sum(self.request_counts.values())
-
-    @property
-    def ended(self) -> bool:
-        return self.processing_status == "ended"
 
 
 def _remote(batch: MessageBatch) -> RemoteBatch:

@@ -17,7 +17,7 @@ import structlog
 
 from etl import failpoints
 from etl.errors import ProviderError
-from etl.provider import RemoteBatch
+from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents

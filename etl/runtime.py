@@ -8,12 +8,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
+if TYPE_CHECKING:
+    from etl.provider import Provider
+
 from etl.clock import utcnow
 from etl.config import Config
-from etl.provider import Provider
 from etl.store.engine import make_engine
 
 
@@ -55,6 +58,8 @@ def build(config: Config, *, clock: Callable[[], datetime] = utcnow) -> Runtime:
     warehouse = engine if not config.separate_warehouse else make_engine(config.warehouse_url)
 
     def factory() -> Provider:
+        from etl.provider import Provider
+
         return Provider(
             api_key=config.require_api_key(),
             base_url=config.base_url,

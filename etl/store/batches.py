@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, insert, select, update
 
-from etl.provider import RemoteBatch
+from etl.remote import RemoteBatch
 from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, batches
 
 B = BatchStatus

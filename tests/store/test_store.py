@@ -1,0 +1,185 @@
+"""Store behaviour on both databases: schema, claims, guarded transitions, upserts, leases."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, MetaData, select, text
+
+from etl import schema
+from etl.errors import SchemaOutOfDate
+from etl.store import batches as intents
+from etl.store import migrate, state, warehouse
+from etl.store import queue as q
+from etl.store.engine import make_engine
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Engine:
+    eng = make_engine(db_url)
+    migrate.upgrade(eng, eng)
+    yield eng  # type: ignore[misc]
+    eng.dispose()
+
+
+def add_docs(engine: Engine, n: int, **extra: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO etl_queue (doc_key, body) VALUES (:k, :b)"),
+            [{"k": f"d{i}", "b": f"body {i}"} for i in range(n)],
+        )
+
+
+def test_migrated_schema_equals_the_declared_one(engine: Engine) -> None:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+        declared = MetaData()
+        for table in [*schema.metadata.tables.values(), *schema.warehouse_metadata.tables.values()]:
+            table.to_metadata(declared)
+        diff = compare_metadata(ctx, declared)
+    # Alembic's own version table is not declared; anything else is drift.
+    diff = [d for d in diff if not (d[0] == "remove_table" and d[1].name.endswith("alembic_version"))]
+    assert diff == []
+
+
+def test_a_database_without_schema_refuses_to_start_and_names_the_command(db_url: str) -> None:
+    eng = make_engine(db_url)
+    with pytest.raises(SchemaOutOfDate, match="has no schema yet.*Run: etl db upgrade"):
+        migrate.check(eng, eng)
+    migrate.upgrade(eng, eng)
+    migrate.check(eng, eng)
+    assert migrate.upgrade(eng, eng)[0][1] == migrate.head_revision()  # idempotent
+    eng.dispose()
+
+
+def test_plain_sql_insert_needs_only_doc_key_and_body(engine: Engine) -> None:
+    add_docs(engine, 1)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT task, status, attempts, priority, enqueued_at FROM etl_queue")).one()
+    assert (row.task, row.status, row.attempts, row.priority) == ("default", "queued", 0, 0)
+    assert row.enqueued_at is not None
+
+
+def test_status_outside_the_enum_is_refused_by_the_database(engine: Engine) -> None:
+    with pytest.raises(Exception, match="(?i)check"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO etl_queue (doc_key, body, status) VALUES ('x', 'y', 'completed')"))
+
+
+def test_concurrent_claimers_never_take_the_same_row(engine: Engine) -> None:
+    add_docs(engine, 500)
+    taken: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def claimer() -> None:
+        try:
+            for _ in range(20):
+                with engine.begin() as conn:
+                    intent = intents.create_intent(conn, "w", NOW + timedelta(minutes=5), NOW)
+                    n = q.claim(conn, intent, 30, NOW)
+                taken[intent] = n
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT batch_ref, count(*) FROM etl_queue GROUP BY batch_ref")).all()
+    per_intent = {r[0]: r[1] for r in rows}
+    assert sum(taken.values()) == 500
+    assert {k: v for k, v in per_intent.items() if k is not None} == {k: v for k, v in taken.items() if v}
+
+
+def test_claims_follow_priority_then_age(engine: Engine) -> None:
+    add_docs(engine, 5)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE etl_queue SET priority = 9 WHERE doc_key = 'd3'"))
+        intent = intents.create_intent(conn, "w", NOW + timedelta(minutes=5), NOW)
+        q.claim(conn, intent, 2, NOW)
+        claimed = [r.doc_key for r in q.iter_claimed(conn, intent)]
+    assert sorted(claimed) == ["d0", "d3"]
+
+
+def test_fence_refuses_an_owner_whose_lease_ran_out_or_was_taken(engine: Engine) -> None:
+    with engine.begin() as conn:
+        intent = intents.create_intent(conn, "a", NOW + timedelta(minutes=5), NOW)
+        assert not intents.fence_sending(conn, intent, "b", NOW)  # not the owner
+        assert not intents.fence_sending(conn, intent, "a", NOW + timedelta(minutes=6))  # lease over
+        assert intents.fence_sending(conn, intent, "a", NOW)
+        assert not intents.fence_sending(conn, intent, "a", NOW)  # already sending
+        assert intents.mark_unknown(conn, intent, "timeout")
+        assert not intents.release(conn, intent, (schema.BatchStatus.CLAIMED,), "stale view")
+
+
+def test_guarded_updates_never_overwrite_a_newer_outcome(engine: Engine) -> None:
+    add_docs(engine, 3)
+    with engine.begin() as conn:
+        intent = intents.create_intent(conn, "a", NOW + timedelta(minutes=5), NOW)
+        q.claim(conn, intent, 3, NOW)
+        q.mark_submitted(conn, intent, NOW)
+        ids = [r[0] for r in conn.execute(select(schema.queue.c.id).order_by(schema.queue.c.id))]
+        assert q.mark_done(conn, intent, ids[:1], NOW) == 1
+        # A stale collector replaying the same chunk, or requeueing a finished row, changes nothing.
+        assert q.mark_done(conn, intent, ids[:1], NOW) == 0
+        assert q.requeue(conn, intent, [(ids[0], "expired")], NOW, count_attempt=True) == 0
+        assert q.requeue(conn, intent, [(ids[1], "expired")], NOW, count_attempt=True) == 1
+        assert q.kill(conn, intent, [(ids[1], "late duplicate")], NOW) == 0
+        rows = conn.execute(select(schema.queue.c.status, schema.queue.c.attempts).order_by(schema.queue.c.id)).all()
+    assert [tuple(r) for r in rows] == [("done", 0), ("queued", 1), ("submitted", 0)]
+
+
+def result_row(queue_id: int, text_: str) -> dict[str, Any]:
+    return {
+        "doc_key": "k", "task": "default", "queue_id": queue_id, "custom_id": f"q{queue_id}",
+        "output_text": text_, "output_json": None, "model": "m", "stop_reason": "end_turn",
+        "input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+        "cost_usd": 0.1, "standard_cost_usd": 0.2, "batch_id": "b", "enqueued_at": NOW,
+        "batch_ended_at": NOW, "collected_at": NOW,
+    }
+
+
+def test_warehouse_upsert_is_idempotent_and_the_newest_document_version_wins(engine: Engine) -> None:
+    with engine.begin() as conn:
+        warehouse.upsert(conn, [result_row(5, "v5")])
+        warehouse.upsert(conn, [result_row(5, "v5")])
+        warehouse.upsert(conn, [result_row(9, "v9")])
+        warehouse.upsert(conn, [result_row(7, "late result of an older version")])
+        rows = conn.execute(select(schema.results.c.queue_id, schema.results.c.output_text)).all()
+    assert [tuple(r) for r in rows] == [(9, "v9")]
+
+
+def test_named_lease_has_one_holder_until_it_expires(engine: Engine) -> None:
+    ttl = timedelta(seconds=60)
+    with engine.begin() as conn:
+        assert state.acquire_lease(conn, "leader", "a", NOW, ttl)
+        assert not state.acquire_lease(conn, "leader", "b", NOW + timedelta(seconds=30), ttl)
+        assert state.acquire_lease(conn, "leader", "a", NOW + timedelta(seconds=30), ttl)  # renew
+        assert state.acquire_lease(conn, "leader", "b", NOW + timedelta(seconds=91), ttl)  # a died
+
+
+def test_a_job_slot_runs_once_across_instances(engine: Engine) -> None:
+    slot = datetime(2026, 11, 21, 0, 0, tzinfo=UTC)
+    with engine.begin() as conn:
+        assert state.start_run(conn, "submit", slot, "r1", "host-a", NOW)
+        assert not state.start_run(conn, "submit", slot, "r2", "host-b", NOW)
+        state.finish_run(conn, "r1", "ok", None, NOW)
+        assert state.last_slot(conn, "submit") == slot
+
+
+def test_pause_keeps_the_first_reason_until_resumed(engine: Engine) -> None:
+    with engine.begin() as conn:
+        state.pause(conn, "spend limit reached", NOW)
+        state.pause(conn, "billing error", NOW)
+        assert state.pause_reason(conn) == "spend limit reached"
+        assert state.resume(conn) == "spend limit reached"
+        assert state.pause_reason(conn) is None

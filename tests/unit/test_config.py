@@ -1,0 +1,111 @@
+"""Configuration: every problem listed at once, secrets never shown, the shipped file works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from etl import config
+from etl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_loads_on_sqlite_with_no_environment() -> None:
+    cfg = config.load({}, ROOT / "config" / "etl.toml")
+    assert cfg.database_url == f"sqlite:///{ROOT / 'var' / 'etl.db'}"
+    assert cfg.warehouse_url == cfg.database_url
+    assert set(cfg.tasks) == {"default", "classify"}
+    assert cfg.tasks["classify"].metadata_fields == ("title",)
+    assert cfg.tasks["default"].cache_system is True
+
+
+def test_environment_overrides_the_file() -> None:
+    env = {
+        "ETL_DATABASE_URL": "postgresql://etl@db/etl",
+        "ETL_WAREHOUSE_URL": "postgresql://etl@dw/wh",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:8765",
+        "ANTHROPIC_API_KEY": "sk-ant-secret-value-123456",
+        "ETL_TIMEZONE": "Europe/Berlin",
+    }
+    cfg = config.load(env, ROOT / "config" / "etl.toml")
+    assert (cfg.database_url, cfg.warehouse_url) == ("postgresql://etl@db/etl", "postgresql://etl@dw/wh")
+    assert cfg.separate_warehouse
+    assert cfg.base_url == "http://127.0.0.1:8765"
+    assert cfg.schedule.timezone == "Europe/Berlin"
+    assert cfg.require_api_key() == "sk-ant-secret-value-123456"
+    assert "sk-ant-secret" not in repr(cfg)
+
+
+def test_bad_config_lists_every_problem_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "etl.toml"
+    path.write_text(
+        """
+[database]
+url = "mysql://nope"
+[submit]
+max_requests_per_batch = 200000
+max_attempts = 0
+colour = "blue"
+[schedule]
+timezone = "Mars/Olympus"
+submit_cron = "every night"
+[tasks.default]
+template = "{body} {0}"
+max_tokens = -1
+[tasks.other]
+model = "claude-unknown-9"
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load({}, path)
+    problems = err.value.problems
+    expected = [
+        "neither sqlite:/// nor postgresql://",
+        "submit.max_requests_per_batch is 200000; the API allows 100000",
+        "submit.max_attempts must be positive",
+        "unknown setting submit.colour",
+        "schedule.timezone 'Mars/Olympus' is not a known IANA time zone",
+        "schedule.submit_cron 'every night' is not a 5-field cron expression",
+        "tasks.default.model is required",
+        "tasks.default.template field {0} must be a plain name",
+        "tasks.default.max_tokens must be a positive integer",
+        "task 'other': no price configured for model 'claude-unknown-9'",
+    ]
+    for fragment in expected:
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) >= len(expected)
+    assert str(err.value).startswith(f"configuration has {len(problems)} problem(s):")
+
+
+def test_invalid_toml_and_missing_file_are_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[database\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load({}, bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load({"ETL_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_missing_api_key_says_where_it_is_looked_for(tmp_path: Path) -> None:
+    cfg = config.load({"CREDENTIALS_DIRECTORY": str(tmp_path)}, ROOT / "config" / "etl.toml")
+    with pytest.raises(ConfigError) as err:
+        cfg.require_api_key()
+    message = str(err.value)
+    assert "ANTHROPIC_API_KEY" in message
+    assert f"{tmp_path}/anthropic_api_key" in message
+
+
+def test_api_key_is_read_from_the_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "anthropic_api_key").write_text("sk-ant-from-credential\n", encoding="utf-8")
+    cfg = config.load({"CREDENTIALS_DIRECTORY": str(tmp_path)}, ROOT / "config" / "etl.toml")
+    assert cfg.require_api_key() == "sk-ant-from-credential"
+
+
+def test_price_lookup_takes_the_longest_matching_prefix() -> None:
+    cfg = config.load({}, ROOT / "config" / "etl.toml")
+    price = cfg.pricing.for_model("claude-haiku-4-5-20251001")
+    assert price is not None and (price.input, price.output) == (1.0, 5.0)
+    assert cfg.pricing.for_model("gpt-4") is None

@@ -1,0 +1,67 @@
+"""Building a request from a row, and every reason a row can be rejected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etl import config
+from etl.prompt import Rejection, Row, batch_body, build_params, custom_id, encode_request, queue_id_of
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = config.load({}, ROOT / "config" / "etl.toml").tasks
+
+
+def params(**row: Any) -> dict[str, Any]:
+    base = {"id": 1, "doc_key": "k", "task": "default", "body": "hello", "metadata": None}
+    base.update(row)
+    return build_params(Row(**base), TASKS, 1000)
+
+
+def test_default_task_builds_a_cached_system_prompt_and_the_templated_body() -> None:
+    p = params(body="The quarterly numbers")
+    assert p["model"] == "claude-haiku-4-5"
+    assert p["messages"] == [{"role": "user", "content": "Summarise this document.\n\nThe quarterly numbers"}]
+    assert p["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    assert "output_config" not in p and "temperature" not in p
+
+
+def test_structured_task_fills_metadata_and_asks_for_json() -> None:
+    p = params(task="classify", body="text", metadata='{"title": "Q3 plan", "n": 3}')
+    assert p["messages"][0]["content"].startswith("Title: Q3 plan\n\ntext")
+    assert p["output_config"]["format"]["type"] == "json_schema"
+    assert p["output_config"]["format"]["schema"]["required"] == ["category", "confidence"]
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"body": ""}, "body is empty or only whitespace"),
+        ({"body": " \n\t"}, "body is empty or only whitespace"),
+        ({"body": None}, "body is NULL"),
+        ({"body": "x" * 1001}, "body is 1,001 bytes; the limit is 1,000 (submit.max_body_bytes)"),
+        ({"body": "é" * 501}, "body is 1,002 bytes; the limit is 1,000 (submit.max_body_bytes)"),
+        ({"body": "a\x00b"}, "body contains NUL bytes (binary data?): only text can be sent"),
+        ({"body": "bad \udcff byte"}, "body is not valid UTF-8 text (bad character at position 4)"),
+        ({"task": "nope"}, "task 'nope' does not exist (configured tasks: classify, default)"),
+        ({"task": "classify"}, "metadata lacks 'title' required by the template of task 'classify'"),
+        ({"task": "classify", "metadata": "{oops"}, "metadata is not valid JSON"),
+        ({"task": "classify", "metadata": "[1, 2]"}, "metadata must be a JSON object, got list"),
+    ],
+)
+def test_rows_that_can_never_be_sent_are_rejected_with_a_readable_reason(row: dict[str, Any], reason: str) -> None:
+    with pytest.raises(Rejection) as err:
+        params(**row)
+    assert err.value.reason.startswith(reason)
+
+
+def test_custom_ids_map_back_to_exactly_one_row_and_fit_the_api_pattern() -> None:
+    assert custom_id(42) == "q42" and queue_id_of("q42") == 42
+    assert queue_id_of("x42") is None and queue_id_of("q4x") is None
+    body = batch_body([encode_request(7, {"a": "é"}), encode_request(8, {"b": 1})])
+    decoded = json.loads(body)
+    assert [r["custom_id"] for r in decoded["requests"]] == ["q7", "q8"]
+    assert decoded["requests"][0]["params"] == {"a": "é"}

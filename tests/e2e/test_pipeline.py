@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from etl import collector, report, submitter
 from etl.emulator import EmulatorControl
@@ -264,3 +264,43 @@ def test_150k_document_queue_splits_into_batches_whose_custom_ids_all_map_back(
     assert set(ledger["billed"].values()) == {1}
     with runtime.warehouse.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM etl_results")).scalar_one() == 150_000
+
+
+def test_results_go_to_a_separate_warehouse_database(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, tmp_path: Any
+) -> None:
+    rt = make_runtime(warehouse_url=f"sqlite:///{tmp_path / 'warehouse.db'}")
+    assert not rt.same_database
+    insert_docs(rt, [{"doc_key": f"w{i}", "body": f"warehouse doc {i}"} for i in range(5)])
+    out = cycle(rt, clock)
+    assert out.succeeded == 5
+    assert len(results_by_key(rt)) == 5
+    assert not inspect(rt.engine).has_table("etl_results")
+    assert inspect(rt.warehouse).has_table("etl_results")
+
+
+def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_vanish(
+    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+) -> None:
+    insert_docs(runtime, [{"doc_key": f"l{i}", "body": f"late doc {i}"} for i in range(3)])
+    submitter.run(runtime)
+    control.set_faults(rules=[{"endpoint": "results", "action": "status", "status": 500}])
+    clock.advance(8 * DAY)
+    out = collector.run(runtime)
+    assert out.batches_collected == 0 and out.problems
+    body = report.morning(runtime)
+    assert len(body["late"]) == 1
+    assert body["late"][0]["why"].startswith("ended 19") and body["late"][0]["why"].endswith(
+        "still not collected"
+    )
+    assert "!! LATE OR AT RISK" in report.render(body)
+
+    clock.advance(22 * DAY)  # 30 days after creation: archived
+    out = collector.run(runtime)
+    assert out.archived == 3
+    rows = queue_rows(runtime)
+    assert {r["status"] for r in rows.values()} == {"queued"}
+    assert all("will be paid for again" in r["reason"] for r in rows.values())
+    assert all(r["attempts"] == 0 for r in rows.values())
+    body = report.morning(runtime)
+    assert body["tasks"]["(all)"]["archived"] == 3

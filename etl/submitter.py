@@ -95,6 +95,16 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
                 rejected_per_task[(row.task, rej.reason.split(":")[0][:80])] += 1
                 continue
             encoded = encode_request(row.id, params)
+            if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
+                # Alone it would not fit in a batch: sending it can never work, and leaving it queued would
+                # make every night claim and put it back.
+                reason = (
+                    f"request is {len(encoded):,} bytes with its prompt; a batch may hold "
+                    f"{limits.max_batch_bytes:,} (submit.max_batch_bytes)"
+                )
+                rejects.append((row.id, reason))
+                rejected_per_task[(row.task, "request larger than a batch")] += 1
+                continue
             if size + len(encoded) + 1 > limits.max_batch_bytes:
                 overflow.append(row.id)
                 continue

@@ -304,3 +304,17 @@ def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_
     assert all(r["attempts"] == 0 for r in rows.values())
     body = report.morning(runtime)
     assert body["tasks"]["(all)"]["archived"] == 3
+
+
+def test_a_request_too_big_for_any_batch_is_rejected_not_retried_forever(
+    make_runtime: Callable[..., Runtime], control: EmulatorControl
+) -> None:
+    rt = make_runtime(submit={"max_batch_bytes": 2_000, "max_body_bytes": 2_000})
+    insert_docs(rt, [{"doc_key": "big", "body": "z" * 1_990}, {"doc_key": "small", "body": "tiny"}])
+    out = submitter.run(rt)
+    assert (out.documents, out.rejected) == (1, 1)
+    reason = queue_rows(rt)["big"]["reason"]
+    assert reason.startswith("request is ") and reason.endswith(
+        "a batch may hold 2,000 (submit.max_batch_bytes)"
+    )
+    assert control.ledger()["requests_created"] == 1

@@ -144,6 +144,14 @@ def enqueued_at(conn: Connection, ids: list[int]) -> dict[int, datetime]:
     return out
 
 
+def existing_ids(conn: Connection, ids: list[int]) -> set[int]:
+    """Which of these queue ids exist (results for ids that do not were never sent by us)."""
+    found: set[int] = set()
+    for chunk in _chunks(ids):
+        found.update(r[0] for r in conn.execute(select(queue.c.id).where(queue.c.id.in_(chunk))))
+    return found
+
+
 def mark_done(conn: Connection, batch_ref: int, ids: list[int], now: datetime) -> int:
     return _guarded(conn, ids, batch_ref, S.SUBMITTED, {"status": S.DONE, "reason": None, "updated_at": now})
 

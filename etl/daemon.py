@@ -21,9 +21,12 @@ need a restart (the daemon says so in the log).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -82,6 +85,8 @@ class Daemon:
         self._idle = threading.Event()
         self._idle.set()
         self._wake = threading.Event()  # set by any signal: ends the main loop's sleep early
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
         self.scheduler: BackgroundScheduler | None = None
         rt.should_stop = self._should_stop
 
@@ -119,6 +124,12 @@ class Daemon:
         self._wake.set()
 
     def install_signals(self) -> None:
+        # A signal may be delivered to any thread (the job thread, the scheduler's); Python runs the
+        # handler in the main thread only when that thread wakes up. The wakeup fd makes it wake up.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -180,8 +191,17 @@ class Daemon:
                 log.error("job_stalled", job=self.current, silent_seconds=round(self._silent_seconds()))
             self.notifier.status(self._status_line())
             # Asleep until the next tick or a signal; the scheduler's own thread fires the jobs.
-            self._wake.wait(self._tick_seconds())
-            self._wake.clear()
+            self._sleep(self._tick_seconds())
+
+    def _sleep(self, seconds: float) -> None:
+        if self._wake_r is None:
+            self._wake.wait(seconds)
+        else:
+            select.select([self._wake_r], [], [], seconds)
+            with contextlib.suppress(BlockingIOError):
+                while self._wake_r.recv(512):
+                    pass
+        self._wake.clear()
 
     def _silent_seconds(self) -> float:
         return time.monotonic() - self.progress_at

@@ -27,10 +27,29 @@ LOOKBACK_WINDOWS = (timedelta(days=2), timedelta(days=9), timedelta(days=40), ti
 MAX_SLOTS = 100_000
 
 
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_weekdays(field: str) -> str:
+    """Crontab numbers weekdays from Sunday = 0 (and 7); APScheduler from Monday = 0: use names."""
+
+    def convert(part: str) -> str:
+        span, slash, step = part.partition("/")
+        names = "-".join(WEEKDAYS[int(x) % 7] if x.isdigit() else x for x in span.split("-"))
+        if names == "sun-sun" or span in ("0-7",):
+            names = "*"
+        return names + slash + step
+
+    return ",".join(convert(p) for p in field.split(","))
+
+
 @lru_cache(maxsize=32)
 def _wall_trigger(cron: str) -> CronTrigger:
     """The cron expression evaluated on a clock without daylight saving (naive wall time as UTC)."""
-    return CronTrigger.from_crontab(cron, timezone=UTC)
+    minute, hour, day, month, weekday = cron.split()
+    return CronTrigger(
+        minute=minute, hour=hour, day=day, month=month, day_of_week=_crontab_weekdays(weekday), timezone=UTC
+    )
 
 
 def _wall(instant: datetime, zone: ZoneInfo) -> datetime:

@@ -38,7 +38,7 @@ timeout_seconds = 5
 {submit}
 
 [collect]
-chunk_size = 3
+chunk_size = {chunk_size}
 stream_retries = 2
 stream_backoff_seconds = 0.05
 stream_timeout_seconds = 1
@@ -197,8 +197,10 @@ ScenarioFactory = Callable[..., Scenario]
 
 
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    settings = dict(settings)
+    chunk_size = settings.pop("chunk_size", 3)
     submit = "\n".join(f"{k} = {v!r}" for k, v in settings.items())
-    path.write_text(CONFIG.format(submit=submit), encoding="utf-8")
+    path.write_text(CONFIG.format(submit=submit, chunk_size=chunk_size), encoding="utf-8")
     return path
 
 

@@ -109,6 +109,8 @@ def prepare_db(url: str, docs: int) -> None:
     engine = make_engine(url)
     try:
         migrate.upgrade(engine, engine)
+        if not docs:
+            return
         with engine.begin() as conn:
             conn.execute(
                 text("INSERT INTO etl_queue (doc_key, body) VALUES (:k, :b)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,3 +183,24 @@ def test_job_events_carry_a_run_id(
     events = [line for line in p.output().splitlines() if f'"run_id": "{run_id}"' in line]
     assert any('"event": "batch_submitted"' in e for e in events)
     assert all('"job": "submit"' in e for e in events)
+
+
+def test_sighup_reloads_the_schedule_and_keeps_running_on_a_bad_file(
+    tmp_path: Path,
+    sqlite_url: str,
+    etl_env: Callable[..., dict[str, str]],
+    spawn: Callable[..., EtlProcess],
+) -> None:
+    prepare_db(sqlite_url, 0)
+    cfg = write_config(tmp_path)
+    p = spawn(etl_env(sqlite_url, config=str(cfg)), "run")
+    wait_for(lambda: p.logged("leadership_acquired"), what="start-up")
+    write_config(tmp_path, **{"schedule.submit_cron": "30 1 * * *"})
+    p.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: p.logged("config_reloaded"), what="the reload")
+    assert '"schedule_changed": true' in p.output()
+    cfg.write_text("this is not toml [", encoding="utf-8")
+    p.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: p.logged("reload_failed"), what="the failed reload")
+    assert p.proc.poll() is None
+    assert p.terminate() == 0

@@ -236,6 +236,14 @@ def _disown(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
     log.error("adoption_undone", batch_id=intent.batch_id)
 
 
+def _category(reason: str) -> str:
+    """The short form of a row's reason that the report counts by: the error type, not its message."""
+    if reason.startswith("gave up after"):
+        last = reason.partition("last: ")[2]
+        return f"max attempts reached (last: {last.split(':')[0]})"
+    return reason.split(":")[0]
+
+
 def _text_of(message: dict[str, Any]) -> str:
     return "".join(b.get("text", "") for b in message.get("content") or [] if b.get("type") == "text")
 
@@ -351,13 +359,11 @@ class _Applier:
             else:
                 self._failure(exp, f"unknown result type {kind!r}", counted, dead, qid)
         for qid, reason in counted:
-            tally.add("requeued", self.expected[qid].task, reason.split(":")[0])
+            tally.add("requeued", self.expected[qid].task, _category(reason))
         for qid, reason in free:
-            tally.add("requeued", self.expected[qid].task, reason.split(":")[0] + " (not counted)")
+            tally.add("requeued", self.expected[qid].task, _category(reason) + " (attempt not counted)")
         for qid, reason in dead:
-            tally.add(
-                "dead", self.expected[qid].task, reason.split(":")[0].replace("gave up after", "attempts")
-            )
+            tally.add("dead", self.expected[qid].task, _category(reason))
 
         if not rt.same_database and rows:
             with rt.warehouse.begin() as wconn:

@@ -27,5 +27,9 @@ if [ -x deploy/check.sh ]; then
   echo "== deployment checks"
   PATH="$PWD/.venv/bin:$PATH" deploy/check.sh
 fi
+if [ -x deploy/docker-smoke.sh ]; then
+  echo "== the Dockerfile's install steps in a clean virtual environment"
+  deploy/docker-smoke.sh
+fi
 echo "== pytest"
 .venv/bin/pytest "$@"

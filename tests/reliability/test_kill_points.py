@@ -77,3 +77,21 @@ def test_killed_at_every_boundary_the_restart_completes_with_every_invariant(
         fault = _kill_collect(sc, point, times)
     sc.complete()
     sc.verdict(fault)
+
+
+def test_the_same_kill_through_a_cold_python_m_etl_cli_process(
+    make_scenario: Callable[..., Scenario],
+) -> None:
+    """The launcher forks pre-warmed processes; this proves a cold `python -m etl.cli` dies and recovers alike."""
+    from tests.conftest import run_etl
+
+    sc = make_scenario("kill submit.after_create, cold process", "sqlite")
+    sc.insert_plain(DOCS)
+    killed = run_etl(["submit"], sc.env("submit.after_create=kill"))
+    assert killed.returncode == -9, killed.stderr
+    sc.clock.advance(sc.settings["claim_lease_seconds"] + sc.settings["reconcile_grace_seconds"] + 60)
+    assert run_etl(["submit"], sc.env()).returncode == 0
+    sc.complete()
+    sc.verdict(
+        (killed.returncode == -9 and sc.control.ledger()["batches_created"] == 3, "cold process SIGKILLed")
+    )

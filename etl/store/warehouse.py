@@ -1,15 +1,27 @@
-"""The warehouse table `etl_results`: idempotent bulk upserts, newest queue row wins."""
+"""The warehouse table `etl_results`: idempotent bulk upserts, newest queue row wins.
+
+Bulk paths, measured in bench/ (RESULTS.md): on PostgreSQL the chunk is COPYed into a session temp
+table and merged with one `INSERT ... SELECT ... ON CONFLICT`; on SQLite one executemany of a statement
+compiled once, with values converted by the columns' own bind processors (so the stored values are
+exactly what SQLAlchemy would have written), bypassing per-row statement processing.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Dialect, Engine, column, func, select, table
 from sqlalchemy.dialects import postgresql, sqlite
 
-from etl.schema import results
+from etl.clock import ensure_utc
+from etl.schema import UtcDateTime, results
 
+COLUMNS = [c.name for c in results.columns]
 UPDATABLE = [c.name for c in results.columns if c.name not in ("doc_key", "task")]
+LOAD_TABLE = "etl_results_load"
 
 
 def upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -20,14 +32,99 @@ def upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    dialect = conn.dialect.name
-    ins = postgresql.insert(results) if dialect == "postgresql" else sqlite.insert(results)
+    if conn.dialect.name == "postgresql":
+        _upsert_postgresql(conn, rows)
+    else:
+        _upsert_sqlite(conn, rows)
+
+
+@cache
+def _merge_statement() -> Any:
+    """INSERT ... SELECT from the load table, newest queue row per key, ON CONFLICT the same guard."""
+    load = table(LOAD_TABLE, *(column(name) for name in COLUMNS))
+    newest = (
+        select(*(load.c[name] for name in COLUMNS))
+        .ext(postgresql.distinct_on(load.c.doc_key, load.c.task))
+        .order_by(load.c.doc_key, load.c.task, load.c.queue_id.desc())
+    )
+    ins = postgresql.insert(results).from_select(COLUMNS, newest)
+    return ins.on_conflict_do_update(
+        index_elements=[results.c.doc_key, results.c.task],
+        set_={name: ins.excluded[name] for name in UPDATABLE},
+        where=results.c.queue_id <= ins.excluded.queue_id,
+    )
+
+
+def _upsert_postgresql(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """COPY the chunk into a temp table, then merge it in one statement.
+
+    The temp table lives as long as the session; it is emptied after the merge, at every commit and by
+    a rollback, so a call only ever merges its own rows. Within a chunk, `DISTINCT ON ... ORDER BY queue_id DESC` keeps
+    the newest queue row of a (doc_key, task): the same end state as applying the rows one by one under
+    the `queue_id <=` guard, and one statement never touches a key twice.
+    """
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {LOAD_TABLE} (LIKE {results.name}) ON COMMIT DELETE ROWS"
+    )
+    timestamps = {c.name for c in results.columns if isinstance(c.type, UtcDateTime)}
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cur, cur.copy(f"COPY {LOAD_TABLE} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            values = []
+            for name in COLUMNS:
+                value = row[name]
+                if value is not None:
+                    if name == "output_json":
+                        value = json.dumps(value)
+                    elif name in timestamps:
+                        value = ensure_utc(value)
+                values.append(value)
+            copy.write_row(values)
+    conn.execute(_merge_statement())
+    conn.exec_driver_sql(f"DELETE FROM {LOAD_TABLE}")
+
+
+@cache
+def _sqlite_statement(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[Any], Any] | None]]]:
+    """The upsert's SQL and, in parameter order, each column's bind processor for `dialect`."""
+    ins = sqlite.insert(results)
     stmt = ins.on_conflict_do_update(
         index_elements=[results.c.doc_key, results.c.task],
         set_={name: ins.excluded[name] for name in UPDATABLE},
         where=results.c.queue_id <= ins.excluded.queue_id,
     )
-    conn.execute(stmt, rows)
+    compiled = stmt.compile(dialect=dialect, column_keys=COLUMNS)
+    order = list(compiled.positiontup or ())
+    assert sorted(order) == sorted(COLUMNS), order
+    processors: list[tuple[str, Callable[[Any], Any] | None]] = [
+        (name, results.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in order
+    ]
+    return compiled.string, processors
+
+
+def _memo(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Timestamps repeat across a chunk (collected_at, batch_ended_at, a bulk load's enqueued_at)."""
+    seen: dict[Any, Any] = {}
+
+    def convert(value: Any) -> Any:
+        try:
+            return seen[value]
+        except KeyError:
+            seen[value] = out = process(value)
+            return out
+
+    return convert
+
+
+def _upsert_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    sql, processors = _sqlite_statement(conn.dialect)
+    steps = [
+        (name, _memo(proc) if proc is not None and isinstance(results.c[name].type, UtcDateTime) else proc)
+        for name, proc in processors
+    ]
+    params = [tuple(row[name] if proc is None else proc(row[name]) for name, proc in steps) for row in rows]
+    conn.exec_driver_sql(sql, params)
 
 
 def count(engine: Engine) -> int:

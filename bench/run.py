@@ -287,7 +287,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile == "py-spy":
                 spy = shutil.which("py-spy") or str(Path(python).parent / "py-spy")
                 out = str(workdir / f"{command}.speedscope.json")
-                return [spy, "record", "-f", "speedscope", "-o", out, "-r", "200", "--idle", "--", *etl, command]
+                return [
+                    spy,
+                    "record",
+                    "-f",
+                    "speedscope",
+                    "-o",
+                    out,
+                    "-r",
+                    "200",
+                    "--idle",
+                    "--",
+                    *etl,
+                    command,
+                ]
             return [*etl, command]
 
         cfg = str(args.config)

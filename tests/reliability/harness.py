@@ -185,7 +185,12 @@ class Scenario:
             allow_queued=allow_queued,
         )
         VERDICTS.append(v)
-        assert v.ok, f"{v.scenario}: " + " | ".join(v.failures()) + "\n" + "\n".join(map(str, self.runs[-3:]))
+        assert v.ok, (
+            f"{v.scenario}: "
+            + " | ".join(v.failures())
+            + f"\nfault: {fault[1]}\n"
+            + "\n".join(map(str, self.runs[-3:]))
+        )
         return v
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from etl import failpoints
+from etl import failpoints, reconciler
 from etl.config import Task
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
 from etl.pricing import Usage, costs
@@ -60,6 +60,8 @@ class _Expected:
 
 def run(rt: Runtime) -> CollectOutcome:
     out = CollectOutcome()
+    # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
+    reconciler.run(rt)
     with rt.engine.begin() as conn:
         open_ = intents.open_intents(conn)
     for intent in open_:

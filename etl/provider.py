@@ -7,8 +7,9 @@ create that the server had already accepted would be a second, billed batch.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -157,7 +158,15 @@ class Provider:
         except Exception as exc:
             raise translate(exc, "list batches", mutating=False) from exc
 
-    def iter_result_lines(self, batch_id: str, stall_timeout: float) -> Iterator[bytes]:
+    def first_result_custom_id(self, batch_id: str, stall_timeout: float) -> str | None:
+        """The custom_id on the first results line of an ended batch: who sent it."""
+        lines = self.iter_result_lines(batch_id, stall_timeout)
+        try:
+            return first_custom_id(lines)
+        finally:
+            lines.close()
+
+    def iter_result_lines(self, batch_id: str, stall_timeout: float) -> Generator[bytes, None, None]:
         """Yield each raw JSONL line of a batch's results, CRLF and blank lines tolerated.
 
         Raises `ResultsIncomplete` when the stream breaks or stalls, and `ResultsGone` when the results
@@ -192,6 +201,16 @@ class Provider:
             raise ResultsIncomplete(f"results of {batch_id}: {type(exc).__name__}: {exc}") from exc
         except (httpx2.HTTPError, OSError) as exc:
             raise ResultsIncomplete(f"results of {batch_id} broke off: {type(exc).__name__}: {exc}") from exc
+
+
+def first_custom_id(lines: Iterator[bytes]) -> str | None:
+    for line in lines:
+        try:
+            value = json.loads(line).get("custom_id")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+    return None
 
 
 def backoff_sleep(attempt: int, base: float, cap: float = 60.0) -> None:

@@ -11,18 +11,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
 from etl import failpoints
 from etl.errors import ProviderError
+from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
+from etl.store.batches import Intent
 
 log = structlog.get_logger("etl.reconcile")
 
@@ -76,33 +78,49 @@ def run(rt: Runtime) -> ReconcileOutcome:
         return out
     failpoints.hit("reconcile.after_list")
 
-    for intent in unknown:
+    def matches(intent: Intent, r: RemoteBatch) -> bool:
         sent = intent.sent_at or intent.created_at
-        candidates = [
-            r
-            for r in remote
-            if r.id not in known
+        return (
+            r.id not in known
             and r.total == intent.request_count
             and sent - CLOCK_SKEW <= r.created_at <= sent + window
-        ]
-        if candidates:
-            pick = _choose(candidates)
-            with rt.engine.begin() as conn:
-                if intents.record_submitted(conn, intent.id, pick, now, adopted=True):
-                    rows = q.mark_submitted(conn, intent.id, now)
-                    events.record(
-                        conn, now, "submitted", None, rows, "adopted after an ambiguous create", intent.id
-                    )
-                    known.add(pick.id)
-                    out.adopted += 1
-                    log.info(
-                        "unknown_intent_adopted",
-                        intent=intent.id,
-                        batch_id=pick.id,
-                        rows=rows,
-                        candidates=len(candidates),
-                    )
-            failpoints.hit("reconcile.after_adopt")
+        )
+
+    # 1. Ended look-alikes are confirmed by their results: the first custom_id names a queue row, whose
+    #    batch_ref is the intent that sent it. No guessing by time or size.
+    pending = {i.id: i for i in unknown}
+    lookalikes: list[RemoteBatch] = []
+    for r in remote:
+        if not any(matches(i, r) for i in pending.values()):
+            continue
+        if not r.ended:
+            lookalikes.append(r)
+            continue
+        owner = _owner_of(rt, r)
+        sender = pending.get(owner) if owner is not None else None
+        if sender is not None and sender.request_count == r.total:
+            if _adopt(rt, out, sender, r, now, how="confirmed by its custom_ids"):
+                known.add(r.id)
+                del pending[sender.id]
+        else:
+            log.warning("lookalike_batch_not_ours", batch_id=r.id, owner_intent=owner)
+
+    # 2. A not-yet-ended look-alike is adopted early only when nothing else could claim it: exactly one
+    #    unknown intent matches it and it is that intent's only candidate. Otherwise wait for it to end.
+    for r in lookalikes:
+        owners = [i for i in pending.values() if matches(i, r)]
+        alone = len(owners) == 1 and [c.id for c in lookalikes if matches(owners[0], c)] == [r.id]
+        if alone and _adopt(rt, out, owners[0], r, now, how="the only batch of its size and time"):
+            known.add(r.id)
+            del pending[owners[0].id]
+
+    # 3. Release only what no batch at the API could still belong to.
+    for intent in pending.values():
+        sent = intent.sent_at or intent.created_at
+        waiting_for = [r.id for r in lookalikes if r.id not in known and matches(intent, r)]
+        if waiting_for:
+            out.still_unknown += 1
+            log.info("unknown_intent_waiting_for_lookalike", intent=intent.id, batch_ids=waiting_for)
         elif now - sent > grace:
             reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
             with rt.engine.begin() as conn:
@@ -126,7 +144,29 @@ def run(rt: Runtime) -> ReconcileOutcome:
     return out
 
 
-def _choose(candidates: list[RemoteBatch]) -> RemoteBatch:
-    """Several look alike (another process's batch of the same size): take the oldest, which is the one
-    sent closest to our call; the collector's custom_id check catches a wrong pick."""
-    return min(candidates, key=lambda r: r.created_at)
+def _adopt(
+    rt: Runtime, out: ReconcileOutcome, intent: Intent, r: RemoteBatch, now: datetime, how: str
+) -> bool:
+    with rt.engine.begin() as conn:
+        if not intents.record_submitted(conn, intent.id, r, now, adopted=True):
+            return False
+        rows = q.mark_submitted(conn, intent.id, now)
+        events.record(conn, now, "submitted", None, rows, "adopted after an ambiguous create", intent.id)
+    out.adopted += 1
+    log.info("unknown_intent_adopted", intent=intent.id, batch_id=r.id, rows=rows, how=how)
+    failpoints.hit("reconcile.after_adopt")
+    return True
+
+
+def _owner_of(rt: Runtime, r: RemoteBatch) -> int | None:
+    """The intent that sent an ended batch, read from its first result line (None if unreadable)."""
+    try:
+        cid = rt.provider.first_result_custom_id(r.id, rt.config.collect.stream_timeout_seconds)
+    except ProviderError as exc:
+        log.warning("lookalike_results_unreadable", batch_id=r.id, error=str(exc))
+        return None
+    qid = queue_id_of(cid) if cid else None
+    if qid is None:
+        return None
+    with rt.engine.connect() as conn:
+        return q.batch_ref_of(conn, qid)

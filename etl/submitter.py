@@ -86,6 +86,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
     per_task: Counter[str] = Counter()
     rejected_per_task: Counter[tuple[str, str]] = Counter()
     renew_at = now + lease / 3
+    lease_until = now + lease
     with rt.engine.connect() as reader:
         for row in q.iter_claimed(reader, intent_id):
             try:
@@ -119,6 +120,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
                         outcome.stopped = "lease lost"
                         return False
                 renew_at = now + lease / 3
+                lease_until = now + lease
 
     now = rt.clock()
     with rt.engine.begin() as conn:
@@ -148,6 +150,21 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
             outcome.stopped = "lease lost"
             return False
     failpoints.hit("submit.after_fence")
+    if rt.clock() >= lease_until:
+        # Paused between the fence and the call for longer than the lease: others may already treat this
+        # intent as abandoned. We know it was never sent, so give the rows back instead of sending late.
+        with rt.engine.begin() as conn:
+            if intents.release(
+                conn,
+                intent_id,
+                (BatchStatus.SENDING, BatchStatus.UNKNOWN),
+                "lease ran out before the create was sent",
+                batches.c.owner == rt.owner,
+            ):
+                q.unclaim(conn, intent_id, rt.clock())
+        log.warning("claim_lost", intent=intent_id, reason="lease ran out between fence and create; not sent")
+        outcome.stopped = "lease lost"
+        return False
 
     requests = sum(per_task.values())
     timer = _arm_during_create()

@@ -7,6 +7,7 @@ the `CI` environment variable is set, an unreachable PostgreSQL is an error, nev
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -152,6 +153,8 @@ def config_file(tmp_path: Path) -> Callable[..., Path]:
     def write(extra: str = "", submit: dict[str, Any] | None = None) -> Path:
         body = TEST_TOML
         if submit:
+            for key in submit:
+                body = re.sub(rf"(?m)^{key} = .*\n", "", body)
             lines = "".join(f"{k} = {v!r}\n" for k, v in submit.items())
             body = body.replace("[submit]\n", "[submit]\n" + lines)
         path = tmp_path / f"etl-{uuid.uuid4().hex[:6]}.toml"

@@ -292,3 +292,11 @@ def fail_claimed(conn: Connection, batch_ref: int, reason: str, now: datetime, m
         .values(status=S.QUEUED, reason=reason, attempts=queue.c.attempts + 1, batch_ref=None, updated_at=now)
     ).rowcount
     return int(dead) + int(back)
+
+
+def batch_ref_of(conn: Connection, queue_id: int) -> int | None:
+    """The batch intent a queue row currently belongs to."""
+    value: int | None = conn.execute(
+        select(queue.c.batch_ref).where(queue.c.id == queue_id)
+    ).scalar_one_or_none()
+    return value

@@ -53,8 +53,12 @@ def _kill_reconcile(sc: Scenario, point: str, times: int) -> tuple[bool, str]:
         assert sc.run("submit").returncode == 3
     sc.control.clear_faults()
     assert sc.intent_statuses().get("unknown") == 2
+    # Past the list delay and the processing time: two look-alike batches (same size, same minute) are only
+    # adopted once they have ended and their custom_ids say which intent sent each.
     sc.clock.advance(
-        40 if point != "reconcile.after_release" else sc.settings["reconcile_grace_seconds"] + 60
+        PROCESSING_SECONDS + 40
+        if point != "reconcile.after_release"
+        else sc.settings["reconcile_grace_seconds"] + 60
     )
     runs = [sc.run("reconcile", failpoints=f"{point}=kill") for _ in range(times)]
     fired = all(r.killed for r in runs)

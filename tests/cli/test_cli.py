@@ -10,7 +10,9 @@ from etl.emulator import EmulatorControl, EmulatorServer
 from tests.conftest import API_KEY, SharedClock, run_etl
 
 
-def env_for(db_url: str, emulator: EmulatorServer, config: Path, clock: SharedClock | None = None) -> dict[str, str]:
+def env_for(
+    db_url: str, emulator: EmulatorServer, config: Path, clock: SharedClock | None = None
+) -> dict[str, str]:
     env = {
         "ETL_CONFIG": str(config),
         "ETL_DATABASE_URL": db_url,
@@ -23,19 +25,27 @@ def env_for(db_url: str, emulator: EmulatorServer, config: Path, clock: SharedCl
 
 
 def test_enqueue_submit_collect_status_report_through_the_cli(
-    db_url: str, emulator: EmulatorServer, clock: SharedClock, control: EmulatorControl,
-    config_file: Callable[..., Path], tmp_path: Path,
+    db_url: str,
+    emulator: EmulatorServer,
+    clock: SharedClock,
+    control: EmulatorControl,
+    config_file: Callable[..., Path],
+    tmp_path: Path,
 ) -> None:
     cfg = config_file()
     env = env_for(db_url, emulator, cfg)
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text(
         "\n".join(json.dumps({"doc_key": f"j{i}", "body": f"jsonl document {i}"}) for i in range(5))
-        + "\n" + json.dumps({"doc_key": "c1", "body": "contract", "task": "classify", "title": "NDA"}) + "\n",
+        + "\n"
+        + json.dumps({"doc_key": "c1", "body": "contract", "task": "classify", "title": "NDA"})
+        + "\n",
         encoding="utf-8",
     )
     csv_file = tmp_path / "docs.csv"
-    csv_file.write_text("doc_key,body,priority\ncsv-1,first csv doc,5\ncsv-2,second csv doc,0\n", encoding="utf-8")
+    csv_file.write_text(
+        "doc_key,body,priority\ncsv-1,first csv doc,5\ncsv-2,second csv doc,0\n", encoding="utf-8"
+    )
 
     steps = [
         (["db", "upgrade"], "-> 0001"),
@@ -77,7 +87,9 @@ def test_missing_api_key_is_one_line_saying_where_it_is_looked_for(
     proc = run_etl(["submit"], env)
     assert proc.returncode == 78
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith("etl: configuration has 1 problem(s)") or "no Anthropic API key" in proc.stderr
+    assert (
+        proc.stderr.startswith("etl: configuration has 1 problem(s)") or "no Anthropic API key" in proc.stderr
+    )
     assert "ANTHROPIC_API_KEY" in proc.stderr
     assert "/run/credentials/etl.service/anthropic_api_key" in proc.stderr
 

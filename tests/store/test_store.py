@@ -51,7 +51,7 @@ def test_migrated_schema_equals_the_declared_one(engine: Engine) -> None:
 
 def test_a_database_without_schema_refuses_to_start_and_names_the_command(db_url: str) -> None:
     eng = make_engine(db_url)
-    with pytest.raises(SchemaOutOfDate, match="has no schema yet.*Run: etl db upgrade"):
+    with pytest.raises(SchemaOutOfDate, match=r"has no schema yet.*Run: etl db upgrade"):
         migrate.check(eng, eng)
     migrate.upgrade(eng, eng)
     migrate.check(eng, eng)
@@ -68,7 +68,7 @@ def test_plain_sql_insert_needs_only_doc_key_and_body(engine: Engine) -> None:
 
 
 def test_status_outside_the_enum_is_refused_by_the_database(engine: Engine) -> None:
-    with pytest.raises(Exception, match="(?i)check"), engine.begin() as conn:
+    with pytest.raises(Exception, match=r"(?i)check"), engine.begin() as conn:
         conn.execute(text("INSERT INTO etl_queue (doc_key, body, status) VALUES ('x', 'y', 'completed')"))
 
 
@@ -134,17 +134,32 @@ def test_guarded_updates_never_overwrite_a_newer_outcome(engine: Engine) -> None
         assert q.requeue(conn, intent, [(ids[0], "expired")], NOW, count_attempt=True) == 0
         assert q.requeue(conn, intent, [(ids[1], "expired")], NOW, count_attempt=True) == 1
         assert q.kill(conn, intent, [(ids[1], "late duplicate")], NOW) == 0
-        rows = conn.execute(select(schema.queue.c.status, schema.queue.c.attempts).order_by(schema.queue.c.id)).all()
+        rows = conn.execute(
+            select(schema.queue.c.status, schema.queue.c.attempts).order_by(schema.queue.c.id)
+        ).all()
     assert [tuple(r) for r in rows] == [("done", 0), ("queued", 1), ("submitted", 0)]
 
 
 def result_row(queue_id: int, text_: str) -> dict[str, Any]:
     return {
-        "doc_key": "k", "task": "default", "queue_id": queue_id, "custom_id": f"q{queue_id}",
-        "output_text": text_, "output_json": None, "model": "m", "stop_reason": "end_turn",
-        "input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-        "cost_usd": 0.1, "standard_cost_usd": 0.2, "batch_id": "b", "enqueued_at": NOW,
-        "batch_ended_at": NOW, "collected_at": NOW,
+        "doc_key": "k",
+        "task": "default",
+        "queue_id": queue_id,
+        "custom_id": f"q{queue_id}",
+        "output_text": text_,
+        "output_json": None,
+        "model": "m",
+        "stop_reason": "end_turn",
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cost_usd": 0.1,
+        "standard_cost_usd": 0.2,
+        "batch_id": "b",
+        "enqueued_at": NOW,
+        "batch_ended_at": NOW,
+        "collected_at": NOW,
     }
 
 

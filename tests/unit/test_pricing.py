@@ -22,7 +22,10 @@ def test_cache_writes_and_reads_use_their_multipliers() -> None:
             "output_tokens": 0,
             "cache_creation_input_tokens": 3_000_000,
             "cache_read_input_tokens": 10_000_000,
-            "cache_creation": {"ephemeral_5m_input_tokens": 1_000_000, "ephemeral_1h_input_tokens": 2_000_000},
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": 1_000_000,
+                "ephemeral_1h_input_tokens": 2_000_000,
+            },
         }
     )
     _, standard = costs(PRICING, "claude-sonnet-4-5", usage)

@@ -52,7 +52,9 @@ def test_structured_task_fills_metadata_and_asks_for_json() -> None:
         ({"task": "classify", "metadata": "[1, 2]"}, "metadata must be a JSON object, got list"),
     ],
 )
-def test_rows_that_can_never_be_sent_are_rejected_with_a_readable_reason(row: dict[str, Any], reason: str) -> None:
+def test_rows_that_can_never_be_sent_are_rejected_with_a_readable_reason(
+    row: dict[str, Any], reason: str
+) -> None:
     with pytest.raises(Rejection) as err:
         params(**row)
     assert err.value.reason.startswith(reason)

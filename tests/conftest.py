@@ -127,6 +127,10 @@ stream_retries = 2
 stream_backoff_seconds = 0.05
 stream_timeout_seconds = 5
 
+"""
+
+# The tasks every test configuration uses (the reliability harness shares them).
+TASKS_TOML = """
 [tasks.default]
 model = "claude-haiku-4-5"
 system = "Summarise documents."
@@ -146,6 +150,7 @@ required = ["category"]
 type = "string"
 enum = ["finance", "legal", "other"]
 """
+TEST_TOML += TASKS_TOML
 
 
 @pytest.fixture

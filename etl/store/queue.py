@@ -126,18 +126,21 @@ def _guarded(conn: Connection, ids: list[int], batch_ref: int, expected: str, va
     return int(result.rowcount)
 
 
+def _guarded_by_reason(
+    conn: Connection, batch_ref: int, items: list[tuple[int, str]], expected: str, values: dict[str, Any]
+) -> int:
+    """One guarded update per distinct reason (a chunk has few), each row getting its own reason."""
+    return sum(
+        _guarded(conn, ids, batch_ref, expected, {**values, "reason": reason})
+        for reason, ids in _by_reason(items).items()
+    )
+
+
 def reject(conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime) -> int:
     """Claimed rows that can never be sent: `rejected` with the reason, out of the intent."""
-    changed = 0
-    for reason, ids in _by_reason(items).items():
-        changed += _guarded(
-            conn,
-            ids,
-            batch_ref,
-            S.CLAIMED,
-            {"status": S.REJECTED, "reason": reason, "batch_ref": None, "updated_at": now},
-        )
-    return changed
+    return _guarded_by_reason(
+        conn, batch_ref, items, S.CLAIMED, {"status": S.REJECTED, "batch_ref": None, "updated_at": now}
+    )
 
 
 def unclaim(
@@ -196,27 +199,21 @@ def requeue(
     conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime, *, count_attempt: bool
 ) -> int:
     """Sent rows that failed for a transient reason go back to `queued` (attempt counted or not)."""
-    changed = 0
-    for reason, ids in _by_reason(items).items():
-        values: dict[str, Any] = {"status": S.QUEUED, "reason": reason, "batch_ref": None, "updated_at": now}
-        if count_attempt:
-            values["attempts"] = queue.c.attempts + 1
-        changed += _guarded(conn, ids, batch_ref, S.SUBMITTED, values)
-    return changed
+    values: dict[str, Any] = {"status": S.QUEUED, "batch_ref": None, "updated_at": now}
+    if count_attempt:
+        values["attempts"] = queue.c.attempts + 1
+    return _guarded_by_reason(conn, batch_ref, items, S.SUBMITTED, values)
 
 
 def kill(conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime) -> int:
     """Sent rows that can never succeed (or ran out of attempts): `dead`, attempt counted, reason kept."""
-    changed = 0
-    for reason, ids in _by_reason(items).items():
-        changed += _guarded(
-            conn,
-            ids,
-            batch_ref,
-            S.SUBMITTED,
-            {"status": S.DEAD, "reason": reason, "attempts": queue.c.attempts + 1, "updated_at": now},
-        )
-    return changed
+    return _guarded_by_reason(
+        conn,
+        batch_ref,
+        items,
+        S.SUBMITTED,
+        {"status": S.DEAD, "attempts": queue.c.attempts + 1, "updated_at": now},
+    )
 
 
 def requeue_all_submitted(conn: Connection, batch_ref: int, reason: str, now: datetime) -> int:
@@ -235,32 +232,11 @@ def counts(conn: Connection) -> dict[str, int]:
     return out
 
 
-def counts_by_task(conn: Connection) -> dict[str, dict[str, int]]:
-    rows = conn.execute(
-        select(queue.c.task, queue.c.status, func.count()).group_by(queue.c.task, queue.c.status)
-    )
-    out: dict[str, dict[str, int]] = defaultdict(dict)
-    for task, status, n in rows:
-        out[task][status] = int(n)
-    return dict(out)
-
-
 def oldest_queued(conn: Connection) -> datetime | None:
     value: datetime | None = conn.execute(
         select(func.min(queue.c.enqueued_at)).where(queue.c.status == S.QUEUED)
     ).scalar_one_or_none()
     return value
-
-
-def reasons(conn: Connection, status: str, limit: int = 20) -> list[tuple[str, int]]:
-    rows = conn.execute(
-        select(queue.c.reason, func.count().label("n"))
-        .where(queue.c.status == status)
-        .group_by(queue.c.reason)
-        .order_by(func.count().desc())
-        .limit(limit)
-    )
-    return [(r.reason or "", int(r.n)) for r in rows]
 
 
 def insert_documents(conn: Connection, docs: list[dict[str, Any]]) -> int:

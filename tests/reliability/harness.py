@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.store import migrate
 from etl.store.engine import make_engine
-from tests.conftest import API_KEY, SharedClock
+from tests.conftest import API_KEY, TASKS_TOML, SharedClock
 from tests.reliability import checker
 from tests.reliability.launcher import Child, Finished, Launcher
 
@@ -43,24 +43,6 @@ stream_retries = 2
 stream_backoff_seconds = 0.05
 stream_timeout_seconds = 1
 
-[tasks.default]
-model = "claude-haiku-4-5"
-system = "Summarise documents."
-template = "Summarise:\\n{{body}}"
-max_tokens = 200
-
-[tasks.classify]
-model = "claude-haiku-4-5"
-template = "Title: {{title}}\\n{{body}}"
-max_tokens = 100
-
-[tasks.classify.output_schema]
-type = "object"
-required = ["category"]
-
-[tasks.classify.output_schema.properties.category]
-type = "string"
-enum = ["finance", "legal", "other"]
 """
 
 
@@ -205,7 +187,7 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
     settings = dict(settings)
     chunk_size = settings.pop("chunk_size", 3)
     submit = "\n".join(f"{k} = {v!r}" for k, v in settings.items())
-    path.write_text(CONFIG.format(submit=submit, chunk_size=chunk_size), encoding="utf-8")
+    path.write_text(CONFIG.format(submit=submit, chunk_size=chunk_size) + TASKS_TOML, encoding="utf-8")
     return path
 
 

@@ -27,6 +27,7 @@ from etl.store import batches as intents
 from etl.store import events, state, warehouse
 from etl.store import queue as q
 from etl.store.batches import Intent
+from etl.store.engine import reading
 
 log = structlog.get_logger("etl.collect")
 
@@ -115,7 +116,7 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
 
 
 def _load_expected(rt: Runtime, intent: Intent) -> dict[int, _Expected]:
-    with rt.engine.connect() as conn:
+    with reading(rt.engine) as conn:
         rows = q.submitted_rows(conn, intent.id)
         dates = q.enqueued_at(conn, [k for k, v in rows.items() if v[3] == DocStatus.SUBMITTED])
     return {
@@ -222,7 +223,7 @@ def _moved_on(rt: Runtime, elsewhere: dict[int, str]) -> set[int]:
     for them, but they count towards the batch being complete."""
     if not elsewhere:
         return set()
-    with rt.engine.connect() as conn:
+    with reading(rt.engine) as conn:
         return q.existing_ids(conn, list(elsewhere))
 
 

@@ -25,6 +25,7 @@ from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
+from etl.store.engine import reading
 
 log = structlog.get_logger("etl.reconcile")
 
@@ -168,5 +169,5 @@ def _owner_of(rt: Runtime, r: RemoteBatch) -> int | None:
     qid = queue_id_of(cid) if cid else None
     if qid is None:
         return None
-    with rt.engine.connect() as conn:
+    with reading(rt.engine) as conn:
         return q.batch_ref_of(conn, qid)

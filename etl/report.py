@@ -19,6 +19,7 @@ from etl.schema import BatchStatus
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
+from etl.store.engine import reading
 
 log = structlog.get_logger("etl.report")
 
@@ -31,7 +32,7 @@ def _hours(delta: timedelta) -> float:
 
 def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
     cfg: Config = rt.config
-    with rt.engine.connect() as conn:
+    with reading(rt.engine) as conn:
         rows = events.summary_since(conn, since)
         open_ = intents.open_intents(conn)
         unknown = intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.SENDING)
@@ -111,7 +112,7 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
 def morning(rt: Runtime) -> dict[str, Any]:
     """Build, save and log the report covering everything since the previous one."""
     now = rt.clock()
-    with rt.engine.connect() as conn:
+    with reading(rt.engine) as conn:
         last = events.last_report(conn)
     report = build(rt, now, last[0] if last else None)
     with rt.engine.begin() as conn:

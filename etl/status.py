@@ -8,12 +8,13 @@ from etl import report
 from etl.clock import isoformat
 from etl.runtime import Runtime
 from etl.store import state
+from etl.store.engine import reading
 
 
 def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     now = rt.clock()
     info = report.build(rt, now, since=now)
-    with rt.engine.connect() as conn:
+    with reading(rt.engine) as conn:
         runs = state.last_runs(conn, limit=10)
     info["last_runs"] = [
         {

@@ -24,6 +24,7 @@ from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
+from etl.store.engine import reading
 
 log = structlog.get_logger("etl.submit")
 
@@ -87,7 +88,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
     rejected_per_task: Counter[tuple[str, str]] = Counter()
     renew_at = now + lease / 3
     lease_until = now + lease
-    with rt.engine.connect() as reader:
+    with reading(rt.engine) as reader:
         for row in q.iter_claimed(reader, intent_id):
             try:
                 params = build_params(row, rt.config.tasks, limits.max_body_bytes)

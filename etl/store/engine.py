@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 
@@ -66,9 +68,19 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(conn: Any) -> None:
         # BEGIN IMMEDIATE takes the write lock up front: two `etl` processes on one file serialise their
         # claims instead of both reading the same queued rows and failing on upgrade (SQLITE_BUSY).
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only work (see `reading`) begins deferred: it must not hold the write lock while, say, a submit
+        # builds a 100k-request batch and its own lease renewal waits for that lock.
+        read_only = conn.get_execution_options().get("etl_read_only")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only: on SQLite its transactions do not take the write lock."""
+    with engine.connect() as conn:
+        yield conn.execution_options(etl_read_only=True)
 
 
 def is_postgres(engine: Engine) -> bool:

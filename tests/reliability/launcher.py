@@ -122,6 +122,10 @@ class Launcher:
         tag = uuid.uuid4().hex[:10]
         out = self.workdir / f"{tag}.out"
         err = self.workdir / f"{tag}.err"
+        # Created here, not only in the child: a child killed straight after the fork (random kill schedules
+        # can do that) never opens them, and its empty output is still an answer.
+        out.touch()
+        err.touch()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_", "PYTEST"))}
         full_env.update(env)
         req = {"args": args, "env": full_env, "cwd": str(ROOT), "out": str(out), "err": str(err), "tag": tag}

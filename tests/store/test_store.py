@@ -16,7 +16,7 @@ from etl.errors import SchemaOutOfDate
 from etl.store import batches as intents
 from etl.store import migrate, state, warehouse
 from etl.store import queue as q
-from etl.store.engine import make_engine
+from etl.store.engine import make_engine, reading
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -198,3 +198,13 @@ def test_pause_keeps_the_first_reason_until_resumed(engine: Engine) -> None:
         assert state.pause_reason(conn) == "spend limit reached"
         assert state.resume(conn) == "spend limit reached"
         assert state.pause_reason(conn) is None
+
+
+def test_a_reader_does_not_hold_the_write_lock_while_it_reads(engine: Engine) -> None:
+    """A submit builds its batch through a long read; its own lease renewal must still be able to write."""
+    add_docs(engine, 3)
+    with reading(engine) as reader:
+        rows = reader.execute(text("SELECT id FROM etl_queue")).all()
+        with engine.begin() as writer:
+            changed = writer.execute(text("UPDATE etl_queue SET priority = 1")).rowcount
+        assert len(rows) == 3 and changed == 3

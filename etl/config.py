@@ -95,7 +95,7 @@ class SubmitSettings:
 
 @dataclass(frozen=True)
 class CollectSettings:
-    chunk_size: int = 2000
+    chunk_size: int = 10000
     stream_retries: int = 3
     stream_backoff_seconds: float = 2.0
     stream_timeout_seconds: float = 120.0

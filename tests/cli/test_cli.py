@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from etl.emulator import EmulatorControl, EmulatorServer
+from etl.store import migrate
 from tests.conftest import API_KEY, SharedClock, run_etl
 
 
@@ -48,7 +49,7 @@ def test_enqueue_submit_collect_status_report_through_the_cli(
     )
 
     steps = [
-        (["db", "upgrade"], "-> 0001"),
+        (["db", "upgrade"], f"-> {migrate.head_revision()}"),
         (["enqueue", str(jsonl)], "enqueued 6 document(s)"),
         (["enqueue", str(csv_file)], "enqueued 2 document(s)"),
         (["submit"], "submitted 8 document(s) in 1 batch(es); rejected 0"),

@@ -117,11 +117,10 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
 
 def _load_expected(rt: Runtime, intent: Intent) -> dict[int, _Expected]:
     with reading(rt.engine) as conn:
-        rows = q.submitted_rows(conn, intent.id)
-        dates = q.enqueued_at(conn, [k for k, v in rows.items() if v[3] == DocStatus.SUBMITTED])
+        rows = q.sent_rows(conn, intent.id)
     return {
-        qid: _Expected(doc_key, task, attempts, status, dates.get(qid))
-        for qid, (doc_key, task, attempts, status) in rows.items()
+        qid: _Expected(doc_key, task, attempts, status, at)
+        for qid, doc_key, task, attempts, status, at in rows
     }
 
 

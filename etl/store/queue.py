@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -167,21 +167,13 @@ def mark_submitted(conn: Connection, batch_ref: int, now: datetime) -> int:
     return int(result.rowcount)
 
 
-def submitted_rows(conn: Connection, batch_ref: int) -> dict[int, tuple[str, str, int, str]]:
-    """{queue id: (doc_key, task, attempts, status)} of every row the intent sent."""
-    rows = conn.execute(
-        select(queue.c.id, queue.c.doc_key, queue.c.task, queue.c.attempts, queue.c.status).where(
-            queue.c.batch_ref == batch_ref
-        )
-    )
-    return {r.id: (r.doc_key, r.task, r.attempts, r.status) for r in rows}
-
-
-def enqueued_at(conn: Connection, ids: list[int]) -> dict[int, datetime]:
-    if not ids:
-        return {}
-    rows = conn.execute(select(queue.c.id, queue.c.enqueued_at).where(_id_in(conn, ids)))
-    return {r.id: r.enqueued_at for r in rows}
+def sent_rows(conn: Connection, batch_ref: int) -> Sequence[Any]:
+    """Every row the intent sent: (id, doc_key, task, attempts, status, enqueued_at), in one read."""
+    return conn.execute(
+        select(
+            queue.c.id, queue.c.doc_key, queue.c.task, queue.c.attempts, queue.c.status, queue.c.enqueued_at
+        ).where(queue.c.batch_ref == batch_ref)
+    ).all()
 
 
 def existing_ids(conn: Connection, ids: list[int]) -> set[int]:

@@ -28,7 +28,7 @@ from etl.store import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("ETL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-API_KEY = "sk-ant-test-0123456789abcdefghijklmnop"
+API_KEY = "local-emulator-test-key-0123456789"
 
 
 def _pg_available() -> str | None:

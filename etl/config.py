@@ -13,10 +13,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError, MissingApiKey
+
+_S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings")
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
@@ -263,20 +265,7 @@ def _build(
     _positive(api_timeout, "api.timeout_seconds", problems)
     api_key, key_sources = _api_key(env)
 
-    sub = _section(raw, "submit", problems)
-    submit = SubmitSettings(
-        **{
-            name: _typed(
-                sub,
-                name,
-                type(default) if not isinstance(default, float) else (int, float),
-                default,
-                "submit",
-                problems,
-            )
-            for name, default in SubmitSettings().__dict__.items()
-        }
-    )
+    submit = _settings(SubmitSettings, _section(raw, "submit", problems), "submit", problems)
     for name, value in submit.__dict__.items():
         _positive(value, f"submit.{name}", problems)
     if submit.max_requests_per_batch > 100_000:
@@ -291,22 +280,8 @@ def _build(
         problems.append(
             "submit.max_body_bytes is larger than submit.max_batch_bytes: no such document could be sent"
         )
-    _check_unknown(sub, SubmitSettings, "submit", problems)
 
-    col = _section(raw, "collect", problems)
-    collect = CollectSettings(
-        **{
-            name: _typed(
-                col,
-                name,
-                type(default) if not isinstance(default, float) else (int, float),
-                default,
-                "collect",
-                problems,
-            )
-            for name, default in CollectSettings().__dict__.items()
-        }
-    )
+    collect = _settings(CollectSettings, _section(raw, "collect", problems), "collect", problems)
     for name, value in collect.__dict__.items():
         if name != "stream_retries":
             _positive(value, f"collect.{name}", problems)
@@ -314,22 +289,8 @@ def _build(
         problems.append(
             "collect.late_after_days must be under 29: results are archived 29 days after creation"
         )
-    _check_unknown(col, CollectSettings, "collect", problems)
 
-    sch = _section(raw, "schedule", problems)
-    schedule = ScheduleSettings(
-        **{
-            name: _typed(
-                sch,
-                name,
-                type(default) if not isinstance(default, float) else (int, float),
-                default,
-                "schedule",
-                problems,
-            )
-            for name, default in ScheduleSettings().__dict__.items()
-        }
-    )
+    schedule = _settings(ScheduleSettings, _section(raw, "schedule", problems), "schedule", problems)
     if env.get("ETL_TIMEZONE"):
         schedule = ScheduleSettings(**{**schedule.__dict__, "timezone": env["ETL_TIMEZONE"]})
     try:
@@ -343,7 +304,6 @@ def _build(
             problems.append(
                 f"schedule.{name} {expr!r} is not a 5-field cron expression (minute hour day month weekday)"
             )
-    _check_unknown(sch, ScheduleSettings, "schedule", problems)
 
     pricing = _pricing(_section(raw, "pricing", problems), problems)
     tasks = _tasks(_section(raw, "tasks", problems), problems)
@@ -377,6 +337,23 @@ def _build(
         source=source,
         log_level=log_level.lower(),
     )
+
+
+def _settings(cls: type[_S], section: Mapping[str, Any], where: str, problems: list[str]) -> _S:
+    """A settings dataclass from its TOML table: each field typed like its default, unknown keys reported."""
+    values = {
+        name: _typed(
+            section,
+            name,
+            (int, float) if isinstance(default, float) else type(default),
+            default,
+            where,
+            problems,
+        )
+        for name, default in cls().__dict__.items()
+    }
+    _check_unknown(section, cls, where, problems)
+    return cls(**values)
 
 
 def _check_unknown(section: Mapping[str, Any], cls: type, where: str, problems: list[str]) -> None:

@@ -11,7 +11,6 @@ import json
 import time
 from collections.abc import Generator, Iterator
 from datetime import datetime
-from typing import Any
 
 import anthropic
 import httpx2
@@ -216,11 +215,3 @@ def first_custom_id(lines: Iterator[bytes]) -> str | None:
 def backoff_sleep(attempt: int, base: float, cap: float = 60.0) -> None:
     """Real sleep between retries of a broken results stream (a network wait, not a wait for time)."""
     time.sleep(min(cap, base * (2**attempt)))
-
-
-def describe(batch: RemoteBatch) -> dict[str, Any]:
-    return {
-        "batch_id": batch.id,
-        "processing_status": batch.processing_status,
-        "counts": batch.request_counts,
-    }

@@ -81,7 +81,3 @@ def reading(engine: Engine) -> Iterator[Connection]:
     """A connection for reads only: on SQLite its transactions do not take the write lock."""
     with engine.connect() as conn:
         yield conn.execution_options(etl_read_only=True)
-
-
-def is_postgres(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"

@@ -8,31 +8,30 @@ re-run after a crash, or a second collector never applies a result twice.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import structlog
 
-from etl import failpoints, reconciler
-from etl.config import Task
+from etl import failpoints, reconciler, settlement
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
-from etl.pricing import Usage, costs
+from etl.pricing import Meter
 from etl.prompt import queue_id_of
 from etl.provider import backoff_sleep
 from etl.remote import RemoteBatch
-from etl.runtime import Runtime
+from etl.runtime import Runtime, gc_paused
 from etl.schema import DocStatus
+from etl.settlement import Expected
 from etl.store import batches as intents
-from etl.store import events, state, warehouse
+from etl.store import events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
 from etl.store.engine import reading
 
 log = structlog.get_logger("etl.collect")
 
-PERMANENT_ERRORS = {"invalid_request_error", "not_found_error"}
-SYSTEMIC_ERRORS = {"billing_error", "authentication_error", "permission_error"}
 ARCHIVED_REASON = (
     "results were archived (29 days after the batch was created) before they were collected; "
     "re-queued, and these documents will be paid for again"
@@ -48,15 +47,6 @@ class CollectOutcome:
     dead: int = 0
     archived: int = 0
     problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Expected:
-    doc_key: str
-    task: str
-    attempts: int
-    status: str
-    enqueued_at: datetime | None = None
 
 
 def run(rt: Runtime) -> CollectOutcome:
@@ -115,26 +105,101 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
     log.error("batch_results_archived", batch_id=intent.batch_id, requeued=n, paid_again=True)
 
 
-def _load_expected(rt: Runtime, intent: Intent) -> dict[int, _Expected]:
+def _load_expected(rt: Runtime, intent: Intent) -> dict[int, Expected]:
     with reading(rt.engine) as conn:
         rows = q.sent_rows(conn, intent.id)
     return {
-        qid: _Expected(doc_key, task, attempts, status, at)
+        qid: Expected(doc_key, task, attempts, status, at)
         for qid, doc_key, task, attempts, status, at in rows
     }
 
 
+class _Writer:
+    """Writes a batch's chunks on a thread of its own, in order, while the caller reads the next chunk.
+
+    Reading and parsing the stream is Python work; writing a chunk is mostly waiting for the database
+    (PostgreSQL's server, SQLite's page writes and fsync, both outside the GIL), so the two overlap. At
+    most one chunk waits while another is written. The first error stops the writing (later chunks are
+    dropped: their rows stay `submitted` and are collected again) and is raised to the reader at its next
+    `put` or at `drain`.
+    """
+
+    def __init__(self, rt: Runtime, expected: dict[int, Expected], totals: settlement.Totals) -> None:
+        self.rt = rt
+        self.expected = expected
+        self.totals = totals
+        self._queue: queue.Queue[tuple[settlement.Chunk, bool] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="etl-collect-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                chunk, mid_stream = item
+                if self._error is None:
+                    settlement.write(self.rt, chunk, self.expected, self.totals)
+                    if mid_stream:
+                        failpoints.hit("collect.mid_stream")
+            except BaseException as exc:  # handed to the reader, which raises it
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, chunk: settlement.Chunk, *, mid_stream: bool) -> None:
+        self._check()
+        if chunk.size:
+            self._queue.put((chunk, mid_stream))
+
+    def drain(self) -> None:
+        """Wait until every chunk put so far is written; raise the writer's error, if any."""
+        self._queue.join()
+        self._check()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: CollectOutcome) -> None:
+    with gc_paused():
+        totals = settlement.Totals()
+        writer = _Writer(rt, _load_expected(rt, intent), totals)
+        try:
+            _stream_batch(rt, intent, remote, writer, out)
+        finally:
+            writer.close()
+            out.succeeded += totals.succeeded
+            out.requeued += totals.requeued
+            out.dead += totals.dead
+
+
+def _stream_batch(
+    rt: Runtime, intent: Intent, remote: RemoteBatch, writer: _Writer, out: CollectOutcome
+) -> None:
     assert intent.batch_id is not None
     settings = rt.config.collect
-    expected = _load_expected(rt, intent)
-    applier = _Applier(rt, intent, remote, expected, out)
+    expected = writer.expected
+
+    meter = Meter(rt.config.pricing)
+
+    def new_chunk() -> settlement.Chunk:
+        return settlement.Chunk(intent, remote, rt.config, meter=meter)
+
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()
         foreign: list[str] = []
         elsewhere: dict[int, str] = {}  # rows no longer in this intent (re-queued, or in a newer batch)
         duplicates: list[str] = []
-        buffer: list[tuple[int, dict[str, Any]]] = []
+        chunk = new_chunk()
         error: str | None = None
         try:
             for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
@@ -148,7 +213,8 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
                 if qid is None:
                     foreign.append(str(cid))
                     continue
-                if qid not in expected:
+                exp = expected.get(qid)
+                if exp is None:
                     if qid in elsewhere:
                         duplicates.append(cid)
                     else:
@@ -158,21 +224,22 @@ def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: Collec
                     duplicates.append(cid)
                     continue
                 seen.add(qid)
-                if expected[qid].status != DocStatus.SUBMITTED:
+                if exp.status != DocStatus.SUBMITTED:
                     continue  # settled by an earlier pass or run
-                buffer.append((qid, result))
-                if len(buffer) >= settings.chunk_size:
-                    applier.apply(buffer)
-                    buffer = []
-                    failpoints.hit("collect.mid_stream")
+                chunk.add(qid, exp, result if isinstance(result, dict) else {})
+                if chunk.size >= settings.chunk_size:
+                    writer.put(chunk, mid_stream=True)
+                    chunk = new_chunk()
         except ResultsGone as exc:
-            applier.apply(buffer)
+            writer.put(chunk, mid_stream=False)
+            writer.drain()
             log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
             _archive(rt, intent, out)
             return
         except ProviderError as exc:
             error = str(exc)
-        applier.apply(buffer)
+        writer.put(chunk, mid_stream=False)
+        writer.drain()
         moved = _moved_on(rt, elsewhere)
         foreign += [cid for qid, cid in elsewhere.items() if qid not in moved]
         if foreign or duplicates:
@@ -236,163 +303,3 @@ def _disown(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
             events.record(conn, now, "released", None, n, "wrong batch adopted", intent.id)
     out.problems.append(reason)
     log.error("adoption_undone", batch_id=intent.batch_id)
-
-
-def _category(reason: str) -> str:
-    """The short form of a row's reason that the report counts by: the error type, not its message."""
-    if reason.startswith("gave up after"):
-        last = reason.partition("last: ")[2]
-        return f"max attempts reached (last: {last.split(':')[0]})"
-    return reason.split(":")[0]
-
-
-def _text_of(message: dict[str, Any]) -> str:
-    return "".join(b.get("text", "") for b in message.get("content") or [] if b.get("type") == "text")
-
-
-class _Applier:
-    """Turns a chunk of results into one warehouse write and one queue transaction."""
-
-    def __init__(
-        self,
-        rt: Runtime,
-        intent: Intent,
-        remote: RemoteBatch,
-        expected: dict[int, _Expected],
-        out: CollectOutcome,
-    ) -> None:
-        self.rt = rt
-        self.intent = intent
-        self.remote = remote
-        self.expected = expected
-        self.out = out
-        self.max_attempts = rt.config.submit.max_attempts
-
-    def _failure(
-        self,
-        exp: _Expected,
-        reason: str,
-        counted: list[tuple[int, str]],
-        dead: list[tuple[int, str]],
-        qid: int,
-    ) -> None:
-        if exp.attempts + 1 >= self.max_attempts:
-            dead.append((qid, f"gave up after {exp.attempts + 1} attempts; last: {reason}"))
-        else:
-            counted.append((qid, reason))
-
-    def apply(self, chunk: list[tuple[int, dict[str, Any]]]) -> None:
-        if not chunk:
-            return
-        rt = self.rt
-        now = rt.clock()
-        tasks: dict[str, Task] = dict(rt.config.tasks)
-        rows: list[dict[str, Any]] = []
-        done: list[int] = []
-        counted: list[tuple[int, str]] = []
-        free: list[tuple[int, str]] = []
-        dead: list[tuple[int, str]] = []
-        tally = events.Tally()
-        systemic: str | None = None
-        for qid, result in chunk:
-            exp = self.expected[qid]
-            kind = result.get("type")
-            if kind == "succeeded":
-                message = result.get("message") or {}
-                text = _text_of(message)
-                output_json = None
-                task = tasks.get(exp.task)
-                if task is not None and task.output_schema is not None:
-                    try:
-                        output_json = json.loads(text)
-                    except ValueError:
-                        output_json = None
-                usage = Usage.from_api(message.get("usage") or {})
-                model = str(message.get("model") or "")
-                cost, standard = costs(rt.config.pricing, model, usage)
-                rows.append(
-                    {
-                        "doc_key": exp.doc_key,
-                        "task": exp.task,
-                        "queue_id": qid,
-                        "custom_id": f"q{qid}",
-                        "output_text": text,
-                        "output_json": output_json,
-                        "model": model,
-                        "stop_reason": message.get("stop_reason"),
-                        "input_tokens": usage.input_tokens,
-                        "output_tokens": usage.output_tokens,
-                        "cache_creation_input_tokens": usage.cache_write,
-                        "cache_read_input_tokens": usage.cache_read,
-                        "cost_usd": cost,
-                        "standard_cost_usd": standard,
-                        "batch_id": self.intent.batch_id,
-                        "enqueued_at": exp.enqueued_at,
-                        "batch_ended_at": self.remote.ended_at,
-                        "collected_at": now,
-                    }
-                )
-                done.append(qid)
-                tally.add(
-                    "succeeded",
-                    exp.task,
-                    None,
-                    1,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cache_write_tokens=usage.cache_write,
-                    cache_read_tokens=usage.cache_read,
-                    cost_usd=cost,
-                    standard_cost_usd=standard,
-                )
-            elif kind == "errored":
-                err = ((result.get("error") or {}).get("error")) or {}
-                etype = str(err.get("type") or "api_error")
-                reason = f"{etype}: {err.get('message') or ''}".strip()
-                if etype in PERMANENT_ERRORS:
-                    dead.append((qid, reason))
-                elif etype in SYSTEMIC_ERRORS:
-                    free.append((qid, reason))
-                    systemic = systemic or reason
-                else:
-                    self._failure(exp, reason, counted, dead, qid)
-            elif kind in ("expired", "canceled"):
-                self._failure(exp, f"{kind} before the model processed it", counted, dead, qid)
-            else:
-                self._failure(exp, f"unknown result type {kind!r}", counted, dead, qid)
-        for qid, reason in counted:
-            tally.add("requeued", self.expected[qid].task, _category(reason))
-        for qid, reason in free:
-            tally.add("requeued", self.expected[qid].task, _category(reason) + " (attempt not counted)")
-        for qid, reason in dead:
-            tally.add("dead", self.expected[qid].task, _category(reason))
-
-        if not rt.same_database and rows:
-            with rt.warehouse.begin() as wconn:
-                warehouse.upsert(wconn, rows)
-            failpoints.hit("collect.after_warehouse")
-        with rt.engine.begin() as conn:
-            if rt.same_database and rows:
-                warehouse.upsert(conn, rows)
-            q.mark_done(conn, self.intent.id, done, now)
-            q.requeue(conn, self.intent.id, counted, now, count_attempt=True)
-            q.requeue(conn, self.intent.id, free, now, count_attempt=False)
-            q.kill(conn, self.intent.id, dead, now)
-            tally.flush(conn, now, self.intent.id)
-            if systemic:
-                state.pause(conn, f"results carry {systemic}", now)
-        if rt.same_database and rows:
-            failpoints.hit("collect.after_warehouse")
-        if counted or free:
-            failpoints.hit("requeue.after_requeue")
-        for qid in done:
-            self.expected[qid].status = DocStatus.DONE
-        for qid, _ in counted + free:
-            self.expected[qid].status = DocStatus.QUEUED
-        for qid, _ in dead:
-            self.expected[qid].status = DocStatus.DEAD
-        self.out.succeeded += len(done)
-        self.out.requeued += len(counted) + len(free)
-        self.out.dead += len(dead)
-        if systemic:
-            log.error("submission_paused", reason=systemic)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from etl.config import Pricing
+from etl.config import ModelPrice, Pricing
 
 MILLION = 1_000_000
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
+    """Token counts of one result (a tuple: the collector makes one per result line)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_write_5m: int = 0
@@ -40,10 +40,7 @@ class Usage:
         )
 
 
-def standard_cost(pricing: Pricing, model: str, usage: Usage) -> float | None:
-    price = pricing.for_model(model)
-    if price is None:
-        return None
+def _standard(pricing: Pricing, price: ModelPrice, usage: Usage) -> float:
     inp = (
         usage.input_tokens
         + usage.cache_write_5m * pricing.cache_write_5m
@@ -53,9 +50,37 @@ def standard_cost(pricing: Pricing, model: str, usage: Usage) -> float | None:
     return (inp + usage.output_tokens * price.output) / MILLION
 
 
+def standard_cost(pricing: Pricing, model: str, usage: Usage) -> float | None:
+    price = pricing.for_model(model)
+    return None if price is None else _standard(pricing, price, usage)
+
+
 def costs(pricing: Pricing, model: str, usage: Usage) -> tuple[float, float]:
     """(batch cost, standard cost) in USD; zeros for a model without a price (logged by the caller)."""
     standard = standard_cost(pricing, model, usage)
     if standard is None:
         return 0.0, 0.0
     return standard * pricing.batch_discount, standard
+
+
+class Meter:
+    """Prices many results against one `Pricing`, resolving each model's price once.
+
+    The collector prices every result line; looking the model up by prefix each time was a tenth of its
+    per-result work (bench/RESULTS.md).
+    """
+
+    def __init__(self, pricing: Pricing) -> None:
+        self.pricing = pricing
+        self._prices: dict[str, ModelPrice | None] = {}
+
+    def costs(self, model: str, usage: Usage) -> tuple[float, float]:
+        """The same as `costs(pricing, model, usage)`."""
+        try:
+            price = self._prices[model]
+        except KeyError:
+            price = self._prices[model] = self.pricing.for_model(model)
+        if price is None:
+            return 0.0, 0.0
+        standard = _standard(self.pricing, price, usage)
+        return standard * self.pricing.batch_discount, standard

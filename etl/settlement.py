@@ -1,0 +1,227 @@
+"""What a chunk of results does to the warehouse and the queue: planned line by line, written at once.
+
+`Chunk.add` turns one result line into its outcome (a warehouse row, a re-queue with a reason, a dead
+row) as the line is read, so the collector never holds more than the compact plan of a chunk. `write`
+then applies the plan in one warehouse write and one queue transaction of guarded updates
+(`status = 'submitted' AND batch_ref = :intent`), which is what makes a re-run or a second collector
+harmless.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from etl import failpoints
+from etl.config import Config, Task
+from etl.pricing import Meter, Usage
+from etl.remote import RemoteBatch
+from etl.runtime import Runtime
+from etl.schema import DocStatus
+from etl.store import events, state, warehouse
+from etl.store import queue as q
+from etl.store.batches import Intent
+
+log = structlog.get_logger("etl.collect")
+
+PERMANENT_ERRORS = {"invalid_request_error", "not_found_error"}
+SYSTEMIC_ERRORS = {"billing_error", "authentication_error", "permission_error"}
+
+
+@dataclass(slots=True)
+class Expected:
+    """A row the batch sent, as the collector tracks it while results arrive."""
+
+    doc_key: str
+    task: str
+    attempts: int
+    status: str
+    enqueued_at: datetime | None = None
+
+
+@dataclass
+class Totals:
+    succeeded: int = 0
+    requeued: int = 0
+    dead: int = 0
+
+
+def category(reason: str) -> str:
+    """The short form of a row's reason that the report counts by: the error type, not its message."""
+    if reason.startswith("gave up after"):
+        last = reason.partition("last: ")[2]
+        return f"max attempts reached (last: {last.split(':')[0]})"
+    return reason.split(":")[0]
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    return "".join(b.get("text", "") for b in message.get("content") or [] if b.get("type") == "text")
+
+
+@dataclass
+class Chunk:
+    """The plan for up to `collect.chunk_size` results of one batch."""
+
+    intent: Intent
+    remote: RemoteBatch
+    config: Config
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)
+    counted: list[tuple[int, str]] = field(default_factory=list)  # re-queued, attempt counted
+    free: list[tuple[int, str]] = field(default_factory=list)  # re-queued, attempt not counted
+    dead: list[tuple[int, str]] = field(default_factory=list)
+    tally: events.Tally = field(default_factory=events.Tally)
+    systemic: str | None = None
+    size: int = 0
+    meter: Meter | None = None
+    # per task: documents, input, output, cache write, cache read tokens, cost, standard cost
+    _sums: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.meter is None:
+            self.meter = Meter(self.config.pricing)
+
+    def add(self, qid: int, exp: Expected, result: dict[str, Any]) -> None:
+        self.size += 1
+        kind = result.get("type")
+        if kind == "succeeded":
+            self._succeeded(qid, exp, result.get("message") or {})
+        elif kind == "errored":
+            err = ((result.get("error") or {}).get("error")) or {}
+            etype = str(err.get("type") or "api_error")
+            reason = f"{etype}: {err.get('message') or ''}".strip()
+            if etype in PERMANENT_ERRORS:
+                self.dead.append((qid, reason))
+                self.tally.add("dead", exp.task, category(reason))
+            elif etype in SYSTEMIC_ERRORS:
+                self.free.append((qid, reason))
+                self.tally.add("requeued", exp.task, category(reason) + " (attempt not counted)")
+                self.systemic = self.systemic or reason
+            else:
+                self._failure(qid, exp, reason)
+        elif kind in ("expired", "canceled"):
+            self._failure(qid, exp, f"{kind} before the model processed it")
+        else:
+            self._failure(qid, exp, f"unknown result type {kind!r}")
+
+    def _failure(self, qid: int, exp: Expected, reason: str) -> None:
+        """A transient failure: re-queued with the attempt counted, or dead once attempts run out."""
+        if exp.attempts + 1 >= self.config.submit.max_attempts:
+            reason = f"gave up after {exp.attempts + 1} attempts; last: {reason}"
+            self.dead.append((qid, reason))
+            self.tally.add("dead", exp.task, category(reason))
+        else:
+            self.counted.append((qid, reason))
+            self.tally.add("requeued", exp.task, category(reason))
+
+    def _succeeded(self, qid: int, exp: Expected, message: dict[str, Any]) -> None:
+        text = _text_of(message)
+        output_json = None
+        task: Task | None = self.config.tasks.get(exp.task)
+        if task is not None and task.output_schema is not None:
+            try:
+                output_json = json.loads(text)
+            except ValueError:
+                output_json = None
+        usage = Usage.from_api(message.get("usage") or {})
+        model = str(message.get("model") or "")
+        assert self.meter is not None
+        cost, standard = self.meter.costs(model, usage)
+        self.rows.append(
+            {
+                "doc_key": exp.doc_key,
+                "task": exp.task,
+                "queue_id": qid,
+                "custom_id": f"q{qid}",
+                "output_text": text,
+                "output_json": output_json,
+                "model": model,
+                "stop_reason": message.get("stop_reason"),
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_creation_input_tokens": usage.cache_write,
+                "cache_read_input_tokens": usage.cache_read,
+                "cost_usd": cost,
+                "standard_cost_usd": standard,
+                "batch_id": self.intent.batch_id,
+                "enqueued_at": exp.enqueued_at,
+                "batch_ended_at": self.remote.ended_at,
+                "collected_at": None,  # set by `write`, at the time the chunk is written
+            }
+        )
+        self.done.append(qid)
+        sums = self._sums.get(exp.task)
+        if sums is None:
+            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, 0.0, 0.0]
+        sums[0] += 1
+        sums[1] += usage.input_tokens
+        sums[2] += usage.output_tokens
+        sums[3] += usage.cache_write
+        sums[4] += usage.cache_read
+        sums[5] += cost
+        sums[6] += standard
+
+    def events(self) -> events.Tally:
+        """The chunk's outcome counts, as the event rows it adds."""
+        for task, (docs, inp, out, write, read, cost, standard) in self._sums.items():
+            self.tally.add(
+                "succeeded",
+                task,
+                None,
+                int(docs),
+                input_tokens=inp,
+                output_tokens=out,
+                cache_write_tokens=write,
+                cache_read_tokens=read,
+                cost_usd=cost,
+                standard_cost_usd=standard,
+            )
+        self._sums.clear()
+        return self.tally
+
+
+def write(rt: Runtime, chunk: Chunk, expected: dict[int, Expected], totals: Totals) -> None:
+    """Apply one chunk: the warehouse rows, then the queue rows' new states and the chunk's events.
+
+    With a separate warehouse the results are committed there first: a crash in between leaves rows
+    `submitted`, and the next collect writes the same results again (the upsert is idempotent).
+    """
+    if chunk.size == 0:
+        return
+    now = rt.clock()
+    batch_ref = chunk.intent.id
+    for row in chunk.rows:
+        row["collected_at"] = now
+    if not rt.same_database and chunk.rows:
+        with rt.warehouse.begin() as wconn:
+            warehouse.upsert(wconn, chunk.rows)
+        failpoints.hit("collect.after_warehouse")
+    with rt.engine.begin() as conn:
+        if rt.same_database and chunk.rows:
+            warehouse.upsert(conn, chunk.rows)
+        q.mark_done(conn, batch_ref, chunk.done, now)
+        q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
+        q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)
+        q.kill(conn, batch_ref, chunk.dead, now)
+        chunk.events().flush(conn, now, batch_ref)
+        if chunk.systemic:
+            state.pause(conn, f"results carry {chunk.systemic}", now)
+    if rt.same_database and chunk.rows:
+        failpoints.hit("collect.after_warehouse")
+    if chunk.counted or chunk.free:
+        failpoints.hit("requeue.after_requeue")
+    for qid in chunk.done:
+        expected[qid].status = DocStatus.DONE
+    for qid, _ in chunk.counted + chunk.free:
+        expected[qid].status = DocStatus.QUEUED
+    for qid, _ in chunk.dead:
+        expected[qid].status = DocStatus.DEAD
+    totals.succeeded += len(chunk.done)
+    totals.requeued += len(chunk.counted) + len(chunk.free)
+    totals.dead += len(chunk.dead)
+    if chunk.systemic:
+        log.error("submission_paused", reason=chunk.systemic)

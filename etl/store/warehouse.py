@@ -9,6 +9,7 @@ exactly what SQLAlchemy would have written), bypassing per-row statement process
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -21,7 +22,9 @@ from etl.schema import UtcDateTime, results
 
 COLUMNS = [c.name for c in results.columns]
 UPDATABLE = [c.name for c in results.columns if c.name not in ("doc_key", "task")]
+TIMESTAMPS = {c.name for c in results.columns if isinstance(c.type, UtcDateTime)}
 LOAD_TABLE = "etl_results_load"
+SQLITE_ROWS_PER_STATEMENT = 500
 
 
 def upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -66,21 +69,21 @@ def _upsert_postgresql(conn: Connection, rows: list[dict[str, Any]]) -> None:
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {LOAD_TABLE} (LIKE {results.name}) ON COMMIT DELETE ROWS"
     )
-    timestamps = {c.name for c in results.columns if isinstance(c.type, UtcDateTime)}
+    steps = [
+        (name, _memo(ensure_utc) if name in TIMESTAMPS else json.dumps if name == "output_json" else None)
+        for name in COLUMNS
+    ]
     driver = conn.connection.driver_connection
     assert driver is not None
     with driver.cursor() as cur, cur.copy(f"COPY {LOAD_TABLE} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
-            values = []
-            for name in COLUMNS:
-                value = row[name]
-                if value is not None:
-                    if name == "output_json":
-                        value = json.dumps(value)
-                    elif name in timestamps:
-                        value = ensure_utc(value)
-                values.append(value)
-            copy.write_row(values)
+            copy.write_row(
+                [
+                    value if convert is None or value is None else convert(value)
+                    for name, convert in steps
+                    for value in (row[name],)
+                ]
+            )
     conn.execute(_merge_statement())
     conn.exec_driver_sql(f"DELETE FROM {LOAD_TABLE}")
 
@@ -117,14 +120,38 @@ def _memo(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return convert
 
 
+@cache
+def _multi_row(sql: str, rows: int) -> str:
+    """The one-row upsert with `rows` groups of placeholders after VALUES."""
+    head, _, rest = sql.partition(" VALUES ")
+    group, _, tail = rest.partition(") ")
+    return f"{head} VALUES {', '.join([group + ')'] * rows)} {tail}"
+
+
 def _upsert_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Multi-row statements of up to `SQLITE_ROWS_PER_STATEMENT` rows.
+
+    Not executemany: that steps the statement once per row, and pysqlite takes the GIL back after
+    each step; with the collector's reader thread busy parsing, each row then waited for the GIL (the
+    write of a 10,000-result chunk took twice as long as on its own, bench/RESULTS.md). Rows with the
+    same key in one statement are applied in order, as executemany would.
+    """
     sql, processors = _sqlite_statement(conn.dialect)
     steps = [
-        (name, _memo(proc) if proc is not None and isinstance(results.c[name].type, UtcDateTime) else proc)
-        for name, proc in processors
+        (name, _memo(proc) if proc is not None and name in TIMESTAMPS else proc) for name, proc in processors
     ]
-    params = [tuple(row[name] if proc is None else proc(row[name]) for name, proc in steps) for row in rows]
-    conn.exec_driver_sql(sql, params)
+    params = [row[name] if proc is None else proc(row[name]) for row in rows for name, proc in steps]
+    width = len(steps)
+    per = max(1, min(SQLITE_ROWS_PER_STATEMENT, _variable_limit(conn) // width))
+    for start in range(0, len(rows), per):
+        count = min(per, len(rows) - start)
+        conn.exec_driver_sql(_multi_row(sql, count), tuple(params[start * width : (start + count) * width]))
+
+
+def _variable_limit(conn: Connection) -> int:
+    """How many `?` one statement may hold (999 before SQLite 3.32, 32766 after, or as compiled)."""
+    driver: Any = conn.connection.driver_connection
+    return int(driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 
 
 def count(engine: Engine) -> int:

@@ -59,6 +59,21 @@ def test_a_database_without_schema_refuses_to_start_and_names_the_command(db_url
     eng.dispose()
 
 
+def test_the_start_up_check_knows_the_newest_migration() -> None:
+    # `check` compares with the constant (it does not import Alembic); a new migration must update it.
+    assert migrate.head_revision() == migrate.HEAD
+
+
+def test_a_database_behind_the_code_is_refused_with_its_revision(db_url: str) -> None:
+    eng = make_engine(db_url)
+    migrate.upgrade(eng, eng)
+    with eng.begin() as conn:
+        conn.execute(text(f"UPDATE {schema.SCHEMA_VERSION_TABLE} SET version_num = '0001'"))
+    with pytest.raises(SchemaOutOfDate, match=r"is at schema revision 0001.*needs 0002"):
+        migrate.check(eng, eng)
+    eng.dispose()
+
+
 def test_plain_sql_insert_needs_only_doc_key_and_body(engine: Engine) -> None:
     add_docs(engine, 1)
     with engine.connect() as conn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -29,8 +30,11 @@ from etl.store import events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
 from etl.store.engine import reading
+from etl.store.warehouse import Encoder
 
 log = structlog.get_logger("etl.collect")
+
+FIRST_CHUNK_MIN = 1000
 
 ARCHIVED_REASON = (
     "results were archived (29 days after the batch was created) before they were collected; "
@@ -130,6 +134,8 @@ class _Writer:
         self.totals = totals
         self._queue: queue.Queue[tuple[settlement.Chunk, bool] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self.busy_seconds = 0.0  # writing chunks
+        self.waited_seconds = 0.0  # the reader waiting for the writer: the database is the slower side
         self._thread = threading.Thread(target=self._run, name="etl-collect-writer", daemon=True)
         self._thread.start()
 
@@ -141,7 +147,9 @@ class _Writer:
                     return
                 chunk, mid_stream = item
                 if self._error is None:
+                    started = time.perf_counter()
                     settlement.write(self.rt, chunk, self.expected, self.totals)
+                    self.busy_seconds += time.perf_counter() - started
                     if mid_stream:
                         failpoints.hit("collect.mid_stream")
             except BaseException as exc:  # handed to the reader, which raises it
@@ -150,18 +158,21 @@ class _Writer:
                 self._queue.task_done()
 
     def _check(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        if self._error is not None:  # kept: the writer writes nothing more once it has failed
+            raise self._error
 
     def put(self, chunk: settlement.Chunk, *, mid_stream: bool) -> None:
         self._check()
         if chunk.size:
+            started = time.perf_counter()
             self._queue.put((chunk, mid_stream))
+            self.waited_seconds += time.perf_counter() - started
 
     def drain(self) -> None:
         """Wait until every chunk put so far is written; raise the writer's error, if any."""
+        started = time.perf_counter()
         self._queue.join()
+        self.waited_seconds += time.perf_counter() - started
         self._check()
 
     def close(self) -> None:
@@ -188,11 +199,13 @@ def _stream_batch(
     assert intent.batch_id is not None
     settings = rt.config.collect
     expected = writer.expected
+    started = time.perf_counter()
 
     meter = Meter(rt.config.pricing)
 
     def new_chunk() -> settlement.Chunk:
-        return settlement.Chunk(intent, remote, rt.config, meter=meter)
+        encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
+        return settlement.Chunk(intent, remote, rt.config, encoder, rt.clock(), meter=meter)
 
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()
@@ -200,6 +213,8 @@ def _stream_batch(
         elsewhere: dict[int, str] = {}  # rows no longer in this intent (re-queued, or in a newer batch)
         duplicates: list[str] = []
         chunk = new_chunk()
+        # The first chunk is handed over early, so the writer starts while the rest is read.
+        limit = min(settings.chunk_size, max(FIRST_CHUNK_MIN, settings.chunk_size // 8))
         error: str | None = None
         try:
             for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
@@ -227,9 +242,10 @@ def _stream_batch(
                 if exp.status != DocStatus.SUBMITTED:
                     continue  # settled by an earlier pass or run
                 chunk.add(qid, exp, result if isinstance(result, dict) else {})
-                if chunk.size >= settings.chunk_size:
+                if chunk.size >= limit:
                     writer.put(chunk, mid_stream=True)
                     chunk = new_chunk()
+                    limit = settings.chunk_size
         except ResultsGone as exc:
             writer.put(chunk, mid_stream=False)
             writer.drain()
@@ -264,7 +280,14 @@ def _stream_batch(
             with rt.engine.begin() as conn:
                 intents.mark_collected(conn, intent.id, rt.clock())
             out.batches_collected += 1
-            log.info("batch_collected", batch_id=intent.batch_id, results=len(seen))
+            log.info(
+                "batch_collected",
+                batch_id=intent.batch_id,
+                results=len(seen),
+                seconds=round(time.perf_counter() - started, 2),
+                writing_seconds=round(writer.busy_seconds, 2),
+                waiting_for_writes_seconds=round(writer.waited_seconds, 2),
+            )
             return
         why = error or f"stream ended after {len(seen)} of {intent.request_count} results"
         log.warning(

@@ -97,7 +97,7 @@ class SubmitSettings:
 
 @dataclass(frozen=True)
 class CollectSettings:
-    chunk_size: int = 10000
+    chunk_size: int = 20000
     stream_retries: int = 3
     stream_backoff_seconds: float = 2.0
     stream_timeout_seconds: float = 120.0

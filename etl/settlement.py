@@ -69,7 +69,9 @@ class Chunk:
     intent: Intent
     remote: RemoteBatch
     config: Config
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    encoder: warehouse.Encoder
+    collected_at: datetime  # when the chunk was begun: the time its results were read
+    results: warehouse.Encoded = field(init=False)  # the warehouse rows, encoded as they arrive
     done: list[int] = field(default_factory=list)
     counted: list[tuple[int, str]] = field(default_factory=list)  # re-queued, attempt counted
     free: list[tuple[int, str]] = field(default_factory=list)  # re-queued, attempt not counted
@@ -82,6 +84,7 @@ class Chunk:
     _sums: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.results = warehouse.Encoded(self.encoder.dialect)
         if self.meter is None:
             self.meter = Meter(self.config.pricing)
 
@@ -131,27 +134,29 @@ class Chunk:
         model = str(message.get("model") or "")
         assert self.meter is not None
         cost, standard = self.meter.costs(model, usage)
-        self.rows.append(
-            {
-                "doc_key": exp.doc_key,
-                "task": exp.task,
-                "queue_id": qid,
-                "custom_id": f"q{qid}",
-                "output_text": text,
-                "output_json": output_json,
-                "model": model,
-                "stop_reason": message.get("stop_reason"),
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "cache_creation_input_tokens": usage.cache_write,
-                "cache_read_input_tokens": usage.cache_read,
-                "cost_usd": cost,
-                "standard_cost_usd": standard,
-                "batch_id": self.intent.batch_id,
-                "enqueued_at": exp.enqueued_at,
-                "batch_ended_at": self.remote.ended_at,
-                "collected_at": None,  # set by `write`, at the time the chunk is written
-            }
+        self.results.rows.append(
+            self.encoder.encode(
+                {
+                    "doc_key": exp.doc_key,
+                    "task": exp.task,
+                    "queue_id": qid,
+                    "custom_id": f"q{qid}",
+                    "output_text": text,
+                    "output_json": output_json,
+                    "model": model,
+                    "stop_reason": message.get("stop_reason"),
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "cache_creation_input_tokens": usage.cache_write,
+                    "cache_read_input_tokens": usage.cache_read,
+                    "cost_usd": cost,
+                    "standard_cost_usd": standard,
+                    "batch_id": self.intent.batch_id,
+                    "enqueued_at": exp.enqueued_at,
+                    "batch_ended_at": self.remote.ended_at,
+                    "collected_at": self.collected_at,
+                }
+            )
         )
         self.done.append(qid)
         sums = self._sums.get(exp.task)
@@ -194,15 +199,13 @@ def write(rt: Runtime, chunk: Chunk, expected: dict[int, Expected], totals: Tota
         return
     now = rt.clock()
     batch_ref = chunk.intent.id
-    for row in chunk.rows:
-        row["collected_at"] = now
-    if not rt.same_database and chunk.rows:
+    if not rt.same_database and chunk.results.rows:
         with rt.warehouse.begin() as wconn:
-            warehouse.upsert(wconn, chunk.rows)
+            warehouse.write(wconn, chunk.results)
         failpoints.hit("collect.after_warehouse")
     with rt.engine.begin() as conn:
-        if rt.same_database and chunk.rows:
-            warehouse.upsert(conn, chunk.rows)
+        if rt.same_database and chunk.results.rows:
+            warehouse.write(conn, chunk.results)
         q.mark_done(conn, batch_ref, chunk.done, now)
         q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
         q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)
@@ -210,7 +213,7 @@ def write(rt: Runtime, chunk: Chunk, expected: dict[int, Expected], totals: Tota
         chunk.events().flush(conn, now, batch_ref)
         if chunk.systemic:
             state.pause(conn, f"results carry {chunk.systemic}", now)
-    if rt.same_database and chunk.rows:
+    if rt.same_database and chunk.results.rows:
         failpoints.hit("collect.after_warehouse")
     if chunk.counted or chunk.free:
         failpoints.hit("requeue.after_requeue")

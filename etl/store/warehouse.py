@@ -1,16 +1,19 @@
 """The warehouse table `etl_results`: idempotent bulk upserts, newest queue row wins.
 
 Bulk paths, measured in bench/ (RESULTS.md): on PostgreSQL the chunk is COPYed into a session temp
-table and merged with one `INSERT ... SELECT ... ON CONFLICT`; on SQLite one executemany of a statement
-compiled once, with values converted by the columns' own bind processors (so the stored values are
-exactly what SQLAlchemy would have written), bypassing per-row statement processing.
+table and merged with one `INSERT ... SELECT ... ON CONFLICT`; on SQLite multi-row upserts of a
+statement compiled once. Values are converted by an `Encoder` for the dialect first (on SQLite the
+columns' own bind processors, so the stored values are exactly what SQLAlchemy would have written);
+the collector encodes on its reader thread, and its writer thread only sends.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -27,18 +30,64 @@ LOAD_TABLE = "etl_results_load"
 SQLITE_ROWS_PER_STATEMENT = 500
 
 
+@dataclass
+class Encoded:
+    """Result rows as one dialect's bulk path writes them: values in `COLUMNS` order."""
+
+    dialect: str
+    rows: list[list[Any]] = field(default_factory=list)
+
+
+class Encoder:
+    """Converts result rows (dicts keyed by column name) for one dialect, remembering repeated timestamps."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect.name
+        self._values = operator.itemgetter(*COLUMNS)
+        steps: list[Callable[[Any], Any] | None]
+        if dialect.name == "postgresql":  # COPY text format: None is NULL, datetimes and JSON as text
+            steps = [
+                _memo(ensure_utc) if name in TIMESTAMPS else json.dumps if name == "output_json" else None
+                for name in COLUMNS
+            ]
+            self._convert_none = False
+        else:  # the columns' own bind processors, None included (as SQLAlchemy would)
+            _, processors = _sqlite_statement(dialect)
+            steps = [
+                _memo(proc) if proc is not None and name in TIMESTAMPS else proc for name, proc in processors
+            ]
+            self._convert_none = True
+        self._steps = [(i, step) for i, step in enumerate(steps) if step is not None]
+
+    def encode(self, row: dict[str, Any]) -> list[Any]:
+        values = list(self._values(row))
+        for i, step in self._steps:
+            value = values[i]
+            if value is not None or self._convert_none:
+                values[i] = step(value)
+        return values
+
+
 def upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Insert or replace results keyed by (doc_key, task).
 
     A row only replaces one from an older or the same queue row (`queue_id`), so re-collecting a batch
     changes nothing, and a late result for an old version of a document never overwrites the new one.
     """
-    if not rows:
+    encoder = Encoder(conn.dialect)
+    write(conn, Encoded(encoder.dialect, [encoder.encode(row) for row in rows]))
+
+
+def write(conn: Connection, encoded: Encoded) -> None:
+    """`upsert` of rows already encoded for this connection's dialect."""
+    if encoded.dialect != conn.dialect.name:
+        raise ValueError(f"rows encoded for {encoded.dialect} cannot be written to {conn.dialect.name}")
+    if not encoded.rows:
         return
     if conn.dialect.name == "postgresql":
-        _upsert_postgresql(conn, rows)
+        _upsert_postgresql(conn, encoded.rows)
     else:
-        _upsert_sqlite(conn, rows)
+        _upsert_sqlite(conn, encoded.rows)
 
 
 @cache
@@ -58,7 +107,7 @@ def _merge_statement() -> Any:
     )
 
 
-def _upsert_postgresql(conn: Connection, rows: list[dict[str, Any]]) -> None:
+def _upsert_postgresql(conn: Connection, rows: list[list[Any]]) -> None:
     """COPY the chunk into a temp table, then merge it in one statement.
 
     The temp table lives as long as the session; it is emptied after the merge, at every commit and by
@@ -69,21 +118,11 @@ def _upsert_postgresql(conn: Connection, rows: list[dict[str, Any]]) -> None:
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {LOAD_TABLE} (LIKE {results.name}) ON COMMIT DELETE ROWS"
     )
-    steps = [
-        (name, _memo(ensure_utc) if name in TIMESTAMPS else json.dumps if name == "output_json" else None)
-        for name in COLUMNS
-    ]
     driver = conn.connection.driver_connection
     assert driver is not None
     with driver.cursor() as cur, cur.copy(f"COPY {LOAD_TABLE} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
-            copy.write_row(
-                [
-                    value if convert is None or value is None else convert(value)
-                    for name, convert in steps
-                    for value in (row[name],)
-                ]
-            )
+            copy.write_row(row)
     conn.execute(_merge_statement())
     conn.exec_driver_sql(f"DELETE FROM {LOAD_TABLE}")
 
@@ -99,7 +138,7 @@ def _sqlite_statement(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[
     )
     compiled = stmt.compile(dialect=dialect, column_keys=COLUMNS)
     order = list(compiled.positiontup or ())
-    assert sorted(order) == sorted(COLUMNS), order
+    assert order == COLUMNS, order  # the Encoder writes values in COLUMNS order
     processors: list[tuple[str, Callable[[Any], Any] | None]] = [
         (name, results.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in order
     ]
@@ -128,7 +167,7 @@ def _multi_row(sql: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([group + ')'] * rows)} {tail}"
 
 
-def _upsert_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> None:
+def _upsert_sqlite(conn: Connection, rows: list[list[Any]]) -> None:
     """Multi-row statements of up to `SQLITE_ROWS_PER_STATEMENT` rows.
 
     Not executemany: that steps the statement once per row, and pysqlite takes the GIL back after
@@ -137,11 +176,8 @@ def _upsert_sqlite(conn: Connection, rows: list[dict[str, Any]]) -> None:
     same key in one statement are applied in order, as executemany would.
     """
     sql, processors = _sqlite_statement(conn.dialect)
-    steps = [
-        (name, _memo(proc) if proc is not None and name in TIMESTAMPS else proc) for name, proc in processors
-    ]
-    params = [row[name] if proc is None else proc(row[name]) for row in rows for name, proc in steps]
-    width = len(steps)
+    width = len(processors)
+    params = [value for row in rows for value in row]
     per = max(1, min(SQLITE_ROWS_PER_STATEMENT, _variable_limit(conn) // width))
     for start in range(0, len(rows), per):
         count = min(per, len(rows) - start)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from sqlalchemy import inspect, text
 
-from etl import collector, report, submitter
+from etl import collector, failpoints, report, submitter
 from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_json, reply_text
 from etl.prompt import Row, build_params
@@ -318,3 +320,26 @@ def test_a_request_too_big_for_any_batch_is_rejected_not_retried_forever(
         "a batch may hold 2,000 (submit.max_batch_bytes)"
     )
     assert control.ledger()["requests_created"] == 1
+
+
+def test_a_write_failing_mid_batch_stops_the_collect_and_the_next_collect_finishes_it(
+    runtime: Runtime, clock: SharedClock
+) -> None:
+    # Chunks are written on the collector's writer thread; its error must reach the caller, and the
+    # chunks after it must not be written (their rows stay `submitted` for the next run).
+    runtime.config = replace(runtime.config, collect=replace(runtime.config.collect, chunk_size=4))
+    insert_docs(runtime, [{"doc_key": f"m{i}", "body": f"mid-batch failure {i}"} for i in range(30)])
+    submitter.run(runtime)
+    clock.advance(3600)
+    failpoints.configure({"ETL_FAILPOINTS": "collect.after_warehouse=raise@3"})
+    try:
+        with pytest.raises(failpoints.FailpointHit):
+            collector.run(runtime)
+    finally:
+        failpoints.configure({})
+    statuses = Counter(r["status"] for r in queue_rows(runtime).values())
+    assert statuses == {"done": 12, "submitted": 18}  # three chunks of 4 committed, then the failure
+    out = collector.run(runtime)
+    assert (out.batches_collected, out.succeeded) == (1, 18)
+    assert len(results_by_key(runtime)) == 30
+    assert {r["status"] for r in queue_rows(runtime).values()} == {"done"}

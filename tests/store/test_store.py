@@ -188,6 +188,48 @@ def test_warehouse_upsert_is_idempotent_and_the_newest_document_version_wins(eng
     assert [tuple(r) for r in rows] == [(9, "v9")]
 
 
+def test_one_upsert_of_many_rows_splits_into_statements_and_keeps_the_newest_per_key(engine: Engine) -> None:
+    # More rows than one SQLite statement takes (and a partial last one); keys repeat across and within
+    # statements, in no order: per key the highest queue_id wins, as if applied one by one.
+    n = warehouse.SQLITE_ROWS_PER_STATEMENT * 2 + 7
+    rows = []
+    for i in range(n):
+        row = result_row(1000 + (i * 7919) % n, f"text {i}")
+        row["doc_key"] = f"k{i % 300}"
+        row["output_json"] = {"i": i} if i % 2 else None
+        rows.append(row)
+    with engine.begin() as conn:
+        warehouse.upsert(conn, rows)
+        stored = conn.execute(
+            select(
+                schema.results.c.doc_key,
+                schema.results.c.queue_id,
+                schema.results.c.output_text,
+                schema.results.c.output_json,
+                schema.results.c.collected_at,
+            )
+        ).all()
+    newest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["doc_key"] not in newest or row["queue_id"] > newest[row["doc_key"]]["queue_id"]:
+            newest[row["doc_key"]] = row
+    assert len(stored) == 300
+    for doc_key, queue_id, output_text, output_json, collected_at in stored:
+        want = newest[doc_key]
+        assert (queue_id, output_text, output_json) == (
+            want["queue_id"],
+            want["output_text"],
+            want["output_json"],
+        )
+        assert collected_at == NOW
+
+
+def test_rows_encoded_for_one_dialect_are_not_written_to_another(engine: Engine) -> None:
+    other = "postgresql" if engine.dialect.name == "sqlite" else "sqlite"
+    with pytest.raises(ValueError, match=f"encoded for {other}"), engine.begin() as conn:
+        warehouse.write(conn, warehouse.Encoded(other, [["x"] * len(warehouse.COLUMNS)]))
+
+
 def test_named_lease_has_one_holder_until_it_expires(engine: Engine) -> None:
     ttl = timedelta(seconds=60)
     with engine.begin() as conn:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from etl.config import DEFAULT_PRICES, Pricing
-from etl.pricing import Usage, costs
+from etl.pricing import Meter, Usage, costs
 
 PRICING = Pricing(models=DEFAULT_PRICES)
 
@@ -35,3 +35,12 @@ def test_cache_writes_and_reads_use_their_multipliers() -> None:
 
 def test_unknown_model_costs_nothing_rather_than_guessing() -> None:
     assert costs(PRICING, "mystery-model", Usage(input_tokens=5)) == (0.0, 0.0)
+
+
+def test_the_meter_prices_exactly_as_costs_does() -> None:
+    meter = Meter(PRICING)
+    for model in ["claude-haiku-4-5-20251001", "claude-sonnet-4-5", "claude-haiku-4-5-20251001", "mystery"]:
+        usage = Usage(
+            input_tokens=1234, output_tokens=567, cache_write_5m=89, cache_write_1h=10, cache_read=11
+        )
+        assert meter.costs(model, usage) == costs(PRICING, model, usage)

@@ -205,7 +205,7 @@ def _stream_batch(
 
     def new_chunk() -> settlement.Chunk:
         encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
-        return settlement.Chunk(intent, remote, rt.config, encoder, rt.clock(), meter=meter)
+        return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock())
 
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()

@@ -70,6 +70,7 @@ class Chunk:
     remote: RemoteBatch
     config: Config
     encoder: warehouse.Encoder
+    meter: Meter
     collected_at: datetime  # when the chunk was begun: the time its results were read
     results: warehouse.Encoded = field(init=False)  # the warehouse rows, encoded as they arrive
     done: list[int] = field(default_factory=list)
@@ -79,14 +80,11 @@ class Chunk:
     tally: events.Tally = field(default_factory=events.Tally)
     systemic: str | None = None
     size: int = 0
-    meter: Meter | None = None
     # per task: documents, input, output, cache write, cache read tokens, cost, standard cost
     _sums: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.results = warehouse.Encoded(self.encoder.dialect)
-        if self.meter is None:
-            self.meter = Meter(self.config.pricing)
 
     def add(self, qid: int, exp: Expected, result: dict[str, Any]) -> None:
         self.size += 1
@@ -132,7 +130,6 @@ class Chunk:
                 output_json = None
         usage = Usage.from_api(message.get("usage") or {})
         model = str(message.get("model") or "")
-        assert self.meter is not None
         cost, standard = self.meter.costs(model, usage)
         self.results.rows.append(
             self.encoder.encode(

@@ -125,7 +125,7 @@ class _Writer:
     (PostgreSQL's server, SQLite's page writes and fsync, both outside the GIL), so the two overlap. At
     most one chunk waits while another is written. The first error stops the writing (later chunks are
     dropped: their rows stay `submitted` and are collected again) and is raised to the reader at its next
-    `put` or at `drain`.
+    `put` or at `finish`.
     """
 
     def __init__(self, rt: Runtime, expected: dict[int, Expected], totals: settlement.Totals) -> None:
@@ -168,8 +168,10 @@ class _Writer:
             self._queue.put((chunk, mid_stream))
             self.waited_seconds += time.perf_counter() - started
 
-    def drain(self) -> None:
-        """Wait until every chunk put so far is written; raise the writer's error, if any."""
+    def finish(self, chunk: settlement.Chunk) -> None:
+        """Hand over the stream's last chunk and wait until everything is written; raise the writer's
+        error, if any."""
+        self.put(chunk, mid_stream=False)
         started = time.perf_counter()
         self._queue.join()
         self.waited_seconds += time.perf_counter() - started
@@ -247,15 +249,13 @@ def _stream_batch(
                     chunk = new_chunk()
                     limit = settings.chunk_size
         except ResultsGone as exc:
-            writer.put(chunk, mid_stream=False)
-            writer.drain()
+            writer.finish(chunk)
             log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
             _archive(rt, intent, out)
             return
         except ProviderError as exc:
             error = str(exc)
-        writer.put(chunk, mid_stream=False)
-        writer.drain()
+        writer.finish(chunk)
         moved = _moved_on(rt, elsewhere)
         foreign += [cid for qid, cid in elsewhere.items() if qid not in moved]
         if foreign or duplicates:

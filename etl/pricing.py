@@ -50,17 +50,9 @@ def _standard(pricing: Pricing, price: ModelPrice, usage: Usage) -> float:
     return (inp + usage.output_tokens * price.output) / MILLION
 
 
-def standard_cost(pricing: Pricing, model: str, usage: Usage) -> float | None:
-    price = pricing.for_model(model)
-    return None if price is None else _standard(pricing, price, usage)
-
-
 def costs(pricing: Pricing, model: str, usage: Usage) -> tuple[float, float]:
     """(batch cost, standard cost) in USD; zeros for a model without a price (logged by the caller)."""
-    standard = standard_cost(pricing, model, usage)
-    if standard is None:
-        return 0.0, 0.0
-    return standard * pricing.batch_discount, standard
+    return Meter(pricing).costs(model, usage)
 
 
 class Meter:
@@ -75,7 +67,7 @@ class Meter:
         self._prices: dict[str, ModelPrice | None] = {}
 
     def costs(self, model: str, usage: Usage) -> tuple[float, float]:
-        """The same as `costs(pricing, model, usage)`."""
+        """(batch cost, standard cost) in USD; zeros for a model without a price."""
         try:
             price = self._prices[model]
         except KeyError:

@@ -1,7 +1,7 @@
 """Collect baseline: the least work that puts the same rows in the same database as `etl collect`.
 
 Per batch: one GET for the batch (ended_at), one query for its rows' doc_key/task/enqueued_at, then the
-results stream read over plain `http.client`, each line parsed with `json.loads` into the same columns
+results stream read over plain `http.client`, each line parsed with `orjson.loads` (as `etl` does) into the same columns
 as `etl_results` and loaded into a bare table (no key, no index) by the fastest bulk path: one COPY on
 PostgreSQL, one executemany in one transaction on SQLite. No upsert, no queue updates, no events.
 Usage: baseline_collect.py DB_URL BASE_URL CONFIG TABLE BATCH_ID...
@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -91,7 +93,7 @@ def batch_rows(
     batch = get_json(http_conn, f"/v1/messages/batches/{batch_id}")
     ended_at = batch["ended_at"]
     for line in lines(http_conn, f"/v1/messages/batches/{batch_id}/results"):
-        obj = json.loads(line)
+        obj = orjson.loads(line)
         result = obj["result"]
         if result["type"] != "succeeded":
             continue

@@ -7,20 +7,19 @@ re-run after a crash, or a second collector never applies a result twice.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
 
-from etl import failpoints, reconciler, settlement
+from etl import codec, failpoints, reconciler, settlement
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
 from etl.pricing import Meter
 from etl.prompt import queue_id_of
-from etl.provider import backoff_sleep
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime, gc_paused
 from etl.schema import DocStatus
@@ -29,7 +28,7 @@ from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
-from etl.store.engine import reading
+from etl.store.engine import bulk_writes, reading
 from etl.store.warehouse import Encoder
 
 log = structlog.get_logger("etl.collect")
@@ -55,8 +54,19 @@ class CollectOutcome:
 
 def run(rt: Runtime) -> CollectOutcome:
     out = CollectOutcome()
+    # The SDK loads on a thread (1-3 s of CPU) while the database works: reconciliation's own part and,
+    # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
+    # batch, which a collect reads next anyway once that batch has ended.
+    rt.warm_provider()
+    reconciled = reconciler.release_expired(rt)
+    preloaded: dict[int, dict[int, Expected]] = {}
+    if not rt.provider_ready:
+        with reading(rt.engine) as conn:
+            first = next(iter(intents.open_intents(conn)), None)
+        if first is not None:
+            preloaded[first.id] = _load_expected(rt, first)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
-    reconciler.run(rt)
+    reconciler.match_remote(rt, reconciled)
     with rt.engine.begin() as conn:
         open_ = intents.open_intents(conn)
     for intent in open_:
@@ -64,6 +74,7 @@ def run(rt: Runtime) -> CollectOutcome:
             break
         assert intent.batch_id is not None
         out.batches_checked += 1
+        expected = preloaded.pop(intent.id, None)  # dropped here if this batch has not ended
         try:
             remote = rt.provider.retrieve(intent.batch_id)
         except ProviderError as exc:
@@ -85,7 +96,7 @@ def run(rt: Runtime) -> CollectOutcome:
         if remote.archived_at is not None or now >= remote.created_at + timedelta(days=29):
             _archive(rt, intent, out)
             continue
-        _collect_batch(rt, intent, remote, out)
+        _collect_batch(rt, intent, remote, out, expected)
     log.info(
         "collect_finished",
         batches_checked=out.batches_checked,
@@ -136,6 +147,8 @@ class _Writer:
         self._error: BaseException | None = None
         self.busy_seconds = 0.0  # writing chunks
         self.waited_seconds = 0.0  # the reader waiting for the writer: the database is the slower side
+        self._resources = ExitStack()
+        self._conn = self._resources.enter_context(bulk_writes(rt.engine))  # used by the thread only
         self._thread = threading.Thread(target=self._run, name="etl-collect-writer", daemon=True)
         self._thread.start()
 
@@ -148,7 +161,7 @@ class _Writer:
                 chunk, mid_stream = item
                 if self._error is None:
                     started = time.perf_counter()
-                    settlement.write(self.rt, chunk, self.expected, self.totals)
+                    settlement.write(self.rt, self._conn, chunk, self.expected, self.totals)
                     self.busy_seconds += time.perf_counter() - started
                     if mid_stream:
                         failpoints.hit("collect.mid_stream")
@@ -180,12 +193,19 @@ class _Writer:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self._resources.close()
 
 
-def _collect_batch(rt: Runtime, intent: Intent, remote: RemoteBatch, out: CollectOutcome) -> None:
+def _collect_batch(
+    rt: Runtime,
+    intent: Intent,
+    remote: RemoteBatch,
+    out: CollectOutcome,
+    expected: dict[int, Expected] | None = None,
+) -> None:
     with gc_paused():
         totals = settlement.Totals()
-        writer = _Writer(rt, _load_expected(rt, intent), totals)
+        writer = _Writer(rt, expected if expected is not None else _load_expected(rt, intent), totals)
         try:
             _stream_batch(rt, intent, remote, writer, out)
         finally:
@@ -221,7 +241,7 @@ def _stream_batch(
         try:
             for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
                 try:
-                    obj = json.loads(line)
+                    obj = codec.loads(line)
                     cid = obj["custom_id"]
                     result = obj["result"]
                 except (ValueError, KeyError, TypeError) as exc:
@@ -298,7 +318,7 @@ def _stream_batch(
             pending=len(pending),
         )
         if attempt < settings.stream_retries:
-            backoff_sleep(attempt, settings.stream_backoff_seconds)
+            _backoff_sleep(attempt, settings.stream_backoff_seconds)
     out.problems.append(
         f"batch {intent.batch_id}: results incomplete after {settings.stream_retries + 1} tries"
     )
@@ -326,3 +346,8 @@ def _disown(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
             events.record(conn, now, "released", None, n, "wrong batch adopted", intent.id)
     out.problems.append(reason)
     log.error("adoption_undone", batch_id=intent.batch_id)
+
+
+def _backoff_sleep(attempt: int, base: float, cap: float = 60.0) -> None:
+    """Real sleep between retries of a broken results stream (a network wait, not a wait for time)."""
+    time.sleep(min(cap, base * (2**attempt)))

@@ -7,8 +7,6 @@ create that the server had already accepted would be a second, billed batch.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Generator, Iterator
 from datetime import datetime
 
@@ -16,6 +14,7 @@ import anthropic
 import httpx2
 from anthropic.types.messages import MessageBatch
 
+from etl import codec
 from etl.clock import ensure_utc
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
 from etl.remote import RemoteBatch
@@ -205,13 +204,8 @@ class Provider:
 def first_custom_id(lines: Iterator[bytes]) -> str | None:
     for line in lines:
         try:
-            value = json.loads(line).get("custom_id")
+            value = codec.loads(line).get("custom_id")
         except (ValueError, AttributeError):
             return None
         return value if isinstance(value, str) else None
     return None
-
-
-def backoff_sleep(attempt: int, base: float, cap: float = 60.0) -> None:
-    """Real sleep between retries of a broken results stream (a network wait, not a wait for time)."""
-    time.sleep(min(cap, base * (2**attempt)))

@@ -43,6 +43,14 @@ class ReconcileOutcome:
 
 
 def run(rt: Runtime) -> ReconcileOutcome:
+    out = release_expired(rt)
+    return match_remote(rt, out)
+
+
+def release_expired(rt: Runtime) -> ReconcileOutcome:
+    """The database's part, no API call: expired claims go back to the queue, and sends whose process
+    died become `unknown`. A submit does this before it claims, and `match_remote` after its first claim
+    (while the claim runs, the SDK loads: `Runtime.warm_provider`)."""
     out = ReconcileOutcome()
     now = rt.clock()
     with rt.engine.begin() as conn:
@@ -59,6 +67,14 @@ def run(rt: Runtime) -> ReconcileOutcome:
                 log.warning("claim_expired_released", intent=intent_id, rows=rows)
         for intent_id in intents.expire_sending(conn, now):
             log.warning("sending_intent_orphaned", intent=intent_id)
+    return out
+
+
+def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
+    """The API's part: `unknown` intents matched against the API's recent batches (adopted, or released
+    once nothing could match them), and remote batches that match no record reported."""
+    now = rt.clock()
+    with reading(rt.engine) as conn:
         unknown = intents.with_status(conn, BatchStatus.UNKNOWN)
         known = intents.known_batch_ids(conn)
 

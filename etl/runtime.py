@@ -8,7 +8,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -66,18 +66,47 @@ class Runtime:
     should_stop: Callable[[], bool] = _never
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     _provider: Provider | None = None
+    _warming: threading.Thread | None = None
+    _provider_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def provider(self) -> Provider:
-        if self._provider is None:
-            self._provider = self.provider_factory()
-        return self._provider
+        with self._provider_lock:
+            if self._warming is not None:
+                self._warming.join()
+                self._warming = None
+            if self._provider is None:  # not warmed, or warming failed: build here, raising what it raises
+                self._provider = self.provider_factory()
+            return self._provider
+
+    @property
+    def provider_ready(self) -> bool:
+        """Built already: using `provider` now does not wait for the SDK to load."""
+        return self._provider is not None and self._warming is None
+
+    def warm_provider(self) -> None:
+        """Start building the provider on a thread, so the SDK's import (1-3 s of CPU: thousands of
+        modules) runs while the caller waits for the database. `provider` waits for it. A failure is not
+        kept: `provider` builds again and raises it where it always did."""
+        with self._provider_lock:
+            if self._provider is not None or self._warming is not None:
+                return
+
+            def build() -> None:
+                # e.g. no API key: `provider` builds again and raises it, with its message
+                with suppress(Exception):
+                    self._provider = self.provider_factory()
+
+            self._warming = threading.Thread(target=build, name="etl-provider-warm", daemon=True)
+            self._warming.start()
 
     @property
     def same_database(self) -> bool:
         return self.engine is self.warehouse
 
     def close(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
         if self._provider is not None:
             self._provider.close()
         self.engine.dispose()

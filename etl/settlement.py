@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import Connection
 
 from etl import failpoints
 from etl.config import Config, Task
@@ -125,7 +126,7 @@ class Chunk:
         task: Task | None = self.config.tasks.get(exp.task)
         if task is not None and task.output_schema is not None:
             try:
-                output_json = json.loads(text)
+                output_json = json.loads(text)  # not codec: exact integers of any width
             except ValueError:
                 output_json = None
         usage = Usage.from_api(message.get("usage") or {})
@@ -186,8 +187,9 @@ class Chunk:
         return self.tally
 
 
-def write(rt: Runtime, chunk: Chunk, expected: dict[int, Expected], totals: Totals) -> None:
-    """Apply one chunk: the warehouse rows, then the queue rows' new states and the chunk's events.
+def write(rt: Runtime, conn: Connection, chunk: Chunk, expected: dict[int, Expected], totals: Totals) -> None:
+    """Apply one chunk: the warehouse rows, then the queue rows' new states and the chunk's events, in one
+    transaction on `conn` (a connection to `rt.engine` with no transaction open).
 
     With a separate warehouse the results are committed there first: a crash in between leaves rows
     `submitted`, and the next collect writes the same results again (the upsert is idempotent).
@@ -200,7 +202,7 @@ def write(rt: Runtime, chunk: Chunk, expected: dict[int, Expected], totals: Tota
         with rt.warehouse.begin() as wconn:
             warehouse.write(wconn, chunk.results)
         failpoints.hit("collect.after_warehouse")
-    with rt.engine.begin() as conn:
+    with conn.begin():
         if rt.same_database and chunk.results.rows:
             warehouse.write(conn, chunk.results)
         q.mark_done(conn, batch_ref, chunk.done, now)

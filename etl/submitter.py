@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import delete
@@ -46,16 +46,27 @@ def run(rt: Runtime) -> SubmitOutcome:
         paused = state.pause_reason(conn)
     if paused:
         raise SubmissionPaused(f"submission is paused: {paused}. Fix the cause, then run: etl resume")
-    reconciler.run(rt)
+    # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
+    # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
+    rt.warm_provider()
+    reconciled = reconciler.release_expired(rt)
+    claim = _claim(rt)
+    reconciler.match_remote(rt, reconciled)
     outcome = SubmitOutcome()
     limits = rt.config.submit
     while outcome.batches < limits.max_batches_per_run:
         if rt.should_stop():
             outcome.stopped = "stop requested"
+            if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
+                _give_back(rt, claim)
+            break
+        claim = claim or _claim(rt)
+        if claim is None:
             break
         with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
-            if not _one_batch(rt, outcome):
+            if not _one_batch(rt, outcome, claim):
                 break
+        claim = None
     log.info(
         "submit_finished",
         batches=outcome.batches,
@@ -67,8 +78,15 @@ def run(rt: Runtime) -> SubmitOutcome:
     return outcome
 
 
-def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
-    """Claim, build and send one batch. False when there is nothing left or the run must stop."""
+@dataclass(frozen=True)
+class Claim:
+    intent_id: int
+    rows: int
+    at: datetime  # when the lease began
+
+
+def _claim(rt: Runtime) -> Claim | None:
+    """Take the next batch's rows under a new intent and lease; None when nothing is queued."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
     now = rt.clock()
@@ -77,9 +95,30 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome) -> bool:
         claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now)
         if claimed == 0:
             conn.execute(delete(batches).where(batches.c.id == intent_id))
-            return False
+            return None
     log.info("rows_claimed", intent=intent_id, rows=claimed)
     failpoints.hit("submit.after_claim")
+    return Claim(intent_id, claimed, now)
+
+
+def _give_back(rt: Runtime, claim: Claim) -> None:
+    with rt.engine.begin() as conn:
+        if intents.release(
+            conn,
+            claim.intent_id,
+            (BatchStatus.CLAIMED,),
+            "submit stopped before building",
+            batches.c.owner == rt.owner,
+        ):
+            q.unclaim(conn, claim.intent_id, rt.clock())
+
+
+def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
+    """Build and send the batch of one claim. False when the run must stop."""
+    limits = rt.config.submit
+    lease = timedelta(seconds=limits.claim_lease_seconds)
+    intent_id = claim.intent_id
+    now = claim.at
 
     parts: list[bytes] = []
     size = BODY_OVERHEAD

@@ -343,3 +343,40 @@ def test_a_write_failing_mid_batch_stops_the_collect_and_the_next_collect_finish
     assert (out.batches_collected, out.succeeded) == (1, 18)
     assert len(results_by_key(runtime)) == 30
     assert {r["status"] for r in queue_rows(runtime).values()} == {"done"}
+
+
+def test_a_submit_told_to_stop_before_its_first_batch_gives_the_claimed_rows_back(
+    runtime: Runtime, control: EmulatorControl
+) -> None:
+    """The first batch is claimed before the API's part of reconciliation (while the SDK loads); a stop
+    requested by then sends nothing and leaves every row queued, not waiting for a lease to run out."""
+    insert_docs(runtime, [{"doc_key": f"k{i}", "body": f"body {i}"} for i in range(5)])
+    runtime.should_stop = lambda: True
+    out = submitter.run(runtime)
+    assert (out.batches, out.documents, out.stopped) == (0, 0, "stop requested")
+    rows = queue_rows(runtime)
+    assert {r["status"] for r in rows.values()} == {"queued"} and len(rows) == 5
+    with runtime.engine.connect() as conn:
+        assert conn.execute(text("SELECT DISTINCT batch_ref FROM etl_queue")).scalars().all() == [None]
+        assert conn.execute(text("SELECT status FROM etl_batches")).scalars().all() == ["released"]
+    assert control.ledger()["billed"] == {}
+    runtime.should_stop = lambda: False
+    assert submitter.run(runtime).documents == 5  # the next run takes them at once
+
+
+def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collects_it(
+    make_runtime: Callable[..., Runtime], clock: SharedClock
+) -> None:
+    """`etl collect` reads the first open batch's rows while the SDK loads; a batch still processing
+    drops them, and the collect after it ends reads them again."""
+    first = make_runtime()
+    insert_docs(first, [{"doc_key": f"k{i}", "body": f"body {i}"} for i in range(6)])
+    assert submitter.run(first).documents == 6
+    early = make_runtime()  # a fresh process: its SDK is still loading when the collect starts
+    out = collector.run(early)
+    assert (out.batches_checked, out.batches_collected, out.succeeded) == (1, 0, 0)
+    assert {r["status"] for r in queue_rows(early).values()} == {"submitted"}
+    clock.advance(3600)
+    out = collector.run(make_runtime())
+    assert (out.batches_collected, out.succeeded) == (1, 6)
+    assert {r["status"] for r in queue_rows(early).values()} == {"done"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +17,13 @@ from etl.errors import SchemaOutOfDate
 from etl.store import batches as intents
 from etl.store import migrate, state, warehouse
 from etl.store import queue as q
-from etl.store.engine import make_engine, reading
+from etl.store.engine import (
+    SQLITE_BULK_WAL_BYTES,
+    SQLITE_WAL_AUTOCHECKPOINT_PAGES,
+    bulk_writes,
+    make_engine,
+    reading,
+)
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 
@@ -265,3 +272,44 @@ def test_a_reader_does_not_hold_the_write_lock_while_it_reads(engine: Engine) ->
         with engine.begin() as writer:
             changed = writer.execute(text("UPDATE etl_queue SET priority = 1")).rowcount
         assert len(rows) == 3 and changed == 3
+
+
+def _wal_setting(conn: Any) -> int:
+    return int(conn.connection.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+
+def test_bulk_writes_commit_each_transaction_and_leave_the_connection_as_they_found_it(engine: Engine) -> None:
+    """A collect's chunks commit one by one (each is durable and visible at once); on SQLite the WAL is
+    checkpointed at the end instead of after every commit, and the pooled connection gets its setting back."""
+    add_docs(engine, 4)
+    sqlite = engine.dialect.name == "sqlite"
+    with bulk_writes(engine) as conn:
+        if sqlite:
+            assert _wal_setting(conn) == SQLITE_BULK_WAL_BYTES // 4096 > SQLITE_WAL_AUTOCHECKPOINT_PAGES
+        for priority in (1, 2):
+            with conn.begin():
+                conn.execute(text("UPDATE etl_queue SET priority = :p"), {"p": priority})
+            with engine.connect() as other:  # committed: another connection sees it
+                assert other.execute(text("SELECT max(priority) FROM etl_queue")).scalar() == priority
+        wal = engine.url.database + "-wal" if sqlite and engine.url.database else None
+        frames_before = os.path.getsize(wal) if wal else 0
+    if sqlite:
+        assert frames_before > 0  # the commits sat in the WAL...
+        with engine.connect() as conn:
+            assert _wal_setting(conn) == SQLITE_WAL_AUTOCHECKPOINT_PAGES
+            busy, log_frames, checkpointed = conn.connection.driver_connection.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+            assert (busy, log_frames - checkpointed) == (0, 0)  # ...and all of it is in the database file now
+
+
+def test_bulk_writes_roll_back_a_failed_transaction_and_keep_the_earlier_ones(engine: Engine) -> None:
+    add_docs(engine, 2)
+    with bulk_writes(engine) as conn:
+        with conn.begin():
+            conn.execute(text("UPDATE etl_queue SET priority = 5"))
+        with pytest.raises(RuntimeError), conn.begin():
+            conn.execute(text("UPDATE etl_queue SET priority = 9"))
+            raise RuntimeError("write failed mid-chunk")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT DISTINCT priority FROM etl_queue")).scalars().all() == [5]

@@ -1,13 +1,16 @@
-"""Garbage collection is paused while batches run, and restored as it was when the last one ends."""
+"""Garbage collection is paused while batches run and restored after; the provider can be built ahead."""
 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from etl.runtime import gc_paused
+from etl.errors import ConfigError
+from etl.runtime import Runtime, gc_paused
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +54,42 @@ def test_an_exception_still_restores_gc() -> None:
     with pytest.raises(RuntimeError), gc_paused():
         raise RuntimeError("boom")
     assert gc.isenabled()
+
+
+def _runtime(factory: Any) -> Runtime:
+    from sqlalchemy import create_engine
+
+    engine = create_engine("sqlite://")
+    return Runtime(config=None, engine=engine, warehouse=engine, provider_factory=factory)  # type: ignore[arg-type]
+
+
+def test_a_warmed_provider_is_built_once_on_another_thread_and_handed_over() -> None:
+    built_on: list[str] = []
+    release = threading.Event()
+
+    def factory() -> Any:
+        release.wait(10)
+        built_on.append(threading.current_thread().name)
+        return object()
+
+    rt = _runtime(factory)
+    rt.warm_provider()
+    rt.warm_provider()  # already warming: no second build
+    release.set()
+    first = rt.provider
+    assert rt.provider is first
+    assert built_on == ["etl-provider-warm"]
+
+
+def test_a_warm_up_that_fails_raises_its_error_where_the_provider_is_used() -> None:
+    calls: list[int] = []
+
+    def factory() -> Any:
+        calls.append(1)
+        raise ConfigError(["no API key: set ANTHROPIC_API_KEY"])
+
+    rt = _runtime(factory)
+    rt.warm_provider()
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
+        rt.provider
+    assert len(calls) == 2  # the warm-up's failure, then the build that raised it to the caller

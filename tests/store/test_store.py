@@ -278,7 +278,9 @@ def _wal_setting(conn: Any) -> int:
     return int(conn.connection.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
 
 
-def test_bulk_writes_commit_each_transaction_and_leave_the_connection_as_they_found_it(engine: Engine) -> None:
+def test_bulk_writes_commit_each_transaction_and_leave_the_connection_as_they_found_it(
+    engine: Engine,
+) -> None:
     """A collect's chunks commit one by one (each is durable and visible at once); on SQLite the WAL is
     checkpointed at the end instead of after every commit, and the pooled connection gets its setting back."""
     add_docs(engine, 4)

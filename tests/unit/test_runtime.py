@@ -91,5 +91,5 @@ def test_a_warm_up_that_fails_raises_its_error_where_the_provider_is_used() -> N
     rt = _runtime(factory)
     rt.warm_provider()
     with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
-        rt.provider
+        _ = rt.provider
     assert len(calls) == 2  # the warm-up's failure, then the build that raised it to the caller

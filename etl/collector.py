@@ -13,10 +13,11 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cache
 
 import structlog
 
-from etl import codec, failpoints, reconciler, settlement
+from etl import codec, failpoints, reconciler, schema, settlement
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
 from etl.pricing import Meter
 from etl.prompt import queue_id_of
@@ -123,8 +124,9 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
 def _load_expected(rt: Runtime, intent: Intent) -> dict[int, Expected]:
     with reading(rt.engine) as conn:
         rows = q.sent_rows(conn, intent.id)
+    as_utc = cache(schema.as_utc)  # once per distinct enqueued_at
     return {
-        qid: Expected(doc_key, task, attempts, status, at)
+        qid: Expected(doc_key, task, attempts, status, as_utc(at))
         for qid, doc_key, task, attempts, status, at in rows
     }
 

@@ -42,11 +42,17 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        return ensure_utc(value)
+        return as_utc(value)
+
+
+def as_utc(value: Any) -> datetime | None:
+    """A stored timestamp as the driver returns it (SQLite: naive UTC text; PostgreSQL: a datetime) as an
+    aware UTC datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return ensure_utc(value)
 
 
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")

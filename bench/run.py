@@ -14,6 +14,11 @@ wait4, i.e. measured by the kernel) are recorded:
 3. `bench/baseline_collect.py` (reads the results of the batches `etl submit` created)
 4. `etl collect`               (includes the morning report, as the command does)
 
+With `--repeat N` each pair is measured N times on a restored copy of the database (SQLite: a file
+copy; PostgreSQL: `CREATE DATABASE ... TEMPLATE`), alternating which side goes first, and the RESULT
+line gives the medians (of the etl seconds and of the pairs' ratios): on a VM whose speed drifts from
+minute to minute, one pair can land a fast baseline beside a slow etl run.
+
 Both sides pay interpreter start-up (the baselines import only the standard library and psycopg; `etl`
 imports the SDK, SQLAlchemy and structlog). Ratios are etl / baseline. The last line printed is
 `RESULT db=... docs=... submit_s=... submit_ratio=... collect_s=... collect_ratio=... submit_rss_mb=...
@@ -29,13 +34,14 @@ import random
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -120,8 +126,10 @@ class Database:
         self.kind = kind
         self.pg_admin = pg_admin
         self.name = f"etl_bench_{uuid.uuid4().hex[:10]}"
+        self._path = str(workdir / "etl.db")
+        self._snapshots: list[str] = []
         if kind == "sqlite":
-            self.url = f"sqlite:///{workdir / 'etl.db'}"
+            self.url = f"sqlite:///{self._path}"
         else:
             with psycopg.connect(pg_admin, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.name}"')
@@ -166,6 +174,31 @@ class Database:
                 conn.execute("VACUUM ANALYZE etl_queue")
                 conn.execute("CHECKPOINT")
 
+    def snapshot(self, tag: str) -> None:
+        """Keep the database as it is now, to `restore` before each repeat of a measurement."""
+        if self.kind == "sqlite":
+            conn = self._sqlite()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+            shutil.copyfile(self._path, f"{self._path}.{tag}")
+            return
+        with psycopg.connect(self.pg_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}_{tag}"')
+            conn.execute(f'CREATE DATABASE "{self.name}_{tag}" TEMPLATE "{self.name}"')
+        self._snapshots.append(f"{self.name}_{tag}")
+
+    def restore(self, tag: str) -> None:
+        if self.kind == "sqlite":
+            for suffix in ("-wal", "-shm"):
+                Path(self._path + suffix).unlink(missing_ok=True)
+            shutil.copyfile(f"{self._path}.{tag}", self._path)
+            return
+        with psycopg.connect(self.pg_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{self.name}" TEMPLATE "{self.name}_{tag}"')
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+
     def scalar(self, sql: str) -> Any:
         if self.kind == "sqlite":
             conn = self._sqlite()
@@ -190,7 +223,8 @@ class Database:
     def drop(self) -> None:
         if self.kind == "postgresql":
             with psycopg.connect(self.pg_admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+                for name in [self.name, *self._snapshots]:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Emulator:
@@ -244,6 +278,38 @@ class Emulator:
         self._err.close()
 
 
+def pairs(
+    n: int, baseline: Callable[[], Measured], etl: Callable[[], Measured], restore: Callable[[], None]
+) -> list[tuple[Measured, Measured]]:
+    """`n` (baseline, etl) measurements, the database restored before each one after the first.
+
+    The order alternates (baseline first, then etl first, ...; the last pair runs etl last, so the
+    database and the emulator are left as etl made them): on a machine whose speed drifts, neither side
+    gets the fast minutes more often. With n = 1: baseline then etl, nothing restored.
+    """
+    out: list[tuple[Measured, Measured]] = []
+    first = True
+    for k in range(n):
+        order = [baseline, etl] if (n - 1 - k) % 2 == 0 else [etl, baseline]
+        got: dict[Callable[[], Measured], Measured] = {}
+        for step in order:
+            if not first:
+                restore()
+            first = False
+            got[step] = step()
+        out.append((got[baseline], got[etl]))
+    return out
+
+
+def summary(runs: list[tuple[Measured, Measured]]) -> tuple[float, float, float]:
+    """(median etl seconds, median of the pairs' etl/baseline ratios, highest etl peak RSS)."""
+    return (
+        statistics.median(e.seconds for _, e in runs),
+        statistics.median(e.seconds / b.seconds for b, e in runs),
+        max(e.rss_mb for _, e in runs),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=100_000)
@@ -258,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         "--no-vacuum",
         action="store_true",
         help="PostgreSQL: collect right after submit, without the VACUUM autovacuum would have run in between",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each baseline/etl pair this many times (the database restored before each), "
+        "alternating which goes first; ratios are the median of the pairs' ratios",
     )
     p.add_argument(
         "--profile",
@@ -321,42 +394,65 @@ def main(argv: list[str] | None = None) -> int:
             return [*etl, command]
 
         cfg = str(args.config)
-        b_submit = measure(
-            "baseline_submit",
-            [python, str(HERE / "baseline_submit.py"), db.url, emulator.base_url, cfg],
-            env,
-            workdir,
-        )
-        emulator.reset()
-        submit = measure("etl_submit", etl_cmd("submit"), env, workdir)
-        submitted = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'submitted'")
-        if submitted != args.docs:
-            raise SystemExit(f"etl submit left {submitted} of {args.docs} rows submitted: {submit.output}")
+        assert emulator is not None
+        em = emulator
+
+        def run_baseline_submit() -> Measured:
+            m = measure(
+                "baseline_submit",
+                [python, str(HERE / "baseline_submit.py"), db.url, em.base_url, cfg],
+                env,
+                workdir,
+            )
+            em.reset()  # the emulator then holds only etl's batches
+            return m
+
+        def run_submit() -> Measured:
+            em.reset()
+            m = measure("etl_submit", etl_cmd("submit"), env, workdir)
+            submitted = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'submitted'")
+            if submitted != args.docs:
+                raise SystemExit(f"etl submit left {submitted} of {args.docs} rows submitted: {m.output}")
+            return m
+
+        def run_baseline_collect() -> Measured:
+            m = measure(
+                "baseline_collect",
+                [
+                    python,
+                    str(HERE / "baseline_collect.py"),
+                    db.url,
+                    em.base_url,
+                    cfg,
+                    BASELINE_TABLE,
+                    *batch_ids,
+                ],
+                env,
+                workdir,
+            )
+            rows = db.scalar(f"SELECT count(*) FROM {BASELINE_TABLE}")
+            if rows != args.docs:
+                raise SystemExit(f"the collect baseline loaded {rows} of {args.docs} rows")
+            return m
+
+        def run_collect() -> Measured:
+            m = measure("etl_collect", etl_cmd("collect"), env, workdir)
+            done = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'done'")
+            results = db.scalar("SELECT count(*) FROM etl_results")
+            if not done == results == args.docs:
+                raise SystemExit(f"expected {args.docs} everywhere: done={done} results={results}")
+            return m
+
+        repeat = max(1, args.repeat)
+        if repeat > 1:
+            db.snapshot("loaded")
+        submits = pairs(repeat, run_baseline_submit, run_submit, lambda: db.restore("loaded"))
         batch_ids = db.column("SELECT batch_id FROM etl_batches WHERE batch_id IS NOT NULL ORDER BY id")
         if not args.no_vacuum:
             db.after_submit()
-        b_collect = measure(
-            "baseline_collect",
-            [
-                python,
-                str(HERE / "baseline_collect.py"),
-                db.url,
-                emulator.base_url,
-                cfg,
-                BASELINE_TABLE,
-                *batch_ids,
-            ],
-            env,
-            workdir,
-        )
-        collect = measure("etl_collect", etl_cmd("collect"), env, workdir)
-        done = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'done'")
-        results = db.scalar("SELECT count(*) FROM etl_results")
-        baseline_rows = db.scalar(f"SELECT count(*) FROM {BASELINE_TABLE}")
-        if not done == results == baseline_rows == args.docs:
-            raise SystemExit(
-                f"expected {args.docs} everywhere: done={done} results={results} baseline={baseline_rows}"
-            )
+        if repeat > 1:
+            db.snapshot("submitted")
+        collects = pairs(repeat, run_baseline_collect, run_collect, lambda: db.restore("submitted"))
     finally:
         if emulator is not None:
             emulator.stop()
@@ -365,15 +461,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.workdir is None and args.profile is None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"{'process':<18}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}")
-    for m in (b_submit, submit, b_collect, collect):
-        print(f"{m.name:<18}{m.seconds:>9.2f}{m.cpu_s:>9.2f}{m.rss_mb:>13.1f}")
-    print(f"batches: {len(batch_ids)}; etl submit said: {submit.output}")
+    print(f"{'process':<18}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}{'ratio':>8}")
+    for runs in (submits, collects):
+        for b, e in runs:
+            print(f"{b.name:<18}{b.seconds:>9.2f}{b.cpu_s:>9.2f}{b.rss_mb:>13.1f}")
+            print(
+                f"{e.name:<18}{e.seconds:>9.2f}{e.cpu_s:>9.2f}{e.rss_mb:>13.1f}{e.seconds / b.seconds:>8.2f}"
+            )
+    print(f"batches: {len(batch_ids)}; etl submit said: {submits[-1][1].output}")
+    submit_s, submit_ratio, submit_rss = summary(submits)
+    collect_s, collect_ratio, collect_rss = summary(collects)
+    if repeat > 1:
+        print(f"medians of {repeat} pairs (RSS: the highest)")
     print(
-        f"RESULT db={args.db} docs={args.docs} submit_s={submit.seconds:.2f} "
-        f"submit_ratio={submit.seconds / b_submit.seconds:.2f} collect_s={collect.seconds:.2f} "
-        f"collect_ratio={collect.seconds / b_collect.seconds:.2f} submit_rss_mb={submit.rss_mb:.0f} "
-        f"collect_rss_mb={collect.rss_mb:.0f}",
+        f"RESULT db={args.db} docs={args.docs} submit_s={submit_s:.2f} submit_ratio={submit_ratio:.2f} "
+        f"collect_s={collect_s:.2f} collect_ratio={collect_ratio:.2f} submit_rss_mb={submit_rss:.0f} "
+        f"collect_rss_mb={collect_rss:.0f}",
         flush=True,
     )
     return 0

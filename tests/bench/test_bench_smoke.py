@@ -1,4 +1,7 @@
-"""The benchmark harness works end to end at a small size (no timing is asserted: CI machines vary)."""
+"""The benchmark harness works end to end at a small size (no timing is asserted: CI machines vary).
+
+`--repeat 2` also runs each measurement again on a restored copy of the database, with the order reversed.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def test_bench_run_prints_a_parsable_result_line(db: str, request: pytest.Fixtur
     if db == "postgresql":
         request.getfixturevalue("pg_admin")  # skips without PostgreSQL, fails instead when CI is set
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--docs", "2000", "--db", db],
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--docs", "2000", "--db", db, "--repeat", "2"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -36,3 +39,5 @@ def test_bench_run_prints_a_parsable_result_line(db: str, request: pytest.Fixtur
     assert (match["db"], match["docs"]) == (db, "2000")
     assert float(match["submit_s"]) > 0 and float(match["collect_s"]) > 0
     assert int(match["submit_rss"]) > 0 and int(match["collect_rss"]) > 0
+    measured = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("etl_")]
+    assert measured == ["etl_submit", "etl_submit", "etl_collect", "etl_collect"]

@@ -293,7 +293,7 @@ def pairs(
         order = [baseline, etl] if (n - 1 - k) % 2 == 0 else [etl, baseline]
         got: dict[Callable[[], Measured], Measured] = {}
         for step in order:
-            if not first:
+            if not first and n > 1:
                 restore()
             first = False
             got[step] = step()

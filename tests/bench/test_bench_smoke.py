@@ -21,12 +21,25 @@ RESULT = re.compile(
 )
 
 
-@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_bench_run_prints_a_parsable_result_line(db: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    ("db", "repeat"), [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
+)
+def test_bench_run_prints_a_parsable_result_line(
+    db: str, repeat: int, request: pytest.FixtureRequest
+) -> None:
     if db == "postgresql":
         request.getfixturevalue("pg_admin")  # skips without PostgreSQL, fails instead when CI is set
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--docs", "2000", "--db", db, "--repeat", "2"],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--docs",
+            "2000",
+            "--db",
+            db,
+            "--repeat",
+            str(repeat),
+        ],
         capture_output=True,
         text=True,
         timeout=240,
@@ -40,4 +53,4 @@ def test_bench_run_prints_a_parsable_result_line(db: str, request: pytest.Fixtur
     assert float(match["submit_s"]) > 0 and float(match["collect_s"]) > 0
     assert int(match["submit_rss"]) > 0 and int(match["collect_rss"]) > 0
     measured = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("etl_")]
-    assert measured == ["etl_submit", "etl_submit", "etl_collect", "etl_collect"]
+    assert measured == ["etl_submit"] * repeat + ["etl_collect"] * repeat

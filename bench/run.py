@@ -9,8 +9,8 @@ metadata {"title": ...}) loaded by COPY/executemany and ANALYZEd, the emulator s
 with zero processing time. Then, each as a separate process whose wall time and peak RSS (ru_maxrss from
 wait4, i.e. measured by the kernel) are recorded:
 
-1. `bench/baseline_submit.py`  (then the emulator is reset, so it holds only etl's batches)
-2. `etl submit`
+1. `bench/baseline_submit.py`
+2. `etl submit`                (the emulator is reset first, so it holds only etl's batches)
 3. `bench/baseline_collect.py` (reads the results of the batches `etl submit` created)
 4. `etl collect`               (includes the morning report, as the command does)
 
@@ -404,11 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                 env,
                 workdir,
             )
-            em.reset()  # the emulator then holds only etl's batches
             return m
 
         def run_submit() -> Measured:
-            em.reset()
+            em.reset()  # the emulator then holds only this submit's batches (the last pair runs etl last)
             m = measure("etl_submit", etl_cmd("submit"), env, workdir)
             submitted = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'submitted'")
             if submitted != args.docs:

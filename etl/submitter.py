@@ -58,7 +58,7 @@ def run(rt: Runtime) -> SubmitOutcome:
         if rt.should_stop():
             outcome.stopped = "stop requested"
             if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
-                _give_back(rt, claim)
+                _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
             break
         claim = claim or _claim(rt)
         if claim is None:
@@ -81,7 +81,6 @@ def run(rt: Runtime) -> SubmitOutcome:
 @dataclass(frozen=True)
 class Claim:
     intent_id: int
-    rows: int
     at: datetime  # when the lease began
 
 
@@ -98,19 +97,14 @@ def _claim(rt: Runtime) -> Claim | None:
             return None
     log.info("rows_claimed", intent=intent_id, rows=claimed)
     failpoints.hit("submit.after_claim")
-    return Claim(intent_id, claimed, now)
+    return Claim(intent_id, now)
 
 
-def _give_back(rt: Runtime, claim: Claim) -> None:
+def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: str) -> None:
+    """An intent of ours that was never sent: released, its rows back in the queue with attempts untouched."""
     with rt.engine.begin() as conn:
-        if intents.release(
-            conn,
-            claim.intent_id,
-            (BatchStatus.CLAIMED,),
-            "submit stopped before building",
-            batches.c.owner == rt.owner,
-        ):
-            q.unclaim(conn, claim.intent_id, rt.clock())
+        if intents.release(conn, intent_id, statuses, reason, batches.c.owner == rt.owner):
+            q.unclaim(conn, intent_id, rt.clock())
 
 
 def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
@@ -194,15 +188,12 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     if rt.clock() >= lease_until:
         # Paused between the fence and the call for longer than the lease: others may already treat this
         # intent as abandoned. We know it was never sent, so give the rows back instead of sending late.
-        with rt.engine.begin() as conn:
-            if intents.release(
-                conn,
-                intent_id,
-                (BatchStatus.SENDING, BatchStatus.UNKNOWN),
-                "lease ran out before the create was sent",
-                batches.c.owner == rt.owner,
-            ):
-                q.unclaim(conn, intent_id, rt.clock())
+        _give_back(
+            rt,
+            intent_id,
+            (BatchStatus.SENDING, BatchStatus.UNKNOWN),
+            "lease ran out before the create was sent",
+        )
         log.warning("claim_lost", intent=intent_id, reason="lease ran out between fence and create; not sent")
         outcome.stopped = "lease lost"
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,6 +161,44 @@ def test_guarded_updates_never_overwrite_a_newer_outcome(engine: Engine) -> None
             select(schema.queue.c.status, schema.queue.c.attempts).order_by(schema.queue.c.id)
         ).all()
     assert [tuple(r) for r in rows] == [("done", 0), ("queued", 1), ("submitted", 0)]
+
+
+def test_sent_rows_are_every_row_of_the_intent_as_stored(engine: Engine) -> None:
+    keys = ["plain", 'quo"te\\back', "new\nline", "ünïcødé ✓", "tab\tand \x01 control"]
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO etl_queue (doc_key, body, task) VALUES (:k, 'b', :t)"),
+            [{"k": k, "t": "classify" if i % 2 else "default"} for i, k in enumerate(keys)],
+        )
+        add_other = conn.execute(text("INSERT INTO etl_queue (doc_key, body) VALUES ('other', 'b')"))
+        assert add_other.rowcount == 1
+        intent = intents.create_intent(conn, "a", NOW + timedelta(minutes=5), NOW)
+        q.claim(conn, intent, len(keys), NOW)
+        q.mark_submitted(conn, intent, NOW)
+        rows = q.sent_rows(conn, intent)
+        plain = conn.execute(
+            select(schema.queue.c.id, schema.queue.c.doc_key, schema.queue.c.task, schema.queue.c.attempts)
+            .where(schema.queue.c.batch_ref == intent)
+            .order_by(schema.queue.c.id)
+        ).all()
+    got = sorted((r[0], r[1], r[2], r[3], r[4]) for r in rows)
+    assert got == [(*tuple(r), "submitted") for r in plain]
+    assert sorted(r[1] for r in rows) == sorted(keys)
+    assert {schema.as_utc(r[5]) for r in rows} == {schema.as_utc(rows[0][5])} and rows[0][5] is not None
+
+
+def test_sqlite_sent_rows_fall_back_to_a_plain_read_for_a_value_json_cannot_hold(tmp_path: Path) -> None:
+    """Only SQLite reads the rows as one JSON array, and only it can hold a BLOB doc_key."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'blob.db'}")
+    migrate.upgrade(engine, engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO etl_queue (doc_key, body) VALUES (x'00ff', 'b'), ('text', 'b')"))
+        intent = intents.create_intent(conn, "a", NOW + timedelta(minutes=5), NOW)
+        q.claim(conn, intent, 2, NOW)
+        rows = q.sent_rows(conn, intent)
+    assert sorted(r[1] for r in rows if isinstance(r[1], str)) == ["text"]
+    assert [r[1] for r in rows if not isinstance(r[1], str)] == [b"\x00\xff"]
+    engine.dispose()
 
 
 def result_row(queue_id: int, text_: str) -> dict[str, Any]:

@@ -139,14 +139,19 @@ class _Writer:
     most one chunk waits while another is written. The first error stops the writing (later chunks are
     dropped: their rows stay `submitted` and are collected again) and is raised to the reader at its next
     `put` or at `finish`.
+
+    Where the batch's queue rows are settled once (`settlement.settles_per_batch`), each chunk's results
+    are committed as it comes, and the chunk handed over by `finish` settles every chunk of the stream.
     """
 
     def __init__(self, rt: Runtime, expected: dict[int, Expected], totals: settlement.Totals) -> None:
         self.rt = rt
         self.expected = expected
         self.totals = totals
+        self.per_batch = settlement.settles_per_batch(rt)
         self._queue: queue.Queue[tuple[settlement.Chunk, bool] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self._unsettled: settlement.Chunk | None = None  # written chunks' queue transitions (per batch)
         self.busy_seconds = 0.0  # writing chunks
         self.waited_seconds = 0.0  # the reader waiting for the writer: the database is the slower side
         self._resources = ExitStack()
@@ -160,33 +165,50 @@ class _Writer:
             try:
                 if item is None:
                     return
-                chunk, mid_stream = item
+                chunk, last = item
                 if self._error is None:
                     started = time.perf_counter()
-                    settlement.write(self.rt, self._conn, chunk, self.expected, self.totals)
+                    self._write(chunk, last)
                     self.busy_seconds += time.perf_counter() - started
-                    if mid_stream:
+                    if not last:
                         failpoints.hit("collect.mid_stream")
             except BaseException as exc:  # handed to the reader, which raises it
                 self._error = exc
             finally:
                 self._queue.task_done()
 
+    def _write(self, chunk: settlement.Chunk, last: bool) -> None:
+        if not self.per_batch:
+            settlement.write(self.rt, self._conn, chunk, self.expected, self.totals)
+            return
+        settlement.write(self.rt, self._conn, chunk, self.expected, self.totals, settle=False)
+        if self._unsettled is None:
+            self._unsettled = chunk
+        else:
+            self._unsettled.absorb(chunk)
+        if last:
+            unsettled, self._unsettled = self._unsettled, None
+            settlement.write(self.rt, self._conn, unsettled, self.expected, self.totals)
+
     def _check(self) -> None:
         if self._error is not None:  # kept: the writer writes nothing more once it has failed
             raise self._error
 
-    def put(self, chunk: settlement.Chunk, *, mid_stream: bool) -> None:
+    def _hand_over(self, chunk: settlement.Chunk, last: bool) -> None:
         self._check()
+        started = time.perf_counter()
+        self._queue.put((chunk, last))
+        self.waited_seconds += time.perf_counter() - started
+
+    def put(self, chunk: settlement.Chunk) -> None:
+        """Hand over a chunk from the middle of the stream."""
         if chunk.size:
-            started = time.perf_counter()
-            self._queue.put((chunk, mid_stream))
-            self.waited_seconds += time.perf_counter() - started
+            self._hand_over(chunk, False)
 
     def finish(self, chunk: settlement.Chunk) -> None:
-        """Hand over the stream's last chunk and wait until everything is written; raise the writer's
-        error, if any."""
-        self.put(chunk, mid_stream=False)
+        """Hand over the stream's last chunk and wait until everything is written and settled; raise the
+        writer's error, if any."""
+        self._hand_over(chunk, True)
         started = time.perf_counter()
         self._queue.join()
         self.waited_seconds += time.perf_counter() - started
@@ -267,7 +289,7 @@ def _stream_batch(
                     continue  # settled by an earlier pass or run
                 chunk.add(qid, exp, result if isinstance(result, dict) else {})
                 if chunk.size >= limit:
-                    writer.put(chunk, mid_stream=True)
+                    writer.put(chunk)
                     chunk = new_chunk()
                     limit = settings.chunk_size
         except ResultsGone as exc:

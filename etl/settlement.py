@@ -2,9 +2,13 @@
 
 `Chunk.add` turns one result line into its outcome (a warehouse row, a re-queue with a reason, a dead
 row) as the line is read, so the collector never holds more than the compact plan of a chunk. `write`
-then applies the plan in one warehouse write and one queue transaction of guarded updates
-(`status = 'submitted' AND batch_ref = :intent`), which is what makes a re-run or a second collector
-harmless.
+then applies the plan: one warehouse write, and the queue rows' guarded updates
+(`status = 'submitted' AND batch_ref = :intent`) with the chunk's events, which is what makes a re-run
+or a second collector harmless.
+
+Where the queue lives in SQLite, a batch's queue rows are settled once, after its last chunk (see
+`settles_per_batch`); until then its chunks' results are committed on their own, as with a separate
+warehouse.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import structlog
 from sqlalchemy import Connection
 
 from etl import failpoints
-from etl.config import Config, Task
+from etl.config import Config
 from etl.pricing import Meter, Usage
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
@@ -60,7 +64,46 @@ def category(reason: str) -> str:
 
 
 def _text_of(message: dict[str, Any]) -> str:
-    return "".join(b.get("text", "") for b in message.get("content") or [] if b.get("type") == "text")
+    """The message's text blocks, joined; anything else in `content` (or a malformed one) adds nothing."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return ""
+    if len(content) == 1:  # nearly every message: one text block
+        block = content[0]
+        text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
+        return text if isinstance(text, str) else ""
+    return "".join(
+        text
+        for block in content
+        if isinstance(block, dict)
+        and block.get("type") == "text"
+        and isinstance(text := block.get("text"), str)
+    )
+
+
+# The order of `Chunk._succeeded`'s values, which must be the warehouse's (checked at import).
+RESULT_COLUMNS = [
+    "doc_key",
+    "task",
+    "queue_id",
+    "custom_id",
+    "output_text",
+    "output_json",
+    "model",
+    "stop_reason",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "cost_usd",
+    "standard_cost_usd",
+    "batch_id",
+    "enqueued_at",
+    "batch_ended_at",
+    "collected_at",
+]
+if RESULT_COLUMNS != warehouse.COLUMNS:
+    raise ImportError(f"etl_results columns changed: {warehouse.COLUMNS}; update settlement.RESULT_COLUMNS")
 
 
 @dataclass
@@ -86,6 +129,9 @@ class Chunk:
 
     def __post_init__(self) -> None:
         self.results = warehouse.Encoded(self.encoder.dialect)
+        self._json_tasks = {
+            name for name, task in self.config.tasks.items() if task.output_schema is not None
+        }
 
     def add(self, qid: int, exp: Expected, result: dict[str, Any]) -> None:
         self.size += 1
@@ -123,8 +169,7 @@ class Chunk:
     def _succeeded(self, qid: int, exp: Expected, message: dict[str, Any]) -> None:
         text = _text_of(message)
         output_json = None
-        task: Task | None = self.config.tasks.get(exp.task)
-        if task is not None and task.output_schema is not None:
+        if exp.task in self._json_tasks:
             try:
                 output_json = json.loads(text)  # not codec: exact integers of any width
             except ValueError:
@@ -133,27 +178,27 @@ class Chunk:
         model = str(message.get("model") or "")
         cost, standard = self.meter.costs(model, usage)
         self.results.rows.append(
-            self.encoder.encode(
-                {
-                    "doc_key": exp.doc_key,
-                    "task": exp.task,
-                    "queue_id": qid,
-                    "custom_id": f"q{qid}",
-                    "output_text": text,
-                    "output_json": output_json,
-                    "model": model,
-                    "stop_reason": message.get("stop_reason"),
-                    "input_tokens": usage.input_tokens,
-                    "output_tokens": usage.output_tokens,
-                    "cache_creation_input_tokens": usage.cache_write,
-                    "cache_read_input_tokens": usage.cache_read,
-                    "cost_usd": cost,
-                    "standard_cost_usd": standard,
-                    "batch_id": self.intent.batch_id,
-                    "enqueued_at": exp.enqueued_at,
-                    "batch_ended_at": self.remote.ended_at,
-                    "collected_at": self.collected_at,
-                }
+            self.encoder.encode_values(
+                [
+                    exp.doc_key,
+                    exp.task,
+                    qid,
+                    f"q{qid}",
+                    text,
+                    output_json,
+                    model,
+                    message.get("stop_reason"),
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cache_write,
+                    usage.cache_read,
+                    cost,
+                    standard,
+                    self.intent.batch_id,
+                    exp.enqueued_at,
+                    self.remote.ended_at,
+                    self.collected_at,
+                ]
             )
         )
         self.done.append(qid)
@@ -167,6 +212,16 @@ class Chunk:
         sums[4] += usage.cache_read
         sums[5] += cost
         sums[6] += standard
+
+    def absorb(self, other: Chunk) -> None:
+        """Take over the queue transitions and counts of `other`, whose results are written."""
+        self.size += other.size
+        self.done += other.done
+        self.counted += other.counted
+        self.free += other.free
+        self.dead += other.dead
+        self.tally.absorb(other.events())
+        self.systemic = self.systemic or other.systemic
 
     def events(self) -> events.Tally:
         """The chunk's outcome counts, as the event rows it adds."""
@@ -187,12 +242,36 @@ class Chunk:
         return self.tally
 
 
-def write(rt: Runtime, conn: Connection, chunk: Chunk, expected: dict[int, Expected], totals: Totals) -> None:
+def settles_per_batch(rt: Runtime) -> bool:
+    """Whether a batch's queue rows are settled once, after its last chunk, rather than with each chunk.
+
+    On SQLite, yes. Results arrive in random order, so each chunk's rows are spread over the whole batch,
+    and a queue row holds its ~1 KB body: with 20,000-result chunks, each chunk's UPDATE rewrote about
+    19,000 of a 100,000-row batch's 35,000 pages, 95,000 page writes per batch against 35,000 for one
+    UPDATE at the end (bench/RESULTS.md). On PostgreSQL the server applies each chunk's UPDATE beside the
+    collector's own work; one UPDATE at the end would run alone.
+    """
+    return rt.engine.dialect.name == "sqlite"
+
+
+def write(
+    rt: Runtime,
+    conn: Connection,
+    chunk: Chunk,
+    expected: dict[int, Expected],
+    totals: Totals,
+    *,
+    settle: bool = True,
+) -> None:
     """Apply one chunk: the warehouse rows, then the queue rows' new states and the chunk's events, in one
     transaction on `conn` (a connection to `rt.engine` with no transaction open).
 
     With a separate warehouse the results are committed there first: a crash in between leaves rows
     `submitted`, and the next collect writes the same results again (the upsert is idempotent).
+
+    With `settle=False` only the results are written (and committed, in the same database too) and the
+    chunk keeps its queue transitions, for a later `write` of a chunk that absorbed it. Its queue rows
+    stay `submitted` until then, with the same guarantee as above.
     """
     if chunk.size == 0:
         return
@@ -202,6 +281,13 @@ def write(rt: Runtime, conn: Connection, chunk: Chunk, expected: dict[int, Expec
         with rt.warehouse.begin() as wconn:
             warehouse.write(wconn, chunk.results)
         failpoints.hit("collect.after_warehouse")
+    if not settle:
+        if rt.same_database and chunk.results.rows:
+            with conn.begin():
+                warehouse.write(conn, chunk.results)
+            failpoints.hit("collect.after_warehouse")
+        chunk.results.rows.clear()  # written: only the queue transitions are kept
+        return
     with conn.begin():
         if rt.same_database and chunk.results.rows:
             warehouse.write(conn, chunk.results)

@@ -14,7 +14,7 @@ from etl.schema import events, reports
 
 @dataclass
 class Tally:
-    """Counts accumulated in memory for one chunk, flushed as a handful of event rows."""
+    """Counts accumulated in memory for a chunk (or a batch), flushed as a handful of event rows."""
 
     rows: dict[tuple[str, str | None, str | None], dict[str, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
@@ -27,6 +27,13 @@ class Tally:
         acc["documents"] += documents
         for name, value in amounts.items():
             acc[name] += value
+
+    def absorb(self, other: Tally) -> None:
+        """Add `other`'s counts to these."""
+        for key, amounts in other.rows.items():
+            acc = self.rows[key]
+            for name, value in amounts.items():
+                acc[name] += value
 
     def flush(self, conn: Connection, now: datetime, batch_ref: int | None) -> None:
         if not self.rows:

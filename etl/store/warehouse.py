@@ -39,7 +39,7 @@ class Encoded:
 
 
 class Encoder:
-    """Converts result rows (dicts keyed by column name) for one dialect, remembering repeated timestamps."""
+    """Converts result rows for one dialect, remembering repeated timestamps."""
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect.name
@@ -50,20 +50,25 @@ class Encoder:
                 _memo(ensure_utc) if name in TIMESTAMPS else json.dumps if name == "output_json" else None
                 for name in COLUMNS
             ]
-            self._convert_none = False
-        else:  # the columns' own bind processors, None included (as SQLAlchemy would)
+            self._steps = [(i, step, False) for i, step in enumerate(steps) if step is not None]
+        else:  # the columns' own bind processors, None included where they make something of it
             _, processors = _sqlite_statement(dialect)
             steps = [
                 _memo(proc) if proc is not None and name in TIMESTAMPS else proc for name, proc in processors
             ]
-            self._convert_none = True
-        self._steps = [(i, step) for i, step in enumerate(steps) if step is not None]
+            self._steps = [
+                (i, step, step(None) is not None) for i, step in enumerate(steps) if step is not None
+            ]
 
     def encode(self, row: dict[str, Any]) -> list[Any]:
-        values = list(self._values(row))
-        for i, step in self._steps:
+        """A row given as a dict keyed by column name."""
+        return self.encode_values(list(self._values(row)))
+
+    def encode_values(self, values: list[Any]) -> list[Any]:
+        """A row given as its values in `COLUMNS` order (converted in place)."""
+        for i, step, convert_none in self._steps:
             value = values[i]
-            if value is not None or self._convert_none:
+            if value is not None or convert_none:
                 values[i] = step(value)
         return values
 

@@ -249,9 +249,13 @@ def _stream_batch(
 
     meter = Meter(rt.config.pricing)
 
+    unique_keys = rt.warehouse.dialect.name == "postgresql" and len(
+        {(e.doc_key, e.task) for e in expected.values()}
+    ) == len(expected)
+
     def new_chunk() -> settlement.Chunk:
         encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
-        return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock())
+        return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock(), unique_keys)
 
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()

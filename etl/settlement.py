@@ -116,6 +116,7 @@ class Chunk:
     encoder: warehouse.Encoder
     meter: Meter
     collected_at: datetime  # when the chunk was begun: the time its results were read
+    unique_keys: bool = False  # the batch sent each (doc_key, task) once (see warehouse.Encoded)
     results: warehouse.Encoded = field(init=False)  # the warehouse rows, encoded as they arrive
     done: list[int] = field(default_factory=list)
     counted: list[tuple[int, str]] = field(default_factory=list)  # re-queued, attempt counted
@@ -128,7 +129,7 @@ class Chunk:
     _sums: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.results = warehouse.Encoded(self.encoder.dialect)
+        self.results = warehouse.Encoded(self.encoder.dialect, unique_keys=self.unique_keys)
         self._json_tasks = {
             name for name, task in self.config.tasks.items() if task.output_schema is not None
         }

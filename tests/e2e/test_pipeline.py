@@ -206,6 +206,19 @@ def test_reenqueued_document_with_a_new_body_replaces_its_result(
     assert "version two" in results["policy/default"]["output_text"]
 
 
+def test_two_versions_of_a_document_in_one_batch_leave_the_newer_result(
+    runtime: Runtime, clock: SharedClock
+) -> None:
+    insert_docs(runtime, [{"doc_key": "policy", "body": "version one of the travel policy"}])
+    insert_docs(runtime, [{"doc_key": "policy", "body": "version two of the travel policy"}])
+    insert_docs(runtime, [{"doc_key": f"other{i}", "body": f"another document {i}"} for i in range(3)])
+    out = cycle(runtime, clock)
+    assert (out.batches_collected, out.succeeded) == (1, 5)
+    results = results_by_key(runtime)
+    assert len(results) == 4
+    assert "version two" in results["policy/default"]["output_text"]
+
+
 def test_morning_report_counts_and_costs_match_the_ledger(
     runtime: Runtime, clock: SharedClock, control: EmulatorControl
 ) -> None:

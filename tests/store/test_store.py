@@ -270,6 +270,26 @@ def test_one_upsert_of_many_rows_splits_into_statements_and_keeps_the_newest_per
         assert collected_at == NOW
 
 
+def test_rows_with_unique_keys_are_merged_under_the_same_guard(engine: Engine) -> None:
+    """The collector's path when a batch sent each (doc_key, task) once: no de-duplication, same guard."""
+    encoder = warehouse.Encoder(engine.dialect)
+
+    def encoded(*rows: dict[str, Any]) -> warehouse.Encoded:
+        return warehouse.Encoded(encoder.dialect, [encoder.encode(r) for r in rows], unique_keys=True)
+
+    first, other = result_row(5, "v5"), {**result_row(6, "other v6"), "doc_key": "other"}
+    with engine.begin() as conn:
+        warehouse.write(conn, encoded(first, other))
+        warehouse.write(conn, encoded(result_row(9, "v9"), {**other, "output_text": "same version again"}))
+        warehouse.write(conn, encoded(result_row(7, "late result of an older version")))
+        rows = conn.execute(
+            select(
+                schema.results.c.doc_key, schema.results.c.queue_id, schema.results.c.output_text
+            ).order_by(schema.results.c.doc_key)
+        ).all()
+    assert [tuple(r) for r in rows] == [("k", 9, "v9"), ("other", 6, "same version again")]
+
+
 def test_rows_encoded_for_one_dialect_are_not_written_to_another(engine: Engine) -> None:
     other = "postgresql" if engine.dialect.name == "sqlite" else "sqlite"
     with pytest.raises(ValueError, match=f"encoded for {other}"), engine.begin() as conn:

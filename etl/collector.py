@@ -12,8 +12,9 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
+from typing import Any
 
 import structlog
 
@@ -65,7 +66,7 @@ def run(rt: Runtime) -> CollectOutcome:
         with reading(rt.engine) as conn:
             first = next(iter(intents.open_intents(conn)), None)
         if first is not None:
-            preloaded[first.id] = _load_expected(rt, first)
+            preloaded[first.id] = _load_expected(rt, first, packed=True)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
     reconciler.match_remote(rt, reconciled)
     with rt.engine.begin() as conn:
@@ -121,14 +122,23 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
     log.error("batch_results_archived", batch_id=intent.batch_id, requeued=n, paid_again=True)
 
 
-def _load_expected(rt: Runtime, intent: Intent) -> dict[int, Expected]:
+def _load_expected(rt: Runtime, intent: Intent, *, packed: bool = False) -> dict[int, Expected]:
     with reading(rt.engine) as conn:
-        rows = q.sent_rows(conn, intent.id)
-    as_utc = cache(schema.as_utc)  # once per distinct enqueued_at
+        rows = q.sent_rows(conn, intent.id, packed=packed)
+    as_utc = cache(_enqueued_at)  # once per distinct value
     return {
         qid: Expected(doc_key, task, attempts, status, as_utc(at))
         for qid, doc_key, task, attempts, status, at in rows
     }
+
+
+def _enqueued_at(value: Any) -> datetime | None:
+    """A row's `enqueued_at` as stored. SQLite keeps whatever text a hand-written INSERT gave it: a value
+    that is no timestamp is left out of the warehouse row rather than stopping the whole batch."""
+    try:
+        return schema.as_utc(value)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 class _Writer:

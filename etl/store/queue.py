@@ -171,17 +171,20 @@ def mark_submitted(conn: Connection, batch_ref: int, now: datetime) -> int:
     return int(result.rowcount)
 
 
-def sent_rows(conn: Connection, batch_ref: int) -> Sequence[Sequence[Any]]:
+def sent_rows(conn: Connection, batch_ref: int, *, packed: bool = False) -> Sequence[Sequence[Any]]:
     """Every row the intent sent: (id, doc_key, task, attempts, status, enqueued_at), in one read.
 
     `enqueued_at` is as the driver returns it, for the caller to convert once per distinct value
     (`schema.as_utc`): a bulk enqueue shares a few timestamps among 100,000 rows, and converting each
     row's was 0.4 s of a 1 s read (SQLite, bench/RESULTS.md).
 
-    On SQLite the rows come back as one JSON array built by the database. `etl collect` reads them while
-    the SDK is imported on another thread, and a row-by-row read hands the GIL back and forth with that
-    import for every row (0.3-0.5 s more at 100,000 rows, bench/RESULTS.md); one statement step and one
-    `orjson` parse do not. A row JSON cannot hold (a BLOB written by hand) falls back to the plain read.
+    `packed` (SQLite): the rows come back as one JSON array built by the database, for a read that runs
+    beside other Python work. `etl collect` reads its first batch's rows while the SDK is imported on
+    another thread, and a row-by-row read hands the GIL back and forth with that import for every row
+    (0.3-0.5 s more at 100,000 rows); one statement step and one `orjson` parse do not. Not the default:
+    the 7 MB string and its parse, batch after batch, left the collect's peak RSS 20 % higher at
+    1,000,000 results (bench/RESULTS.md). A row JSON cannot hold (a BLOB written by hand) falls back to
+    the plain read.
     """
     columns = (
         queue.c.id,
@@ -192,10 +195,10 @@ def sent_rows(conn: Connection, batch_ref: int) -> Sequence[Sequence[Any]]:
         type_coerce(queue.c.enqueued_at, NullType()),
     )
     where = queue.c.batch_ref == batch_ref
-    if conn.dialect.name == "sqlite":
-        packed = select(func.json_group_array(func.json_array(*columns))).where(where)
+    if packed and conn.dialect.name == "sqlite":
+        one_array = select(func.json_group_array(func.json_array(*columns))).where(where)
         try:
-            rows: list[list[Any]] = codec.loads(conn.execute(packed).scalar_one())
+            rows: list[list[Any]] = codec.loads(conn.execute(one_array).scalar_one())
             return rows
         except (DBAPIError, ValueError):
             pass

@@ -219,6 +219,20 @@ def test_two_versions_of_a_document_in_one_batch_leave_the_newer_result(
     assert "version two" in results["policy/default"]["output_text"]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_hand_written_enqueued_at_that_is_no_timestamp_does_not_stop_its_batch(
+    runtime: Runtime, clock: SharedClock
+) -> None:
+    """SQLite stores any text in `enqueued_at`; the result is written without it, the batch collected."""
+    insert_docs(runtime, [{"doc_key": "odd", "body": "a document", "enqueued_at": "last tuesday"}])
+    insert_docs(runtime, [{"doc_key": "fine", "body": "another document"}])
+    out = cycle(runtime, clock)
+    assert (out.batches_collected, out.succeeded, out.problems) == (1, 2, [])
+    results = results_by_key(runtime)
+    assert results["odd/default"]["enqueued_at"] is None
+    assert results["fine/default"]["enqueued_at"] is not None
+
+
 def test_morning_report_counts_and_costs_match_the_ledger(
     runtime: Runtime, clock: SharedClock, control: EmulatorControl
 ) -> None:

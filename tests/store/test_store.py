@@ -176,6 +176,7 @@ def test_sent_rows_are_every_row_of_the_intent_as_stored(engine: Engine) -> None
         q.claim(conn, intent, len(keys), NOW)
         q.mark_submitted(conn, intent, NOW)
         rows = q.sent_rows(conn, intent)
+        assert sorted(map(tuple, q.sent_rows(conn, intent, packed=True))) == sorted(map(tuple, rows))
         plain = conn.execute(
             select(schema.queue.c.id, schema.queue.c.doc_key, schema.queue.c.task, schema.queue.c.attempts)
             .where(schema.queue.c.batch_ref == intent)
@@ -195,7 +196,7 @@ def test_sqlite_sent_rows_fall_back_to_a_plain_read_for_a_value_json_cannot_hold
         conn.execute(text("INSERT INTO etl_queue (doc_key, body) VALUES (x'00ff', 'b'), ('text', 'b')"))
         intent = intents.create_intent(conn, "a", NOW + timedelta(minutes=5), NOW)
         q.claim(conn, intent, 2, NOW)
-        rows = q.sent_rows(conn, intent)
+        rows = q.sent_rows(conn, intent, packed=True)
     assert sorted(r[1] for r in rows if isinstance(r[1], str)) == ["text"]
     assert [r[1] for r in rows if not isinstance(r[1], str)] == [b"\x00\xff"]
     engine.dispose()

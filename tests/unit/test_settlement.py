@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from etl import settlement
-from etl.store import events, warehouse
+from etl.store import events
 
 
 @pytest.mark.parametrize(
@@ -26,10 +26,6 @@ from etl.store import events, warehouse
 )
 def test_text_of_joins_text_blocks_and_ignores_anything_malformed(content: Any, text: str) -> None:
     assert settlement._text_of({"content": content}) == text
-
-
-def test_result_values_are_in_the_warehouse_column_order() -> None:
-    assert settlement.RESULT_COLUMNS == warehouse.COLUMNS
 
 
 def test_a_tally_absorbs_another_ones_counts_and_amounts() -> None:

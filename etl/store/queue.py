@@ -182,7 +182,7 @@ def sent_rows(conn: Connection, batch_ref: int, *, packed: bool = False) -> Sequ
     beside other Python work. `etl collect` reads its first batch's rows while the SDK is imported on
     another thread, and a row-by-row read hands the GIL back and forth with that import for every row
     (0.3-0.5 s more at 100,000 rows); one statement step and one `orjson` parse do not. Not the default:
-    the 7 MB string and its parse, batch after batch, left the collect's peak RSS 20 % higher at
+    the 7 MB string and its parse, batch after batch, left the collect's peak RSS 24 % higher at
     1,000,000 results (bench/RESULTS.md). A row JSON cannot hold (a BLOB written by hand) falls back to
     the plain read.
     """

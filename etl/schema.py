@@ -66,6 +66,14 @@ class DocStatus(StrEnum):
     DONE = "done"  # result in the warehouse
     DEAD = "dead"  # gave up: reason and attempts on the row
     REJECTED = "rejected"  # bad input, never sent: reason on the row
+    CALLING = "calling"  # taken by the live worker; its Messages call is recorded and may be in flight
+
+
+class Mode(StrEnum):
+    """`etl_queue.mode`: how a row asked to be sent (NULL: by its `due_by`, see etl/routing.py)."""
+
+    LIVE = "live"  # now, through the Messages API (the shorthand for "due now")
+    BATCH = "batch"  # the nightly batch, whatever its due_by (also written when the live path falls back)
 
 
 class BatchStatus(StrEnum):
@@ -81,6 +89,9 @@ class BatchStatus(StrEnum):
 
 
 DOC_STATUSES = tuple(s.value for s in DocStatus)
+MODES = tuple(m.value for m in Mode)
+# The rows the live worker looks at (etl/routing.py states the rule); its partial index holds only them.
+LIVE_CANDIDATE = "status = 'queued' AND (mode = 'live' OR (mode IS NULL AND due_by IS NOT NULL))"
 BATCH_STATUSES = tuple(s.value for s in BatchStatus)
 OPEN_BATCH_STATUSES = (BatchStatus.SUBMITTED.value, BatchStatus.ENDED.value)
 
@@ -107,7 +118,11 @@ queue = Table(
     Column("batch_ref", Id, ForeignKey("etl_batches.id", name="fk_etl_queue_batch"), nullable=True),
     Column("enqueued_at", UtcDateTime, nullable=False, server_default=func.current_timestamp()),
     Column("updated_at", UtcDateTime, nullable=True),
+    Column("due_by", UtcDateTime, nullable=True),
+    Column("mode", Text, nullable=True),
+    Column("live_calls", Integer, nullable=False, server_default=text("0")),
     CheckConstraint(_in("status", DOC_STATUSES), name="ck_etl_queue_status"),
+    CheckConstraint(_in("mode", MODES), name="ck_etl_queue_mode"),
     # Partial: only queued rows are in it, so the status changes of sent rows (submitted, done, dead...)
     # never touch it. That is most of the queue's write traffic.
     Index(
@@ -118,6 +133,13 @@ queue = Table(
         sqlite_where=text("status = 'queued'"),
     ),
     Index("ix_etl_queue_batch", "batch_ref"),
+    # Only urgent queued rows: the live worker's look every poll interval never scans the nightly queue.
+    Index(
+        "ix_etl_queue_live",
+        "due_by",
+        postgresql_where=text(LIVE_CANDIDATE),
+        sqlite_where=text(LIVE_CANDIDATE),
+    ),
 )
 
 batches = Table(
@@ -218,6 +240,7 @@ results = Table(
     Column("enqueued_at", UtcDateTime, nullable=True),
     Column("batch_ended_at", UtcDateTime, nullable=True),
     Column("collected_at", UtcDateTime, nullable=False),
+    Column("mode", Text, nullable=False, server_default=Mode.BATCH.value),  # the path that answered
 )
 
 SCHEMA_VERSION_TABLE = "etl_alembic_version"

@@ -101,6 +101,7 @@ RESULT_COLUMNS = [
     "enqueued_at",
     "batch_ended_at",
     "collected_at",
+    "mode",
 ]
 if RESULT_COLUMNS != warehouse.COLUMNS:
     raise ImportError(f"etl_results columns changed: {warehouse.COLUMNS}; update settlement.RESULT_COLUMNS")
@@ -199,6 +200,7 @@ class Chunk:
                     exp.enqueued_at,
                     self.remote.ended_at,
                     self.collected_at,
+                    "batch",
                 ]
             )
         )

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Connection,
+    Select,
     Text,
     any_,
     bindparam,
@@ -27,31 +28,64 @@ from sqlalchemy.types import NullType
 
 from etl import codec
 from etl.prompt import Row
-from etl.schema import DocStatus, queue
+from etl.schema import DocStatus, Mode, queue
 
 S = DocStatus
 
 
-def claim(conn: Connection, batch_ref: int, limit: int, now: datetime) -> int:
+def claim(
+    conn: Connection, batch_ref: int, limit: int, now: datetime, live_cutoff: datetime | None = None
+) -> int:
     """Take up to `limit` queued rows into batch intent `batch_ref`. Concurrent claimers never overlap.
 
-    PostgreSQL: `FOR UPDATE SKIP LOCKED`. SQLite: the transaction is `BEGIN IMMEDIATE` (see engine), so
+    With `live_cutoff`, rows routed to the live path (`live_routed`) are left for the live worker.
+
+    PostgreSQL: `FOR UPDATE SKIP LOCKED` in a CTE, which PostgreSQL runs once. As a plain `IN (subquery)`
+    the planner may pick a nested-loop semi join that re-runs the locking subquery for every outer row;
+    a re-run skips the rows this statement has already updated and takes the next ones, so a claim of 2
+    took all 5 queued rows (seen after issue 15's migration changed the plan). SQLite: the transaction is `BEGIN IMMEDIATE` (see engine), so
     claimers are serialised and the guarded `status = 'queued'` keeps them apart.
     """
     picked = (
         select(queue.c.id)
-        .where(queue.c.status == S.QUEUED)
+        .where(queue.c.status == S.QUEUED, *_not_live(live_cutoff))
         .order_by(queue.c.priority.desc(), queue.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
-        .scalar_subquery()
     )
     result = conn.execute(
         update(queue)
-        .where(queue.c.id.in_(picked), queue.c.status == S.QUEUED)
+        .where(queue.c.id.in_(_once(conn, picked)), queue.c.status == S.QUEUED)
         .values(status=S.CLAIMED, batch_ref=batch_ref, updated_at=now)
     )
     return int(result.rowcount)
+
+
+def _once(conn: Connection, picked: Select[tuple[int]]) -> Any:
+    """The locking pick as a CTE on PostgreSQL (run once; see `claim`). SQLite keeps the subquery: it
+    does not re-run it, and pysqlite reports no row count for a statement that begins with WITH."""
+    if conn.dialect.name == "postgresql":
+        cte = picked.cte("picked")
+        return select(cte.c.id)
+    return picked.scalar_subquery()
+
+
+def _not_live(live_cutoff: datetime | None) -> list[ColumnElement[bool]]:
+    """The batch's share of the queue: every row the live path does not take (see etl/routing.py)."""
+    if live_cutoff is None:
+        return []
+    return [~live_routed(live_cutoff)]
+
+
+def live_routed(cutoff: datetime) -> ColumnElement[bool]:
+    """A queued row the live path takes: `mode = 'live'`, or no mode and a `due_by` before `cutoff`.
+
+    `cutoff` is `routing.cutoff(...)`: the next submit slot plus the batch latency allowance. The SQL
+    half of the rule stated in etl/routing.py; `routing.goes_live` is the same rule in Python.
+    """
+    return (queue.c.mode == Mode.LIVE) | (
+        queue.c.mode.is_(None) & queue.c.due_by.is_not(None) & (queue.c.due_by < cutoff)
+    )
 
 
 def iter_claimed(conn: Connection, batch_ref: int, page: int = 2000) -> Iterator[Row]:

@@ -62,7 +62,9 @@ class Encoder:
             ]
 
     def encode(self, row: dict[str, Any]) -> list[Any]:
-        """A row given as a dict keyed by column name."""
+        """A row given as a dict keyed by column name; without `mode` it came from the batch."""
+        if "mode" not in row:
+            row = {**row, "mode": "batch"}
         return self.encode_values(list(self._values(row)))
 
     def encode_values(self, values: list[Any]) -> list[Any]:

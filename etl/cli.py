@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("config", help="print the effective configuration (secrets masked) after validating it")
     sub.add_parser("run", help="the daemon: scheduled submit and collect, polling, systemd notify")
+    live = sub.add_parser("live", help="the live path alone: urgent rows through the Messages API now")
+    live.add_argument("--once", action="store_true", help="process the urgent rows waiting now, then exit")
     demo = sub.add_parser(
         "demo", help="the whole cycle in under a minute on a fresh SQLite file, no API key needed"
     )
@@ -262,6 +264,19 @@ def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
     return run_daemon(rt)
 
 
+def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
+    from etl import live
+
+    _check_schema(rt)
+    rt.config.require_api_key()
+    out = live.run_command(rt, once=args.once)
+    print(
+        f"live: {out.succeeded} done, {out.dead} dead, {out.rejected} rejected, {out.fell_back} fell back to "
+        f"the batch, {out.recovered} recovered after a crash ({out.possibly_billed_twice} possibly billed twice)"
+    )
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "db": cmd_db,
     "enqueue": cmd_enqueue,
@@ -273,6 +288,7 @@ COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "resume": cmd_resume,
     "config": cmd_config,
     "run": cmd_run,
+    "live": cmd_live,
 }
 
 

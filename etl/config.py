@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError, MissingApiKey
 
-_S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings")
+_S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings", "LiveSettings")
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
@@ -51,6 +51,7 @@ class Task:
     output_schema: Mapping[str, Any] | None = None
     cache_system: bool = False
     template_fields: tuple[str, ...] = ()
+    live: bool = True  # may urgent rows of this task use the live Messages API (issue 15)?
 
     @property
     def metadata_fields(self) -> tuple[str, ...]:
@@ -120,6 +121,22 @@ class ScheduleSettings:
 
 
 @dataclass(frozen=True)
+class LiveSettings:
+    """The live path (etl/live.py): urgent rows through the Messages API at the standard price."""
+
+    enabled: bool = True  # run the live worker inside `etl run`
+    batch_latency_hours: float = 24.0  # allowance for a batch to end (the API's bound); see etl/routing.py
+    poll_seconds: float = 2.0  # SQLite: how often to look for urgent rows (PostgreSQL is woken by NOTIFY)
+    concurrency: int = 4  # Messages calls in flight at once
+    requests_per_minute: int = 50  # never more calls than this in any 60 s
+    max_attempts: int = 3  # calls per document before it is `dead`
+    backoff_seconds: float = 1.0  # first wait after a 429/529/5xx without retry-after; doubles
+    max_backoff_seconds: float = 60.0
+    claim_lease_seconds: float = 120.0  # a `calling` row not renewed this long belonged to a dead worker
+    daily_spend_cap_usd: float = 0.0  # live spend per UTC day; past it urgent rows go to the batch (0: none)
+
+
+@dataclass(frozen=True)
 class Config:
     database_url: str
     warehouse_url: str
@@ -133,6 +150,7 @@ class Config:
     collect: CollectSettings
     schedule: ScheduleSettings
     source: str = "<defaults>"
+    live: LiveSettings = field(default_factory=LiveSettings)
     log_level: str = "info"
 
     @property
@@ -243,7 +261,7 @@ def _sqlite_url_relative_to(url: str, base_dir: Path) -> str:
 def _build(
     raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], source: str, base_dir: Path
 ) -> Config | None:
-    known = {"database", "api", "submit", "collect", "schedule", "pricing", "tasks", "logging"}
+    known = {"database", "api", "submit", "collect", "schedule", "pricing", "tasks", "logging", "live"}
     for key in raw:
         if key not in known:
             problems.append(f"unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -305,6 +323,14 @@ def _build(
                 f"schedule.{name} {expr!r} is not a 5-field cron expression (minute hour day month weekday)"
             )
 
+    live = _settings(LiveSettings, _section(raw, "live", problems), "live", problems)
+    for name, value in live.__dict__.items():
+        if name == "daily_spend_cap_usd":
+            if value < 0:
+                problems.append(f"live.daily_spend_cap_usd must be 0 (no cap) or positive, got {value!r}")
+        elif name != "enabled":
+            _positive(value, f"live.{name}", problems)
+
     pricing = _pricing(_section(raw, "pricing", problems), problems)
     tasks = _tasks(_section(raw, "tasks", problems), problems)
     for task in tasks.values():
@@ -336,6 +362,7 @@ def _build(
         schedule=schedule,
         source=source,
         log_level=log_level.lower(),
+        live=live,
     )
 
 
@@ -411,7 +438,7 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
         problems.append("no [tasks.<name>] defined; at least [tasks.default] is needed")
         return {}
     tasks: dict[str, Task] = {}
-    allowed = {"model", "system", "template", "max_tokens", "output_schema", "cache_system"}
+    allowed = {"model", "system", "template", "max_tokens", "output_schema", "cache_system", "live"}
     for name, spec in section.items():
         where = f"tasks.{name}"
         if not isinstance(spec, Mapping):
@@ -459,6 +486,10 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
             cache_system = False
         if cache_system and not system:
             problems.append(f"{where}.cache_system is true but the task has no system prompt to cache")
+        live = spec.get("live", True)
+        if not isinstance(live, bool):
+            problems.append(f"{where}.live must be true or false (may urgent rows use the live API?)")
+            live = True
         tasks[name] = Task(
             name=name,
             model=model,
@@ -468,6 +499,7 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
             output_schema=schema,
             cache_system=cache_system,
             template_fields=fields,
+            live=live,
         )
     if "default" not in tasks and tasks:
         problems.append("no [tasks.default]: rows inserted without a task name would have nowhere to go")

@@ -41,7 +41,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
-from etl import collector, logs, reconciler, report, scheduling, submitter
+from etl import collector, live, logs, reconciler, report, scheduling, submitter
 from etl import config as config_mod
 from etl.errors import ConfigError, SubmissionPaused
 from etl.notify import Notifier
@@ -88,6 +88,7 @@ class Daemon:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.live: live.Background | None = None
         rt.should_stop = self._should_stop
 
     # -- time ---------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class Daemon:
         )
         self._schedule_jobs()
         self.scheduler.start()
+        self.live = live.start_background(self.rt, self.stop_event)  # urgent rows, on every instance
         log.info(
             "daemon_started",
             owner=self.rt.owner,
@@ -442,6 +444,8 @@ class Daemon:
         self.notifier.stopping("stopping: finishing the current step")
         log.info("daemon_stopping", current_job=self.current)
         finished = self._idle.wait(self.stop_grace)
+        if self.live is not None:
+            self.live.stop(self.stop_grace)  # the calls in flight end and are recorded
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self._release_lease()

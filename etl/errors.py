@@ -55,6 +55,7 @@ class ProviderError(EtlError):
         self.kind = kind
         self.status = status
         self.retry_after = retry_after
+        self.headers: dict[str, str] = {}  # rate-limit headers of the answer (the live path reads them)
 
     @property
     def transient(self) -> bool:

@@ -7,8 +7,10 @@ create that the server had already accepted would be a second, billed batch.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import anthropic
 import httpx2
@@ -94,6 +96,21 @@ def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
     raise exc
 
 
+RATE_LIMIT_HEADERS = ("retry-after", "anthropic-ratelimit-", "x-should-retry")
+
+
+@dataclass(frozen=True)
+class LiveReply:
+    """One Messages API answer: the Message as JSON, and the rate-limit headers that came with it."""
+
+    message: dict[str, Any]
+    headers: dict[str, str]
+
+
+def _limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_HEADERS)}
+
+
 class Provider:
     """A thin, typed wrapper over `anthropic.Anthropic` for the calls the daemon makes."""
 
@@ -131,6 +148,32 @@ class Provider:
         except Exception as exc:  # translated: every failure has a kind the caller must act on
             raise translate(exc, "create batch", mutating=True) from exc
         return _remote(batch)
+
+    def create_message(self, params: Mapping[str, Any]) -> LiveReply:
+        """POST /v1/messages once (the live path). Never retried here: the API takes no idempotency key,
+        so the caller records each call before it leaves and decides about retrying.
+
+        A failure is a `ProviderError` whose `headers` carry `retry-after` and `anthropic-ratelimit-*`.
+        """
+        try:
+            response = self._client.post(
+                "/v1/messages",
+                body=dict(params),
+                cast_to=httpx2.Response,
+                options={"max_retries": 0, "timeout": self._timeout},
+            )
+        except Exception as exc:  # translated: every failure has a kind the caller must act on
+            error = translate(exc, "live message", mutating=True)
+            if isinstance(exc, anthropic.APIStatusError):
+                error.headers = _limit_headers(exc.response.headers)
+            raise error from exc
+        try:
+            message = codec.loads(response.content)
+        except ValueError as exc:
+            raise ProviderError("live message: the answer is not JSON", kind="ambiguous") from exc
+        if not isinstance(message, dict):
+            raise ProviderError("live message: the answer is not a JSON object", kind="ambiguous")
+        return LiveReply(message, _limit_headers(response.headers))
 
     def retrieve(self, batch_id: str) -> RemoteBatch:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from etl import paths
 from etl.clock import isoformat
 from etl.config import Config
 from etl.runtime import Runtime
@@ -51,6 +52,8 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "standard_cost_usd": 0.0,
     }
     for r in rows:
+        if r["kind"] in paths.LIVE_KINDS:
+            continue  # the live path's own section (etl/paths.py)
         task = r["task"] or "(all)"
         per_task[task][r["kind"]] += int(r["documents"] or 0)
         if r["kind"] in ("requeued", "dead", "rejected", "released", "archived"):
@@ -105,6 +108,7 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "queue": queue_counts,
         "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
         "submission_paused": paused,
+        "paths": paths.summary(rows, cfg.pricing),
     }
     return report
 
@@ -141,6 +145,8 @@ def render(report: dict[str, Any]) -> str:
         f"cost: ${money['cost_usd']:.4f} with the Batches API; ${money['standard_cost_usd']:.4f} at standard "
         f"prices; saved ${money['savings_usd']:.4f}",
     ]
+    if report.get("paths"):
+        lines += paths.render(report["paths"])
     if report["failures"]:
         lines += ["", "failures by reason:"]
         lines += [f"  {n:>8}  {reason}" for reason, n in report["failures"].items()]

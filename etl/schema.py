@@ -120,7 +120,8 @@ queue = Table(
     Column("updated_at", UtcDateTime, nullable=True),
     Column("due_by", UtcDateTime, nullable=True),
     Column("mode", Text, nullable=True),
-    Column("live_calls", Integer, nullable=False, server_default=text("0")),
+    Column("live_calls", Integer, nullable=False, server_default=text("0")),  # Messages calls recorded
+    Column("call_started_at", UtcDateTime, nullable=True),  # a recorded live call without an outcome yet
     CheckConstraint(_in("status", DOC_STATUSES), name="ck_etl_queue_status"),
     CheckConstraint(_in("mode", MODES), name="ck_etl_queue_mode"),
     # Partial: only queued rows are in it, so the status changes of sent rows (submitted, done, dead...)

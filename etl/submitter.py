@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import delete
 
-from etl import failpoints, reconciler
+from etl import failpoints, reconciler, routing
 from etl.errors import ProviderError, SubmissionPaused
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
@@ -91,13 +91,19 @@ def _claim(rt: Runtime) -> Claim | None:
     now = rt.clock()
     with rt.engine.begin() as conn:
         intent_id = intents.create_intent(conn, rt.owner, now + lease, now)
-        claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now)
+        claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now, _live_cutoff(rt, now))
         if claimed == 0:
             conn.execute(delete(batches).where(batches.c.id == intent_id))
             return None
     log.info("rows_claimed", intent=intent_id, rows=claimed)
     failpoints.hit("submit.after_claim")
     return Claim(intent_id, now)
+
+
+def _live_cutoff(rt: Runtime, now: datetime) -> datetime | None:
+    """Rows due before this are the live path's (etl/routing.py); with `live.enabled = false` there is no
+    live path and the batch takes every row."""
+    return routing.cutoff(rt.config, now, departing=True) if rt.config.live.enabled else None
 
 
 def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: str) -> None:

@@ -63,6 +63,12 @@ class EmulatorControl:
         result: dict[str, Any] = self._call("GET", "ledger")
         return result
 
+    def set_live(self, **settings: float) -> dict[str, Any]:
+        """Latency (`latency_seconds`, `jitter_seconds`) and limits (`requests_per_minute`,
+        `tokens_per_minute`) of POST /v1/messages; unnamed settings go back to 0 (none)."""
+        result: dict[str, Any] = self._call("POST", "live", settings)
+        return result
+
     def reset(self) -> None:
         """Forget all batches, the ledger, faults and clock advances."""
         self._call("POST", "reset", {})

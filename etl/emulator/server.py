@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from etl.emulator import model
 from etl.emulator.clock import VirtualClock, format_time
 from etl.emulator.faults import STREAM_ACTIONS, EndpointRule, FaultConfigError, Faults
+from etl.emulator.limits import Limits, LiveSettings
 from etl.emulator.state import ApiError, EmulatorState, error_body, new_id, result_lines
 
 log = logging.getLogger("etl.emulator")
@@ -70,6 +71,9 @@ class EmulatorConfig:
     faults: Mapping[str, Any] | None = None
     start_time: datetime | None = None
     require_key: str | None = None
+    live: LiveSettings = field(
+        default_factory=LiveSettings
+    )  # latency and rate limits of POST /v1/messages (see limits.py)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -365,7 +369,26 @@ class _Handler(BaseHTTPRequestHandler):
         problem = model.validate_params(params, self.headers.get("anthropic-version"), in_batch=False)
         if problem is not None:
             raise ApiError(404 if problem.type == "not_found_error" else 400, problem.type, problem.message)
-        self._send_json(200, self.emulator.state.sync_message(params))
+        emulator = self.emulator
+        admitted, headers, why = emulator.limits.admit(emulator.clock.now())
+        if not admitted:
+            emulator.state.note_rate_limited()
+            self._send_error(
+                429,
+                "rate_limit_error",
+                f"This request would exceed your organization's rate limit: {why}.",
+                headers,
+            )
+            return
+        # Billed when received (a caller that dies waiting has still paid); then the latency, slept on
+        # this request's own thread outside every lock.
+        message = emulator.state.sync_message(params)
+        usage = message["usage"]
+        tokens = int(usage["input_tokens"]) + int(usage["output_tokens"])
+        delay = emulator.limits.delay()
+        if delay > 0:
+            time.sleep(delay)
+        self._send_json(200, message, emulator.limits.spent(emulator.clock.now(), tokens))
 
     def _count_tokens(self, _id: str, body: bytes, *_: Any) -> None:
         params = self._json_body(body)
@@ -401,8 +424,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, emulator.faults.to_json())
         elif path == "/_emulator/ledger" and method == "GET":
             self._send_json(200, state.ledger_json())
+        elif path == "/_emulator/live":
+            if method == "POST":
+                doc = self._json_body(body) if body else {}
+                try:
+                    settings = LiveSettings.from_json(doc if isinstance(doc, dict) else {"?": doc})
+                except ValueError as exc:
+                    raise ApiError(400, "invalid_request_error", str(exc)) from exc
+                emulator.limits.configure(settings)
+            self._send_json(200, emulator.limits.settings.to_json())
         elif path == "/_emulator/reset" and method == "POST":
             state.reset()
+            emulator.limits.reset()
             self._send_json(200, {"reset": True})
         else:
             raise ApiError(404, "not_found_error", f"Not found: {method} {path}")
@@ -472,6 +505,7 @@ class EmulatorServer:
             seed=self.config.seed,
             state_file=self.config.state_file,
         )
+        self.limits = Limits(self.config.live, self.config.seed)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -27,6 +27,7 @@ from typing import Any
 from etl.emulator import model
 from etl.emulator.clock import VirtualClock, format_time, parse_time
 from etl.emulator.faults import Faults, Outcome
+from etl.emulator.limits import standard_cost
 
 EXPIRY = timedelta(hours=24)
 RETENTION = timedelta(days=29)
@@ -188,7 +189,31 @@ def empty_ledger() -> dict[str, Any]:
         "output_tokens": 0,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "live": empty_live_ledger(),
     }
+
+
+def empty_live_ledger() -> dict[str, Any]:
+    """Live (`POST /v1/messages`) billing, kept apart from batch billing, at the standard rate.
+
+    `billed` counts bills per request (a hash of its params: the same document sent twice is billed
+    twice under one key); `rate_limited` counts the 429s the limits answered (nothing billed)."""
+    return {
+        "calls": 0,
+        "billed": {},
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "standard_cost_usd": 0.0,
+        "rate_limited": 0,
+    }
+
+
+def params_key(params: Mapping[str, Any]) -> str:
+    """The live ledger's key for a request: equal params, equal key."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
 def error_body(type_: str, message: str, request_id: str | None) -> dict[str, Any]:
@@ -427,14 +452,32 @@ class EmulatorState:
             return batch
 
     def sync_message(self, params: dict[str, Any]) -> dict[str, Any]:
-        """A synchronous Message for valid params, billed to the ledger."""
+        """A synchronous Message for valid params, billed to the ledger's live section (standard rate)."""
         with self.lock:
             now = self.settle()
             cache = self._use_cache(params, now)
+            message = model.message(new_id("msg_"), params, cache, "standard")
             self.ledger["sync_messages"] += 1
-            self._bill(None, params, cache)
+            live = self.ledger.setdefault("live", empty_live_ledger())
+            live["calls"] += 1
+            key = params_key(params)
+            live["billed"][key] = live["billed"].get(key, 0) + 1
+            usage = message["usage"]
+            for name in (
+                "input_tokens",
+                "output_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+            ):
+                live[name] += usage[name]
+            live["standard_cost_usd"] += standard_cost(message["model"], usage)
             self._save()
-        return model.message(new_id("msg_"), params, cache, "standard")
+        return message
+
+    def note_rate_limited(self) -> None:
+        with self.lock:
+            live = self.ledger.setdefault("live", empty_live_ledger())
+            live["rate_limited"] += 1
 
     def reset(self) -> None:
         with self.lock:

@@ -83,7 +83,8 @@ def live_routed(cutoff: datetime) -> ColumnElement[bool]:
     `cutoff` is `routing.cutoff(...)`: the next submit slot plus the batch latency allowance. The SQL
     half of the rule stated in etl/routing.py; `routing.goes_live` is the same rule in Python.
     """
-    return (queue.c.mode == Mode.LIVE) | (
+    # Every term is TRUE or FALSE, never NULL, so `NOT live_routed(...)` is exactly the batch's share.
+    return (queue.c.mode.is_not(None) & (queue.c.mode == Mode.LIVE)) | (
         queue.c.mode.is_(None) & queue.c.due_by.is_not(None) & (queue.c.due_by < cutoff)
     )
 

@@ -1,0 +1,501 @@
+"""The live path: urgent queue rows through the Messages API, at the standard price, within seconds.
+
+Which rows are urgent is decided in one place, etl/routing.py. This worker runs inside `etl run` (a
+thread beside the scheduler, on every daemon: the claims are row-level) and as `etl live [--once]`.
+
+Each urgent row: claimed (`calling`, committed) -> checked (the task may forbid the live path; the daily
+spend cap) -> built and validated exactly as the batch builds it (`rejected` before any call) -> paced
+(requests per minute, `retry-after`, `anthropic-ratelimit-*`) -> the call recorded (`call_started_at`,
+committed) -> one POST /v1/messages -> the result in `etl_results` (`mode = 'live'`) and the row `done`.
+
+The Messages API takes no idempotency key. A process that dies with a call in flight leaves the row
+`calling` with `call_started_at` set; after `live.claim_lease_seconds` without renewal any worker puts it
+back and calls once more, and the report counts it as "possibly billed twice" (docs/survival.md). An
+ambiguous failure (timeout, reset, 5xx other than 529) is retried the same way, and counted the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from etl import failpoints, routing
+from etl.clock import parse_iso
+from etl.config import Task
+from etl.errors import EtlError, ProviderError
+from etl.pricing import Meter, Usage
+from etl.prompt import Rejection, build_params, custom_id
+from etl.runtime import Runtime
+from etl.settlement import _text_of
+from etl.store import events, state, warehouse
+from etl.store import live as store
+from etl.store.engine import reading
+
+log = structlog.get_logger("etl.live")
+
+WINDOW = timedelta(seconds=60)
+PACING_SLICE = 0.25  # waits re-read the clock this often (tests move the clock instead of sleeping)
+SATURATED_RETRIES = 20  # 429/529 answers for one document before it goes back to the queue
+OVERLOADED = 529
+
+
+class Pacer:
+    """Never more than `rpm` calls in any 60 s, and none before a time the API asked us to wait for.
+
+    Shared by the worker's threads. Time comes from `clock`; waiting is done in slices of
+    `PACING_SLICE` real seconds on `stop`, so a stop ends a wait at once.
+    """
+
+    def __init__(self, rpm: int, clock: Callable[[], datetime], stop: threading.Event) -> None:
+        self.rpm = rpm
+        self.clock = clock
+        self.stop = stop
+        self.sent: list[datetime] = []
+        self.not_before: datetime | None = None
+        self._lock = threading.Lock()
+
+    def _ready_at(self, now: datetime) -> datetime:
+        self.sent = [t for t in self.sent if t > now - WINDOW]
+        ready = now
+        if len(self.sent) >= self.rpm:
+            ready = self.sent[len(self.sent) - self.rpm] + WINDOW
+        if self.not_before is not None and self.not_before > ready:
+            ready = self.not_before
+        return ready
+
+    def acquire(self) -> bool:
+        """Wait for a turn; False when stopped first."""
+        while True:
+            with self._lock:
+                now = self.clock()
+                ready = self._ready_at(now)
+                if ready <= now:
+                    self.sent.append(now)
+                    return True
+            if self.stop.wait(min((ready - now).total_seconds(), PACING_SLICE)):
+                return False
+
+    def hold_until(self, when: datetime) -> None:
+        with self._lock:
+            if self.not_before is None or when > self.not_before:
+                self.not_before = when
+                log.info("live_paced", until=when.isoformat())
+
+    def observe(self, headers: Mapping[str, str], now: datetime) -> None:
+        """Honour the API's word: `retry-after`, and a `*-remaining: 0` until its `*-reset`."""
+        retry_after = headers.get("retry-after")
+        if retry_after:
+            with suppress(ValueError):
+                self.hold_until(now + timedelta(seconds=float(retry_after)))
+        for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+            if headers.get(f"anthropic-ratelimit-{kind}-remaining") == "0":
+                reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+                with suppress(ValueError):
+                    self.hold_until(parse_iso(reset) if reset else now + timedelta(seconds=1))
+
+
+@dataclass
+class LiveOutcome:
+    succeeded: int = 0
+    dead: int = 0
+    rejected: int = 0
+    fell_back: int = 0
+    given_back: int = 0
+    recovered: int = 0
+    possibly_billed_twice: int = 0
+    calls: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class LiveWorker:
+    def __init__(self, rt: Runtime, stop: threading.Event | None = None) -> None:
+        self.rt = rt
+        self.stop = stop or threading.Event()
+        self.settings = rt.config.live
+        self.pacer = Pacer(self.settings.requests_per_minute, rt.clock, self.stop)
+        self.meter = Meter(rt.config.pricing)
+        self.outcome = LiveOutcome()
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future[None]] = {}
+        self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="etl-live")
+        self._last_renew = rt.clock()
+        self._last_recover: datetime | None = None
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self, *, once: bool = False) -> LiveOutcome:
+        """Take urgent rows until stopped (or, with `once`, until none is left), then wait for the calls."""
+        listener = None
+        if not once and self.rt.engine.dialect.name == "postgresql":
+            listener = threading.Thread(target=self._listen, name="etl-live-listen", daemon=True)
+            listener.start()
+        log.info("live_worker_started", concurrency=self.settings.concurrency, once=once)
+        try:
+            while not self.stop.is_set():
+                self._housekeeping()
+                took = self._fill()
+                if once and not took and not self._inflight:
+                    break
+                self._pause(took)
+        finally:
+            self._drain()
+        log.info("live_worker_stopped", **{k: v for k, v in self.outcome.__dict__.items() if k != "reasons"})
+        return self.outcome
+
+    def _pause(self, took: int) -> None:
+        """Wait for a slot to free, a NOTIFY, or the poll interval."""
+        with self._lock:
+            futures = list(self._inflight.values())
+        if took and len(futures) < self.settings.concurrency:
+            return  # there may be more rows right away
+        timeout = self.settings.poll_seconds
+        if futures:
+            wait(
+                futures,
+                timeout=min(timeout, self.settings.claim_lease_seconds / 3),
+                return_when=FIRST_COMPLETED,
+            )
+            return
+        self.wake.wait(timeout)
+        self.wake.clear()
+
+    def _listen(self) -> None:
+        """PostgreSQL: each NOTIFY from the queue's trigger wakes the loop at once."""
+        while not self.stop.is_set():
+            try:
+                signals = store.listen(self.rt.engine, timeout=1.0)
+                for got in signals:
+                    if got:
+                        self.wake.set()
+                    if self.stop.is_set():
+                        signals.close()
+                        return
+            except Exception as exc:  # recovery loop: polling still finds the rows meanwhile
+                log.warning("live_listen_failed", error=str(exc))
+                self.stop.wait(self.settings.poll_seconds)
+
+    def _free_slots(self) -> int:
+        with self._lock:
+            for qid in [q for q, f in self._inflight.items() if f.done()]:
+                del self._inflight[qid]
+            return self.settings.concurrency - len(self._inflight)
+
+    def _fill(self) -> int:
+        free = self._free_slots()
+        if free <= 0:
+            return 0
+        now = self.rt.clock()
+        limit = routing.cutoff(self.rt.config, now)
+        with reading(self.rt.engine) as conn:  # the idle poll: one index probe, no write lock
+            if not store.any_waiting(conn, limit) or state.pause_reason(conn):
+                return 0
+        with self.rt.engine.begin() as conn:
+            rows = store.claim(conn, limit, free, now)
+        for lrow in rows:
+            log.info("live_claimed", queue_id=lrow.row.id, doc_key=lrow.row.doc_key, due_by=str(lrow.due_by))
+            with self._lock:
+                self._inflight[lrow.row.id] = self._pool.submit(self._guarded, lrow)
+        return len(rows)
+
+    def _housekeeping(self) -> None:
+        """Renew the lease of our `calling` rows; put back rows whose worker died."""
+        now = self.rt.clock()
+        lease = timedelta(seconds=self.settings.claim_lease_seconds)
+        if now - self._last_renew >= lease / 3:
+            with self._lock:
+                ids = list(self._inflight)
+            if ids:
+                with self.rt.engine.begin() as conn:
+                    store.renew(conn, ids, now)
+            self._last_renew = now
+        if self._last_recover is None or now - self._last_recover >= lease / 2:
+            self._last_recover = now
+            self.recover(now)
+
+    def recover(self, now: datetime) -> int:
+        lease = timedelta(seconds=self.settings.claim_lease_seconds)
+        with self.rt.engine.begin() as conn:
+            back = store.recover(conn, now, lease)
+            twice = [r for r in back if r.in_flight]
+            for r in twice:
+                events.record(conn, now, "live_billed_twice", r.task, 1, "live call interrupted by a crash")
+        for r in back:
+            log.warning("live_row_recovered", queue_id=r.id, possibly_billed_twice=r.in_flight)
+        self.outcome.recovered += len(back)
+        self.outcome.possibly_billed_twice += len(twice)
+        return len(back)
+
+    def _drain(self) -> None:
+        with self._lock:
+            futures = list(self._inflight.values())
+        wait(futures)
+        self._pool.shutdown(wait=True)
+
+    # -- one document ---------------------------------------------------------------------------------
+
+    def _guarded(self, lrow: store.LiveRow) -> None:
+        try:
+            self._process(lrow)
+        except Exception as exc:  # recovery loop: the row goes back to the queue, the worker goes on
+            log.exception("live_document_failed", queue_id=lrow.row.id, error=str(exc))
+            with suppress(Exception), self.rt.engine.begin() as conn:
+                store.give_back(
+                    conn, [lrow.row.id], f"live path failed: {type(exc).__name__}: {exc}", self.rt.clock()
+                )
+
+    def _process(self, lrow: store.LiveRow) -> None:
+        row = lrow.row
+        cfg = self.rt.config
+        task = cfg.tasks.get(row.task)
+        if task is not None and not task.live:
+            self._fall_back(
+                row.id, row.task, f"task {row.task!r} forbids the live path (tasks.{row.task}.live = false)"
+            )
+            return
+        try:
+            params = build_params(row, cfg.tasks, cfg.submit.max_body_bytes)
+        except Rejection as rej:
+            self._reject(row.id, row.task, rej.reason)
+            return
+        cap = self.settings.daily_spend_cap_usd
+        if cap > 0:
+            now = self.rt.clock()
+            with reading(self.rt.engine) as conn:
+                spent = store.spent_since(conn, now.replace(hour=0, minute=0, second=0, microsecond=0))
+            if spent >= cap:
+                self._fall_back(
+                    row.id,
+                    row.task,
+                    f"daily live spend cap reached (${spent:.4f} of ${cap:.2f}, live.daily_spend_cap_usd)",
+                )
+                return
+        assert task is not None  # build_params rejects unknown tasks
+        self._call(lrow, task, params)
+
+    def _call(self, lrow: store.LiveRow, task: Task, params: dict[str, Any]) -> None:
+        row = lrow.row
+        attempts = lrow.attempts
+        saturated = 0
+        retried_ambiguous = 0
+        backoff = self.settings.backoff_seconds
+        while True:
+            if not self.pacer.acquire():
+                self._give_back(row.id, "stopped before the live call")
+                return
+            now = self.rt.clock()
+            with self.rt.engine.begin() as conn:
+                if not store.record_call(conn, row.id, now):
+                    log.warning("live_claim_lost", queue_id=row.id)
+                    return
+            failpoints.hit("live.before_call")
+            self.outcome.calls += 1
+            try:
+                reply = self.rt.provider.create_message(params)
+            except ProviderError as exc:
+                now = self.rt.clock()
+                self.pacer.observe(exc.headers, now)
+                reason = str(exc)
+                if exc.kind == "rate_limited" or exc.status == OVERLOADED:
+                    # Refused before any work: nothing billed, no attempt counted.
+                    saturated += 1
+                    if exc.retry_after is None:
+                        self.pacer.hold_until(now + timedelta(seconds=backoff))
+                        backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+                    with self.rt.engine.begin() as conn:
+                        store.call_ended(conn, row.id, now, count_attempt=False)
+                    if saturated >= SATURATED_RETRIES:
+                        self._give_back(row.id, f"live API saturated, will try again: {reason}")
+                        return
+                    continue
+                if exc.kind == "systemic":
+                    with self.rt.engine.begin() as conn:
+                        store.give_back(conn, [row.id], f"not sent: {reason}", now)
+                        state.pause(conn, reason, now)
+                    log.error("live_paused", queue_id=row.id, reason=reason)
+                    self.outcome.given_back += 1
+                    return
+                if exc.kind in ("ambiguous", "transient") and attempts + 1 < self.settings.max_attempts:
+                    attempts += 1
+                    retried_ambiguous += 1
+                    with self.rt.engine.begin() as conn:
+                        store.call_ended(conn, row.id, now, count_attempt=True)
+                        events.record(
+                            conn, now, "live_billed_twice", row.task, 1, "retried after an ambiguous failure"
+                        )
+                    self.outcome.possibly_billed_twice += 1
+                    self.pacer.hold_until(now + timedelta(seconds=exc.retry_after or backoff))
+                    backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+                    log.warning("live_call_retried", queue_id=row.id, error=reason, attempt=attempts)
+                    continue
+                self._dead(
+                    row.id,
+                    row.task,
+                    reason if exc.kind != "ambiguous" else f"{reason} (after {attempts + 1} attempts)",
+                )
+                return
+            self.pacer.observe(reply.headers, self.rt.clock())
+            failpoints.hit("live.after_call")
+            self._succeeded(lrow, task, reply.message)
+            return
+
+    # -- outcomes -------------------------------------------------------------------------------------
+
+    def _succeeded(self, lrow: store.LiveRow, task: Task, message: dict[str, Any]) -> None:
+        row = lrow.row
+        now = self.rt.clock()
+        text = _text_of(message)
+        output_json = None
+        if task.output_schema is not None:
+            with suppress(ValueError):
+                output_json = json.loads(text)
+        usage = Usage.from_api(message.get("usage") or {})
+        model = str(message.get("model") or "")
+        batch_cost, standard = self.meter.costs(model, usage)
+        result = {
+            "doc_key": row.doc_key,
+            "task": row.task,
+            "queue_id": row.id,
+            "custom_id": custom_id(row.id),
+            "output_text": text,
+            "output_json": output_json,
+            "model": model,
+            "stop_reason": message.get("stop_reason"),
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_write,
+            "cache_read_input_tokens": usage.cache_read,
+            "cost_usd": standard,  # the live path pays the standard price
+            "standard_cost_usd": standard,
+            "batch_id": str(message.get("id") or ""),  # the Message id: where the answer came from
+            "enqueued_at": lrow.enqueued_at,
+            "batch_ended_at": now,
+            "collected_at": now,
+            "mode": "live",
+        }
+        tally = events.Tally()
+        tally.add(
+            "live_succeeded",
+            row.task,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_write_tokens=usage.cache_write,
+            cache_read_tokens=usage.cache_read,
+            cost_usd=standard,
+            standard_cost_usd=standard,
+        )
+        if self.rt.same_database:
+            with self.rt.engine.begin() as conn:
+                warehouse.upsert(conn, [result])
+                ok = store.done(conn, row.id, now)
+                if ok:
+                    tally.flush(conn, now, None)
+        else:
+            with self.rt.warehouse.begin() as wconn:
+                warehouse.upsert(wconn, [result])
+            with self.rt.engine.begin() as conn:
+                ok = store.done(conn, row.id, now)
+                if ok:
+                    tally.flush(conn, now, None)
+        if ok:
+            self.outcome.succeeded += 1
+            log.info(
+                "live_document_done",
+                queue_id=row.id,
+                doc_key=row.doc_key,
+                cost_usd=round(standard, 6),
+                batch_would_cost_usd=round(batch_cost, 6),
+            )
+        else:
+            log.warning("live_claim_lost", queue_id=row.id, note="result stored; the row had been taken over")
+
+    def _fall_back(self, queue_id: int, task: str, reason: str) -> None:
+        now = self.rt.clock()
+        with self.rt.engine.begin() as conn:
+            if store.fall_back(conn, [queue_id], reason, now):
+                events.record(conn, now, "live_fallback", task, 1, reason.split(" (")[0])
+        self.outcome.fell_back += 1
+        self.outcome.reasons.append(reason)
+        log.warning("live_fell_back_to_batch", queue_id=queue_id, reason=reason)
+
+    def _reject(self, queue_id: int, task: str, reason: str) -> None:
+        now = self.rt.clock()
+        with self.rt.engine.begin() as conn:
+            if store.reject(conn, queue_id, reason, now):
+                events.record(conn, now, "rejected", task, 1, reason.split(":")[0][:80])
+        self.outcome.rejected += 1
+        log.warning("document_rejected", queue_id=queue_id, reason=reason, path="live")
+
+    def _dead(self, queue_id: int, task: str, reason: str) -> None:
+        now = self.rt.clock()
+        with self.rt.engine.begin() as conn:
+            if store.dead(conn, queue_id, reason, now):
+                events.record(conn, now, "dead", task, 1, reason[:200])
+        self.outcome.dead += 1
+        log.error("live_document_dead", queue_id=queue_id, reason=reason)
+
+    def _give_back(self, queue_id: int, reason: str) -> None:
+        with self.rt.engine.begin() as conn:
+            store.give_back(conn, [queue_id], reason, self.rt.clock())
+        self.outcome.given_back += 1
+
+
+def run(rt: Runtime, *, once: bool, stop: threading.Event | None = None) -> LiveOutcome:
+    """The worker in the calling thread until `stop` (or, with `once`, until no urgent row is left)."""
+    if not rt.config.live.enabled:
+        raise EtlError("the live path is off (live.enabled = false): the nightly batch takes every row")
+    rt.warm_provider()
+    return LiveWorker(rt, stop).run(once=once)
+
+
+def run_command(rt: Runtime, *, once: bool) -> LiveOutcome:
+    """`etl live [--once]`: SIGTERM/SIGINT stop it after the calls in flight."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return run(rt, once=once, stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Background:
+    """The worker as `etl run` runs it: a thread, stopped with the daemon."""
+
+    worker: LiveWorker
+    thread: threading.Thread
+
+    def stop(self, timeout: float) -> None:
+        self.worker.stop.set()
+        self.thread.join(timeout)
+
+
+def start_background(rt: Runtime, stop: threading.Event) -> Background | None:
+    """Start the live worker beside the daemon's scheduler (None when `live.enabled` is false)."""
+    if not rt.config.live.enabled:
+        return None
+    rt.warm_provider()  # the first urgent row must not wait for the SDK's import
+    holder = Background(LiveWorker(rt, stop), threading.Thread())
+
+    def body() -> None:
+        while not stop.is_set():
+            try:
+                holder.worker.run()
+            except Exception as exc:  # recovery loop: a database blip must not end the live path
+                log.exception("live_worker_failed", error=str(exc))
+                stop.wait(rt.config.live.poll_seconds)
+                holder.worker = LiveWorker(rt, stop)
+
+    holder.thread = threading.Thread(target=body, name="etl-live", daemon=True)
+    holder.thread.start()
+    return holder

@@ -1,0 +1,50 @@
+"""Which path a queue row takes: the nightly batch (half price) or the live Messages API (now).
+
+THE RULE, in one place. A queued row goes live when the batch path cannot meet its deadline:
+
+    mode = 'live'                                            -> live (the shorthand for "due now")
+    mode = 'batch'                                           -> batch, whatever its due_by
+    mode IS NULL and due_by IS NULL                          -> batch (today's behaviour)
+    mode IS NULL and due_by < next submit slot + allowance   -> live
+    otherwise                                                -> batch, and it saves half
+
+`allowance` is `live.batch_latency_hours` (default 24 h: the Batches API's bound on processing). The
+"next submit slot" is the first `schedule.submit_cron` slot after now; for the submit run itself, whose
+batch leaves now, it is now (`departing=True`). A task with `live = false` never takes the live path: its
+urgent rows fall back to the batch with that reason, as do urgent rows once the day's live spend passes
+`live.daily_spend_cap_usd` (etl/live.py writes `mode = 'batch'` and the reason on the row).
+
+`cutoff` computes the instant; `goes_live` applies the rule to one row in Python; the same rule as SQL
+is `etl.store.queue.live_routed(cutoff)`, which both the live worker's claim and the batch claim use, so
+a row is on exactly one side at any instant.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from etl import scheduling
+from etl.config import Config
+from etl.schema import Mode
+
+
+def next_submit(config: Config, now: datetime) -> datetime:
+    """The first submit slot after `now` (a day later if the cron never fires within a year)."""
+    sch = config.schedule
+    return scheduling.next_fire(sch.submit_cron, sch.zone, now) or now + timedelta(days=1)
+
+
+def cutoff(config: Config, now: datetime, *, departing: bool = False) -> datetime:
+    """Rows due before this instant cannot wait for the batch: the batch leaves at the next slot (or now,
+    when `departing`) and may take `live.batch_latency_hours` to end."""
+    leaves = now if departing else next_submit(config, now)
+    return leaves + timedelta(hours=config.live.batch_latency_hours)
+
+
+def goes_live(mode: str | None, due_by: datetime | None, limit: datetime) -> bool:
+    """The rule for one row, given `limit = cutoff(...)`."""
+    if mode == Mode.LIVE:
+        return True
+    if mode is not None or due_by is None:
+        return False
+    return due_by < limit

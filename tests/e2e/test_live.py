@@ -1,0 +1,243 @@
+"""The live path end to end, on SQLite and PostgreSQL, through the real SDK against the emulator."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from etl import live, report, routing, submitter
+from etl.emulator import EmulatorControl
+from etl.emulator.model import reply_text
+from etl.prompt import Row, build_params
+from etl.runtime import Runtime
+from etl.store import batches as intents
+from etl.store import live as live_store
+from etl.store import queue as q
+from tests.conftest import SharedClock, insert_docs, queue_rows
+
+FAST = "\n[live]\nbackoff_seconds = 0.05\npoll_seconds = 0.2\n"
+
+
+def ts(rt: Runtime, value: datetime) -> Any:
+    """A timestamp as a user's plain SQL writes it: on SQLite UTC text like `datetime('now')` gives."""
+    if rt.engine.dialect.name == "sqlite":
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
+
+
+def results(rt: Runtime) -> dict[str, dict[str, Any]]:
+    with rt.warehouse.connect() as conn:
+        return {r.doc_key: dict(r._mapping) for r in conn.execute(text("SELECT * FROM etl_results"))}
+
+
+def live_double_bills(control: EmulatorControl) -> int:
+    return sum(1 for n in control.ledger()["live"]["billed"].values() if n >= 2)
+
+
+def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+) -> None:
+    rt = make_runtime(extra=FAST)
+    now = clock()
+    insert_docs(rt, [{"doc_key": f"night-{i}", "body": f"ordinary document {i}"} for i in range(4)])
+    insert_docs(
+        rt,
+        [
+            {"doc_key": "now", "body": "the board meets in ten minutes", "mode": "live"},
+            {"doc_key": "soon", "body": "needed before lunch", "due_by": ts(rt, now + timedelta(minutes=10))},
+            {"doc_key": "next-week", "body": "no hurry", "due_by": ts(rt, now + timedelta(days=7))},
+        ],
+    )
+
+    out = live.run(rt, once=True)
+
+    assert (out.succeeded, out.dead, out.rejected, out.fell_back) == (2, 0, 0, 0)
+    rows = queue_rows(rt)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        **{f"night-{i}": "queued" for i in range(4)},
+        "now": "done",
+        "soon": "done",
+        "next-week": "queued",
+    }
+    got = results(rt)
+    assert set(got) == {"now", "soon"}
+    for key in ("now", "soon"):
+        res = got[key]
+        row = Row(rows[key]["id"], key, "default", _body(rt, key), None)
+        params = build_params(row, rt.config.tasks, rt.config.submit.max_body_bytes)
+        assert res["mode"] == "live"
+        assert res["output_text"] == reply_text(params)
+        assert res["custom_id"] == f"q{rows[key]['id']}"
+        assert res["batch_id"].startswith("msg_")
+        assert res["cost_usd"] == pytest.approx(res["standard_cost_usd"]) and res["cost_usd"] > 0
+    ledger = control.ledger()
+    assert ledger["live"]["calls"] == 2 and ledger["batches_created"] == 0
+    assert ledger["live"]["standard_cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in got.values()))
+
+    # The night: the batch takes only what the live path left.
+    sub = submitter.run(rt)
+    assert sub.documents == 5
+    assert {k: r["status"] for k, r in queue_rows(rt).items() if r["status"] == "submitted"}.keys() == {
+        *(f"night-{i}" for i in range(4)),
+        "next-week",
+    }
+
+    body = report.build(rt, clock(), None)
+    paths = body["paths"]
+    assert paths["live"]["documents"] == 2
+    assert paths["live"]["cost_usd"] == pytest.approx(ledger["live"]["standard_cost_usd"])
+    assert paths["live"]["batch_would_cost_usd"] == pytest.approx(
+        paths["live"]["cost_usd"] * rt.config.pricing.batch_discount
+    )
+    assert paths["live"]["possibly_billed_twice"] == 0
+    assert "live path" in report.render(body)
+
+
+def _body(rt: Runtime, key: str) -> str:
+    with rt.engine.connect() as conn:
+        return str(
+            conn.execute(text("SELECT body FROM etl_queue WHERE doc_key = :k"), {"k": key}).scalar_one()
+        )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offsets=st.lists(st.integers(min_value=-3, max_value=3), min_size=1, max_size=6))
+def test_a_row_goes_live_exactly_when_the_batch_cannot_meet_its_due_by(
+    runtime: Runtime, offsets: list[int]
+) -> None:
+    """At the boundary (due_by = next slot + allowance, give or take microseconds), SQL and the documented
+    rule agree, and the batch claim takes exactly the rows the live claim does not."""
+    rt = runtime
+    now = datetime.fromisoformat("2026-12-02T13:00:00+00:00")  # passed, never read from a clock
+    limit = routing.cutoff(rt.config, now)
+    assert limit == datetime.fromisoformat("2026-12-04T00:00:00+00:00")  # midnight slot + 24 h
+    with rt.engine.begin() as conn:
+        conn.execute(text("DELETE FROM etl_queue"))
+    due = {f"d{i}": limit + timedelta(microseconds=off) for i, off in enumerate(offsets)}
+    insert_docs(rt, [{"doc_key": k, "body": "b", "due_by": ts(rt, v)} for k, v in due.items()])
+    want_live = {k for k, v in due.items() if routing.goes_live(None, v, limit)}
+    assert want_live == {k for k, v in due.items() if v < limit}
+    docs = [{"doc_key": k} for k in due]
+    with rt.engine.connect() as conn:
+        claimed = live_store.claim(conn, limit, 100, now)
+        intent = intents.create_intent(conn, "t", now + timedelta(minutes=5), now)
+        q.claim(conn, intent, 100, now, limit)
+        batch = {r.doc_key for r in q.iter_claimed(conn, intent)}
+        conn.rollback()
+    assert {c.row.doc_key for c in claimed} == want_live
+    assert batch == {d["doc_key"] for d in docs} - want_live
+
+
+def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
+    make_runtime: Callable[..., Runtime], control: EmulatorControl
+) -> None:
+    rt = make_runtime(extra=FAST + "\n[tasks.quiet]\nmodel = 'claude-haiku-4-5'\nlive = false\n")
+    insert_docs(
+        rt,
+        [
+            {"doc_key": "forbidden", "body": "x", "task": "quiet", "mode": "live"},
+            {"doc_key": "empty", "body": "   ", "mode": "live"},
+            {"doc_key": "no-task", "body": "x", "task": "nope", "mode": "live"},
+            {"doc_key": "bad-model", "body": "x", "task": "classify", "mode": "live"},  # lacks metadata
+        ],
+    )
+    out = live.run(rt, once=True)
+    rows = queue_rows(rt)
+    assert rows["forbidden"]["status"] == "queued"
+    assert "forbids the live path" in rows["forbidden"]["reason"]
+    assert {rows[k]["status"] for k in ("empty", "no-task", "bad-model")} == {"rejected"}
+    assert "empty" in rows["empty"]["reason"] and "does not exist" in rows["no-task"]["reason"]
+    assert (out.fell_back, out.rejected, out.calls) == (1, 3, 0)
+    assert control.ledger()["live"]["calls"] == 0
+    # The fallen-back row is the batch's now.
+    assert submitter.run(rt).documents == 1
+
+
+def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_report_says_so(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+) -> None:
+    rt = make_runtime(extra=FAST + "daily_spend_cap_usd = 0.0000001\nconcurrency = 1\n")
+    insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(3)])
+    out = live.run(rt, once=True)
+    assert (out.succeeded, out.fell_back) == (1, 2)  # the first call passes the cap
+    rows = queue_rows(rt)
+    assert sorted(r["status"] for r in rows.values()) == ["done", "queued", "queued"]
+    assert all("spend cap" in r["reason"] for r in rows.values() if r["status"] == "queued")
+    assert control.ledger()["live"]["calls"] == 1
+    body = report.build(rt, clock(), None)
+    assert body["paths"]["live"]["fell_back"] == {"daily live spend cap reached": 2}
+    assert "daily live spend cap reached" in report.render(body)
+
+
+def test_permanent_api_errors_are_dead_with_the_reason_and_529_bursts_are_waited_out(
+    make_runtime: Callable[..., Runtime], control: EmulatorControl
+) -> None:
+    rt = make_runtime(extra=FAST + "concurrency = 1\n")
+    control.set_faults(
+        [
+            {"endpoint": "messages", "action": "status", "status": 529, "times": 3, "retry_after": 0},
+        ]
+    )
+    insert_docs(rt, [{"doc_key": "ok", "body": "fine", "mode": "live"}])
+    out = live.run(rt, once=True)
+    assert out.succeeded == 1 and out.calls == 4
+    control.set_faults([{"endpoint": "messages", "action": "status", "status": 400, "message": "bad prompt"}])
+    insert_docs(rt, [{"doc_key": "refused", "body": "fine too", "mode": "live"}])
+    out = live.run(rt, once=True)
+    rows = queue_rows(rt)
+    assert rows["refused"]["status"] == "dead" and "bad prompt" in rows["refused"]["reason"]
+    assert rows["refused"]["attempts"] == 1 and out.calls == 1
+    assert control.ledger()["live"]["calls"] == 1  # only the one that succeeded was billed
+
+
+def test_the_api_rate_limits_are_honoured_by_waiting_for_the_window(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+) -> None:
+    """The emulator allows 2 requests a minute; the worker is told nothing in advance, gets 429 with
+    retry-after and the ratelimit headers, and waits (on the shared clock the test moves) before calling
+    again: every row done, each billed once, and never more than 2 calls admitted per minute."""
+    rt = make_runtime(extra=FAST + "concurrency = 3\n")
+    control.set_live(requests_per_minute=2)
+    insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(5)])
+    worker = live.LiveWorker(rt)
+    runner = threading.Thread(target=worker.run, kwargs={"once": True})
+    runner.start()
+    for _ in range(200):
+        runner.join(0.2)
+        if not runner.is_alive():
+            break
+        if worker.pacer.not_before is not None and worker.pacer.not_before > clock():
+            clock.advance(61)
+    assert not runner.is_alive()
+    assert worker.outcome.succeeded == 5
+    ledger = control.ledger()["live"]
+    assert ledger["calls"] == 5 and set(ledger["billed"].values()) == {1}
+    assert ledger["rate_limited"] >= 1
+    assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
+
+
+def test_the_worker_never_exceeds_its_own_requests_per_minute(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+) -> None:
+    rt = make_runtime(extra=FAST + "concurrency = 4\nrequests_per_minute = 3\n")
+    control.set_live(requests_per_minute=3)  # the API would refuse a fourth call within the minute
+    insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(7)])
+    worker = live.LiveWorker(rt)
+    runner = threading.Thread(target=worker.run, kwargs={"once": True})
+    runner.start()
+    for _ in range(200):
+        runner.join(0.2)
+        if not runner.is_alive():
+            break
+        if len(worker.pacer.sent) >= 3:
+            clock.advance(61)
+    assert not runner.is_alive()
+    assert worker.outcome.succeeded == 7
+    assert control.ledger()["live"]["rate_limited"] == 0

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from etl import failpoints, routing
+from etl import failpoints, routing, schema
 from etl.clock import parse_iso
 from etl.config import Task
 from etl.errors import EtlError, ProviderError
@@ -447,6 +447,33 @@ class LiveWorker:
         with self.rt.engine.begin() as conn:
             store.give_back(conn, [queue_id], reason, self.rt.clock())
         self.outcome.given_back += 1
+
+
+STALE_URGENT = timedelta(minutes=10)
+
+
+def health(rt: Runtime, now: datetime) -> list[str]:
+    """Problems of the live path for `etl status --check`: calls stuck past their lease, urgent rows that
+    nobody takes (no `etl run` or `etl live` running?)."""
+    if not rt.config.live.enabled:
+        return []
+    lease = timedelta(seconds=rt.config.live.claim_lease_seconds)
+    with reading(rt.engine) as conn:
+        stuck = store.stuck_calls(conn, now, lease)
+        oldest = store.oldest_waiting(conn, routing.cutoff(rt.config, now))
+    problems = []
+    if stuck:
+        problems.append(
+            f"{stuck} live call(s) not renewed for over {lease.total_seconds():.0f} s: their process died; "
+            "a running `etl run` or `etl live` calls them again"
+        )
+    waited = now - (schema.as_utc(oldest) or now)
+    if waited > STALE_URGENT:
+        problems.append(
+            f"urgent rows have waited {waited.total_seconds() / 60:.0f} min for the live path: "
+            "is `etl run` or `etl live` running?"
+        )
+    return problems
 
 
 def run(rt: Runtime, *, once: bool, stop: threading.Event | None = None) -> LiveOutcome:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from etl import report
+from etl import live, report
 from etl.clock import isoformat
 from etl.runtime import Runtime
 from etl.store import state
@@ -35,6 +35,7 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     problems += [f"{b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}" for b in info["late"]]
     if info["submission_paused"]:
         problems.append(f"submission paused: {info['submission_paused']}")
+    problems += live.health(rt, now)
     return info, not problems, problems
 
 

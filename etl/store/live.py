@@ -199,6 +199,15 @@ def stuck_calls(conn: Connection, now: datetime, lease: timedelta) -> int:
     )
 
 
+def oldest_waiting(conn: Connection, cutoff: datetime) -> datetime | None:
+    """When the longest-waiting urgent row was queued (or last put back), for `etl status --check`."""
+    since = func.min(func.coalesce(queue.c.updated_at, queue.c.enqueued_at))
+    value: datetime | None = conn.execute(
+        select(since).where(text(LIVE_CANDIDATE), queue.c.status == S.QUEUED, live_routed(cutoff))
+    ).scalar_one_or_none()
+    return value
+
+
 def spent_since(conn: Connection, since: datetime) -> float:
     """Live spend (standard price) recorded since `since`: what the daily cap is checked against."""
     value = conn.execute(

@@ -241,3 +241,24 @@ def test_the_worker_never_exceeds_its_own_requests_per_minute(
     assert not runner.is_alive()
     assert worker.outcome.succeeded == 7
     assert control.ledger()["live"]["rate_limited"] == 0
+
+
+def test_status_check_names_stuck_live_calls_and_urgent_rows_nobody_takes(
+    make_runtime: Callable[..., Runtime], clock: SharedClock
+) -> None:
+    from etl.status import status
+
+    rt = make_runtime(extra=FAST)
+    insert_docs(rt, [{"doc_key": "waiting", "body": "x", "mode": "live"}])
+    assert status(rt)[1] is True  # just inserted: not a problem yet
+    with rt.engine.begin() as conn:
+        live_store.claim(conn, routing.cutoff(rt.config, clock()), 1, clock())
+    insert_docs(rt, [{"doc_key": "nobody", "body": "y", "mode": "live"}])
+    clock.advance(3600)
+    _, healthy, problems = status(rt)
+    assert not healthy
+    assert any("not renewed" in p for p in problems)
+    assert any("is `etl run` or `etl live` running?" in p for p in problems)
+    live.run(rt, once=True)  # takes the stuck call back and answers both
+    assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
+    assert status(rt)[1] is True

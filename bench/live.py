@@ -42,15 +42,15 @@ from run import PG_ADMIN, Database, Emulator
 
 sys.path.insert(0, str(ROOT))
 
-import httpx2  # noqa: E402
-from sqlalchemy import text  # noqa: E402
+import httpx2
+from sqlalchemy import text
 
-from etl import config as config_mod  # noqa: E402
-from etl import live  # noqa: E402
-from etl.prompt import Row, build_params  # noqa: E402
-from etl.provider import LiveReply, Provider  # noqa: E402
-from etl.runtime import Runtime, build  # noqa: E402
-from etl.store import migrate  # noqa: E402
+from etl import config as config_mod
+from etl import live
+from etl.prompt import Row, build_params
+from etl.provider import LiveReply, Provider
+from etl.runtime import Runtime, build
+from etl.store import migrate
 
 KEY = "bench-live-key"
 
@@ -145,7 +145,9 @@ def pickup(rt: Runtime, samples: int, seed: int) -> list[float]:
         time.sleep(rng.uniform(0.1, 1.0))
         committed = time.time()
         insert(rt, [(f"p{i}", body)])
-        key = build_params(Row(0, f"p{i}", "default", body, None), rt.config.tasks, 10**6)["messages"][0]["content"]
+        key = build_params(Row(0, f"p{i}", "default", body, None), rt.config.tasks, 10**6)["messages"][0][
+            "content"
+        ]
         deadline = time.time() + 30
         while key not in TimedProvider.left and time.time() < deadline:
             time.sleep(0.005)

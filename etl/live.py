@@ -288,15 +288,17 @@ class LiveWorker:
         saturated = 0
         retried_ambiguous = 0
         backoff = self.settings.backoff_seconds
+        recorded = True  # the claim put the first call on record
         while True:
             if not self.pacer.acquire():
-                self._give_back(row.id, "stopped before the live call")
+                self._give_back(row.id, "stopped before the live call", uncalled=recorded)
                 return
-            now = self.rt.clock()
-            with self.rt.engine.begin() as conn:
-                if not store.record_call(conn, row.id, now):
-                    log.warning("live_claim_lost", queue_id=row.id)
-                    return
+            if not recorded:
+                with self.rt.engine.begin() as conn:
+                    if not store.record_call(conn, row.id, self.rt.clock()):
+                        log.warning("live_claim_lost", queue_id=row.id)
+                        return
+            recorded = False
             failpoints.hit("live.before_call")
             self.outcome.calls += 1
             try:
@@ -395,13 +397,13 @@ class LiveWorker:
         )
         if self.rt.same_database:
             with self.rt.engine.begin() as conn:
-                warehouse.upsert(conn, [result])
+                warehouse.upsert_few(conn, [result])
                 ok = store.done(conn, row.id, now)
                 if ok:
                     tally.flush(conn, now, None)
         else:
             with self.rt.warehouse.begin() as wconn:
-                warehouse.upsert(wconn, [result])
+                warehouse.upsert_few(wconn, [result])
             with self.rt.engine.begin() as conn:
                 ok = store.done(conn, row.id, now)
                 if ok:
@@ -443,9 +445,9 @@ class LiveWorker:
         self.outcome.dead += 1
         log.error("live_document_dead", queue_id=queue_id, reason=reason)
 
-    def _give_back(self, queue_id: int, reason: str) -> None:
+    def _give_back(self, queue_id: int, reason: str, *, uncalled: bool = False) -> None:
         with self.rt.engine.begin() as conn:
-            store.give_back(conn, [queue_id], reason, self.rt.clock())
+            store.give_back(conn, [queue_id], reason, self.rt.clock(), uncalled=uncalled)
         self.outcome.given_back += 1
 
 

@@ -55,7 +55,9 @@ def claim(conn: Connection, cutoff: datetime, limit: int, now: datetime) -> list
     result = conn.execute(
         update(queue)
         .where(queue.c.id.in_(_once(conn, picked)), queue.c.status == S.QUEUED)
-        .values(status=S.CALLING, updated_at=now, call_started_at=None)
+        # The first call is on record with the claim's commit, before it can leave (`record_call` for
+        # each further one); a row that is then not called (`fall_back`, `reject`) takes it off again.
+        .values(status=S.CALLING, updated_at=now, call_started_at=now, live_calls=queue.c.live_calls + 1)
         .returning(
             queue.c.id,
             queue.c.doc_key,
@@ -116,11 +118,12 @@ def dead(conn: Connection, queue_id: int, reason: str, now: datetime) -> bool:
     )
 
 
+NOT_CALLED: dict[str, Any] = {"call_started_at": None, "live_calls": queue.c.live_calls - 1}
+
+
 def reject(conn: Connection, queue_id: int, reason: str, now: datetime) -> bool:
-    """Bad input, never sent."""
-    return _guarded(
-        conn, queue_id, {"status": S.REJECTED, "reason": reason, "call_started_at": None, "updated_at": now}
-    )
+    """Bad input, never sent (the call the claim put on record did not happen)."""
+    return _guarded(conn, queue_id, {"status": S.REJECTED, "reason": reason, "updated_at": now, **NOT_CALLED})
 
 
 def fall_back(conn: Connection, ids: Sequence[int], reason: str, now: datetime) -> int:
@@ -130,19 +133,23 @@ def fall_back(conn: Connection, ids: Sequence[int], reason: str, now: datetime) 
     result = conn.execute(
         update(queue)
         .where(_id_in(conn, list(ids)), queue.c.status == S.CALLING)
-        .values(status=S.QUEUED, mode=Mode.BATCH, reason=reason, call_started_at=None, updated_at=now)
+        .values(status=S.QUEUED, mode=Mode.BATCH, reason=reason, updated_at=now, **NOT_CALLED)
     )
     return int(result.rowcount)
 
 
-def give_back(conn: Connection, ids: Sequence[int], reason: str, now: datetime) -> int:
-    """Rows back to `queued` as they were (still urgent): a stop, a systemic error, a paused API."""
+def give_back(
+    conn: Connection, ids: Sequence[int], reason: str, now: datetime, *, uncalled: bool = False
+) -> int:
+    """Rows back to `queued` as they were (still urgent): a stop, a systemic error, a saturated API.
+    `uncalled`: the call the claim put on record never left, so it is taken off again."""
     if not ids:
         return 0
+    values: dict[str, Any] = dict(NOT_CALLED) if uncalled else {"call_started_at": None}
     result = conn.execute(
         update(queue)
         .where(_id_in(conn, list(ids)), queue.c.status == S.CALLING)
-        .values(status=S.QUEUED, reason=reason, call_started_at=None, updated_at=now)
+        .values(status=S.QUEUED, reason=reason, updated_at=now, **values)
     )
     return int(result.rowcount)
 

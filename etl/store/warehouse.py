@@ -86,6 +86,23 @@ def upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
     write(conn, Encoded(encoder.dialect, [encoder.encode(row) for row in rows]))
 
 
+def upsert_few(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """`upsert` for a handful of rows (the live path: one result per call): one plain
+    `INSERT ... ON CONFLICT` under the same `queue_id` guard, without the bulk path's temp table and COPY."""
+    if rows:
+        conn.execute(_few_statement(conn.dialect.name), [{"mode": "batch", **row} for row in rows])
+
+
+@cache
+def _few_statement(dialect: str) -> Any:
+    ins = postgresql.insert(results) if dialect == "postgresql" else sqlite.insert(results)
+    return ins.on_conflict_do_update(
+        index_elements=[results.c.doc_key, results.c.task],
+        set_={name: ins.excluded[name] for name in UPDATABLE},
+        where=results.c.queue_id <= ins.excluded.queue_id,
+    )
+
+
 def write(conn: Connection, encoded: Encoded) -> None:
     """`upsert` of rows already encoded for this connection's dialect."""
     if encoded.dialect != conn.dialect.name:

@@ -31,7 +31,9 @@ def test_demo_runs_the_whole_cycle_quickly() -> None:
     assert "3 re-queued" in out and "2 dead-lettered" in out
     assert "Morning report" in out and "saved $" in out
     assert "dead: doc-017: invalid_request_error" in out
-    assert "queue: dead 2, done 34" in out
+    assert "queue: dead 2, done 35" in out  # 34 by the batch, one urgent document live
+    assert "urgent-001 answered live" in out and "the other 36 documents wait for the night" in out
+    assert "live path:  1 documents" in out
     assert "etl run" in out and "ANTHROPIC_API_KEY" in out
     assert elapsed < 60
 

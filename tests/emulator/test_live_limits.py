@@ -32,7 +32,8 @@ def test_latency_is_slept_per_request_so_slow_answers_do_not_queue_behind_each_o
     the server answers each on its own thread, outside the state lock."""
     control.set_live(latency_seconds=30)
     threads = [
-        threading.Thread(target=lambda i=i: client.messages.create(**params(i)), daemon=True) for i in range(3)
+        threading.Thread(target=lambda i=i: client.messages.create(**params(i)), daemon=True)
+        for i in range(3)
     ]
     for t in threads:
         t.start()

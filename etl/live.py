@@ -17,6 +17,7 @@ ambiguous failure (timeout, reset, 5xx other than 529) is retried the same way, 
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -103,6 +104,97 @@ class Pacer:
                     self.hold_until(parse_iso(reset) if reset else now + timedelta(seconds=1))
 
 
+@dataclass(frozen=True)
+class _Answer:
+    result: dict[str, Any]  # the etl_results row
+    task: str
+    usage: Usage
+    standard: float
+    batch_cost: float
+
+
+class _Settler:
+    """Writes answers on one thread, as many as have arrived in one transaction: results, rows `done`,
+    events. A commit per answer (an fsync each on SQLite, one round trip more each on PostgreSQL) was
+    the worker's bottleneck at 16 calls in flight (bench/RESULTS.md). An answer not yet committed when
+    the process dies is an in-flight call like any other: called again, counted as possibly billed twice.
+    """
+
+    def __init__(self, worker: LiveWorker) -> None:
+        self.worker = worker
+        self._queue: queue.SimpleQueue[_Answer | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="etl-live-settle", daemon=True)
+        self._thread.start()
+
+    def put(self, answer: _Answer) -> None:
+        self._queue.put(answer)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                group.append(item)
+            try:
+                self._write(group)
+            except Exception as exc:  # recovery loop: the rows stay `calling` and are recovered
+                log.exception("live_settle_failed", documents=len(group), error=str(exc))
+
+    def _write(self, group: list[_Answer]) -> None:
+        rt = self.worker.rt
+        now = rt.clock()
+        tally = events.Tally()
+        results = [a.result for a in group]
+        if not rt.same_database:
+            with rt.warehouse.begin() as wconn:
+                warehouse.upsert_few(wconn, results)
+        with rt.engine.begin() as conn:
+            if rt.same_database:
+                warehouse.upsert_few(conn, results)
+            settled = []
+            for a in group:
+                if store.done(conn, a.result["queue_id"], now):
+                    settled.append(a)
+                    tally.add(
+                        "live_succeeded",
+                        a.task,
+                        input_tokens=a.usage.input_tokens,
+                        output_tokens=a.usage.output_tokens,
+                        cache_write_tokens=a.usage.cache_write,
+                        cache_read_tokens=a.usage.cache_read,
+                        cost_usd=a.standard,
+                        standard_cost_usd=a.standard,
+                    )
+                else:
+                    log.warning(
+                        "live_claim_lost", queue_id=a.result["queue_id"], note="taken over; result stored"
+                    )
+            tally.flush(conn, now, None)
+        self.worker.outcome.succeeded += len(settled)
+        for a in settled:
+            log.info(
+                "live_document_done",
+                queue_id=a.result["queue_id"],
+                doc_key=a.result["doc_key"],
+                cost_usd=round(a.standard, 6),
+                batch_would_cost_usd=round(a.batch_cost, 6),
+            )
+
+
 @dataclass
 class LiveOutcome:
     succeeded: int = 0
@@ -128,6 +220,7 @@ class LiveWorker:
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[None]] = {}
         self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="etl-live")
+        self.settler = _Settler(self)
         self._last_renew = rt.clock()
         self._last_recover: datetime | None = None
 
@@ -240,6 +333,7 @@ class LiveWorker:
             futures = list(self._inflight.values())
         wait(futures)
         self._pool.shutdown(wait=True)
+        self.settler.close()
 
     # -- one document ---------------------------------------------------------------------------------
 
@@ -354,7 +448,7 @@ class LiveWorker:
 
     def _succeeded(self, lrow: store.LiveRow, task: Task, message: dict[str, Any]) -> None:
         row = lrow.row
-        now = self.rt.clock()
+        now = self.rt.clock()  # the answer's time; the settler commits it a moment later
         text = _text_of(message)
         output_json = None
         if task.output_schema is not None:
@@ -384,41 +478,7 @@ class LiveWorker:
             "collected_at": now,
             "mode": "live",
         }
-        tally = events.Tally()
-        tally.add(
-            "live_succeeded",
-            row.task,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_write_tokens=usage.cache_write,
-            cache_read_tokens=usage.cache_read,
-            cost_usd=standard,
-            standard_cost_usd=standard,
-        )
-        if self.rt.same_database:
-            with self.rt.engine.begin() as conn:
-                warehouse.upsert_few(conn, [result])
-                ok = store.done(conn, row.id, now)
-                if ok:
-                    tally.flush(conn, now, None)
-        else:
-            with self.rt.warehouse.begin() as wconn:
-                warehouse.upsert_few(wconn, [result])
-            with self.rt.engine.begin() as conn:
-                ok = store.done(conn, row.id, now)
-                if ok:
-                    tally.flush(conn, now, None)
-        if ok:
-            self.outcome.succeeded += 1
-            log.info(
-                "live_document_done",
-                queue_id=row.id,
-                doc_key=row.doc_key,
-                cost_usd=round(standard, 6),
-                batch_would_cost_usd=round(batch_cost, 6),
-            )
-        else:
-            log.warning("live_claim_lost", queue_id=row.id, note="result stored; the row had been taken over")
+        self.settler.put(_Answer(result, row.task, usage, standard, batch_cost))
 
     def _fall_back(self, queue_id: int, task: str, reason: str) -> None:
         now = self.rt.clock()

@@ -45,6 +45,7 @@ log = structlog.get_logger("etl.live")
 
 WINDOW = timedelta(seconds=60)
 PACING_SLICE = 0.25  # waits re-read the clock this often (tests move the clock instead of sleeping)
+LISTEN_TIMEOUT = 0.5  # the listener checks for a stop this often
 SATURATED_RETRIES = 20  # 429/529 answers for one document before it goes back to the queue
 OVERLOADED = 529
 
@@ -242,6 +243,9 @@ class LiveWorker:
                 self._pause(took)
         finally:
             self._drain()
+            if listener is not None:
+                self.stop.set()
+                listener.join(LISTEN_TIMEOUT * 3)  # its connection goes back before the engine is closed
         log.info("live_worker_stopped", **{k: v for k, v in self.outcome.__dict__.items() if k != "reasons"})
         return self.outcome
 
@@ -266,7 +270,7 @@ class LiveWorker:
         """PostgreSQL: each NOTIFY from the queue's trigger wakes the loop at once."""
         while not self.stop.is_set():
             try:
-                signals = store.listen(self.rt.engine, timeout=1.0)
+                signals = store.listen(self.rt.engine, timeout=LISTEN_TIMEOUT)
                 for got in signals:
                     if got:
                         self.wake.set()

@@ -54,3 +54,41 @@ def test_bench_run_prints_a_parsable_result_line(
     assert int(match["submit_rss"]) > 0 and int(match["collect_rss"]) > 0
     measured = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("etl_")]
     assert measured == ["etl_submit"] * repeat + ["etl_collect"] * repeat
+
+
+LIVE = re.compile(
+    r"^LIVE db=(?P<db>\w+) docs=16 concurrency=4 latency_s=0.05 worker_s=[\d.]+ baseline_s=[\d.]+ "
+    r"ratio=[\d.]+ pickup_p50_s=[\d.]+ pickup_p99_s=[\d.]+ samples=2$"
+)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_live_bench_prints_a_parsable_result_line(db: str, request: pytest.FixtureRequest) -> None:
+    if db == "postgresql":
+        request.getfixturevalue("pg_admin")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "live.py"),
+            "--db",
+            db,
+            "--docs",
+            "16",
+            "--concurrency",
+            "4",
+            "--latency",
+            "0.05",
+            "--samples",
+            "2",
+            "--poll",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    match = LIVE.match(last)
+    assert match and match["db"] == db, last

@@ -264,7 +264,6 @@ class LiveWorker:
             )
             return
         self.wake.wait(timeout)
-        self.wake.clear()
 
     def _listen(self) -> None:
         """PostgreSQL: each NOTIFY from the queue's trigger wakes the loop at once."""
@@ -288,6 +287,7 @@ class LiveWorker:
             return self.settings.concurrency - len(self._inflight)
 
     def _fill(self) -> int:
+        self.wake.clear()  # before looking: a NOTIFY from now on wakes the next pause at once
         free = self._free_slots()
         if free <= 0:
             return 0

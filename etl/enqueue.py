@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from etl.clock import parse_iso
 from etl.errors import EtlError
 from etl.runtime import Runtime
 from etl.store import queue as q
 
-RESERVED = {"doc_key", "body", "task", "priority", "metadata"}
+RESERVED = {"doc_key", "body", "task", "priority", "metadata", "due_by", "mode"}
 
 
 class InputError(EtlError):
@@ -59,12 +60,25 @@ def _document(n: int, rec: dict[str, Any], default_task: str | None) -> dict[str
         priority = int(priority)
     except (TypeError, ValueError):
         raise InputError(f"record {n}: priority must be an integer, got {priority!r}") from None
+    due_by = rec.get("due_by") or None
+    if due_by is not None:
+        try:
+            due_by = parse_iso(str(due_by))
+        except ValueError:
+            raise InputError(
+                f"record {n}: due_by {due_by!r} is not an ISO 8601 time (e.g. 2026-12-02T15:30:00Z)"
+            ) from None
+    mode = rec.get("mode") or None
+    if mode not in (None, "live", "batch"):
+        raise InputError(f"record {n}: mode must be 'live', 'batch' or empty, got {mode!r}")
     return {
         "doc_key": str(key),
         "body": body if isinstance(body, str) else json.dumps(body),
         "task": rec.get("task") or default_task or "default",
         "metadata": meta or None,
         "priority": priority,
+        "due_by": due_by,
+        "mode": mode,
     }
 
 

@@ -305,8 +305,10 @@ def insert_documents(conn: Connection, docs: list[dict[str, Any]]) -> int:
         task=bindparam("task"),
         metadata=bindparam("metadata"),
         priority=bindparam("priority"),
+        due_by=bindparam("due_by", type_=queue.c.due_by.type),
+        mode=bindparam("mode"),
     )
-    conn.execute(stmt, docs)
+    conn.execute(stmt, [{"due_by": None, "mode": None, **doc} for doc in docs])
     return len(docs)
 
 

@@ -262,3 +262,28 @@ def test_status_check_names_stuck_live_calls_and_urgent_rows_nobody_takes(
     live.run(rt, once=True)  # takes the stuck call back and answers both
     assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
     assert status(rt)[1] is True
+
+
+def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
+    runtime: Runtime, clock: SharedClock, tmp_path: Any
+) -> None:
+    from etl.enqueue import InputError, enqueue_file
+
+    now = clock()
+    good = tmp_path / "docs.jsonl"
+    good.write_text(
+        f'{{"doc_key": "a", "body": "x", "due_by": "{(now + timedelta(minutes=5)).isoformat()}"}}\n'
+        '{"doc_key": "b", "body": "y", "mode": "live"}\n'
+        '{"doc_key": "c", "body": "z"}\n'
+    )
+    assert enqueue_file(runtime, str(good), fmt=None, default_task=None) == 3
+    with runtime.engine.connect() as conn:
+        rows = {
+            r.doc_key: r for r in conn.execute(text("SELECT doc_key, due_by, mode, metadata FROM etl_queue"))
+        }
+    assert rows["b"].mode == "live" and rows["c"].mode is None and rows["a"].metadata is None
+    assert live.run(runtime, once=True).succeeded == 2  # a (due in 5 minutes) and b
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"doc_key": "d", "body": "x", "due_by": "tomorrow"}\n')
+    with pytest.raises(InputError, match="record 1: due_by 'tomorrow' is not an ISO 8601 time"):
+        enqueue_file(runtime, str(bad), fmt=None, default_task=None)

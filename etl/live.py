@@ -21,7 +21,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -255,14 +255,10 @@ class LiveWorker:
             futures = list(self._inflight.values())
         if took and len(futures) < self.settings.concurrency:
             return  # there may be more rows right away
+        # A finished call sets `wake` too (see `_fill`), so one wait serves slots, NOTIFYs and the poll.
         timeout = self.settings.poll_seconds
         if futures:
-            wait(
-                futures,
-                timeout=min(timeout, self.settings.claim_lease_seconds / 3),
-                return_when=FIRST_COMPLETED,
-            )
-            return
+            timeout = min(timeout, self.settings.claim_lease_seconds / 3)
         self.wake.wait(timeout)
 
     def _listen(self) -> None:
@@ -301,7 +297,9 @@ class LiveWorker:
         for lrow in rows:
             log.info("live_claimed", queue_id=lrow.row.id, doc_key=lrow.row.doc_key, due_by=str(lrow.due_by))
             with self._lock:
-                self._inflight[lrow.row.id] = self._pool.submit(self._guarded, lrow)
+                future = self._pool.submit(self._guarded, lrow)
+                self._inflight[lrow.row.id] = future
+            future.add_done_callback(lambda _: self.wake.set())
         return len(rows)
 
     def _housekeeping(self) -> None:

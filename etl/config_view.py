@@ -77,8 +77,13 @@ def dumps(tables: Mapping[str, Any]) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def _string(text: str) -> str:
+    """A TOML basic string: JSON's escapes, plus DEL, which TOML (unlike JSON) does not allow raw."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _key(name: str) -> str:
-    return name if _BARE_KEY.match(name) else json.dumps(name)
+    return name if _BARE_KEY.match(name) else _string(name)
 
 
 def _table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
@@ -97,7 +102,7 @@ def _value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _string(value)
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{_key(str(k))} = {_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, (list, tuple)):

@@ -91,14 +91,21 @@ def _etl_elsewhere(args: list[str], env: dict[str, str], cwd: Path) -> subproces
     full = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
     full.update(env, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "etl.cli", *args], env=full, capture_output=True, text=True, cwd=cwd, timeout=60
+        [sys.executable, "-m", "etl.cli", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
     )
 
 
 @pytest.mark.skipif(Path("/etc/etl/etl.toml").exists(), reason="this machine has /etc/etl/etl.toml")
 def test_no_config_file_anywhere_says_so_and_lists_where_it_looked(tmp_path: Path) -> None:
     proc = _etl_elsewhere(["status"], {}, tmp_path)
-    err = one_line_error(proc, 78, "no configuration file found", "$ETL_CONFIG (not set)", "/etc/etl/etl.toml")
+    err = one_line_error(
+        proc, 78, "no configuration file found", "$ETL_CONFIG (not set)", "/etc/etl/etl.toml"
+    )
     assert str(tmp_path / "config" / "etl.toml") in err
     assert "[tasks" not in err
 

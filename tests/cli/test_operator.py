@@ -354,3 +354,54 @@ def test_cancel_all_pending_settles_a_batch_that_ended_at_once(
     assert proc.returncode == 0, proc.stderr
     assert "settled now: 2 succeeded, 0 re-queued" in proc.stdout
     assert {r["status"] for r in queue_rows(runtime).values()} == {"done"}  # no collect needed
+
+
+# -- the morning report on a terminal -------------------------------------------------------------------
+
+
+def test_collect_on_a_terminal_prints_the_readable_report(
+    runtime: Runtime,
+    db_url: str,
+    emulator: EmulatorServer,
+    clock: SharedClock,
+    config_file: Callable[..., Path],
+) -> None:
+    import pty
+
+    cfg = config_file()
+    insert_docs(
+        runtime, [{"doc_key": "a", "body": "text"}, {"doc_key": "b", "body": "x", "task": "translate"}]
+    )
+    assert run_etl(["submit"], env_for(db_url, emulator, cfg, clock)).returncode == 0
+    clock.advance(3600)
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
+    full.update(env_for(db_url, emulator, cfg, clock))
+    master, slave = pty.openpty()
+    proc = subprocess.run(
+        [sys.executable, "-m", "etl.cli", "--log-json", "collect"],
+        env=full,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    text_out = out.decode()
+    assert proc.returncode == 0, proc.stderr
+    assert "Morning report" in text_out and "documents per task" in text_out
+    assert "task 'translate' does not exist (configured tasks: classify, default)" in text_out
+    assert "released   a batch create whose outcome stayed unknown" in text_out
+    # the log line says the report was made, without the whole report on one line
+    (line,) = [json.loads(x) for x in proc.stderr.splitlines() if '"morning_report"' in x]
+    assert "tasks" not in line and line["late"] == 0

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DataError, IntegrityError
 
 from etl.errors import InputError, InputMissing
 from etl.runtime import Runtime
@@ -123,6 +124,13 @@ def enqueue_file(
                         progress.write(f"\rread {count:,} documents of {total_bytes / 1e6:,.1f} MB input...")
                         progress.flush()
             count += _flush(conn, pending)
+    except (DataError, IntegrityError) as exc:
+        # e.g. PostgreSQL refuses a NUL character in text: said in one line, the file rolled back
+        detail = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+        raise InputError(
+            f"the database refused a row of the block ending at document {count + len(pending):,}: {detail}; "
+            f"{NOTHING}"
+        ) from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); {NOTHING}") from None
     finally:

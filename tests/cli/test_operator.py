@@ -405,3 +405,21 @@ def test_collect_on_a_terminal_prints_the_readable_report(
     # the log line says the report was made, without the whole report on one line
     (line,) = [json.loads(x) for x in proc.stderr.splitlines() if '"morning_report"' in x]
     assert "tasks" not in line and line["late"] == 0
+
+
+def test_a_row_postgresql_refuses_is_one_line_and_the_file_is_rolled_back(
+    make_pg_database: Callable[[], str],
+    emulator: EmulatorServer,
+    config_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    env = env_for(make_pg_database(), emulator, config_file())
+    assert run_etl(["db", "upgrade"], env).returncode == 0
+    rows: list[dict[str, object]] = [
+        {"doc_key": "a", "body": "fine"},
+        {"doc_key": "b", "body": "nul \u0000 here"},
+    ]
+    proc = run_etl(["enqueue", str(jsonl(tmp_path / "nul.jsonl", rows))], env)
+    one_line_error(proc, 65, "the database refused a row", "nothing from the file was enqueued")
+    status = json.loads(run_etl(["status", "--json"], env).stdout)
+    assert sum(status["queue"].values()) == 0

@@ -55,6 +55,9 @@ def _epilog(codes: Sequence[int], *, api: bool = False, config: bool = True, ext
 
 
 BASIC = (0, 1, 2, 78)
+GLOBAL_OPTIONS = (
+    "options of every command, given before it: --config FILE, --log-level LEVEL, --log-json (`etl --help`)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
             name,
             help=summary,
             description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
-            epilog=_epilog(codes, api=kw.pop("api", False)),
+            epilog=_epilog(codes, api=kw.pop("api", False), extra=GLOBAL_OPTIONS),
             formatter_class=fmt,
             **kw,
         )

@@ -285,5 +285,5 @@ def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
     assert live.run(runtime, once=True).succeeded == 2  # a (due in 5 minutes) and b
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"doc_key": "d", "body": "x", "due_by": "tomorrow"}\n')
-    with pytest.raises(InputError, match="record 1: due_by 'tomorrow' is not an ISO 8601 time"):
+    with pytest.raises(InputError, match="line 1: due_by 'tomorrow' is not an ISO 8601 time"):
         enqueue_file(runtime, str(bad), fmt=None, default_task=None)

@@ -46,6 +46,7 @@ class ProviderError(EtlError):
       - ``systemic``: spend limit, authentication, permission or billing: stop and tell a human.
       - ``not_found``: the object does not exist (or is not visible yet).
       - ``transient``: a read failed in a way that retrying later may fix.
+      - ``unreachable``: no connection to the API could be made: nothing was sent, try later.
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class ProviderError(EtlError):
 
     @property
     def transient(self) -> bool:
-        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found"}
+        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found", "unreachable"}
 
 
 class ResultsIncomplete(ProviderError):

@@ -262,6 +262,10 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             state.pause(conn, reason, now)
             outcome.stopped = f"paused: {reason}"
             log.error("submission_paused", intent=intent_id, reason=reason)
+        elif exc.kind == "unreachable":  # no connection was made: the API never saw it, re-queued now
+            q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
+            outcome.stopped = f"API unreachable: {reason}"
+            log.warning("create_not_sent", intent=intent_id, error=reason)
         elif exc.kind in ("rate_limited", "transient", "not_found"):
             q.unclaim(conn, intent_id, now, reason=f"not sent yet: {reason}")
             outcome.stopped = f"rate limited: {reason}"

@@ -36,6 +36,10 @@ class SchemaOutOfDate(StoreError):
     exit_code = 78
 
 
+class SchemaIncomplete(SchemaOutOfDate):
+    """The revision is current but a table of the database's role is missing."""
+
+
 class ProviderError(EtlError):
     """A Batches API call failed. `kind` says what the caller may do about it.
 

@@ -68,7 +68,9 @@ def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
     doubt = "ambiguous" if mutating else "transient"
     if never_connected(exc):
         # No connection was ever made (refused, unresolvable, connect timeout): nothing was sent.
-        return ProviderError(f"{what}: API unreachable, nothing sent: {exc.__cause__ or exc}", kind="unreachable")
+        return ProviderError(
+            f"{what}: API unreachable, nothing sent: {exc.__cause__ or exc}", kind="unreachable"
+        )
     if isinstance(exc, anthropic.APITimeoutError):
         return ProviderError(f"{what}: timed out", kind=doubt)
     if isinstance(exc, anthropic.APIConnectionError):

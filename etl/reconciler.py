@@ -164,7 +164,9 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
     #    it: exactly one unknown intent could own it and it is that intent's only open candidate (a wrong
     #    adoption is undone by the collector once the results show other custom_ids). Otherwise: wait.
     def open_candidates(intent: Intent) -> list[RemoteBatch]:
-        return [c for c in candidates[intent.id] if c.id not in known and (not c.ended or c.id in unexplained)]
+        return [
+            c for c in candidates[intent.id] if c.id not in known and (not c.ended or c.id in unexplained)
+        ]
 
     for r in ordered:
         if r.ended or r.id in known:
@@ -225,7 +227,9 @@ def release_by_operator(rt: Runtime, intent_id: int) -> int:
         intent = intents.get(conn, intent_id)
         if intent is None or intent.status != BatchStatus.UNKNOWN:
             what = "does not exist" if intent is None else f"is {intent.status}, not unknown"
-            raise EtlError(f"intent {intent_id} {what}: only an intent whose create outcome is unknown is released")
+            raise EtlError(
+                f"intent {intent_id} {what}: only an intent whose create outcome is unknown is released"
+            )
         if not intents.release(conn, intent_id, (BatchStatus.UNKNOWN,), reason):
             raise EtlError(f"intent {intent_id} changed while releasing it; run etl status")
         rows = q.unclaim(conn, intent_id, now, reason=reason)

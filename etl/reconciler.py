@@ -88,7 +88,7 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
     - whose a batch is: the candidates are the unrecorded batches of the intent's size above that point.
       An ended one is read: its first custom_id names a queue row, whose batch_ref is the intent that
       sent it. A read that fails or breaks proves nothing: the intent waits. A batch that has not ended
-      cannot be read: the intent waits for it (or adopts it when it is the only possible one).
+      cannot be read: the intent waits for it to end.
     - released: only when the list was read far enough, no candidate is left unexplained, and the grace
       period (on our own clock, measured against our own `sent_at`) has passed.
     """
@@ -160,29 +160,18 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         else:
             log.warning("lookalike_batch_not_ours", batch_id=r.id, owner_intent=owner, proof=verdict)
 
-    # 2. A not-yet-ended candidate cannot be read. It is adopted early only when nothing else could claim
-    #    it: exactly one unknown intent could own it and it is that intent's only open candidate (a wrong
-    #    adoption is undone by the collector once the results show other custom_ids). Otherwise: wait.
-    def open_candidates(intent: Intent) -> list[RemoteBatch]:
-        return [
-            c for c in candidates[intent.id] if c.id not in known and (not c.ended or c.id in unexplained)
-        ]
-
+    # 2. A candidate that has not ended cannot be read: whoever it could belong to waits until it ends
+    #    (the collector reconciles before it collects, so an adopted batch is collected in the same run).
+    #    Adopting it early by size alone was undone only by its results, and if our own batch was still
+    #    hidden from the list, re-queuing after that undo would have sent the rows twice.
     for r in ordered:
-        if r.ended or r.id in known:
-            continue
-        owners = [i for i in pending.values() if any(c.id == r.id for c in candidates[i.id])]
-        alone = len(owners) == 1 and [c.id for c in open_candidates(owners[0])] == [r.id]
-        if alone and _adopt(rt, out, owners[0], r, now, how="the only batch that could be its"):
-            known.add(r.id)
-            del pending[owners[0].id]
-        else:
+        if not r.ended and r.id not in known:
             unexplained[r.id] = r
 
     # 3. Release only what is proven absent: list read far enough, nothing unexplained, grace over.
     for intent in pending.values():
         sent = intent.sent_at or intent.created_at
-        waiting_for = [c.id for c in open_candidates(intent) if c.id in unexplained]
+        waiting_for = [c.id for c in candidates[intent.id] if c.id in unexplained and c.id not in known]
         if intent.id not in complete:
             out.still_unknown += 1
             log.info("unknown_intent_waiting_for_list", intent=intent.id, anchor=intent.anchor_batch_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, column, func, select, table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from etl.clock import ensure_utc
 from etl.schema import UtcDateTime, results
@@ -115,6 +115,8 @@ def write_isolating(conn: Connection, encoded: Encoded) -> list[tuple[int, str]]
             with conn.begin_nested():
                 write(conn, Encoded(encoded.dialect, rows, encoded.unique_keys))
         except DBAPIError as exc:
+            if not row_specific(exc):
+                raise  # the database, not a row, is at fault: the batch is retried on the next collect
             if len(rows) == 1:
                 refused.append((int(rows[0][QUEUE_ID]), _reason(exc)))
                 return
@@ -125,6 +127,20 @@ def write_isolating(conn: Connection, encoded: Encoded) -> list[tuple[int, str]]
     if encoded.rows:
         attempt(encoded.rows)
     return refused
+
+
+# PostgreSQL error classes a single row's values can cause: data exceptions (22), integrity (23), program
+# limits such as "index row size exceeds btree maximum" (54), and an exception raised by a trigger.
+ROW_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def row_specific(exc: DBAPIError) -> bool:
+    """Whether this failure can be caused by the values of a row, rather than by the database itself (a
+    missing table, a lost connection, a full disk): only then is the chunk split to find the row."""
+    if isinstance(exc, (IntegrityError, DataError)):
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and (sqlstate[:2] in ROW_SQLSTATE_CLASSES or sqlstate == "P0001")
 
 
 def _reason(exc: DBAPIError) -> str:

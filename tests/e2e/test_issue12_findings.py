@@ -205,10 +205,20 @@ def _refuse_poison_rows(rt: Runtime) -> None:
             )
 
 
+@pytest.mark.parametrize("warehouse", ["same", "separate"])
 def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_collected(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Runtime],
+    clock: SharedClock,
+    control: EmulatorControl,
+    db_url: str,
+    tmp_path: Path,
+    make_pg_database: Callable[[], str],
+    warehouse: str,
 ) -> None:
-    rt = make_runtime(submit={"max_requests_per_batch": 50})
+    url = ""
+    if warehouse == "separate":
+        url = make_pg_database() if db_url.startswith("postgresql") else f"sqlite:///{tmp_path / 'wh.db'}"
+    rt = make_runtime(submit={"max_requests_per_batch": 50}, warehouse_url=url)
     insert_docs(
         rt, [{"doc_key": "poison-1", "body": "refused"}, *docs(99), {"doc_key": "poison-2", "body": "x"}]
     )

@@ -59,16 +59,41 @@ SUPERSEDED_REASON = "a newer queued row of the same doc_key and task replaced it
 
 def supersede(conn: Connection, now: datetime) -> int:
     """Of the queued rows of one (doc_key, task), only the newest (highest id) may be sent: the older ones
-    become `superseded` (never sent, never billed). One statement over the queued rows, before a claim."""
-    newest = (
-        select(func.max(queue.c.id)).where(queue.c.status == S.QUEUED).group_by(queue.c.doc_key, queue.c.task)
+    become `superseded` (never sent, never billed).
+
+    One read-only aggregate over the queued rows finds the keys queued more than once (usually none); only
+    then are their rows read and the older ones updated by id. A single `UPDATE ... WHERE id NOT IN
+    (SELECT max(id) ... GROUP BY ...)` took three times as long at 100,000 queued rows (bench/supersede.py).
+    """
+    groups = conn.execute(
+        select(queue.c.doc_key, queue.c.task, func.max(queue.c.id))
+        .where(queue.c.status == S.QUEUED)
+        .group_by(queue.c.doc_key, queue.c.task)
+        .having(func.count() > 1)
+    ).all()
+    if not groups:
+        return 0
+    newest = {(k, t): m for k, t, m in groups}
+    keys = sorted({k for k, _, _ in groups})
+    if conn.dialect.name == "postgresql":
+        key_in = queue.c.doc_key == any_(bindparam("keys", keys, type_=ARRAY(Text)))
+    else:
+        values = func.json_each(bindparam("keys", json.dumps(keys))).table_valued("value")
+        key_in = queue.c.doc_key.in_(select(values.c.value))
+    rows = conn.execute(
+        select(queue.c.id, queue.c.doc_key, queue.c.task).where(queue.c.status == S.QUEUED, key_in)
     )
-    result = conn.execute(
-        update(queue)
-        .where(queue.c.status == S.QUEUED, queue.c.id.not_in(newest))
-        .values(status=S.SUPERSEDED, reason=SUPERSEDED_REASON, updated_at=now)
-    )
-    return int(result.rowcount)
+    older = [r.id for r in rows if (r.doc_key, r.task) in newest and r.id < newest[(r.doc_key, r.task)]]
+    done = 0
+    for start in range(0, len(older), 10_000):
+        ids = older[start : start + 10_000]
+        result = conn.execute(
+            update(queue)
+            .where(_id_in(conn, ids), _is(conn, queue.c.status, S.QUEUED))
+            .values(status=S.SUPERSEDED, reason=SUPERSEDED_REASON, updated_at=now)
+        )
+        done += int(result.rowcount)
+    return done
 
 
 def iter_claimed(conn: Connection, batch_ref: int, page: int = 2000) -> Iterator[Row]:

@@ -5,7 +5,7 @@ Existing rows keep today's behaviour: `due_by` and `mode` are NULL (routed to th
 results are marked `batch`.
 
 Revision ID: 0006
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-02
 """
 
@@ -15,12 +15,15 @@ from alembic import op
 from etl.schema import UtcDateTime
 
 revision = "0006"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-OLD_STATUS = "status IN ('queued', 'claimed', 'submitted', 'done', 'dead', 'rejected')"
-NEW_STATUS = "status IN ('queued', 'claimed', 'submitted', 'done', 'dead', 'rejected', 'calling')"
+OLD_STATUS = "status IN ('queued', 'claimed', 'submitted', 'done', 'dead', 'rejected', 'superseded')"
+NEW_STATUS = (
+    "status IN ('queued', 'claimed', 'submitted', 'done', 'dead', 'rejected', 'superseded', 'calling')"
+)
+QUEUED = sa.text("status = 'queued'")
 MODE = "mode IN ('live', 'batch')"
 LIVE_CANDIDATE = "status = 'queued' AND (mode = 'live' OR (mode IS NULL AND due_by IS NOT NULL))"
 CHANNEL = "etl_live"
@@ -48,8 +51,16 @@ TRIGGER_SQL = [
 ]
 
 
+def _claim_index() -> None:
+    op.create_index(
+        "ix_etl_queue_claim", "etl_queue", ["priority", "id"], postgresql_where=QUEUED, sqlite_where=QUEUED
+    )
+
+
 def _main() -> None:
-    with op.batch_alter_table("etl_queue") as batch:
+    # As in 0003: the partial claim index is dropped around SQLite's table copy and made again after.
+    op.drop_index("ix_etl_queue_claim", table_name="etl_queue")
+    with op.batch_alter_table("etl_queue", recreate="auto") as batch:
         batch.add_column(sa.Column("due_by", UtcDateTime, nullable=True))
         batch.add_column(sa.Column("mode", sa.Text, nullable=True))
         batch.add_column(sa.Column("live_calls", sa.Integer, nullable=False, server_default=sa.text("0")))
@@ -57,6 +68,7 @@ def _main() -> None:
         batch.drop_constraint("ck_etl_queue_status", type_="check")
         batch.create_check_constraint("ck_etl_queue_status", sa.text(NEW_STATUS))
         batch.create_check_constraint("ck_etl_queue_mode", sa.text(MODE))
+    _claim_index()
     where = sa.text(LIVE_CANDIDATE)
     op.create_index("ix_etl_queue_live", "etl_queue", ["due_by"], postgresql_where=where, sqlite_where=where)
     if op.get_bind().dialect.name == "postgresql":
@@ -87,7 +99,8 @@ def downgrade(role: str = "both") -> None:
             op.execute("DROP FUNCTION IF EXISTS etl_queue_notify_live()")
         op.drop_index("ix_etl_queue_live", table_name="etl_queue")
         op.execute("UPDATE etl_queue SET status = 'queued' WHERE status = 'calling'")
-        with op.batch_alter_table("etl_queue") as batch:
+        op.drop_index("ix_etl_queue_claim", table_name="etl_queue")
+        with op.batch_alter_table("etl_queue", recreate="auto") as batch:
             batch.drop_constraint("ck_etl_queue_mode", type_="check")
             batch.drop_constraint("ck_etl_queue_status", type_="check")
             batch.create_check_constraint("ck_etl_queue_status", sa.text(OLD_STATUS))
@@ -95,3 +108,4 @@ def downgrade(role: str = "both") -> None:
             batch.drop_column("live_calls")
             batch.drop_column("mode")
             batch.drop_column("due_by")
+        _claim_index()

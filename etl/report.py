@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
 
+from etl import costs
 from etl.clock import isoformat
 from etl.config import Config
 from etl.runtime import Runtime
@@ -42,13 +44,13 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {k: 0 for k in KINDS})
     failures: dict[str, int] = defaultdict(int)
-    totals = {
+    totals: dict[str, Any] = {
         "input_tokens": 0,
         "output_tokens": 0,
         "cache_write_tokens": 0,
         "cache_read_tokens": 0,
-        "cost_usd": 0.0,
-        "standard_cost_usd": 0.0,
+        "cost_usd": Decimal(0),
+        "standard_cost_usd": Decimal(0),
     }
     for r in rows:
         task = r["task"] or "(all)"
@@ -58,9 +60,10 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         if r["kind"] == "succeeded":
             for key in totals:
                 totals[key] += r[key] or 0
-    totals["cost_usd"] = round(float(totals["cost_usd"]), 6)
-    totals["standard_cost_usd"] = round(float(totals["standard_cost_usd"]), 6)
-    totals["savings_usd"] = round(totals["standard_cost_usd"] - totals["cost_usd"], 6)
+    # Money is exact (Decimal sums of the stored rows) and leaves as decimal strings (JSON has no decimal).
+    totals["savings_usd"] = totals["standard_cost_usd"] - totals["cost_usd"]
+    for key in ("cost_usd", "standard_cost_usd", "savings_usd"):
+        totals[key] = costs.usd_text(totals[key])
 
     late_after = timedelta(days=cfg.collect.late_after_days)
     warn_before = timedelta(days=cfg.collect.warn_before_archive_days)
@@ -106,6 +109,7 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
         "submission_paused": paused,
     }
+    report.update(costs.section(rt, now, since))
     return report
 
 
@@ -138,9 +142,10 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"tokens: input {money['input_tokens']:,}  output {money['output_tokens']:,}  "
         f"cache write {money['cache_write_tokens']:,}  cache read {money['cache_read_tokens']:,}",
-        f"cost: ${money['cost_usd']:.4f} with the Batches API; ${money['standard_cost_usd']:.4f} at standard "
-        f"prices; saved ${money['savings_usd']:.4f}",
+        f"cost: ${Decimal(money['cost_usd']):.4f} with the Batches API; "
+        f"${Decimal(money['standard_cost_usd']):.4f} at standard prices; saved ${Decimal(money['savings_usd']):.4f}",
     ]
+    lines += costs.render(report)
     if report["failures"]:
         lines += ["", "failures by reason:"]
         lines += [f"  {n:>8}  {reason}" for reason, n in report["failures"].items()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from etl import report
+from etl import costs, report
 from etl.clock import isoformat
 from etl.runtime import Runtime
 from etl.store import state
@@ -52,6 +52,7 @@ def render(info: dict[str, Any], problems: list[str]) -> str:
         )
     for r in info.get("last_runs", [])[:5]:
         lines.append(f"run {r['job']:<8} slot {r['slot']}  {r['outcome']}  {r['detail'] or ''}".rstrip())
+    lines += [line.strip() and line for line in costs.render({"budget": info.get("budget")}) if line]
     lines.append("health: OK" if not problems else "health: PROBLEMS")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)

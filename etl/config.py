@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -54,7 +55,7 @@ class Task:
     template_fields: tuple[str, ...] = ()
     max_cost_usd_per_night: Decimal | None = None  # this task's own nightly cap (None: only the global one)
 
-    @property
+    @cached_property  # read for every document a submit or an estimate builds
     def metadata_fields(self) -> tuple[str, ...]:
         return tuple(f for f in self.template_fields if f not in TEMPLATE_BUILTINS)
 

@@ -99,7 +99,9 @@ def render(report: dict[str, Any]) -> list[str]:
     if b:
         caps = b["caps_usd"]
         if caps:
-            cap_text = ", ".join(f"${v}" + ("" if k == budget.ALL else f" for {k}") for k, v in caps.items())
+            cap_text = ", ".join(
+                f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in caps.items()
+            )
         else:
             cap_text = "no cap"
         lines.append(
@@ -110,6 +112,11 @@ def render(report: dict[str, Any]) -> list[str]:
             waiting = ", ".join(f"{k} {v}" for k, v in b["waiting_documents"].items())
             lines.append(f"  waiting for the budget: {waiting}")
     return lines
+
+
+def plain(value: str | Decimal) -> str:
+    """An amount as a person writes it: `200`, `1.5`, `0.000001`."""
+    return format(Decimal(value).normalize(), "f")
 
 
 def _usd(value: str | None) -> str:

@@ -26,9 +26,9 @@ from typing import Any
 import structlog
 
 from etl import budget
-from etl.costs import usd_text
+from etl.costs import plain, usd_text
 from etl.errors import ProviderError
-from etl.prompt import BODY_OVERHEAD, Rejection, build_params, encode_request
+from etl.prompt import BODY_OVERHEAD, Rejection, build_params, request_size
 from etl.runtime import Runtime
 from etl.store import queue as q
 from etl.store import spend, state
@@ -150,7 +150,7 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
             except Rejection:
                 line.rejected += 1
                 continue
-            size = len(encode_request(row.id, params)) + 1
+            size = request_size(row.id, params) + 1
             if size - 1 + BODY_OVERHEAD > limits.max_batch_bytes:
                 line.rejected += 1
                 continue
@@ -302,7 +302,9 @@ def render(est: Estimate) -> str:
         f"upper bound with every cache write ${_usd(est.upper_bound_usd)}",
     ]
     if est.caps_usd:
-        caps = ", ".join(f"${v}" + ("" if k == budget.ALL else f" for {k}") for k, v in est.caps_usd.items())
+        caps = ", ".join(
+            f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in est.caps_usd.items()
+        )
         lines.append(
             f"nightly cap {caps} (night of {est.night}): ${_usd(est.reserved_tonight_usd)} reserved tonight; "
             f"{est.within_cap:,} of {est.documents:,} document(s) fit under it"

@@ -59,7 +59,9 @@ def test_money_round_trips_exactly_and_sums_exactly_through_the_bulk_write_paths
                 tally.add("succeeded", "default", None, 1, cost_usd=a, standard_cost_usd=a * 2)
             tally.flush(conn, NOW, None)
         with engine.connect() as conn:
-            stored = conn.execute(select(schema.results.c.cost_usd).order_by(schema.results.c.queue_id)).scalars()
+            stored = conn.execute(
+                select(schema.results.c.cost_usd).order_by(schema.results.c.queue_id)
+            ).scalars()
             assert list(stored) == amounts
             total = conn.execute(select(func.sum(schema.results.c.cost_usd))).scalar_one()
             assert total == sum(amounts, Decimal(0))
@@ -87,13 +89,28 @@ def test_migration_0005_converts_float_costs_to_their_decimal_values(db_url: str
                     "INSERT INTO etl_results (doc_key, task, queue_id, custom_id, cost_usd, standard_cost_usd,"
                     " batch_id, collected_at) VALUES (:k, 'default', :i, :c, :v, :s, 'b', :at)"
                 ),
-                {"k": f"k{i}", "i": i, "c": f"q{i}", "v": value, "s": value * 2, "at": NOW.replace(tzinfo=None)},
+                {
+                    "k": f"k{i}",
+                    "i": i,
+                    "c": f"q{i}",
+                    "v": value,
+                    "s": value * 2,
+                    "at": NOW.replace(tzinfo=None),
+                },
             )
             conn.execute(
-                text("INSERT INTO etl_events (at, kind, documents, cost_usd, standard_cost_usd) VALUES (:at, 'succeeded', 1, :v, :s)"),
+                text(
+                    "INSERT INTO etl_events (at, kind, documents, cost_usd, standard_cost_usd) VALUES (:at, 'succeeded', 1, :v, :s)"
+                ),
                 {"at": NOW.replace(tzinfo=None), "v": value, "s": value * 2},
             )
-        body = {"tokens_and_cost": {"cost_usd": 0.0041086, "standard_cost_usd": 0.0082172, "savings_usd": 0.0041086}}
+        body = {
+            "tokens_and_cost": {
+                "cost_usd": 0.0041086,
+                "standard_cost_usd": 0.0082172,
+                "savings_usd": 0.0041086,
+            }
+        }
         conn.execute(
             text("INSERT INTO etl_reports (created_at, body) VALUES (:at, :b)"),
             {"at": NOW.replace(tzinfo=None), "b": json.dumps(body)},
@@ -102,9 +119,15 @@ def test_migration_0005_converts_float_costs_to_their_decimal_values(db_url: str
     migrate.check(engine, engine)
     expected = [Decimal(repr(v)) for v in floats]
     with engine.connect() as conn:
-        got = conn.execute(select(schema.results.c.cost_usd).order_by(schema.results.c.queue_id)).scalars().all()
+        got = (
+            conn.execute(select(schema.results.c.cost_usd).order_by(schema.results.c.queue_id))
+            .scalars()
+            .all()
+        )
         assert got == expected
-        assert conn.execute(select(func.sum(schema.events.c.cost_usd))).scalar_one() == sum(expected, Decimal(0))
+        assert conn.execute(select(func.sum(schema.events.c.cost_usd))).scalar_one() == sum(
+            expected, Decimal(0)
+        )
         saved = events.last_report(conn)
     assert saved is not None
     assert saved[1]["tokens_and_cost"]["cost_usd"] == "0.0041086000"

@@ -117,7 +117,7 @@ def test_budget_caps_are_exact_decimals_and_bad_ones_are_listed(tmp_path: Path) 
     base = (ROOT / "config" / "etl.toml").read_text()
     good = tmp_path / "good.toml"
     good.write_text(
-        base.replace("[submit]\n", "[submit]\nmax_cost_usd_per_night = 200.10\n").replace(
+        base.replace("max_cost_usd_per_night = 0\n", "max_cost_usd_per_night = 200.10\n").replace(
             "[tasks.classify]\n", "[tasks.classify]\nmax_cost_usd_per_night = 12\n"
         )
     )
@@ -129,8 +129,8 @@ def test_budget_caps_are_exact_decimals_and_bad_ones_are_listed(tmp_path: Path) 
 
     bad = tmp_path / "bad.toml"
     bad.write_text(
-        base.replace("[submit]\n", "[submit]\nmax_cost_usd_per_night = -1\n").replace(
-            "[tasks.classify]\n", "[tasks.classify]\nmax_cost_usd_per_night = \"lots\"\n"
+        base.replace("max_cost_usd_per_night = 0\n", "max_cost_usd_per_night = -1\n").replace(
+            "[tasks.classify]\n", '[tasks.classify]\nmax_cost_usd_per_night = "lots"\n'
         )
     )
     with pytest.raises(ConfigError) as info:

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from etl import config
+from etl.config import Task
 from etl.prompt import Rejection, Row, batch_body, build_params, custom_id, encode_request, queue_id_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,3 +70,15 @@ def test_custom_ids_map_back_to_exactly_one_row_and_fit_the_api_pattern() -> Non
     decoded = json.loads(body)
     assert [r["custom_id"] for r in decoded["requests"]] == ["q7", "q8"]
     assert decoded["requests"][0]["params"] == {"a": "é"}
+
+
+@given(st.text(min_size=1).filter(lambda s: s.strip() and "\x00" not in s), st.integers(1, 10**12))
+def test_the_estimators_request_size_is_the_encoded_requests_length(body: str, qid: int) -> None:
+    from etl.prompt import encode_request, request_size
+
+    task = Task("t", "claude-haiku-4-5", "Doc:\n{body}", 100, system="Be brief é", cache_system=True)
+    try:
+        params = build_params(Row(qid, "k", "t", body, None), {"t": task}, 10_000)
+    except Rejection:
+        return
+    assert request_size(qid, params) == len(encode_request(qid, params))

@@ -31,7 +31,7 @@ def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any
     with reading(rt.engine) as conn:
         rows = events.summary_since(conn, since)
         checked = spend.estimates_of_collected(conn, since)
-        reserved = spend.reserved(conn, night)
+        tonight = spend.night_summary(conn, night)
         waiting = spend.waiting_for_budget(conn, budget.BUDGET_REASON)
     per_task: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -63,6 +63,7 @@ def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any
             "accuracy": accuracy,
         }
     caps = budget.caps(cfg)
+    reserved = {task: t["reserved"] for task, t in tonight.items()}
     return {
         "costs": tasks,
         "budget": {
@@ -70,6 +71,8 @@ def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any
             "caps_usd": {k: usd_text(v) for k, v in caps.items()},
             "reserved_usd": usd_text(sum(reserved.values(), Decimal(0))),
             "reserved_by_task_usd": {k: usd_text(v) for k, v in sorted(reserved.items())},
+            "sent_documents": sum(t["documents"] for t in tonight.values()),
+            "estimated_usd": usd_text(sum((t["estimated"] for t in tonight.values()), Decimal(0))),
             "waiting_documents": waiting,
         },
     }
@@ -105,8 +108,8 @@ def render(report: dict[str, Any]) -> list[str]:
         else:
             cap_text = "no cap"
         lines.append(
-            f"budget for the night of {b['night']}: {cap_text}; sent under it (upper bound) "
-            f"${_usd(b['reserved_usd'])}"
+            f"budget for the night of {b['night']}: {cap_text}; sent {b.get('sent_documents', 0):,} document(s), "
+            f"estimated ${_usd(b.get('estimated_usd', '0'))}, upper bound ${_usd(b['reserved_usd'])}"
         )
         if b["waiting_documents"]:
             waiting = ", ".join(f"{k} {v}" for k, v in b["waiting_documents"].items())

@@ -52,6 +52,25 @@ def reserved(conn: Connection, night: str) -> dict[str, Decimal]:
     return {task: Decimal(total or 0) for task, total in rows}
 
 
+def night_summary(conn: Connection, night: str) -> dict[str, dict[str, Any]]:
+    """Per task, what was sent on `night`: documents, the estimate and the upper bound reserved."""
+    rows = conn.execute(
+        select(
+            spend.c.task,
+            func.sum(spend.c.documents),
+            func.sum(spend.c.estimated_usd),
+            func.sum(spend.c.reserved_usd),
+        )
+        .join(batches, batches.c.id == spend.c.batch_ref)
+        .where(spend.c.night == night, batches.c.status.not_in(NOT_SENT))
+        .group_by(spend.c.task)
+    )
+    return {
+        task: {"documents": int(docs or 0), "estimated": Decimal(est or 0), "reserved": Decimal(res or 0)}
+        for task, docs, est, res in rows
+    }
+
+
 def reserve(
     conn: Connection, batch_ref: int, night: str, shares: Iterable[Reservation], now: datetime
 ) -> None:

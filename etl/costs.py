@@ -78,42 +78,55 @@ def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any
     }
 
 
-def render(report: dict[str, Any]) -> list[str]:
-    """The report's money lines (nothing for a report saved before they existed)."""
-    lines: list[str] = []
+def render_tasks(report: dict[str, Any]) -> list[str]:
+    """Cost per task and model, with the estimate's accuracy (nothing for a report saved before it existed)."""
     tasks = report.get("costs")
-    if tasks:
-        lines += [
-            "",
-            "cost per task (USD):",
-            f"  {'task':<16}{'model':<28}{'docs':>8}{'charged':>14}{'standard':>14}{'saved':>14}"
-            f"{'estimated':>14}{'accuracy':>10}",
-        ]
-        for name, t in tasks.items():
-            lines.append(
-                f"  {name:<16}{t['model']!s:<28}{t['documents']:>8}{_usd(t['cost_usd']):>14}"
-                f"{_usd(t['standard_cost_usd']):>14}{_usd(t['savings_usd']):>14}"
-                f"{_usd(t['estimated_usd']):>14}{t['accuracy'] or '-':>10}"
-            )
+    if not tasks:
+        return []
+    lines = [
+        "cost per task (USD):",
+        f"  {'task':<16}{'model':<28}{'docs':>8}{'charged':>14}{'standard':>14}{'saved':>14}"
+        f"{'estimated':>14}{'accuracy':>10}",
+    ]
+    for name, t in tasks.items():
         lines.append(
-            "  accuracy = what the API charged for the collected batches / what was estimated before sending"
+            f"  {name:<16}{t['model']!s:<28}{t['documents']:>8}{_usd(t['cost_usd']):>14}"
+            f"{_usd(t['standard_cost_usd']):>14}{_usd(t['savings_usd']):>14}"
+            f"{_usd(t['estimated_usd']):>14}{t['accuracy'] or '-':>10}"
         )
+    lines.append(
+        "  accuracy = what the API charged for the collected batches / what was estimated before sending"
+    )
+    return lines
+
+
+def render_budget(report: dict[str, Any]) -> list[str]:
+    """Tonight's cap, what was sent under it and what waits."""
     b = report.get("budget")
-    if b:
-        caps = b["caps_usd"]
-        if caps:
-            cap_text = ", ".join(
-                f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in caps.items()
-            )
-        else:
-            cap_text = "no cap"
-        lines.append(
-            f"budget for the night of {b['night']}: {cap_text}; sent {b.get('sent_documents', 0):,} document(s), "
-            f"estimated ${_usd(b.get('estimated_usd', '0'))}, upper bound ${_usd(b['reserved_usd'])}"
-        )
-        if b["waiting_documents"]:
-            waiting = ", ".join(f"{k} {v}" for k, v in b["waiting_documents"].items())
-            lines.append(f"  waiting for the budget: {waiting}")
+    if not b:
+        return []
+    caps = b["caps_usd"]
+    cap_text = (
+        ", ".join(f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in caps.items())
+        if caps
+        else "no cap"
+    )
+    lines = [
+        f"budget for the night of {b['night']}: {cap_text}; sent {b.get('sent_documents', 0):,} document(s), "
+        f"estimated ${_usd(b.get('estimated_usd', '0'))}, upper bound ${_usd(b['reserved_usd'])}"
+    ]
+    if b["waiting_documents"]:
+        waiting = ", ".join(f"{k} {v}" for k, v in b["waiting_documents"].items())
+        lines.append(f"  waiting for the budget: {waiting}")
+    return lines
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    """Both money blocks, a blank line before each (for renderers that are not `etl.report.SECTIONS`)."""
+    lines: list[str] = []
+    for block in (render_tasks(report), render_budget(report)):
+        if block:
+            lines += ["", *block]
     return lines
 
 

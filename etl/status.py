@@ -52,7 +52,7 @@ def render(info: dict[str, Any], problems: list[str]) -> str:
         )
     for r in info.get("last_runs", [])[:5]:
         lines.append(f"run {r['job']:<8} slot {r['slot']}  {r['outcome']}  {r['detail'] or ''}".rstrip())
-    lines += [line.strip() and line for line in costs.render({"budget": info.get("budget")}) if line]
+    lines += costs.render_budget(info)
     lines.append("health: OK" if not problems else "health: PROBLEMS")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)

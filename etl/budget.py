@@ -38,6 +38,12 @@ def night_of(now: datetime, zone: ZoneInfo) -> str:
     return (now.astimezone(zone) - timedelta(hours=12)).date().isoformat()
 
 
+def night_start(now: datetime, zone: ZoneInfo) -> datetime:
+    """When the night of `now` began: noon of its date in the schedule's time zone."""
+    local = (now.astimezone(zone) - timedelta(hours=12)).replace(hour=12, minute=0, second=0, microsecond=0)
+    return local.astimezone(now.tzinfo)
+
+
 def tokens_of(text: str) -> int:
     """The local estimate of a text's tokens: ceil(characters / 4)."""
     return -(-len(text) // CHARS_PER_TOKEN)

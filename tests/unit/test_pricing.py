@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from fractions import Fraction
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl.config import DEFAULT_PRICES, ModelPrice, Pricing, decimal_of
@@ -57,6 +57,7 @@ PRICES = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("100"), places
 TOKENS = st.integers(min_value=0, max_value=5_000_000)
 
 
+@settings(deadline=None)
 @given(PRICES, PRICES, st.sampled_from(["0.5", "0.25", "1"]), TOKENS, TOKENS, TOKENS, TOKENS, TOKENS)
 def test_costs_are_the_exact_price_of_the_tokens_rounded_once(
     inp: Decimal, out: Decimal, discount: str, i: int, o: int, w5: int, w1: int, r: int

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl import config
@@ -72,6 +72,7 @@ def test_custom_ids_map_back_to_exactly_one_row_and_fit_the_api_pattern() -> Non
     assert decoded["requests"][0]["params"] == {"a": "é"}
 
 
+@settings(deadline=None)
 @given(st.text(min_size=1).filter(lambda s: s.strip() and "\x00" not in s), st.integers(1, 10**12))
 def test_the_estimators_request_size_is_the_encoded_requests_length(body: str, qid: int) -> None:
     from etl.prompt import encode_request, request_size

@@ -16,10 +16,11 @@ estimator check 100,000 documents against the cap without Decimal work.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from zoneinfo import ZoneInfo
 
 from etl.config import Config, Task
@@ -28,6 +29,7 @@ from etl.schema import to_money
 from etl.store.spend import Reservation
 
 BUDGET_REASON = "waiting for the nightly budget"
+CALIBRATION_KEY = "estimate.local_error"  # etl_state: what `etl estimate --count-tokens` last measured
 CHARS_PER_TOKEN = 4
 ALL = "*"  # the key of the whole night's cap beside per-task caps
 
@@ -60,8 +62,9 @@ def message_text(params: Mapping[str, object]) -> str:
 class TaskCost:
     """One task's prices as integers at the costing's scale (batch price)."""
 
-    def __init__(self, task: Task, rates: Rates, scale: int) -> None:
+    def __init__(self, task: Task, rates: Rates, scale: int, margin: tuple[int, int] = (1, 1)) -> None:
         self.task = task
+        self.margin = margin  # input tokens of the upper bound: the local estimate x num / den
         self.system_tokens = tokens_of(task.system) if task.system else 0
         self.cached = task.cache_system and self.system_tokens > 0
         f: int = int(10 ** (scale - rates.scale - rates.discount_scale)) * rates.discount
@@ -71,11 +74,16 @@ class TaskCost:
         self.read: int = rates.read * f
         self.max_output: int = task.max_tokens * self.output
         prefix = self.write if self.cached else self.input
-        self.fixed: int = self.max_output + self.system_tokens * prefix  # per document, upper bound
+        self.fixed: int = self.max_output + self._scaled(self.system_tokens) * prefix  # per document
+
+    def _scaled(self, tokens: int) -> int:
+        num, den = self.margin
+        return tokens if num == den else -(-tokens * num // den)
 
     def upper_bound(self, message_tokens: int) -> int:
-        """A document's reservation: its message, the prefix written, `max_tokens` of output."""
-        return self.fixed + message_tokens * self.input
+        """A document's reservation: its message, the prefix written, `max_tokens` of output; input
+        tokens raised by the margin count_tokens last measured (when the local estimate fell short)."""
+        return self.fixed + self._scaled(message_tokens) * self.input
 
     def estimate(self, documents: int, message_tokens: int, batches: int) -> int:
         """Documents of this task as `etl estimate` prices them: one cache write per batch."""
@@ -97,13 +105,15 @@ class TaskCost:
 class Costing:
     """Every configured task's `TaskCost` at one common scale, and conversions to USD."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, margin: tuple[int, int] = (1, 1)) -> None:
         meter = Meter(config.pricing)
         rates = {name: meter.rates(t.model) for name, t in config.tasks.items()}
         known = [r for r in rates.values() if r is not None]
         self.scale = max([r.scale + r.discount_scale for r in known], default=0)
         self.tasks = {
-            name: TaskCost(config.tasks[name], r, self.scale) for name, r in rates.items() if r is not None
+            name: TaskCost(config.tasks[name], r, self.scale, margin)
+            for name, r in rates.items()
+            if r is not None
         }
 
     def usd(self, units: int) -> Decimal:
@@ -116,6 +126,20 @@ class Costing:
     def standard(self, units: int, discount: Decimal) -> Decimal:
         """The standard price of batch-price units."""
         return to_money(Decimal(units).scaleb(-self.scale) / discount)
+
+
+def margin(calibration: str | None) -> tuple[int, int]:
+    """The upper bound's input margin from the stored calibration: count_tokens / local estimate, rounded
+    up to a thousandth, when the local estimate fell short; 1 otherwise (never below the local estimate)."""
+    if not calibration:
+        return (1, 1)
+    try:
+        ratio = Decimal(str(json.loads(calibration)["ratio"]))
+    except (ValueError, KeyError, TypeError, ArithmeticError):
+        return (1, 1)
+    if not ratio.is_finite() or ratio <= 1:
+        return (1, 1)
+    return (int((ratio * 1000).to_integral_value(rounding=ROUND_CEILING)), 1000)
 
 
 def caps(config: Config) -> dict[str, Decimal]:

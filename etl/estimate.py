@@ -36,7 +36,7 @@ from etl.store.engine import reading
 
 log = structlog.get_logger("etl.estimate")
 
-CALIBRATION_KEY = "estimate.local_error"
+CALIBRATION_KEY = budget.CALIBRATION_KEY
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,9 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
     cfg = rt.config
     limits = cfg.submit
     now = rt.clock()
-    costing = budget.Costing(cfg)
+    with reading(rt.engine) as conn:
+        calibration = state.get_value(conn, CALIBRATION_KEY)
+    costing = budget.Costing(cfg, budget.margin(calibration))  # the submitter's reservations, exactly
     caps = budget.caps(cfg)
     night = budget.night_of(now, cfg.schedule.zone)
     per_task: dict[str, TaskEstimate] = {}
@@ -132,7 +134,6 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
     batch_index, batch_count, batch_bytes = 0, 0, BODY_OVERHEAD
     with reading(rt.engine) as conn:
         reserved = spend.reserved(conn, night)
-        calibration = state.get_value(conn, CALIBRATION_KEY)
         allowance = budget.Allowance(costing, caps, reserved)
         rows = q.iter_queued(
             conn,
@@ -197,7 +198,7 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
         units = cost.estimate(line.documents, tokens, line.batches)
         price = costing.usd(units)
         standard = costing.standard(units, cfg.pricing.batch_discount)
-        upper = costing.usd(line._upper_units + (tokens - line.message_tokens) * cost.input)
+        upper = costing.usd(line._upper_units)  # what the submitter would reserve for them
         line.cost_usd, line.standard_cost_usd, line.upper_bound_usd = (
             usd_text(price),
             usd_text(standard),
@@ -216,6 +217,7 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
                         "at": now.isoformat(),
                         "sampled": sampling.sampled,
                         "local_error": round(sampling.local_error, 4),
+                        "ratio": round(sampling.ratio, 6),
                     }
                 ),
                 now,

@@ -161,12 +161,13 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     lease_until = now + lease
     # The nightly budget: every document's upper-bound cost is counted as it is added, and one that would
     # cross a cap stays queued. The sum is checked again under the budget lock before anything is sent.
-    costing = budget.Costing(rt.config)
     caps = budget.caps(rt.config)
     night = budget.night_of(now, rt.config.schedule.zone)
     spent: dict[str, Decimal] = {}
-    if caps:
-        with reading(rt.engine) as reader:
+    with reading(rt.engine) as reader:
+        # input tokens of the upper bound raised by what count_tokens last measured (etl estimate)
+        costing = budget.Costing(rt.config, budget.margin(state.get_value(reader, budget.CALIBRATION_KEY)))
+        if caps:
             spent = spend.reserved(reader, night)
     allowance = budget.Allowance(costing, caps, spent)
     held: list[tuple[int, str]] = []

@@ -248,3 +248,34 @@ def test_the_reports_cost_is_the_ledgers_tokens_at_the_configured_prices(
     assert per_task["cost_usd"] == money["cost_usd"]
     assert 0 < Decimal(per_task["accuracy"]) <= 1  # charged / estimated: the estimate is an upper bound
     assert "accuracy" in report.render(body)
+
+
+def test_a_measured_shortfall_of_the_local_estimate_raises_what_the_cap_reserves(
+    make_runtime: Callable[..., Runtime], control: EmulatorControl
+) -> None:
+    """count_tokens once found 1.5x the local estimate: the cap then reserves input tokens x 1.5, and
+    `etl estimate` says so before the submit does it."""
+    import json
+
+    from etl.store import state
+
+    probe = make_runtime()
+    insert_docs(probe, [{"doc_key": f"b{i}", "body": "word " * 400} for i in range(6)])
+    plain_bound = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd)
+    with probe.engine.begin() as conn:
+        state.set_value(
+            conn,
+            budget.CALIBRATION_KEY,
+            json.dumps({"at": "x", "sampled": 9, "local_error": -0.3333, "ratio": 1.5}),
+            probe.clock(),
+        )
+    est = estimate.run(probe, estimate.Selection())
+    assert Decimal(est.upper_bound_usd) > plain_bound
+    assert "off by -33.3%" in estimate.render(est)
+    cap = plain_bound / 6 * 4  # four documents by the local estimate alone
+    rt = make_runtime(submit={"max_cost_usd_per_night": float(cap)})
+    capped = estimate.run(rt, estimate.Selection())
+    out = submitter.run(rt)
+    assert out.documents == capped.within_cap < 4
+    assert control.ledger()["requests_created"] == out.documents
+    assert reserved_tonight(rt) <= cap

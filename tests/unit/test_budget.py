@@ -70,3 +70,14 @@ def test_a_cached_task_reserves_a_write_per_document_and_estimates_one_per_batch
     ten = cost.estimate(10, 1000, batches=1)
     assert ten < sum(cost.upper_bound(100) for _ in range(10))
     assert cost.estimate(10, 1000, batches=10) == sum(cost.upper_bound(100) for _ in range(10))
+
+
+def test_the_margin_only_ever_raises_the_upper_bound() -> None:
+    assert budget.margin(None) == (1, 1)
+    assert budget.margin('{"ratio": 0.9}') == (1, 1)  # the local estimate was high: keep it
+    assert budget.margin('{"ratio": 1.2341}') == (1235, 1000)  # rounded up
+    assert budget.margin('{"local_error": -0.1}') == (1, 1)  # saved before the ratio was: none known
+    assert budget.margin("not json") == (1, 1)
+    cost = budget.Costing(CFG, (1235, 1000)).tasks["default"]
+    plain = budget.Costing(CFG).tasks["default"]
+    assert cost.upper_bound(1000) > plain.upper_bound(1000)

@@ -279,3 +279,43 @@ def test_a_measured_shortfall_of_the_local_estimate_raises_what_the_cap_reserves
     assert out.documents == capped.within_cap < 4
     assert control.ledger()["requests_created"] == out.documents
     assert reserved_tonight(rt) <= cap
+
+
+def test_two_etl_submit_processes_at_once_never_cross_the_cap(
+    db_url: str,
+    emulator: EmulatorServer,
+    control: EmulatorControl,
+    make_runtime: Callable[..., Runtime],
+    config_file: Callable[..., Path],
+) -> None:
+    """The same as with two threads, with two real `etl submit` processes racing for the budget."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    probe = make_runtime()
+    insert_docs(probe, docs(12))
+    per_doc = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd) / 12
+    cap = per_doc * 5
+    settings = {"max_requests_per_batch": 1, "max_cost_usd_per_night": float(cap)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
+    env.update(
+        {
+            "ETL_CONFIG": str(config_file("", settings)),
+            "ETL_DATABASE_URL": db_url,
+            "ANTHROPIC_BASE_URL": emulator.base_url,
+            "ANTHROPIC_API_KEY": API_KEY,
+        }
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "etl.cli", "submit"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert control.ledger()["requests_created"] == 5
+    assert reserved_tonight(probe) == cap

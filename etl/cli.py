@@ -253,7 +253,9 @@ def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -
         ),
     )
     if not suppress:
-        p.add_argument("--json", action="store_true")
+        p.add_argument(
+            "--json", action="store_true", help="machine-readable output (money as decimal strings)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -154,17 +154,31 @@ def _parser() -> argparse.ArgumentParser:
         "terminal it is one JSON log line.",
     )
     col.add_argument("--no-report", action="store_true", help="do not produce the morning report")
-    command("reconcile", "settle batch creates whose outcome is unknown", api=True)
+    rec = command(
+        "reconcile",
+        "settle batch creates whose outcome is unknown",
+        api=True,
+        details="An unknown create is released only once the API's list proves no batch holds its rows\n"
+        "(docs/survival.md); `etl status` says when. --release INTENT releases one now, on your word.",
+    )
+    rec.add_argument(
+        "--release",
+        type=int,
+        metavar="INTENT",
+        help="put the rows of this unknown intent (see etl status) back in the queue now, on your word that "
+        "the API holds no batch of them. RISK: if that batch does exist, its rows are sent and billed twice",
+    )
     st = command(
         "status",
         "queue counts, pending batches, deadlines, last runs",
-        details="With --check: exit 1 when the last runs failed, a deadline is near or submission is paused.",
+        details="With --check: exit 1 whenever anything is stuck or late, each cause on its own line\n"
+        "(README: the status --check truth table); 78 when the schema is behind or incomplete.",
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
         "--check",
         action="store_true",
-        help="health check: exit 1 if the last runs failed, a deadline is near or submission is paused",
+        help="health check: exit 1 if anything is stuck or late (README: the status --check truth table)",
     )
     rep = command("report", "print the last morning report")
     rep.add_argument("--json", action="store_true", help="the report as JSON")
@@ -398,6 +412,10 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import reconciler
 
     _check_schema(rt)
+    if args.release is not None:
+        rows = reconciler.release_by_operator(rt, args.release)
+        print(f"released intent {args.release}: {rows} row(s) back in the queue")
+        return 0
     out = reconciler.run(rt)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "

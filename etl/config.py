@@ -24,6 +24,9 @@ _S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings")
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
+# (doc_key, task) is the warehouse's primary key: PostgreSQL refuses a btree entry over 2,704 bytes, so
+# the two together are kept well under it (README "Limits of a document").
+MAX_TASK_NAME_BYTES = 128
 TEMPLATE_BUILTINS = frozenset({"body", "doc_key", "task"})
 CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z?]+$")
 
@@ -94,7 +97,9 @@ class SubmitSettings:
     claim_lease_seconds: int = 600
     create_timeout_seconds: float = 300.0
     reconcile_grace_seconds: int = 1800
-    reconcile_window_seconds: int = 900
+    reconcile_window_seconds: int = (
+        900  # unused since ownership needs no clock window; accepted for old configs
+    )
     max_batches_per_run: int = 1000
     # The nightly budget (0: none): batches are sent only while the upper bound of what was sent tonight
     # stays within it. A night runs from noon to noon in schedule.timezone.
@@ -492,6 +497,11 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
     }
     for name, spec in section.items():
         where = f"tasks.{name}"
+        if len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
+            problems.append(
+                f"[tasks.{name[:40]}...]: a task name may be at most {MAX_TASK_NAME_BYTES} bytes "
+                "(it is part of the warehouse's unique key)"
+            )
         if not isinstance(spec, Mapping):
             problems.append(f"[{where}] must be a table")
             continue

@@ -7,7 +7,7 @@
 - new table `etl_spend`.
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-02
 """
 
@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from etl.schema import UtcDateTime
 
 revision = "0005"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
@@ -110,8 +111,8 @@ class _Answer:
     result: dict[str, Any]  # the etl_results row
     task: str
     usage: Usage
-    standard: float
-    batch_cost: float
+    standard: Decimal
+    batch_cost: Decimal
 
 
 class _Settler:

@@ -32,7 +32,7 @@ def summary(rows: Iterable[Mapping[str, Any]], pricing: Pricing) -> dict[str, An
             live["possibly_billed_twice"] += documents
         elif kind == "live_fallback":
             fell_back[str(r["reason"] or "unspecified")] += documents
-    live["batch_would_cost_usd"] = round(live["cost_usd"] * pricing.batch_discount, 6)
+    live["batch_would_cost_usd"] = round(live["cost_usd"] * float(pricing.batch_discount), 6)
     live["cost_usd"] = round(live["cost_usd"], 6)
     live["fell_back"] = dict(fell_back)
     batch["cost_usd"] = round(batch["cost_usd"], 6)

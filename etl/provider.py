@@ -14,6 +14,7 @@ from typing import Any
 
 import anthropic
 import httpx2
+from anthropic.types import MessageTokensCount
 from anthropic.types.messages import MessageBatch
 
 from etl import codec
@@ -195,6 +196,17 @@ class Provider:
         if not isinstance(message, dict):
             raise ProviderError("live message: the answer is not a JSON object", kind="ambiguous")
         return LiveReply(message, _limit_headers(response.headers))
+
+    def count_tokens(self, params: Mapping[str, Any]) -> int:
+        """`POST /v1/messages/count_tokens` (free, rate-limited) for a request's params; `max_tokens` is dropped."""
+        body = {k: v for k, v in params.items() if k != "max_tokens"}
+        try:
+            counted = self._client.post(
+                "/v1/messages/count_tokens", body=body, cast_to=MessageTokensCount, options={"max_retries": 0}
+            )
+        except Exception as exc:
+            raise translate(exc, "count tokens", mutating=False) from exc
+        return int(counted.input_tokens)
 
     def retrieve(self, batch_id: str) -> RemoteBatch:
         try:

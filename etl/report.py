@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
 
-from etl import paths
+from etl import costs, paths
 from etl.clock import isoformat
 from etl.config import Config
 from etl.runtime import Runtime
@@ -44,13 +45,13 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {k: 0 for k in KINDS})
     failures: dict[str, int] = defaultdict(int)
-    totals = {
+    totals: dict[str, Any] = {
         "input_tokens": 0,
         "output_tokens": 0,
         "cache_write_tokens": 0,
         "cache_read_tokens": 0,
-        "cost_usd": 0.0,
-        "standard_cost_usd": 0.0,
+        "cost_usd": Decimal(0),
+        "standard_cost_usd": Decimal(0),
     }
     for r in rows:
         if r["kind"] in paths.LIVE_KINDS:
@@ -62,9 +63,10 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         if r["kind"] == "succeeded":
             for key in totals:
                 totals[key] += r[key] or 0
-    totals["cost_usd"] = round(float(totals["cost_usd"]), 6)
-    totals["standard_cost_usd"] = round(float(totals["standard_cost_usd"]), 6)
-    totals["savings_usd"] = round(totals["standard_cost_usd"] - totals["cost_usd"], 6)
+    # Money is exact (Decimal sums of the stored rows) and leaves as decimal strings (JSON has no decimal).
+    totals["savings_usd"] = totals["standard_cost_usd"] - totals["cost_usd"]
+    for key in ("cost_usd", "standard_cost_usd", "savings_usd"):
+        totals[key] = costs.usd_text(totals[key])
 
     late_after = timedelta(days=cfg.collect.late_after_days)
     warn_before = timedelta(days=cfg.collect.warn_before_archive_days)
@@ -123,6 +125,7 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "submission_paused": paused,
         "paths": paths.summary(rows, cfg.pricing),
     }
+    report.update(costs.section(rt, now, since))
     return report
 
 
@@ -186,8 +189,8 @@ def _money(report: dict[str, Any]) -> list[str]:
     return [
         f"tokens: input {money['input_tokens']:,}  output {money['output_tokens']:,}  "
         f"cache write {money['cache_write_tokens']:,}  cache read {money['cache_read_tokens']:,}",
-        f"cost: ${money['cost_usd']:.4f} with the Batches API; ${money['standard_cost_usd']:.4f} at standard "
-        f"prices; saved ${money['savings_usd']:.4f}",
+        f"cost: ${Decimal(money['cost_usd']):.4f} with the Batches API; "
+        f"${Decimal(money['standard_cost_usd']):.4f} at standard prices; saved ${Decimal(money['savings_usd']):.4f}",
     ]
 
 
@@ -243,7 +246,18 @@ def _paths(report: dict[str, Any]) -> list[str]:
     return paths.render(report["paths"])[1:] if report.get("paths") else []
 
 
-SECTIONS: list[Section] = [_header, _tasks, _money, _paths, _failures, _queue, _pending, _alerts]
+SECTIONS: list[Section] = [
+    _header,
+    _tasks,
+    _money,
+    _paths,
+    costs.render_tasks,
+    costs.render_budget,
+    _failures,
+    _queue,
+    _pending,
+    _alerts,
+]
 
 
 def render(report: dict[str, Any]) -> str:

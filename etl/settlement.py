@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from etl import failpoints
 from etl.config import Config
-from etl.pricing import Meter, Usage
+from etl.pricing import ZERO, Meter, Usage
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -127,7 +127,7 @@ class Chunk:
     systemic: str | None = None
     size: int = 0
     # per task: documents, input, output, cache write, cache read tokens, cost, standard cost
-    _sums: dict[str, list[float]] = field(default_factory=dict)
+    _sums: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.results = warehouse.Encoded(self.encoder.dialect, unique_keys=self.unique_keys)
@@ -213,7 +213,7 @@ class Chunk:
         self.done.append(qid)
         sums = self._sums.get(exp.task)
         if sums is None:
-            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, 0.0, 0.0]
+            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, ZERO, ZERO]
         sums[0] += 1
         sums[1] += usage.input_tokens
         sums[2] += usage.output_tokens

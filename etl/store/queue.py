@@ -34,7 +34,13 @@ S = DocStatus
 
 
 def claim(
-    conn: Connection, batch_ref: int, limit: int, now: datetime, live_cutoff: datetime | None = None
+    conn: Connection,
+    batch_ref: int,
+    limit: int,
+    now: datetime,
+    *,
+    exclude_tasks: Iterable[str] | None = None,
+    live_cutoff: datetime | None = None,
 ) -> int:
     """Take up to `limit` queued rows into batch intent `batch_ref`. Concurrent claimers never overlap.
 
@@ -46,9 +52,12 @@ def claim(
     took all 5 queued rows (seen after issue 15's migration changed the plan). SQLite: the transaction is `BEGIN IMMEDIATE` (see engine), so
     claimers are serialised and the guarded `status = 'queued'` keeps them apart.
     """
+    where = [queue.c.status == S.QUEUED]
+    if exclude_tasks:
+        where.append(queue.c.task.not_in(sorted(exclude_tasks)))  # at their nightly cap
     picked = (
         select(queue.c.id)
-        .where(queue.c.status == S.QUEUED, *_not_live(live_cutoff))
+        .where(*where, *_not_live(live_cutoff))
         .order_by(queue.c.priority.desc(), queue.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -154,6 +163,51 @@ def iter_claimed(conn: Connection, batch_ref: int, page: int = 2000) -> Iterator
     with result:
         for r in result:
             yield Row(id=r.id, doc_key=r.doc_key, task=r.task, body=r.body, metadata=r.metadata)
+
+
+def group_by_reason(items: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
+    """Row ids by their reason, for one guarded update per reason."""
+    return _by_reason(items)
+
+
+def iter_queued(
+    conn: Connection,
+    *,
+    task: str | None = None,
+    min_priority: int | None = None,
+    enqueued_before: datetime | None = None,
+    page: int = 2000,
+) -> Iterator[Row]:
+    """Queued rows in the order a submit claims them (priority, then id), streamed; nothing is locked."""
+    stmt = select(
+        queue.c.id,
+        queue.c.doc_key,
+        queue.c.task,
+        cast(queue.c.body, Text).label("body"),
+        cast(queue.c.metadata, Text).label("metadata"),
+    ).where(queue.c.status == S.QUEUED)
+    if task is not None:
+        stmt = stmt.where(queue.c.task == task)
+    if min_priority is not None:
+        stmt = stmt.where(queue.c.priority >= min_priority)
+    if enqueued_before is not None:
+        stmt = stmt.where(queue.c.enqueued_at <= enqueued_before)
+    result = conn.execute(
+        stmt.order_by(queue.c.priority.desc(), queue.c.id).execution_options(yield_per=page)
+    )
+    with result:
+        for r in result:
+            yield Row(id=r.id, doc_key=r.doc_key, task=r.task, body=r.body, metadata=r.metadata)
+
+
+def mark_waiting(conn: Connection, reason: str, task: str | None, now: datetime) -> int:
+    """Queued rows (of `task`, or all) that wait for a later night: the reason on the row, status untouched."""
+    stmt = update(queue).where(
+        queue.c.status == S.QUEUED, (queue.c.reason.is_(None)) | (queue.c.reason != reason)
+    )
+    if task is not None:
+        stmt = stmt.where(queue.c.task == task)
+    return int(conn.execute(stmt.values(reason=reason, updated_at=now)).rowcount)
 
 
 def _by_reason(items: Iterable[tuple[int, str]]) -> dict[str, list[int]]:

@@ -18,13 +18,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from etl import collector, live, report, submitter
 from etl import config as config_mod
 from etl.clock import utcnow
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime, build
+from etl.schema import results
 from etl.store import migrate
 
 NIGHT = timedelta(hours=7)
@@ -169,8 +170,8 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         started = time.perf_counter()
         answered = live.run(rt, once=True)
         with rt.warehouse.connect() as conn:
-            cost = conn.execute(
-                text("SELECT cost_usd FROM etl_results WHERE doc_key = :k AND mode = 'live'"), {"k": URGENT}
+            cost = conn.execute(  # through the column's type: money is stored scaled on SQLite
+                select(results.c.cost_usd).where(results.c.doc_key == URGENT, results.c.mode == "live")
             ).scalar_one_or_none()
         print(
             f"   {s.green(URGENT + ' answered live')} in {time.perf_counter() - started:.1f} s through the Messages "

@@ -186,6 +186,8 @@ class _Settler:
                         "live_claim_lost", queue_id=a.result["queue_id"], note="taken over; result stored"
                     )
             tally.flush(conn, now, None)
+        with self.worker._lock:
+            self.worker.unsettled_spend -= sum((a.standard for a in group), Decimal(0))
         self.worker.outcome.succeeded += len(settled)
         for a in settled:
             log.info(
@@ -223,6 +225,7 @@ class LiveWorker:
         self._inflight: dict[int, Future[None]] = {}
         self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="etl-live")
         self.settler = _Settler(self)
+        self.unsettled_spend = Decimal(0)  # answers handed to the settler, not yet committed
         self._last_renew = rt.clock()
         self._last_recover: datetime | None = None
 
@@ -369,6 +372,8 @@ class LiveWorker:
             now = self.rt.clock()
             with reading(self.rt.engine) as conn:
                 spent = store.spent_since(conn, now.replace(hour=0, minute=0, second=0, microsecond=0))
+            with self._lock:
+                spent += float(self.unsettled_spend)
             if spent >= cap:
                 self._fall_back(
                     row.id,
@@ -481,6 +486,8 @@ class LiveWorker:
             "collected_at": now,
             "mode": "live",
         }
+        with self._lock:
+            self.unsettled_spend += standard  # counted against the cap before the settler commits it
         self.settler.put(_Answer(result, row.task, usage, standard, batch_cost))
 
     def _fall_back(self, queue_id: int, task: str, reason: str) -> None:

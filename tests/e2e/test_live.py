@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
+from sqlalchemy import select, text
 
-from etl import live, report, routing, submitter
+from etl import live, report, routing, schema, submitter
 from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_text
 from etl.prompt import Row, build_params
@@ -33,8 +33,8 @@ def ts(rt: Runtime, value: datetime) -> Any:
 
 
 def results(rt: Runtime) -> dict[str, dict[str, Any]]:
-    with rt.warehouse.connect() as conn:
-        return {r.doc_key: dict(r._mapping) for r in conn.execute(text("SELECT * FROM etl_results"))}
+    with rt.warehouse.connect() as conn:  # through the table's types: money is stored scaled on SQLite
+        return {r.doc_key: dict(r._mapping) for r in conn.execute(select(schema.results))}
 
 
 def live_double_bills(control: EmulatorControl) -> int:
@@ -76,10 +76,12 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
         assert res["output_text"] == reply_text(params)
         assert res["custom_id"] == f"q{rows[key]['id']}"
         assert res["batch_id"].startswith("msg_")
-        assert res["cost_usd"] == pytest.approx(res["standard_cost_usd"]) and res["cost_usd"] > 0
+        assert res["cost_usd"] == res["standard_cost_usd"] and res["cost_usd"] > 0
     ledger = control.ledger()
     assert ledger["live"]["calls"] == 2 and ledger["batches_created"] == 0
-    assert ledger["live"]["standard_cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in got.values()))
+    assert ledger["live"]["standard_cost_usd"] == pytest.approx(
+        float(sum(r["cost_usd"] for r in got.values()))
+    )
 
     # The night: the batch takes only what the live path left.
     sub = submitter.run(rt)
@@ -94,7 +96,7 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
     assert paths["live"]["documents"] == 2
     assert paths["live"]["cost_usd"] == pytest.approx(ledger["live"]["standard_cost_usd"])
     assert paths["live"]["batch_would_cost_usd"] == pytest.approx(
-        paths["live"]["cost_usd"] * rt.config.pricing.batch_discount
+        paths["live"]["cost_usd"] * float(rt.config.pricing.batch_discount)
     )
     assert paths["live"]["possibly_billed_twice"] == 0
     assert "live path" in report.render(body)
@@ -128,7 +130,7 @@ def test_a_row_goes_live_exactly_when_the_batch_cannot_meet_its_due_by(
     with rt.engine.connect() as conn:
         claimed = live_store.claim(conn, limit, 100, now)
         intent = intents.create_intent(conn, "t", now + timedelta(minutes=5), now)
-        q.claim(conn, intent, 100, now, limit)
+        q.claim(conn, intent, 100, now, live_cutoff=limit)
         batch = {r.doc_key for r in q.iter_claimed(conn, intent)}
         conn.rollback()
     assert {c.row.doc_key for c in claimed} == want_live

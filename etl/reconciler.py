@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from etl import failpoints
+from etl import failpoints, liveness
 from etl.errors import ProviderError
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
@@ -80,6 +80,7 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
 
     window = timedelta(seconds=rt.config.submit.reconcile_window_seconds)
     grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
+    settle = timedelta(seconds=rt.config.submit.dead_owner_settle_seconds)
     since = now - ORPHAN_LOOKBACK
     for intent in unknown:
         if intent.sent_at is not None:
@@ -138,7 +139,8 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         if waiting_for:
             out.still_unknown += 1
             log.info("unknown_intent_waiting_for_lookalike", intent=intent.id, batch_ids=waiting_for)
-        elif now - sent > grace:
+        elif now - sent > grace or liveness.settled_after_death(intent.owner, now, settle):
+            # (a process known dead for `settle` has nothing in flight: see etl.liveness)
             reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
             with rt.engine.begin() as conn:
                 if intents.release(conn, intent.id, (BatchStatus.UNKNOWN,), reason):

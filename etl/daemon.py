@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import select
 import signal
@@ -71,6 +72,12 @@ def default_stall(cfg: config_mod.Config) -> float:
         cfg.submit.create_timeout_seconds, cfg.collect.stream_timeout_seconds, cfg.api_timeout_seconds
     )
     return longest + STALL_MARGIN
+
+
+def _quiet_recovery_skips(record: logging.LogRecord) -> bool:
+    """The recovery tick is skipped while a job holds the one worker thread: expected, not a warning."""
+    msg = record.getMessage()
+    return not (msg.startswith('Execution of job "recovery') and "skipped" in msg)
 
 
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
@@ -174,6 +181,7 @@ class Daemon:
                 crashed_runs=len(found.crashed_runs),
                 dead_owner_intents=len(found.ended_leases),
             )
+        logging.getLogger("apscheduler.scheduler").addFilter(_quiet_recovery_skips)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max_workers=1)},
@@ -283,7 +291,7 @@ class Daemon:
             if not self._life.invalidated and not self._life.closed:
                 return
             with contextlib.suppress(Exception):
-                self._life.close()
+                self._life.invalidate()
             self._life = None
         try:
             conn = self.rt.engine.connect()
@@ -293,7 +301,7 @@ class Daemon:
                 self.rt.owner = owner
                 self._life = conn
             else:
-                conn.close()
+                conn.invalidate()
         except Exception as exc:  # recovery loop: without the lock, leases are the fallback
             log.warning("liveness_lock_failed", error=str(exc))
 
@@ -552,7 +560,7 @@ class Daemon:
         self._release_lease()
         if self._life is not None:
             with contextlib.suppress(Exception):
-                self._life.close()
+                self._life.invalidate()  # closes the session (and its lock) instead of pooling it
         if not finished:
             # Every step is resumable from the database (the reconciler settles an interrupted
             # create), so leaving now is safe; waiting longer would only get us SIGKILLed.

@@ -32,6 +32,7 @@ from sqlalchemy import Connection
 
 from etl import liveness, reconciler
 from etl.clock import ensure_utc
+from etl.config import ScheduleSettings
 from etl.runtime import Runtime
 from etl.schema import BatchStatus
 from etl.store import batches as intents
@@ -113,7 +114,9 @@ def sweep(rt: Runtime) -> Sweep:
             with rt.engine.begin() as conn:
                 if intents.end_lease_of(conn, intent.id, intent.owner, now):
                     out.ended_leases.append(intent.id)
-                    log.warning("dead_owner_intent", intent=intent.id, status=intent.status, owner=intent.owner)
+                    log.warning(
+                        "dead_owner_intent", intent=intent.id, status=intent.status, owner=intent.owner
+                    )
         elif intent.status == BatchStatus.UNKNOWN:
             is_dead(intent.owner)  # starts the settle clock of rule 4
     return out
@@ -136,10 +139,10 @@ def settle(rt: Runtime) -> reconciler.ReconcileOutcome | None:
     return out
 
 
-def cutoff(rt: Runtime, slot: datetime) -> datetime:
+def cutoff(sch: ScheduleSettings, slot: datetime) -> datetime:
     """The first `schedule.retry_until` local time after `slot` (as UTC)."""
-    zone = rt.config.schedule.zone
-    hh, mm = (int(x) for x in rt.config.schedule.retry_until.split(":"))
+    zone = sch.zone
+    hh, mm = (int(x) for x in sch.retry_until.split(":"))
     local = slot.astimezone(zone)
     at = datetime.combine(local.date(), time(hh, mm), tzinfo=zone)
     if at <= local:
@@ -149,7 +152,9 @@ def cutoff(rt: Runtime, slot: datetime) -> datetime:
 
 def backoff(rt: Runtime, attempt: int) -> timedelta:
     sch = rt.config.schedule
-    return timedelta(seconds=min(sch.retry_backoff_seconds * 2 ** max(attempt - 1, 0), sch.retry_backoff_max_seconds))
+    return timedelta(
+        seconds=min(sch.retry_backoff_seconds * 2 ** max(attempt - 1, 0), sch.retry_backoff_max_seconds)
+    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,9 @@ class Rerun:
 _given_up: set[tuple[str, datetime]] = set()
 
 
-def due_reruns(rt: Runtime, now: datetime, jobs: tuple[str, ...], *, rows_returned: bool = False) -> list[Rerun]:
+def due_reruns(
+    rt: Runtime, now: datetime, jobs: tuple[str, ...], *, rows_returned: bool = False
+) -> list[Rerun]:
     """Rule 6. Which slots to run again now. `rows_returned`: the sweep just gave rows back to the queue."""
     todo: list[Rerun] = []
     with reading(rt.engine) as conn:
@@ -172,11 +179,13 @@ def due_reruns(rt: Runtime, now: datetime, jobs: tuple[str, ...], *, rows_return
             if last is None or last.outcome == "running":
                 continue
             retry = last.outcome in RERUN_AT_ONCE or (
-                job == "submit" and last.outcome == "partial" and any(p in (last.detail or "") for p in PASSING)
+                job == "submit"
+                and last.outcome == "partial"
+                and any(p in (last.detail or "") for p in PASSING)
             )
             if not retry:
                 continue
-            if job == "submit" and now >= cutoff(rt, last.slot):
+            if job == "submit" and now >= cutoff(rt.config.schedule, last.slot):
                 if (job, last.slot) not in _given_up:
                     _given_up.add((job, last.slot))
                     log.error(

@@ -9,7 +9,6 @@ from sqlalchemy import Connection, RowMapping, delete, func, insert, select, tex
 from sqlalchemy.exc import IntegrityError
 
 from etl import liveness
-
 from etl.schema import runs, state
 
 PAUSE_KEY = "submission_paused"
@@ -74,7 +73,9 @@ def take_lease(conn: Connection, key: str, dead: str, holder: str, now: datetime
 
 def hold_owner_lock(conn: Connection, owner: str) -> bool:
     """PostgreSQL: take the session advisory lock that says `owner` is alive, for this session's life."""
-    return bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": liveness.lock_key(owner)}).scalar())
+    return bool(
+        conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": liveness.lock_key(owner)}).scalar()
+    )
 
 
 def owner_lock_free(conn: Connection, owner: str) -> bool:
@@ -104,8 +105,15 @@ class Run:
 
 def _run(r: RowMapping) -> Run:
     return Run(
-        r["job"], r["slot"], r["run_id"], r["started_at"], r["ended_at"], r["outcome"], r["detail"],
-        r["attempt"], r["host"],
+        r["job"],
+        r["slot"],
+        r["run_id"],
+        r["started_at"],
+        r["ended_at"],
+        r["outcome"],
+        r["detail"],
+        r["attempt"],
+        r["host"],
     )
 
 
@@ -161,7 +169,9 @@ def latest_attempt(conn: Connection, job: str) -> Run | None:
 
 def attempts_of(conn: Connection, job: str, slot: datetime) -> int:
     return int(
-        conn.execute(select(func.count()).select_from(runs).where(runs.c.job == job, runs.c.slot == slot)).scalar()
+        conn.execute(
+            select(func.count()).select_from(runs).where(runs.c.job == job, runs.c.slot == slot)
+        ).scalar()
         or 0
     )
 

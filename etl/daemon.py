@@ -101,6 +101,8 @@ class Daemon:
         self.stop_grace = _float_env(self.env, STOP_GRACE_ENV, DEFAULT_STOP_GRACE)
         self.stall_limit = _float_env(self.env, STALL_ENV, default_stall(rt.config))
         self.slot: datetime | None = None  # the slot of the job running now
+        self._recovering = True  # etl.recovery has something pending: apply its rules every tick
+        self._recovery_at = 0.0
         self._life: Connection | None = None  # PostgreSQL: holds the advisory lock that says we are alive
         self.run_now = [j for j in self.env.get(RUN_NOW_ENV, "").replace(" ", "").split(",") if j in JOBS]
         self._signals = 0
@@ -188,14 +190,6 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._schedule_jobs()
-        # A poll killed half-way, or batches that ended while we were down: look at once, not in 30 minutes.
-        self.scheduler.add_job(
-            self._poll,
-            DateTrigger(run_date=datetime.now(UTC) + timedelta(seconds=STARTUP_POLL_SECONDS)),
-            id="poll",
-            name="poll",
-            replace_existing=True,
-        )
         self.scheduler.add_job(
             self._recovery_tick,
             IntervalTrigger(seconds=recovery.TICK_SECONDS),
@@ -320,6 +314,9 @@ class Daemon:
             self.leader = True
             log.info("leadership_acquired", owner=self.rt.owner)
             self._submit_job(self._catch_up, "catch_up")
+            # A poll killed half-way, or batches that ended while we were down: look now, not in 30 minutes.
+            self._schedule_poll(STARTUP_POLL_SECONDS)
+            self.poll_delay = None  # (the next poll then comes after poll_minutes, as always)
         elif not got and self.leader:
             self.leader = False
             log.warning("leadership_lost", owner=self.rt.owner)
@@ -397,12 +394,18 @@ class Daemon:
         crashed or passing-partial slots."""
         if not self.leader or self.stop_event.is_set():
             return
+        if not self._recovering and time.monotonic() - self._recovery_at < recovery.IDLE_SECONDS:
+            return  # nothing was pending at the last look: look again once a minute, not every tick
+        self._recovery_at = time.monotonic()
         try:
             with logs.run_context("recovery"):
                 out = recovery.settle(self.rt)
                 returned = out is not None and (out.released_claims + out.released_unknown) > 0
-                self._rerun(recovery.due_reruns(self.rt, self.now(), JOBS, rows_returned=returned))
+                due = recovery.due_reruns(self.rt, self.now(), JOBS, rows_returned=returned)
+                self._rerun(due)
+                self._recovering = out is not None or bool(due) or recovery.retry_pending(self.rt, self.now())
         except Exception as exc:  # recovery loop: the next tick tries again
+            self._recovering = True
             log.exception("recovery_failed", error=str(exc))
 
     def _scheduled(self, job: str) -> None:
@@ -436,6 +439,8 @@ class Daemon:
                 self._leave()
                 with self.rt.engine.begin() as conn:
                     state.finish_run(conn, run_id, outcome, detail, self.now())
+                if outcome != "ok":
+                    self._recovering = True
                 log.info("job_finished", outcome=outcome, detail=detail)
         return outcome
 

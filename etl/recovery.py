@@ -1,6 +1,7 @@
 """What the daemon does about work left behind by a process that died (SIGKILL, OOM, host reset, watchdog).
 
-The rules, in the order the daemon applies them (at start-up, then every `TICK_SECONDS` while leader):
+The rules, in the order the daemon applies them (at start-up, then every `TICK_SECONDS` while the leader
+has something pending, else every `IDLE_SECONDS`):
 
 1. **Dead owners are known at once** (`owner_dead`, see `etl.liveness`): same host: pid gone, pid reused,
    or another boot; PostgreSQL: the owner's session advisory lock is free. Anything else: its lease runs out.
@@ -41,7 +42,8 @@ from etl.store.engine import reading
 
 log = structlog.get_logger("etl.recovery")
 
-TICK_SECONDS = 5.0  # how often the leader applies these rules (cheap: a few indexed SELECTs)
+TICK_SECONDS = 5.0  # how often the leader applies these rules while something is pending
+IDLE_SECONDS = 60.0  # ...and when nothing was at the last look (a few indexed SELECTs)
 RERUN_AT_ONCE = ("crashed", "interrupted")
 PASSING = ("rate limited", "lease lost", "create outcome unknown", "awaiting reconciliation", "not sent yet")
 UNSETTLED = (BatchStatus.CLAIMED, BatchStatus.SENDING, BatchStatus.UNKNOWN)
@@ -203,6 +205,18 @@ def due_reruns(
                 continue
             todo.append(Rerun(job, last.slot, last.attempt + 1, f"attempt {last.attempt} {last.outcome}"))
     return todo
+
+
+def retry_pending(rt: Runtime, now: datetime) -> bool:
+    """A slot that rule 6 will re-run later (backoff not over yet): keep looking every tick."""
+    with reading(rt.engine) as conn:
+        last = state.latest_attempt(conn, "submit")
+    return (
+        last is not None
+        and last.outcome == "partial"
+        and any(p in (last.detail or "") for p in PASSING)
+        and now < cutoff(rt.config.schedule, last.slot)
+    )
 
 
 def report_written(conn: Connection, slot: datetime) -> bool:

@@ -236,3 +236,23 @@ def test_sigstop_inside_the_submit_is_a_crash_the_watchdog_kills_and_the_restart
     runs = query(sqlite_url, "SELECT attempt, outcome FROM etl_runs ORDER BY attempt")
     assert [tuple(r) for r in runs][:1] == [(1, "crashed")] and runs[-1][1] == "ok", runs
     assert second.terminate() == 0
+
+
+def test_status_check_fails_on_a_crashed_slot_and_on_a_partial_submit_past_the_cutoff(rt: Runtime) -> None:
+    from etl import status
+
+    slot = T0.replace(second=0)
+    with rt.engine.begin() as conn:
+        state.start_run(conn, "submit", slot, "a1", "h", T0)
+        state.finish_run(conn, "a1", "crashed", "its process died (h)", T0)
+    _, healthy, problems = status.status(rt)
+    assert not healthy and any("last submit run crashed" in p for p in problems), problems
+    with rt.engine.begin() as conn:
+        state.start_run(conn, "submit", slot, "a2", "h", T0 + timedelta(seconds=1), attempt=2)
+        state.finish_run(conn, "a2", "partial", "stopped: rate limited: 429", T0)
+    _, healthy, problems = status.status(rt)
+    assert healthy, problems  # retried during the night: not a problem yet
+    late = datetime(2026, 6, 4, 6, 30, tzinfo=UTC)
+    rt.clock = lambda: late
+    _, healthy, problems = status.status(rt)
+    assert not healthy and any("schedule.retry_until 06:00" in p for p in problems), problems

@@ -256,7 +256,7 @@ class Schedule:
             # Wait until the job is under way, then kill it from outside at a random moment.
             marker = '"job": "poll"' if job == "poll" else '"event": "job_started"'
             wait_for(lambda: marker in first.output(), timeout=60, what=f"{job} to start")
-            time.sleep(rng.uniform(0.0, 0.4))  # the random moment IS the fault
+            time.sleep(rng.uniform(0.0, 0.1 if job == "poll" else 0.4))  # the random moment IS the fault
             ended = "poll_finished" if job == "poll" else "job_finished"
             inside = first.proc.poll() is None and not first.logged(ended)
             first.kill()
@@ -298,7 +298,9 @@ class Schedule:
         wait_for(lambda: second.logged("daemon_started"), timeout=60, what="the restarted daemon to be up")
         assert second.terminate() == 0, second.output()[-3000:]
 
-        if job == "submit":  # completion: collect what was sent (in this process), then judge it all
+        if job == "submit":  # completion: the batches end, their results are collected (in this process)
+            control.advance(600)
+            offset += 600
             self.in_process(offset, collector.run)
 
         engine = make_engine(url)

@@ -256,3 +256,30 @@ def test_status_check_fails_on_a_crashed_slot_and_on_a_partial_submit_past_the_c
     rt.clock = lambda: late
     _, healthy, problems = status.status(rt)
     assert not healthy and any("schedule.retry_until 06:00" in p for p in problems), problems
+
+
+def test_migration_0004_keeps_existing_runs_as_first_attempts(db_url: str) -> None:
+    from alembic import command
+
+    from etl.store import migrate
+    from etl.store.engine import make_engine
+
+    engine = make_engine(db_url)
+    cfg = migrate._alembic_config("main")
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+        conn.execute(
+            text(
+                "INSERT INTO etl_runs (job, slot, run_id, host, started_at, outcome) "
+                "VALUES ('submit', :s, 'old', 'h', :s, 'running')"
+            ),
+            {"s": T0},
+        )
+    migrate.upgrade(engine, engine)
+    with engine.begin() as conn:
+        assert state.latest_attempt(conn, "submit") is not None
+        assert [tuple(r) for r in conn.execute(text("SELECT run_id, attempt FROM etl_runs"))] == [("old", 1)]
+        assert state.start_run(conn, "submit", T0, "again", "h", T0, attempt=2)
+        assert not state.start_run(conn, "submit", T0, "twice", "h", T0, attempt=2)
+    engine.dispose()

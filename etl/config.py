@@ -43,14 +43,14 @@ class Secret:
 
 @dataclass(frozen=True)
 class Task:
-    name: str
+    name: str = field(metadata={"derived": True})  # the table's name
     model: str
     template: str
     max_tokens: int
     system: str = ""
     output_schema: Mapping[str, Any] | None = None
     cache_system: bool = False
-    template_fields: tuple[str, ...] = ()
+    template_fields: tuple[str, ...] = field(default=(), metadata={"derived": True})
 
     @property
     def metadata_fields(self) -> tuple[str, ...]:
@@ -129,19 +129,22 @@ class ScheduleSettings:
 
 @dataclass(frozen=True)
 class Config:
-    database_url: str
-    warehouse_url: str
-    api_key: Secret
-    api_key_sources: tuple[str, ...]
-    base_url: str | None
-    api_timeout_seconds: float
+    """Where each field goes in a config file: `metadata={"toml": "section.key"}`, `"skip"` for what is
+    not a setting; a field without it is the table of its own name (`etl config` prints them all)."""
+
+    database_url: str = field(metadata={"toml": "database.url"})
+    warehouse_url: str = field(metadata={"toml": "database.warehouse_url"})
+    api_key: Secret = field(metadata={"toml": "skip"})
+    api_key_sources: tuple[str, ...] = field(metadata={"toml": "skip"})
+    base_url: str | None = field(metadata={"toml": "api.base_url"})
+    api_timeout_seconds: float = field(metadata={"toml": "api.timeout_seconds"})
     tasks: Mapping[str, Task]
     pricing: Pricing
     submit: SubmitSettings
     collect: CollectSettings
     schedule: ScheduleSettings
-    source: str = "<defaults>"
-    log_level: str = "info"
+    source: str = field(default="<defaults>", metadata={"toml": "skip"})
+    log_level: str = field(default="info", metadata={"toml": "logging.level"})
 
     @property
     def separate_warehouse(self) -> bool:
@@ -151,6 +154,20 @@ class Config:
         if not self.api_key:
             raise MissingApiKey(list(self.api_key_sources))
         return self.api_key.value
+
+
+SQL_SCHEMES = ("sqlite:", "postgresql://", "postgresql+psycopg://", "postgres://", "postgres+psycopg://")
+
+
+def mask_url(url: str) -> str:
+    """The whole URL with its password (if any) replaced by `***`, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def searched_paths(env: Mapping[str, str]) -> list[str]:
+    """Where a config file is looked for, in order, as a readable list."""
+    first = f"$ETL_CONFIG ({env['ETL_CONFIG']})" if env.get("ETL_CONFIG") else "$ETL_CONFIG (not set)"
+    return [first, *(str(p.absolute()) if not p.is_absolute() else str(p) for p in DEFAULT_CONFIG_PATHS)]
 
 
 def find_config_path(env: Mapping[str, str]) -> Path | None:
@@ -166,19 +183,31 @@ def load(env: Mapping[str, str] | None = None, path: Path | None = None) -> Conf
     """Read the TOML file (if any) and the environment, validate, and return a frozen Config."""
     env = os.environ if env is None else env
     problems: list[str] = []
+    given = "--config" if path is not None else "ETL_CONFIG" if env.get("ETL_CONFIG") else None
     path = path or find_config_path(env)
     raw: dict[str, Any] = {}
     source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            problems.append(f"config file {path} does not exist (from ETL_CONFIG or the default locations)")
-        except tomllib.TOMLDecodeError as exc:
-            problems.append(f"{path}: not valid TOML: {exc}")
-        except OSError as exc:
-            problems.append(f"{path}: cannot read: {exc}")
+    if path is None:
+        # Without a file there are no tasks, and "no [tasks] defined" would hide the real problem.
+        raise ConfigError.one(
+            f"no configuration file found; looked at: {', '.join(searched_paths(env))}. "
+            "Copy config/etl.toml from the project, or pass --config FILE"
+        )
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError.one(
+            f"config file {path} (from {given or 'the default locations'}) does not exist"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError.one(
+            f"config file {path} (from {given or 'the default locations'}) is a directory"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{path}: not valid TOML: {exc}")
+    except OSError as exc:
+        raise ConfigError.one(f"config file {path}: cannot read: {exc.strerror or exc}") from None
     base_dir = path.parent.parent if path is not None and path.parent.name == "config" else Path.cwd()
     cfg = _build(raw, env, problems, source, base_dir)
     if problems or cfg is None:
@@ -263,9 +292,14 @@ def _build(
     warehouse_url = env.get("ETL_WAREHOUSE_URL") or _typed(db, "warehouse_url", str, "", "database", problems)
     database_url = _sqlite_url_relative_to(database_url, base_dir)
     warehouse_url = _sqlite_url_relative_to(warehouse_url, base_dir) if warehouse_url else database_url
-    for label, url in (("database url", database_url), ("warehouse url", warehouse_url)):
-        if not (url.startswith("sqlite:") or url.startswith("postgresql")):
-            problems.append(f"{label} {url.split('@')[-1]!r} is neither sqlite:/// nor postgresql://")
+    urls = [("database url", database_url)]
+    if warehouse_url != database_url:
+        urls.append(("warehouse url", warehouse_url))
+    for label, url in urls:
+        if not url.startswith(SQL_SCHEMES):
+            problems.append(
+                f"{label} {mask_url(url)!r} is neither sqlite:///PATH nor postgresql:// (or postgres://)"
+            )
 
     api = _section(raw, "api", problems)
     base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None

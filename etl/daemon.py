@@ -207,6 +207,7 @@ class Daemon:
             poll_minutes=cfg.schedule.poll_minutes,
             watchdog_seconds=self.notifier.watchdog_interval,
             stall_seconds=self.stall_limit,
+            next_runs=self._next_runs(),
         )
         self.notifier.ready(self._status_line())
         try:
@@ -214,6 +215,14 @@ class Daemon:
         finally:
             self._shutdown()
         return 0
+
+    def _next_runs(self) -> dict[str, str | None]:
+        """When each scheduled job runs next (wall-clock time, UTC), for the start-up log line."""
+        assert self.scheduler is not None
+        return {
+            job.id: None if job.next_run_time is None else job.next_run_time.astimezone(UTC).isoformat()
+            for job in self.scheduler.get_jobs()
+        }
 
     def _tick_seconds(self) -> float:
         tick = min(MAX_TICK_SECONDS, self.rt.config.schedule.leader_lease_seconds / 3)

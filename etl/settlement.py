@@ -152,7 +152,13 @@ class Chunk:
                 self.systemic = self.systemic or reason
             else:
                 self._failure(qid, exp, reason)
-        elif kind in ("expired", "canceled"):
+        elif kind == "canceled":
+            # Canceled (by `etl cancel` or an orphan cancel) before the model saw it: nothing was billed and
+            # nothing was wrong with the document, so it goes back to the queue without using an attempt.
+            reason = "canceled before the model processed it"
+            self.free.append((qid, reason))
+            self.tally.add("requeued", exp.task, reason + " (attempt not counted)")
+        elif kind == "expired":
             self._failure(qid, exp, f"{kind} before the model processed it")
         else:
             self._failure(qid, exp, f"unknown result type {kind!r}")

@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy import delete
 
 from etl import failpoints, reconciler
-from etl.errors import ProviderError, SubmissionPaused
+from etl.errors import EtlError, ProviderError, SubmissionPaused
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
@@ -38,6 +38,7 @@ class SubmitOutcome:
     unknown: int = 0
     stopped: str | None = None
     batch_ids: list[str] = field(default_factory=list)
+    idle_reason: str | None = None  # why nothing was sent, when nothing was
 
 
 def run(rt: Runtime) -> SubmitOutcome:
@@ -46,6 +47,9 @@ def run(rt: Runtime) -> SubmitOutcome:
         paused = state.pause_reason(conn)
     if paused:
         raise SubmissionPaused(f"submission is paused: {paused}. Fix the cause, then run: etl resume")
+    # Everything that can be checked without sending is checked before a single row is claimed: a run
+    # that stops on a missing key must not leave rows `claimed` for the lease.
+    rt.config.require_api_key()
     # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
     # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
     rt.warm_provider()
@@ -67,6 +71,8 @@ def run(rt: Runtime) -> SubmitOutcome:
             if not _one_batch(rt, outcome, claim):
                 break
         claim = None
+    if outcome.documents == 0 and outcome.stopped is None:
+        outcome.idle_reason = _why_idle(rt)
     log.info(
         "submit_finished",
         batches=outcome.batches,
@@ -76,6 +82,23 @@ def run(rt: Runtime) -> SubmitOutcome:
         stopped=outcome.stopped,
     )
     return outcome
+
+
+def _why_idle(rt: Runtime) -> str:
+    """Why a run sent nothing: nothing queued, or rows held by another run's claim (and until when)."""
+    with reading(rt.engine) as conn:
+        counts = q.counts(conn)
+        held = [i for i in intents.with_status(conn, BatchStatus.CLAIMED, BatchStatus.SENDING)]
+    if counts.get("claimed"):
+        until = max((i.lease_expires_at for i in held if i.lease_expires_at is not None), default=None)
+        return (
+            f"{counts['claimed']} row(s) are claimed by another run"
+            + (f" until {until:%Y-%m-%d %H:%M:%S} UTC, when they go back to the queue" if until else "")
+            + "; `etl status` shows its intents"
+        )
+    if counts.get("queued", 0) == 0:
+        return "nothing is queued"
+    return f"{counts['queued']} row(s) queued but none could be sent (see the log)"
 
 
 @dataclass(frozen=True)
@@ -117,6 +140,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     parts: list[bytes] = []
     size = BODY_OVERHEAD
     rejects: list[tuple[int, str]] = []
+    rejects_logged: list[tuple[int, str, str]] = []
     overflow: list[int] = []
     per_task: Counter[str] = Counter()
     rejected_per_task: Counter[tuple[str, str]] = Counter()
@@ -128,7 +152,8 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 params = build_params(row, rt.config.tasks, limits.max_body_bytes)
             except Rejection as rej:
                 rejects.append((row.id, rej.reason))
-                rejected_per_task[(row.task, rej.reason.split(":")[0][:80])] += 1
+                rejects_logged.append((row.id, row.doc_key, rej.reason))
+                rejected_per_task[(row.task, events.reason_key(rej.reason))] += 1
                 continue
             encoded = encode_request(row.id, params)
             if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
@@ -139,7 +164,8 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                     f"{limits.max_batch_bytes:,} (submit.max_batch_bytes)"
                 )
                 rejects.append((row.id, reason))
-                rejected_per_task[(row.task, "request larger than a batch")] += 1
+                rejects_logged.append((row.id, row.doc_key, reason))
+                rejected_per_task[(row.task, "request larger than a batch (submit.max_batch_bytes)")] += 1
                 continue
             if size + len(encoded) + 1 > limits.max_batch_bytes:
                 overflow.append(row.id)
@@ -171,13 +197,18 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
         if not parts:
             intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "no sendable rows")
     outcome.rejected += len(rejects)
-    for row_id, reason in rejects:
-        log.warning("document_rejected", queue_id=row_id, reason=reason)
+    for row_id, doc_key, reason in rejects_logged:
+        log.warning("document_rejected", queue_id=row_id, doc_key=doc_key, reason=reason)
     if not parts:
         return True
     body = batch_body(parts)
     del parts
     failpoints.hit("submit.after_build")
+    try:
+        provider = rt.provider  # built before the fence: a client that cannot be made sends nothing
+    except EtlError:
+        _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")
+        raise
 
     with rt.engine.begin() as conn:
         if not intents.fence_sending(conn, intent_id, rt.owner, rt.clock()):
@@ -201,7 +232,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     requests = sum(per_task.values())
     timer = _arm_during_create()
     try:
-        remote = rt.provider.create_batch(body)
+        remote = provider.create_batch(body)
     except ProviderError as exc:
         _create_failed(rt, intent_id, exc, outcome)
         return False

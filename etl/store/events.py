@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -59,6 +60,22 @@ class Tally:
             ],
         )
         self.rows.clear()
+
+
+_PER_DOCUMENT = (
+    (re.compile(r"^body is [\d,]+ bytes; the limit is"), "body is over the limit of"),
+    (re.compile(r"^(metadata is not valid JSON): .*$"), r"\1"),
+    (re.compile(r"^request is [\d,]+ bytes with its prompt"), "request with its prompt is too large"),
+)
+
+
+def reason_key(reason: str, limit: int = 300) -> str:
+    """A row's reason as the report counts it: the whole sentence (never cut at a colon), with the parts
+    that differ from document to document (a body's size, a JSON parser's position) left out, so equal
+    causes are counted together."""
+    for pattern, replacement in _PER_DOCUMENT:
+        reason = pattern.sub(replacement, reason)
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def record(

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, inspect, text
 
 from etl import schema
 from etl.errors import SchemaOutOfDate
+from etl.store.engine import reachable
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -61,7 +62,7 @@ def upgrade(engine: Engine, warehouse: Engine) -> list[tuple[str, str | None, st
 
 def current_revision(engine: Engine, role: str) -> str | None:
     name = schema.WAREHOUSE_VERSION_TABLE if role == "warehouse" else schema.SCHEMA_VERSION_TABLE
-    with engine.connect() as conn:
+    with reachable(engine, "warehouse" if role == "warehouse" else "database"), engine.connect() as conn:
         if not inspect(conn).has_table(name):
             return None
         rows = conn.execute(text(f"SELECT version_num FROM {name}")).all()

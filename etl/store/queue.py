@@ -297,3 +297,67 @@ def batch_ref_of(conn: Connection, queue_id: int) -> int | None:
         select(queue.c.batch_ref).where(queue.c.id == queue_id)
     ).scalar_one_or_none()
     return value
+
+
+RETRYABLE = (S.DEAD.value, S.REJECTED.value)
+
+
+def retry_filter(
+    *,
+    statuses: Sequence[str],
+    doc_keys: Sequence[str] = (),
+    task: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> ColumnElement[bool]:
+    """Which `dead`/`rejected` rows an `etl retry` selects: every given selector must match.
+
+    `reason` is a case-insensitive substring of the row's reason; `since`/`until` bound the time the row
+    last changed (when it became dead or rejected).
+    """
+    cond: ColumnElement[bool] = queue.c.status.in_([s for s in statuses if s in RETRYABLE])
+    if doc_keys:
+        cond = cond & queue.c.doc_key.in_(list(doc_keys))
+    if task is not None:
+        cond = cond & (queue.c.task == task)
+    if reason:
+        cond = cond & func.lower(func.coalesce(queue.c.reason, "")).contains(reason.lower(), autoescape=True)
+    if since is not None:
+        cond = cond & (queue.c.updated_at >= since)
+    if until is not None:
+        cond = cond & (queue.c.updated_at < until)
+    return cond
+
+
+def retry_candidates(conn: Connection, where: ColumnElement[bool], limit: int) -> list[Any]:
+    """Up to `limit` selected rows (id, doc_key, task, status, reason), oldest first, and the total."""
+    return list(
+        conn.execute(
+            select(queue.c.id, queue.c.doc_key, queue.c.task, queue.c.status, queue.c.reason)
+            .where(where)
+            .order_by(queue.c.id)
+            .limit(limit)
+        )
+    )
+
+
+def count_where(conn: Connection, where: ColumnElement[bool]) -> int:
+    return int(conn.execute(select(func.count()).select_from(queue).where(where)).scalar_one())
+
+
+def retry(conn: Connection, where: ColumnElement[bool], now: datetime) -> int:
+    """Selected dead/rejected rows back to `queued` with fresh attempts; the old reason is kept after
+    "retried; was <status>:" so the history of the row stays readable. Guarded by the status filter."""
+    result = conn.execute(
+        update(queue)
+        .where(where, queue.c.status.in_(RETRYABLE))
+        .values(
+            status=S.QUEUED,
+            attempts=0,
+            batch_ref=None,
+            updated_at=now,
+            reason="retried; was " + queue.c.status + ": " + func.coalesce(queue.c.reason, ""),
+        )
+    )
+    return int(result.rowcount)

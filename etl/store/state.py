@@ -36,6 +36,26 @@ def resume(conn: Connection) -> str | None:
     return reason
 
 
+def first_seen(conn: Connection, kind: str, names: list[str], now: datetime) -> list[str]:
+    """Remember `names` under `kind` and return those not remembered before (in the given order).
+
+    For warnings worth saying once per object, such as a batch another tool made on the same account:
+    the next run, or another instance, does not say it again.
+    """
+    if not names:
+        return []
+    keys = {f"{kind}:{n}": n for n in names}
+    known = {r[0] for r in conn.execute(select(state.c.key).where(state.c.key.in_(list(keys))))}
+    new = [n for k, n in keys.items() if k not in known]
+    for name in new:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(state).values(key=f"{kind}:{name}", value=name, updated_at=now))
+        except IntegrityError:  # another process remembered it first: it says it
+            new.remove(name)
+    return new
+
+
 def acquire_lease(conn: Connection, key: str, holder: str, now: datetime, ttl: timedelta) -> bool:
     """Take or renew a named lease (e.g. the scheduler's leadership). True if `holder` has it now."""
     until = now + ttl

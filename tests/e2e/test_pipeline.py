@@ -124,7 +124,9 @@ def test_transient_errors_expired_and_invalid_requests_end_in_the_right_states(
     assert "expired" in rows["d2"]["reason"]
     assert (rows["d3"]["status"], rows["d3"]["attempts"]) == ("dead", 1)
     assert rows["d3"]["reason"] == "invalid_request_error: messages: text content blocks must be non-empty"
-    assert (rows["d4"]["status"], rows["d4"]["attempts"]) == ("queued", 1)
+    # canceled: never processed, never billed, nothing wrong with it: back without using an attempt
+    assert (rows["d4"]["status"], rows["d4"]["attempts"]) == ("queued", 0)
+    assert rows["d4"]["reason"] == "canceled before the model processed it"
     assert all(rows[f"d{i}"]["status"] == "done" for i in range(5, 12))
 
     # The next night the re-queued rows succeed; the dead one is never sent again.

@@ -63,7 +63,7 @@ model = "claude-unknown-9"
         config.load({}, path)
     problems = err.value.problems
     expected = [
-        "neither sqlite:/// nor postgresql://",
+        "'mysql://nope' is neither sqlite:///PATH nor postgresql://",
         "submit.max_requests_per_batch is 200000; the API allows 100000",
         "submit.max_attempts must be positive",
         "unknown setting submit.colour",

@@ -25,8 +25,10 @@ has something pending, else every `IDLE_SECONDS`):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import datetime, timedelta
+from datetime import time as time_of_day
 
 import structlog
 from sqlalchemy import Connection
@@ -47,6 +49,7 @@ IDLE_SECONDS = 60.0  # ...and when nothing was at the last look (a few indexed S
 RERUN_AT_ONCE = ("crashed", "interrupted")
 PASSING = ("rate limited", "lease lost", "create outcome unknown", "awaiting reconciliation", "not sent yet")
 UNSETTLED = (BatchStatus.CLAIMED, BatchStatus.SENDING, BatchStatus.UNKNOWN)
+_last_api_look = 0.0  # monotonic time of `settle`'s last call to the reconciler
 
 
 def _is_postgres(rt: Runtime) -> bool:
@@ -85,6 +88,7 @@ class Sweep:
     crashed_runs: list[str] = field(default_factory=list)
     ended_leases: list[int] = field(default_factory=list)
     unsettled: int = 0
+    dead_unknown: int = 0  # `unknown` intents of dead owners: settled within seconds, so look often
 
 
 def sweep(rt: Runtime) -> Sweep:
@@ -119,16 +123,22 @@ def sweep(rt: Runtime) -> Sweep:
                     log.warning(
                         "dead_owner_intent", intent=intent.id, status=intent.status, owner=intent.owner
                     )
-        elif intent.status == BatchStatus.UNKNOWN:
-            is_dead(intent.owner)  # starts the settle clock of rule 4
+        elif intent.status == BatchStatus.UNKNOWN and is_dead(intent.owner):  # starts rule 4's settle clock
+            out.dead_unknown += 1
     return out
 
 
 def settle(rt: Runtime) -> reconciler.ReconcileOutcome | None:
     """Rule 5. Hand unsettled intents to the reconciler (the API is only asked when there are some)."""
+    global _last_api_look
     found = sweep(rt)
     if not found.unsettled:
         return None
+    # The API is asked every tick only about a dead process's work; a live process's unknown create (its
+    # grace is 30 minutes) is looked at once a minute, not 360 times.
+    if not (found.ended_leases or found.dead_unknown) and time.monotonic() - _last_api_look < IDLE_SECONDS:
+        return reconciler.ReconcileOutcome(still_unknown=found.unsettled)
+    _last_api_look = time.monotonic()
     out = reconciler.run(rt)
     if out.released_claims or out.released_unknown or out.adopted:
         log.info(
@@ -146,9 +156,9 @@ def cutoff(sch: ScheduleSettings, slot: datetime) -> datetime:
     zone = sch.zone
     hh, mm = (int(x) for x in sch.retry_until.split(":"))
     local = slot.astimezone(zone)
-    at = datetime.combine(local.date(), time(hh, mm), tzinfo=zone)
+    at = datetime.combine(local.date(), time_of_day(hh, mm), tzinfo=zone)
     if at <= local:
-        at = datetime.combine(local.date() + timedelta(days=1), time(hh, mm), tzinfo=zone)
+        at = datetime.combine(local.date() + timedelta(days=1), time_of_day(hh, mm), tzinfo=zone)
     return at.astimezone(slot.tzinfo)
 
 

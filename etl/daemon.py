@@ -135,9 +135,11 @@ class Daemon:
         return self.stop_event.is_set()
 
     def _on_commit(self, _conn: Any) -> None:
-        # Every committed transaction of a job (a claim, a chunk of results, a lease renewal) is progress.
+        # Every transaction a job commits (a claim, a chunk of results, a claim's lease renewal) is progress.
         # A job stuck on a socket or a lock commits nothing, and the watchdog pings stop (`_making_progress`).
-        self.progress_at = time.monotonic()
+        # The main loop's own commits (the leader lease) say nothing about the job: they do not count.
+        if threading.current_thread() is not threading.main_thread():
+            self.progress_at = time.monotonic()
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1

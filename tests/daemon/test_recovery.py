@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -170,8 +171,16 @@ def test_a_silent_job_stops_the_watchdog_pings_and_any_commit_is_progress(rt: Ru
     daemon.current = "submit"
     daemon.progress_at = time.monotonic() - 1
     assert not daemon._making_progress()  # hung on a socket: no ping, systemd kills after WatchdogSec
-    with rt.engine.begin() as conn:
-        conn.execute(text("SELECT 1"))
+
+    def commit() -> None:
+        with rt.engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+
+    commit()  # the main loop renewing the leader lease: not the job's progress
+    assert not daemon._making_progress()
+    job = threading.Thread(target=commit)  # a commit on the job's thread is
+    job.start()
+    job.join()
     assert daemon._making_progress()
 
 

@@ -292,3 +292,23 @@ def test_migration_0004_keeps_existing_runs_as_first_attempts(db_url: str) -> No
         assert state.start_run(conn, "submit", T0, "again", "h", T0, attempt=2)
         assert not state.start_run(conn, "submit", T0, "twice", "h", T0, attempt=2)
     engine.dispose()
+
+
+def test_a_submit_stopped_by_a_429_is_retried_the_same_night_with_backoff(
+    sqlite_url: str,
+    etl_env: Callable[..., dict[str, str]],
+    spawn: Callable[..., EtlProcess],
+    control: EmulatorControl,
+) -> None:
+    prepare_db(sqlite_url, 5)
+    control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 429, "times": 2}])
+    offset = midnight_offset(control, timedelta(seconds=20))
+    env = etl_env(sqlite_url, ETL_CLOCK_OFFSET_SECONDS=str(offset), ETL_DAEMON_RUN_NOW="submit")
+    p = spawn(env, "run")
+    sql = "SELECT attempt, outcome FROM etl_runs WHERE job = 'submit' ORDER BY attempt"
+    wait_for(lambda: (query(sqlite_url, sql) or [(0, "")])[-1][1] == "ok", timeout=60, what="the retries")
+    runs = [tuple(r) for r in query(sqlite_url, sql)]
+    assert runs == [(1, "partial"), (2, "partial"), (3, "ok")], runs  # 5 s, then 10 s later
+    assert query(sqlite_url, "SELECT count(*) FROM etl_queue WHERE status = 'submitted'")[0][0] == 5
+    assert control.ledger()["requests_created"] == 5
+    assert p.terminate() == 0

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     enq.add_argument("--task", help="task for rows that name none (default: 'default'); must be configured")
     enq.add_argument("--batch-rows", type=int, default=5000, help=argparse.SUPPRESS)
 
-    command(
+    sm = command(
         "submit",
         "the nightly job, now: reconcile, claim queued rows, send batches",
         (0, 1, 2, 3, 75, 78),
@@ -131,6 +132,19 @@ def _parser() -> argparse.ArgumentParser:
         details="The API key, the pause and the schema are checked before a row is claimed; rows that\n"
         "could not be sent go back to the queue at once. When nothing is sent it says why.",
     )
+    sm.add_argument(
+        "--dry-run", action="store_true", help="print what it would cost (as `etl estimate`); send nothing"
+    )
+    sm.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    _estimate_arguments(sm, suppress=True)
+    est = command(
+        "estimate",
+        "what the queue would cost, per task and model; nothing is claimed or sent",
+        details="Input tokens are estimated locally (4 characters a token) or, with --count-tokens, from a\n"
+        "sample counted by the API's free count_tokens; output at max_tokens (an upper bound). The\n"
+        "nightly cap, what is reserved tonight and how many documents fit under it are shown too.",
+    )
+    _estimate_arguments(est)
     col = command(
         "collect",
         "the morning job, now: collect ended batches, then the report",
@@ -140,22 +154,39 @@ def _parser() -> argparse.ArgumentParser:
         "terminal it is one JSON log line.",
     )
     col.add_argument("--no-report", action="store_true", help="do not produce the morning report")
-    command("reconcile", "settle batch creates whose outcome is unknown", api=True)
+    rec = command(
+        "reconcile",
+        "settle batch creates whose outcome is unknown",
+        api=True,
+        details="An unknown create is released only once the API's list proves no batch holds its rows\n"
+        "(docs/survival.md); `etl status` says when. --release INTENT releases one now, on your word.",
+    )
+    rec.add_argument(
+        "--release",
+        type=int,
+        metavar="INTENT",
+        help="put the rows of this unknown intent (see etl status) back in the queue now, on your word that "
+        "the API holds no batch of them. RISK: if that batch does exist, its rows are sent and billed twice",
+    )
     st = command(
         "status",
         "queue counts, pending batches, deadlines, last runs",
-        details="With --check: exit 1 when the last runs failed, a deadline is near or submission is paused.",
+        details="With --check: exit 1 whenever anything is stuck or late, each cause on its own line\n"
+        "(README: the status --check truth table); 78 when the schema is behind or incomplete.",
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
         "--check",
         action="store_true",
-        help="health check: exit 1 if the last runs failed, a deadline is near or submission is paused",
+        help="health check: exit 1 if anything is stuck or late (README: the status --check truth table)",
     )
     rep = command("report", "print the last morning report")
     rep.add_argument("--json", action="store_true", help="the report as JSON")
     rep.add_argument(
         "--now", action="store_true", help="build a fresh report instead of printing the last one"
+    )
+    rep.add_argument(
+        "--since", type=_duration, help="a fresh report over this period, e.g. 30d, 12h (implies --now)"
     )
     command("resume", "lift a submission pause after fixing its cause (spend limit, key, billing)")
     ret = command(
@@ -208,6 +239,37 @@ def _parser() -> argparse.ArgumentParser:
         "emulator", help="run the local Batches API emulator (see: etl emulator --help)", add_help=False
     )
     return p
+
+
+def _duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`: a period back from now."""
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in units or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a period like 30d, 12h or 90m")
+    return timedelta(**{units[unit]: int(number)})
+
+
+def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    def helped(text: str) -> str:
+        return argparse.SUPPRESS if suppress else text
+
+    p.add_argument("--task", help=helped("only this task's documents"))
+    p.add_argument("--min-priority", type=int, help=helped("only documents of at least this priority"))
+    p.add_argument(
+        "--older-than", type=_duration, help=helped("only documents queued this long ago, e.g. 2d")
+    )
+    p.add_argument(
+        "--count-tokens",
+        action="store_true",
+        help=helped(
+            "count input tokens of a sample with the API's free count_tokens (submit.count_tokens_sample)"
+        ),
+    )
+    if not suppress:
+        p.add_argument(
+            "--json", action="store_true", help="machine-readable output (money as decimal strings)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,13 +361,26 @@ def cmd_enqueue(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(rt: Runtime, args: argparse.Namespace) -> int:
+    from etl import estimate
+
+    _check_schema(rt)
+    selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=args.older_than)
+    result = estimate.run(rt, selection, count_tokens=args.count_tokens)
+    print(json.dumps(result.to_json(), indent=2) if args.json else estimate.render(result))
+    return 0
+
+
 def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import submitter
 
+    if args.dry_run:
+        return cmd_estimate(rt, args)
     _check_schema(rt)
     out = submitter.run(rt)
     print(
         f"submitted {out.documents} document(s) in {out.batches} batch(es); rejected {out.rejected}"
+        + (f"; {out.waiting} wait for the nightly budget" if out.waiting else "")
         + (f"; {out.unknown} create(s) with unknown outcome left for reconciliation" if out.unknown else "")
         + (f"; stopped: {out.stopped}" if out.stopped else "")
         + (f" ({out.idle_reason})" if out.idle_reason else "")
@@ -337,6 +412,10 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import reconciler
 
     _check_schema(rt)
+    if args.release is not None:
+        rows = reconciler.release_by_operator(rt, args.release)
+        print(f"released intent {args.release}: {rows} row(s) back in the queue")
+        return 0
     out = reconciler.run(rt)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "
@@ -366,7 +445,10 @@ def cmd_report(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.store import events
 
     _check_schema(rt)
-    if args.now:
+    if args.since is not None:
+        now = rt.clock()
+        body = report.build(rt, now, now - args.since)
+    elif args.now:
         body = report.build(rt, rt.clock(), None)
     else:
         with rt.engine.connect() as conn:
@@ -466,6 +548,7 @@ COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "db": cmd_db,
     "enqueue": cmd_enqueue,
     "submit": cmd_submit,
+    "estimate": cmd_estimate,
     "collect": cmd_collect,
     "reconcile": cmd_reconcile,
     "status": cmd_status,

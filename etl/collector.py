@@ -12,14 +12,15 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cache
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 from etl import codec, failpoints, reconciler, schema, settlement
-from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
+from etl.errors import ProviderError, ResultsGone, ResultsIncomplete, StoreError
 from etl.pricing import Meter
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
@@ -88,17 +89,31 @@ def run(rt: Runtime) -> CollectOutcome:
                 break
             out.problems.append(str(exc))
             log.warning("retrieve_failed", batch_id=intent.batch_id, error=str(exc))
+            with rt.engine.begin() as conn:
+                intents.note_error(conn, intent.id, f"retrieve failed: {exc}")
             continue
         with rt.engine.begin() as conn:
             intents.update_remote(conn, intent.id, remote)
+            if not remote.ended and intent.error:
+                intents.note_error(conn, intent.id, None)
         if not remote.ended:
             continue
         failpoints.hit("collect.after_retrieve")
-        now = rt.clock()
-        if remote.archived_at is not None or now >= remote.created_at + timedelta(days=29):
+        # Archived only on the API's word: our clock against the API's creation time could be days off,
+        # and re-queuing results that still exist pays for them twice.
+        if remote.archived_at is not None:
             _archive(rt, intent, out)
             continue
-        _collect_batch(rt, intent, remote, out, expected)
+        try:
+            _collect_batch(rt, intent, remote, out, expected)
+        except (DBAPIError, StoreError) as exc:
+            # One batch that cannot be written never stops the others; `etl status` names it until a
+            # collect gets through it.
+            reason = f"collect failed: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+            out.problems.append(f"batch {intent.batch_id}: {reason}")
+            log.error("batch_collect_failed", batch_id=intent.batch_id, error=reason)
+            with rt.engine.begin() as conn:
+                intents.note_error(conn, intent.id, reason)
     log.info(
         "collect_finished",
         batches_checked=out.batches_checked,
@@ -309,7 +324,15 @@ def _stream_batch(
         except ResultsGone as exc:
             writer.finish(chunk)
             log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
-            _archive(rt, intent, out)
+            if _archived_says_the_api(rt, intent.batch_id):
+                _archive(rt, intent, out)
+            else:  # a refused read is not proof that the results are gone: try again next run
+                problem = (
+                    f"batch {intent.batch_id}: results unavailable ({exc}); the API does not say archived"
+                )
+                out.problems.append(problem)
+                with rt.engine.begin() as conn:
+                    intents.note_error(conn, intent.id, problem)
             return
         except ProviderError as exc:
             error = str(exc)
@@ -362,6 +385,14 @@ def _stream_batch(
     )
     with rt.engine.begin() as conn:
         intents.note_error(conn, intent.id, "results incomplete; will retry on the next collect")
+
+
+def _archived_says_the_api(rt: Runtime, batch_id: str) -> bool:
+    """Whether the API itself says the batch's results are archived (a failed look says no)."""
+    try:
+        return rt.provider.retrieve(batch_id).archived_at is not None
+    except ProviderError:
+        return False
 
 
 def _moved_on(rt: Runtime, elsewhere: dict[int, str]) -> set[int]:

@@ -12,6 +12,8 @@ import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,6 +24,9 @@ _S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings")
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
+# (doc_key, task) is the warehouse's primary key: PostgreSQL refuses a btree entry over 2,704 bytes, so
+# the two together are kept well under it (README "Limits of a document").
+MAX_TASK_NAME_BYTES = 128
 TEMPLATE_BUILTINS = frozenset({"body", "doc_key", "task"})
 CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z?]+$")
 
@@ -51,27 +56,28 @@ class Task:
     output_schema: Mapping[str, Any] | None = None
     cache_system: bool = False
     template_fields: tuple[str, ...] = field(default=(), metadata={"derived": True})
+    max_cost_usd_per_night: Decimal | None = None  # this task's own nightly cap (None: only the global one)
 
-    @property
+    @cached_property  # read for every document a submit or an estimate builds
     def metadata_fields(self) -> tuple[str, ...]:
         return tuple(f for f in self.template_fields if f not in TEMPLATE_BUILTINS)
 
 
 @dataclass(frozen=True)
 class ModelPrice:
-    """Standard (non-batch) prices in USD per million tokens."""
+    """Standard (non-batch) prices in USD per million tokens, exact."""
 
-    input: float
-    output: float
+    input: Decimal
+    output: Decimal
 
 
 @dataclass(frozen=True)
 class Pricing:
     models: Mapping[str, ModelPrice]
-    batch_discount: float = 0.5
-    cache_write_5m: float = 1.25
-    cache_write_1h: float = 2.0
-    cache_read: float = 0.1
+    batch_discount: Decimal = Decimal("0.5")
+    cache_write_5m: Decimal = Decimal("1.25")
+    cache_write_1h: Decimal = Decimal("2")
+    cache_read: Decimal = Decimal("0.1")
 
     def for_model(self, model: str) -> ModelPrice | None:
         """Longest configured prefix of `model` wins: `claude-haiku-4-5` prices `claude-haiku-4-5-20251001`."""
@@ -91,11 +97,19 @@ class SubmitSettings:
     claim_lease_seconds: int = 600
     create_timeout_seconds: float = 300.0
     reconcile_grace_seconds: int = 1800
-    reconcile_window_seconds: int = 900
+    reconcile_window_seconds: int = (
+        900  # unused since ownership needs no clock window; accepted for old configs
+    )
     max_batches_per_run: int = 1000
     # An unknown create whose process is known dead (etl.liveness) is released this long after the death
     # was first seen, instead of after reconcile_grace_seconds: nothing it sent can still be in flight.
     dead_owner_settle_seconds: int = 15
+    # The nightly budget (0: none): batches are sent only while the upper bound of what was sent tonight
+    # stays within it. A night runs from noon to noon in schedule.timezone.
+    max_cost_usd_per_night: Decimal = Decimal(0)
+    # `etl estimate --count-tokens`: how many documents are sent to count_tokens (a sample above that)
+    count_tokens_sample: int = 200
+    count_tokens_confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -309,7 +323,12 @@ def _build(
 
     submit = _settings(SubmitSettings, _section(raw, "submit", problems), "submit", problems)
     for name, value in submit.__dict__.items():
-        _positive(value, f"submit.{name}", problems)
+        if name != "max_cost_usd_per_night":
+            _positive(value, f"submit.{name}", problems)
+    if submit.max_cost_usd_per_night < 0:
+        problems.append("submit.max_cost_usd_per_night cannot be negative (0 means no cap)")
+    if not 0 < submit.count_tokens_confidence < 1:
+        problems.append("submit.count_tokens_confidence must be between 0 and 1, e.g. 0.95")
     if submit.max_requests_per_batch > 100_000:
         problems.append(
             f"submit.max_requests_per_batch is {submit.max_requests_per_batch}; the API allows 100000"
@@ -392,13 +411,16 @@ def _settings(cls: type[_S], section: Mapping[str, Any], where: str, problems: l
         name: _typed(
             section,
             name,
-            (int, float) if isinstance(default, float) else type(default),
+            (int, float) if isinstance(default, (float, Decimal)) else type(default),
             default,
             where,
             problems,
         )
         for name, default in cls().__dict__.items()
     }
+    for name, default in cls().__dict__.items():
+        if isinstance(default, Decimal):
+            values[name] = decimal_of(values[name])
     _check_unknown(section, cls, where, problems)
     return cls(**values)
 
@@ -410,12 +432,31 @@ def _check_unknown(section: Mapping[str, Any], cls: type, where: str, problems: 
             problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(allowed))})")
 
 
+def decimal_of(value: Any) -> Decimal:
+    """A TOML number as the Decimal its author wrote: `0.1` is 0.1, not the float nearest to it."""
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
+    try:
+        out = Decimal(repr(value) if isinstance(value, float) else value)
+    except InvalidOperation:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not out.is_finite():
+        raise ValueError(f"not a finite number: {value!r}")
+    return out
+
+
+def _price(value: str) -> Decimal:
+    return Decimal(value)
+
+
 DEFAULT_PRICES = {
-    "claude-haiku-4-5": ModelPrice(1.0, 5.0),
-    "claude-sonnet-4-5": ModelPrice(3.0, 15.0),
-    "claude-sonnet-4-6": ModelPrice(3.0, 15.0),
-    "claude-opus-4-5": ModelPrice(5.0, 25.0),
-    "claude-opus-4-1": ModelPrice(15.0, 75.0),
+    "claude-haiku-4-5": ModelPrice(_price("1"), _price("5")),
+    "claude-sonnet-4-5": ModelPrice(_price("3"), _price("15")),
+    "claude-sonnet-4-6": ModelPrice(_price("3"), _price("15")),
+    "claude-opus-4-5": ModelPrice(_price("5"), _price("25")),
+    "claude-opus-4-1": ModelPrice(_price("15"), _price("75")),
 }
 
 
@@ -430,7 +471,7 @@ def _pricing(section: Mapping[str, Any], problems: list[str]) -> Pricing:
             problems.append(f"pricing.models.{name} must be a table with input and output prices")
             continue
         try:
-            price = ModelPrice(float(spec["input"]), float(spec["output"]))
+            price = ModelPrice(decimal_of(spec["input"]), decimal_of(spec["output"]))
         except (KeyError, TypeError, ValueError):
             problems.append(f"pricing.models.{name} needs numeric input and output (USD per million tokens)")
             continue
@@ -444,7 +485,7 @@ def _pricing(section: Mapping[str, Any], problems: list[str]) -> Pricing:
         ("cache_write_1h", 2.0),
         ("cache_read", 0.1),
     ):
-        values[key] = float(_typed(section, key, (int, float), default, "pricing", problems))
+        values[key] = decimal_of(_typed(section, key, (int, float), default, "pricing", problems))
     if not 0 < values["batch_discount"] <= 1:
         problems.append("pricing.batch_discount must be in (0, 1]; the Batches API charges 0.5 of standard")
     for key in section:
@@ -458,9 +499,22 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
         problems.append("no [tasks.<name>] defined; at least [tasks.default] is needed")
         return {}
     tasks: dict[str, Task] = {}
-    allowed = {"model", "system", "template", "max_tokens", "output_schema", "cache_system"}
+    allowed = {
+        "model",
+        "system",
+        "template",
+        "max_tokens",
+        "output_schema",
+        "cache_system",
+        "max_cost_usd_per_night",
+    }
     for name, spec in section.items():
         where = f"tasks.{name}"
+        if len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
+            problems.append(
+                f"[tasks.{name[:40]}...]: a task name may be at most {MAX_TASK_NAME_BYTES} bytes "
+                "(it is part of the warehouse's unique key)"
+            )
         if not isinstance(spec, Mapping):
             problems.append(f"[{where}] must be a table")
             continue
@@ -506,6 +560,15 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
             cache_system = False
         if cache_system and not system:
             problems.append(f"{where}.cache_system is true but the task has no system prompt to cache")
+        task_cap: Decimal | None = None
+        raw_cap = spec.get("max_cost_usd_per_night")
+        if raw_cap is not None:
+            if isinstance(raw_cap, bool) or not isinstance(raw_cap, (int, float)) or raw_cap <= 0:
+                problems.append(
+                    f"{where}.max_cost_usd_per_night must be a positive number of USD, got {raw_cap!r}"
+                )
+            else:
+                task_cap = decimal_of(raw_cap)
         tasks[name] = Task(
             name=name,
             model=model,
@@ -515,6 +578,7 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
             output_schema=schema,
             cache_system=cache_system,
             template_fields=fields,
+            max_cost_usd_per_night=task_cap,
         )
     if "default" not in tasks and tasks:
         problems.append("no [tasks.default]: rows inserted without a task name would have nowhere to go")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from etl.config import Config, mask_url
@@ -101,6 +102,9 @@ def _value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, Decimal):  # money and prices: the number as written, never through a float
+        text = format(value, "f")
+        return text if value == value.to_integral_value() or "." in text else text + ".0"
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, Mapping):

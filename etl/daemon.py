@@ -471,6 +471,8 @@ class Daemon:
             detail = f"{out.documents} document(s) in {out.batches} batch(es), {out.rejected} rejected"
             if out.unknown:
                 detail += f", {out.unknown} create(s) left for reconciliation"
+            if out.waiting:
+                detail += f", {out.waiting} waiting for the nightly budget"
             if out.batches:
                 self._schedule_poll(self.rt.config.schedule.poll_minutes * 60)
             with self.rt.engine.connect() as conn:

@@ -43,6 +43,10 @@ class SchemaOutOfDate(StoreError):
     exit_code = 78
 
 
+class SchemaIncomplete(SchemaOutOfDate):
+    """The revision is current but a table of the database's role is missing."""
+
+
 class DatabaseUnreachable(StoreError):
     """A database did not answer at start-up (wrong host, port, name, credentials): a configuration
     problem, so the configuration exit code (systemd does not restart-loop on it)."""
@@ -72,6 +76,7 @@ class ProviderError(EtlError):
       - ``systemic``: spend limit, authentication, permission or billing: stop and tell a human.
       - ``not_found``: the object does not exist (or is not visible yet).
       - ``transient``: a read failed in a way that retrying later may fix.
+      - ``unreachable``: no connection to the API could be made: nothing was sent, try later.
     """
 
     def __init__(
@@ -84,7 +89,7 @@ class ProviderError(EtlError):
 
     @property
     def transient(self) -> bool:
-        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found"}
+        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found", "unreachable"}
 
 
 class ResultsIncomplete(ProviderError):

@@ -7,11 +7,13 @@ create that the server had already accepted would be a second, billed batch.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from datetime import datetime
+from typing import Any
 
 import anthropic
 import httpx2
+from anthropic.types import MessageTokensCount
 from anthropic.types.messages import MessageBatch
 
 from etl import codec
@@ -66,6 +68,11 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
 def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
     """Map an SDK/transport exception to a ProviderError. `mutating` calls turn doubt into 'ambiguous'."""
     doubt = "ambiguous" if mutating else "transient"
+    if never_connected(exc):
+        # No connection was ever made (refused, unresolvable, connect timeout): nothing was sent.
+        return ProviderError(
+            f"{what}: API unreachable, nothing sent: {exc.__cause__ or exc}", kind="unreachable"
+        )
     if isinstance(exc, anthropic.APITimeoutError):
         return ProviderError(f"{what}: timed out", kind=doubt)
     if isinstance(exc, anthropic.APIConnectionError):
@@ -92,6 +99,22 @@ def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
     if isinstance(exc, anthropic.AnthropicError):
         return ProviderError(f"{what}: {exc}", kind="rejected")
     raise exc
+
+
+def never_connected(exc: BaseException) -> bool:
+    """The call failed before a connection existed, so no byte of the request left this host.
+
+    httpx raises `ConnectError`/`ConnectTimeout` only while opening a connection (TCP or TLS); a reset or
+    timeout after the request was written is a `ReadError`/`WriteError`/`RemoteProtocolError`/
+    `ReadTimeout`, which stays "outcome unknown" for a create."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 class Provider:
@@ -132,6 +155,17 @@ class Provider:
             raise translate(exc, "create batch", mutating=True) from exc
         return _remote(batch)
 
+    def count_tokens(self, params: Mapping[str, Any]) -> int:
+        """`POST /v1/messages/count_tokens` (free, rate-limited) for a request's params; `max_tokens` is dropped."""
+        body = {k: v for k, v in params.items() if k != "max_tokens"}
+        try:
+            counted = self._client.post(
+                "/v1/messages/count_tokens", body=body, cast_to=MessageTokensCount, options={"max_retries": 0}
+            )
+        except Exception as exc:
+            raise translate(exc, "count tokens", mutating=False) from exc
+        return int(counted.input_tokens)
+
     def retrieve(self, batch_id: str) -> RemoteBatch:
         try:
             return _remote(self._client.messages.batches.retrieve(batch_id))
@@ -153,6 +187,14 @@ class Provider:
                 if remote.created_at < since:
                     return
                 yield remote
+        except Exception as exc:
+            raise translate(exc, "list batches", mutating=False) from exc
+
+    def list_batches(self, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Every batch the API lists, newest first, fetched a page at a time as the caller reads on."""
+        try:
+            for batch in self._client.messages.batches.list(limit=page_size):
+                yield _remote(batch)
         except Exception as exc:
             raise translate(exc, "list batches", mutating=False) from exc
 

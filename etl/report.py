@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
 
+from etl import costs
 from etl.clock import isoformat
 from etl.config import Config
 from etl.runtime import Runtime
@@ -43,13 +45,13 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {k: 0 for k in KINDS})
     failures: dict[str, int] = defaultdict(int)
-    totals = {
+    totals: dict[str, Any] = {
         "input_tokens": 0,
         "output_tokens": 0,
         "cache_write_tokens": 0,
         "cache_read_tokens": 0,
-        "cost_usd": 0.0,
-        "standard_cost_usd": 0.0,
+        "cost_usd": Decimal(0),
+        "standard_cost_usd": Decimal(0),
     }
     for r in rows:
         task = r["task"] or "(all)"
@@ -59,9 +61,10 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         if r["kind"] == "succeeded":
             for key in totals:
                 totals[key] += r[key] or 0
-    totals["cost_usd"] = round(float(totals["cost_usd"]), 6)
-    totals["standard_cost_usd"] = round(float(totals["standard_cost_usd"]), 6)
-    totals["savings_usd"] = round(totals["standard_cost_usd"] - totals["cost_usd"], 6)
+    # Money is exact (Decimal sums of the stored rows) and leaves as decimal strings (JSON has no decimal).
+    totals["savings_usd"] = totals["standard_cost_usd"] - totals["cost_usd"]
+    for key in ("cost_usd", "standard_cost_usd", "savings_usd"):
+        totals[key] = costs.usd_text(totals[key])
 
     late_after = timedelta(days=cfg.collect.late_after_days)
     warn_before = timedelta(days=cfg.collect.warn_before_archive_days)
@@ -84,14 +87,26 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
             )
         elif intent.results_expire_at is not None and intent.results_expire_at - now < warn_before:
             late.append({**entry, "why": f"results vanish in {_hours(intent.results_expire_at - now)} h"})
+    grace = cfg.submit.reconcile_grace_seconds
     for intent in unknown:
+        sent = intent.sent_at or intent.created_at
+        release_at = sent + timedelta(seconds=grace)
+        when = (
+            f"released at the first reconcile after {isoformat(release_at)} if the API's list shows no batch "
+            "of its requests"
+            if release_at > now
+            else f"past its grace since {isoformat(release_at)}: released once the API's list proves no batch "
+            "holds its requests"
+        )
         late.append(
             {
                 "batch_id": None,
                 "intent": intent.id,
                 "status": intent.status,
                 "requests": intent.request_count,
-                "why": "create outcome unknown: waiting for reconciliation",
+                "release_not_before": isoformat(release_at),
+                "why": f"create outcome unknown since {isoformat(sent)}; {when} "
+                f"(or now, at the risk of paying twice: etl reconcile --release {intent.id})",
             }
         )
 
@@ -107,6 +122,7 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
         "submission_paused": paused,
     }
+    report.update(costs.section(rt, now, since))
     return report
 
 
@@ -170,8 +186,8 @@ def _money(report: dict[str, Any]) -> list[str]:
     return [
         f"tokens: input {money['input_tokens']:,}  output {money['output_tokens']:,}  "
         f"cache write {money['cache_write_tokens']:,}  cache read {money['cache_read_tokens']:,}",
-        f"cost: ${money['cost_usd']:.4f} with the Batches API; ${money['standard_cost_usd']:.4f} at standard "
-        f"prices; saved ${money['savings_usd']:.4f}",
+        f"cost: ${Decimal(money['cost_usd']):.4f} with the Batches API; "
+        f"${Decimal(money['standard_cost_usd']):.4f} at standard prices; saved ${Decimal(money['savings_usd']):.4f}",
     ]
 
 
@@ -221,7 +237,17 @@ Section = Callable[[dict[str, Any]], list[str]]
 
 # The readable report is these sections in this order, separated by a blank line; an empty one is left
 # out. A new part of the report is a function added here (reading only its own keys of the report).
-SECTIONS: list[Section] = [_header, _tasks, _money, _failures, _queue, _pending, _alerts]
+SECTIONS: list[Section] = [
+    _header,
+    _tasks,
+    _money,
+    costs.render_tasks,
+    costs.render_budget,
+    _failures,
+    _queue,
+    _pending,
+    _alerts,
+]
 
 
 def render(report: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from etl import failpoints
 from etl.config import Config
-from etl.pricing import Meter, Usage
+from etl.pricing import ZERO, Meter, Usage
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -126,7 +126,7 @@ class Chunk:
     systemic: str | None = None
     size: int = 0
     # per task: documents, input, output, cache write, cache read tokens, cost, standard cost
-    _sums: dict[str, list[float]] = field(default_factory=dict)
+    _sums: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.results = warehouse.Encoded(self.encoder.dialect, unique_keys=self.unique_keys)
@@ -211,7 +211,7 @@ class Chunk:
         self.done.append(qid)
         sums = self._sums.get(exp.task)
         if sums is None:
-            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, 0.0, 0.0]
+            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, ZERO, ZERO]
         sums[0] += 1
         sums[1] += usage.input_tokens
         sums[2] += usage.output_tokens
@@ -219,6 +219,23 @@ class Chunk:
         sums[4] += usage.cache_read
         sums[5] += cost
         sums[6] += standard
+
+    def refuse(self, refused: list[tuple[int, str]], expected: dict[int, Expected]) -> None:
+        """Results the warehouse would not store (the database's reason given): their rows end `dead`
+        with that reason instead of `done`, and the batch's other rows are settled as planned."""
+        if not refused:
+            return
+        gone = {qid for qid, _ in refused}
+        self.done = [qid for qid in self.done if qid not in gone]
+        for qid, why in refused:
+            exp = expected[qid]
+            reason = f"warehouse refused the result: {why}"
+            self.dead.append((qid, reason))
+            self.tally.add("dead", exp.task, "warehouse refused the result")
+            sums = self._sums.get(exp.task)
+            if sums is not None:
+                sums[0] -= 1
+            log.error("result_refused_by_warehouse", queue_id=qid, doc_key=exp.doc_key[:200], reason=why)
 
     def absorb(self, other: Chunk) -> None:
         """Take over the queue transitions and counts of `other`, whose results are written."""
@@ -286,18 +303,18 @@ def write(
     batch_ref = chunk.intent.id
     if not rt.same_database and chunk.results.rows:
         with rt.warehouse.begin() as wconn:
-            warehouse.write(wconn, chunk.results)
+            chunk.refuse(warehouse.write_isolating(wconn, chunk.results), expected)
         failpoints.hit("collect.after_warehouse")
     if not settle:
         if rt.same_database and chunk.results.rows:
             with conn.begin():
-                warehouse.write(conn, chunk.results)
+                chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
             failpoints.hit("collect.after_warehouse")
         chunk.results.rows.clear()  # written: only the queue transitions are kept
         return
     with conn.begin():
         if rt.same_database and chunk.results.rows:
-            warehouse.write(conn, chunk.results)
+            chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
         q.mark_done(conn, batch_ref, chunk.done, now)
         q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
         q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from etl import recovery, report
+from etl import budget, costs, recovery, report
 from etl.clock import isoformat
 from etl.runtime import Runtime
+from etl.schema import DocStatus
+from etl.store import batches as intents
+from etl.store import queue as q
 from etl.store import state
 from etl.store.engine import reading
 
@@ -15,6 +18,8 @@ from etl.store.engine import reading
 def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     now = rt.clock()
     info = report.build(rt, now, since=now)
+    # Money since tonight's budget began: what was charged and how close the estimates were, per task.
+    info.update(costs.section(rt, now, budget.night_start(now, rt.config.schedule.zone)))
     with reading(rt.engine) as conn:
         runs = state.last_runs(conn, limit=10)
     info["last_runs"] = [
@@ -35,6 +40,7 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     problems += [f"last {job} run {outcome}" for job, outcome in latest.items() if outcome == "failed"]
     problems += recovery_problems(rt, runs, now)
     problems += [f"{b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}" for b in info["late"]]
+    problems += _stuck(rt, info)
     if info["submission_paused"]:
         problems.append(f"submission paused: {info['submission_paused']}")
     return info, not problems, problems
@@ -59,6 +65,28 @@ def recovery_problems(rt: Runtime, runs: list[state.Run], now: datetime) -> list
     return out
 
 
+def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
+    """Documents that nothing will move on without help (issue 12): named so `--check` fails on them."""
+    problems: list[str] = []
+    with reading(rt.engine) as conn:
+        stranded = q.stranded(conn)
+        failing = [i for i in intents.open_intents(conn) if i.error]
+    info["stranded_rows"] = stranded
+    if stranded.get(DocStatus.SUBMITTED):
+        problems.append(
+            f"{stranded[DocStatus.SUBMITTED]} row(s) 'submitted' with no open batch: sent (maybe billed) and "
+            "never to be collected; set them back to 'queued' once you know they were not processed"
+        )
+    if stranded.get(DocStatus.CLAIMED):
+        problems.append(
+            f"{stranded[DocStatus.CLAIMED]} row(s) 'claimed' with no live intent: no submit will send them; "
+            "set them back to 'queued'"
+        )
+    for i in failing:
+        problems.append(f"{i.batch_id}: last collect failed, {i.request_count} request(s) waiting: {i.error}")
+    return problems
+
+
 def render(info: dict[str, Any], problems: list[str]) -> str:
     lines = [f"queue: {', '.join(f'{k} {v}' for k, v in info['queue'].items())}"]
     if info["oldest_queued_age_hours"] is not None:
@@ -73,6 +101,8 @@ def render(info: dict[str, Any], problems: list[str]) -> str:
         )
     for r in info.get("last_runs", [])[:5]:
         lines.append(f"run {r['job']:<8} slot {r['slot']}  {r['outcome']}  {r['detail'] or ''}".rstrip())
+    lines += costs.render_tasks(info)
+    lines += costs.render_budget(info)
     lines.append("health: OK" if not problems else "health: PROBLEMS")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)

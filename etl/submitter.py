@@ -9,20 +9,21 @@ An ambiguous create leaves the intent `unknown` for the reconciler; it is never 
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 import structlog
 from sqlalchemy import delete
 
-from etl import failpoints, reconciler
+from etl import budget, failpoints, reconciler
 from etl.errors import EtlError, ProviderError, SubmissionPaused
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
-from etl.store import events, state
+from etl.store import events, spend, state
 from etl.store import queue as q
 from etl.store.engine import reading
 
@@ -38,6 +39,9 @@ class SubmitOutcome:
     unknown: int = 0
     stopped: str | None = None
     batch_ids: list[str] = field(default_factory=list)
+    waiting: int = 0  # documents a nightly cap held back (queued, with the reason on the row)
+    held_tasks: set[str] = field(default_factory=set)  # tasks not claimed again this run: at their cap
+    budget_spent: bool = False  # the night's cap (of all tasks) is reached: nothing more this run
     idle_reason: str | None = None  # why nothing was sent, when nothing was
 
 
@@ -54,6 +58,7 @@ def run(rt: Runtime) -> SubmitOutcome:
     # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
     rt.warm_provider()
     reconciled = reconciler.release_expired(rt)
+    _supersede(rt)
     claim = _claim(rt)
     reconciler.match_remote(rt, reconciled)
     outcome = SubmitOutcome()
@@ -64,15 +69,23 @@ def run(rt: Runtime) -> SubmitOutcome:
             if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
                 _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
             break
-        claim = claim or _claim(rt)
+        if outcome.budget_spent:
+            break
+        claim = claim or _claim(rt, outcome.held_tasks)
         if claim is None:
             break
         with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
             if not _one_batch(rt, outcome, claim):
                 break
         claim = None
+    if outcome.waiting:
+        _mark_waiting(rt, outcome)
     if outcome.documents == 0 and outcome.stopped is None:
-        outcome.idle_reason = _why_idle(rt)
+        outcome.idle_reason = (
+            f"the nightly budget is spent: {outcome.waiting} document(s) wait for a later night"
+            if outcome.waiting
+            else _why_idle(rt)
+        )
     log.info(
         "submit_finished",
         batches=outcome.batches,
@@ -80,6 +93,7 @@ def run(rt: Runtime) -> SubmitOutcome:
         rejected=outcome.rejected,
         unknown=outcome.unknown,
         stopped=outcome.stopped,
+        waiting_for_budget=outcome.waiting,
     )
     return outcome
 
@@ -107,20 +121,28 @@ class Claim:
     at: datetime  # when the lease began
 
 
-def _claim(rt: Runtime) -> Claim | None:
+def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
     """Take the next batch's rows under a new intent and lease; None when nothing is queued."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
     now = rt.clock()
     with rt.engine.begin() as conn:
         intent_id = intents.create_intent(conn, rt.owner, now + lease, now)
-        claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now)
+        claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now, exclude_tasks=exclude_tasks)
         if claimed == 0:
             conn.execute(delete(batches).where(batches.c.id == intent_id))
             return None
     log.info("rows_claimed", intent=intent_id, rows=claimed)
     failpoints.hit("submit.after_claim")
     return Claim(intent_id, now)
+
+
+def _supersede(rt: Runtime) -> None:
+    """Older queued versions of a document are never sent: only the newest row's result would be kept."""
+    with rt.engine.begin() as conn:
+        n = q.supersede(conn, rt.clock())
+    if n:
+        log.warning("documents_superseded", rows=n, reason=q.SUPERSEDED_REASON)
 
 
 def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: str) -> None:
@@ -146,6 +168,20 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     rejected_per_task: Counter[tuple[str, str]] = Counter()
     renew_at = now + lease / 3
     lease_until = now + lease
+    # The nightly budget: every document's upper-bound cost is counted as it is added, and one that would
+    # cross a cap stays queued. The sum is checked again under the budget lock before anything is sent.
+    caps = budget.caps(rt.config)
+    night = budget.night_of(now, rt.config.schedule.zone)
+    spent: dict[str, Decimal] = {}
+    with reading(rt.engine) as reader:
+        # input tokens of the upper bound raised by what count_tokens last measured (etl estimate)
+        costing = budget.Costing(rt.config, budget.margin(state.get_value(reader, budget.CALIBRATION_KEY)))
+        if caps:
+            spent = spend.reserved(reader, night)
+    allowance = budget.Allowance(costing, caps, spent)
+    held: list[tuple[int, str]] = []
+    message_tokens: defaultdict[str, int] = defaultdict(int)
+    upper_units: defaultdict[str, int] = defaultdict(int)
     with reading(rt.engine) as reader:
         for row in q.iter_claimed(reader, intent_id):
             try:
@@ -170,6 +206,15 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
             if size + len(encoded) + 1 > limits.max_batch_bytes:
                 overflow.append(row.id)
                 continue
+            cost = costing.tasks[row.task]
+            tokens = budget.tokens_of(budget.message_text(params))
+            units = cost.upper_bound(tokens)
+            if not allowance.take(row.task, units):
+                held.append((row.id, budget.waiting_reason(night, caps, row.task)))
+                outcome.held_tasks.add(row.task)
+                continue
+            message_tokens[row.task] += tokens
+            upper_units[row.task] += units
             parts.append(encoded)
             size += len(encoded) + 1
             per_task[row.task] += 1
@@ -191,11 +236,30 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 events.record(conn, now, "rejected", task, n, reason)
         if overflow:
             q.unclaim(conn, intent_id, now, ids=overflow)
+        for reason, ids in q.group_by_reason(held).items():
+            q.unclaim(conn, intent_id, now, ids=ids, reason=reason)
         if not intents.set_payload(conn, intent_id, rt.owner, len(parts), size):
             outcome.stopped = "lease lost"
             return False
-        if not parts:
+        if parts:
+            shares = _shares(rt, costing, per_task, message_tokens, upper_units)
+            spend.lock(conn)
+            if caps and not budget.fits(caps, spend.reserved(conn, night), shares):
+                # Another submitter reserved part of the budget since this batch was built: send nothing.
+                intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "nightly budget taken meanwhile")
+                q.unclaim(conn, intent_id, now, reason=f"{budget.BUDGET_REASON}: taken by another submit")
+                outcome.waiting += len(parts)
+                parts = []
+                outcome.budget_spent = True
+            else:
+                spend.reserve(conn, intent_id, night, shares, now)
+        else:
             intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "no sendable rows")
+    outcome.waiting += len(held)
+    if held:
+        if budget.ALL in caps:
+            outcome.budget_spent = True
+        log.info("budget_cap_reached", intent=intent_id, waiting=len(held), night=night)
     outcome.rejected += len(rejects)
     for row_id, doc_key, reason in rejects_logged:
         log.warning("document_rejected", queue_id=row_id, doc_key=doc_key, reason=reason)
@@ -267,6 +331,49 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     return True
 
 
+def _mark_waiting(rt: Runtime, outcome: SubmitOutcome) -> None:
+    """Say on every queued row a cap holds back why it waits, not only on the rows this run looked at.
+
+    One UPDATE per capped task (or one for all when the night's cap is reached); rows already carrying
+    the reason are left alone, so only the first capped run of a night writes them.
+    """
+    caps = budget.caps(rt.config)
+    night = budget.night_of(rt.clock(), rt.config.schedule.zone)
+    now = rt.clock()
+    with rt.engine.begin() as conn:
+        if outcome.budget_spent and budget.ALL in caps:
+            reason = budget.waiting_reason(night, {budget.ALL: caps[budget.ALL]}, "")
+            q.mark_waiting(conn, reason, None, now)
+        else:
+            for task in sorted(outcome.held_tasks):
+                q.mark_waiting(conn, budget.waiting_reason(night, caps, task), task, now)
+
+
+def _shares(
+    rt: Runtime,
+    costing: budget.Costing,
+    documents: Counter[str],
+    message_tokens: dict[str, int],
+    upper_units: dict[str, int],
+) -> list[spend.Reservation]:
+    """The batch's reservation, per task: its estimate (one cache write) and its upper bound."""
+    out = []
+    for task, n in documents.items():
+        cost = costing.tasks[task]
+        out.append(
+            spend.Reservation(
+                task=task,
+                model=cost.task.model,
+                documents=n,
+                input_tokens=cost.input_tokens(n, message_tokens[task]),
+                max_output_tokens=n * cost.task.max_tokens,
+                estimated_usd=costing.usd(cost.estimate(n, message_tokens[task], 1)),
+                reserved_usd=costing.usd(upper_units[task]),
+            )
+        )
+    return out
+
+
 def _arm_during_create() -> threading.Timer | None:
     """`submit.during_create`: die while the create call is in flight (tests pair it with a slow API)."""
     if not failpoints.armed("submit.during_create"):
@@ -293,6 +400,10 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             state.pause(conn, reason, now)
             outcome.stopped = f"paused: {reason}"
             log.error("submission_paused", intent=intent_id, reason=reason)
+        elif exc.kind == "unreachable":  # no connection was made: the API never saw it, re-queued now
+            q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
+            outcome.stopped = f"API unreachable: {reason}"
+            log.warning("create_not_sent", intent=intent_id, error=reason)
         elif exc.kind in ("rate_limited", "transient", "not_found"):
             q.unclaim(conn, intent_id, now, reason=f"not sent yet: {reason}")
             outcome.stopped = f"rate limited: {reason}"

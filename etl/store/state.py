@@ -15,6 +15,22 @@ PAUSE_KEY = "submission_paused"
 LEADER_KEY = "leader"
 
 
+def get_value(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(state.c.value).where(state.c.key == key)).first()
+    return None if row is None else row.value
+
+
+def set_value(conn: Connection, key: str, value: str, now: datetime) -> None:
+    """Write a small named fact (e.g. the estimator's last measured error)."""
+    if conn.execute(update(state).where(state.c.key == key).values(value=value, updated_at=now)).rowcount:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(state).values(key=key, value=value, updated_at=now))
+    except IntegrityError:
+        conn.execute(update(state).where(state.c.key == key).values(value=value, updated_at=now))
+
+
 def pause_reason(conn: Connection) -> str | None:
     row = conn.execute(select(state.c.value).where(state.c.key == PAUSE_KEY)).first()
     return None if row is None else row.value

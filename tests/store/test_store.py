@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,8 @@ def result_row(queue_id: int, text_: str) -> dict[str, Any]:
         "output_tokens": 1,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
-        "cost_usd": 0.1,
-        "standard_cost_usd": 0.2,
+        "cost_usd": Decimal("0.1"),
+        "standard_cost_usd": Decimal("0.2"),
         "batch_id": "b",
         "enqueued_at": NOW,
         "batch_ended_at": NOW,

@@ -1,7 +1,7 @@
 """etl_runs.attempt: a crashed, interrupted or partial slot is re-run as a new attempt of the same slot.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0005
 Create Date: 2026-12-02
 
 Existing rows become attempt 1; UNIQUE(job, slot) becomes UNIQUE(job, slot, attempt). Rows still
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -274,7 +274,7 @@ def test_migration_0004_keeps_existing_runs_as_first_attempts(db_url: str) -> No
     from etl.store.engine import make_engine
 
     engine = make_engine(db_url)
-    cfg = migrate._alembic_config("main")
+    cfg = migrate._alembic_config(migrate.roles(engine, engine)[0][1])
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0002")

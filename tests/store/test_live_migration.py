@@ -19,7 +19,7 @@ def _to(engine_url: str, revision: str, *, down: bool = False) -> None:
 
 
 def test_existing_rows_and_results_keep_todays_behaviour_after_0006_and_it_downgrades(db_url: str) -> None:
-    _to(db_url, "0005")
+    _to(db_url, "0004")
     engine = make_engine(db_url)
     with engine.begin() as conn:
         conn.execute(
@@ -42,7 +42,7 @@ def test_existing_rows_and_results_keep_todays_behaviour_after_0006_and_it_downg
         conn.execute(text("INSERT INTO etl_queue (doc_key, body, mode) VALUES ('u', 'urgent', 'live')"))
         conn.execute(text("UPDATE etl_queue SET status = 'calling' WHERE doc_key = 'u'"))
     engine.dispose()
-    _to(db_url, "0005", down=True)  # a row caught mid-call goes back to the queue
+    _to(db_url, "0004", down=True)  # a row caught mid-call goes back to the queue
     engine = make_engine(db_url)
     with engine.connect() as conn:
         assert dict(conn.execute(text("SELECT doc_key, status FROM etl_queue")).all()) == {

@@ -5,7 +5,7 @@ Existing rows keep today's behaviour: `due_by` and `mode` are NULL (routed to th
 results are marked `batch`.
 
 Revision ID: 0006
-Revises: 0005
+Revises: 0004
 Create Date: 2026-12-02
 """
 
@@ -15,7 +15,7 @@ from alembic import op
 from etl.schema import UtcDateTime
 
 revision = "0006"
-down_revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -204,7 +204,9 @@ class Faults:
         delay = _number(document, "list_delay_seconds", "list_delay_seconds", None)
         offset = document.get("clock_offset_seconds")
         if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int | float)):
-            raise FaultConfigError(f"clock_offset_seconds must be a number (seconds, any sign), got {offset!r}")
+            raise FaultConfigError(
+                f"clock_offset_seconds must be a number (seconds, any sign), got {offset!r}"
+            )
         with self._lock:
             if mode == "replace":
                 self._rules, self._remaining, self._outcomes = [], [], []

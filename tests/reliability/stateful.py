@@ -1,0 +1,492 @@
+"""The fault model that writes its own cases: a Hypothesis state machine over the whole pipeline.
+
+Steps interleave enqueue (good, bad and duplicate rows, keys of any length and alphabet), submit, collect,
+reconcile, clock steps on either side (the host's: `Runtime.clock`; the API's: the emulator's virtual clock
+and its clock offset fault), API faults at every endpoint (statuses, resets, ambiguous creates, results
+streams that break at any byte), process crashes at any failpoint or any SQL statement, and database
+connection kills at any SQL statement. After every step the checker judges the invariants against the
+emulator's ledger; at the end of each example the faults are lifted and a completion run must settle
+everything (`teardown`).
+
+Runs are in-process (see docs/survival.md, "The stateful fault model", for why): each `etl` run is a fresh
+`Runtime` (new engine, new SDK client) like a new process. A crash is an exception raised at the failpoint or
+before the chosen statement: every open transaction rolls back as the database would roll back a dead
+connection's, and the runtime's connections are then discarded. A database kill terminates every
+connection of the database (PostgreSQL: `pg_terminate_backend`) or closes the run's connection under it
+and disposes of the pool (SQLite), and the run goes on to see what a real process would see.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from sqlalchemy import Engine, text
+from sqlalchemy import event as sa_event
+
+from etl import config as config_mod
+from etl import failpoints
+from etl.emulator import EmulatorControl, EmulatorServer
+from etl.errors import EtlError
+from etl.runtime import Runtime
+from etl.schema import metadata, warehouse_metadata
+from etl.store import state
+from etl.store.engine import make_engine
+from tests.conftest import API_KEY, TASKS_TOML
+from tests.reliability import checker
+
+PROCESSING_SECONDS = 60  # the `emulator` fixture's
+SUBMIT = {
+    "max_attempts": 3,
+    "max_requests_per_batch": 4,
+    "claim_lease_seconds": 120,
+    "reconcile_grace_seconds": 600,
+    "reconcile_window_seconds": 300,
+    "create_timeout_seconds": 2.0,
+}
+CONFIG = """
+[api]
+timeout_seconds = 5
+
+[submit]
+{submit}
+
+[collect]
+chunk_size = 2
+stream_retries = 1
+stream_backoff_seconds = 0.01
+stream_timeout_seconds = 2
+"""
+CYCLE = timedelta(seconds=SUBMIT["claim_lease_seconds"] + SUBMIT["reconcile_grace_seconds"])
+MAX_ADVANCE = 20 * 86400  # total forward time per example: results stay well inside their 29 days
+
+# `submit.during_create` fires on a timer thread in the middle of the HTTP call: in-process it is the same
+# database state as `submit.after_create` (batch made, id not recorded, intent `sending`), which is drawn.
+POINTS = tuple(p for p in failpoints.POINTS if p != "submit.during_create")
+COMMANDS = ("submit", "collect", "reconcile")
+MINUTE, HOUR, DAY = 60, 3600, 86400
+STEPS = (MINUTE, 5 * MINUTE, 10 * MINUTE, 20 * MINUTE, HOUR, 6 * HOUR, DAY, 3 * DAY)
+
+
+class Crash(BaseException):
+    """A simulated SIGKILL before a SQL statement: a BaseException, so no `except Exception` swallows it."""
+
+
+# --- generated input ------------------------------------------------------------------------------------
+
+keys = st.one_of(
+    st.text(max_size=12),  # any alphabet: NUL, invisible, RTL, emoji, empty
+    st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(100, 3500)),  # long keys
+)
+good_bodies = st.text(st.characters(categories=["L", "N", "Zs", "P"]), min_size=1, max_size=30).filter(
+    lambda s: any(c.isalnum() for c in s)
+)
+bad_bodies = st.sampled_from(["", "   ", "\n\t", "\u200b", "\ufeff\u200b", "\u200b \ufeff \u2060"])
+rows = st.one_of(
+    st.tuples(st.just("good"), keys, good_bodies, st.just("default")),
+    st.tuples(st.just("bad_body"), keys, bad_bodies, st.just("default")),
+    st.tuples(st.just("bad_task"), keys, good_bodies, st.just("no_such_task")),
+)
+crashes = st.one_of(
+    st.none(),
+    st.tuples(st.sampled_from(POINTS), st.integers(1, 2)),
+    st.tuples(st.just("statement"), st.integers(1, 40)),
+)
+db_kills = st.one_of(st.none(), st.integers(1, 40))
+_status = st.fixed_dictionaries(
+    {
+        "endpoint": st.sampled_from(["create", "retrieve", "list", "cancel", "results"]),
+        "action": st.just("status"),
+        "status": st.sampled_from([429, 500, 503, 529, 401]),
+        "retry_after": st.just(0.001),
+    }
+)
+api_faults = st.one_of(
+    _status,
+    st.fixed_dictionaries(
+        {
+            "endpoint": st.sampled_from(["create", "retrieve", "list", "cancel", "results"]),
+            "action": st.just("reset"),
+        }
+    ),
+    st.just({"endpoint": "create", "action": "ambiguous", "drop": True}),
+    st.just({"endpoint": "create", "action": "spend_limit"}),
+    st.just({"endpoint": "retrieve", "action": "not_found"}),
+    st.fixed_dictionaries(
+        {
+            "endpoint": st.just("results"),
+            "action": st.sampled_from(["truncate", "cut_line", "stream_reset"]),
+            "after_lines": st.integers(0, 5),
+        }
+    ),
+    st.fixed_dictionaries(
+        {"endpoint": st.just("results"), "action": st.just("break_at"), "at_byte": st.integers(0, 4000)}
+    ),
+)
+signed_steps = st.sampled_from(STEPS).flatmap(lambda s: st.sampled_from([s, -s]))
+
+
+# --- the world one test shares across its examples --------------------------------------------------------
+
+
+@dataclass
+class World:
+    """One database (SQLite file or throwaway PostgreSQL), migrated once, and one emulator, for one test;
+    `reset` empties both between examples (much cheaper than a new database each time)."""
+
+    db: str
+    url: str
+    engine: Engine
+    config_path: Path
+    emulator: EmulatorServer
+    control: EmulatorControl
+    combos: Counter[str] = field(default_factory=Counter)
+    examples: int = 0
+    provider: Any = None
+
+    def reset(self) -> None:
+        tables = [t.name for t in reversed(metadata.sorted_tables)] + [
+            t.name for t in warehouse_metadata.sorted_tables
+        ]
+        with self.engine.begin() as conn:
+            if self.db == "postgresql":
+                conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+            else:
+                for name in tables:
+                    conn.execute(text(f"DELETE FROM {name}"))
+                with suppress(Exception):
+                    conn.execute(text("DELETE FROM sqlite_sequence"))
+        self.control.reset()
+        self.examples += 1
+
+    def kill_connections(self, dbapi_cursor: Any, engine: Engine) -> None:
+        """Every connection of the database dies (PostgreSQL), or the run's connection is closed under it
+        and its pool disposed of (SQLite, which has no server to kill connections)."""
+        if self.db == "postgresql":
+            with self.engine.connect() as conn:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+        else:
+            dbapi_cursor.connection.close()
+            engine.pool.dispose()
+
+
+class _Unclosable:
+    """The shared SDK client, as each run's `Runtime` sees it: closing it is a no-op."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def close(self) -> None:
+        pass
+
+
+def write_config(path: Path) -> Path:
+    submit = "\n".join(f"{k} = {v!r}" for k, v in SUBMIT.items())
+    path.write_text(CONFIG.format(submit=submit) + TASKS_TOML, encoding="utf-8")
+    return path
+
+
+def make_world(db: str, url: str, tmp: Path, emulator: EmulatorServer) -> World:
+    from etl import logs
+    from etl.store import migrate
+
+    logs.configure("error")  # the runs' own events would be most of the test's time and output
+    engine = make_engine(url)
+    migrate.upgrade(engine, engine)
+    return World(
+        db, url, engine, write_config(tmp / "etl-stateful.toml"), emulator, EmulatorControl(emulator.base_url)
+    )
+
+
+# --- the machine -----------------------------------------------------------------------------------------
+
+
+class FaultModel(RuleBasedStateMachine):
+    world: World  # set by the test (a subclass per test)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = self.world
+        self.w.reset()
+        self.cfg = config_mod.load(
+            {
+                "ETL_DATABASE_URL": self.w.url,
+                "ANTHROPIC_BASE_URL": self.w.emulator.base_url,
+                "ANTHROPIC_API_KEY": API_KEY,
+            },
+            self.w.config_path,
+        )
+        self.host_skew = 0.0
+        self.max_host_skew = 0.0
+        self.api_offset = 0.0
+        self.advanced = 0.0
+        self.keys: list[str] = []
+        self.log: list[str] = []
+        self.never_bill: set[str] = set()  # rows a newer queued row of their (doc_key, task) superseded
+
+    # --- clocks ---------------------------------------------------------------------------------------
+    def host_now(self) -> datetime:
+        return self.w.emulator.clock.now() + timedelta(seconds=self.host_skew)
+
+    def _advance(self, seconds: float) -> None:
+        self.w.control.advance(seconds)
+        self.advanced += seconds
+
+    # --- one `etl` run, as a process would run it -----------------------------------------------------
+    @contextmanager
+    def _runtime(self, crash: Any, db_kill: int | None, fired: list[str]) -> Iterator[Runtime]:
+        from etl.provider import Provider
+
+        engine = make_engine(self.w.url)
+        cfg = self.cfg
+        if self.w.provider is None:
+            # read_retries=0: every injected fault reaches etl's own code instead of being retried away.
+            # One SDK client for the whole test (building one costs ~30 ms of TLS setup); `close` is kept
+            # from it, and its connections die with each emulator reset or fault anyway.
+            self.w.provider = _Unclosable(
+                Provider(
+                    api_key=API_KEY,
+                    base_url=self.w.emulator.base_url,
+                    timeout=cfg.api_timeout_seconds,
+                    create_timeout=cfg.submit.create_timeout_seconds,
+                    read_retries=0,
+                )
+            )
+        provider = self.w.provider
+
+        def factory() -> Any:
+            return provider
+
+        statements = [0]
+
+        def before(conn: Any, cursor: Any, *_: Any) -> None:
+            statements[0] += 1
+            n = statements[0]
+            if db_kill == n:
+                fired.append("db_kill")
+                self.w.kill_connections(cursor, engine)
+            if crash is not None and crash[0] == "statement" and crash[1] == n:
+                fired.append("crash@statement")
+                raise Crash(f"simulated kill before statement {n}")
+
+        sa_event.listen(engine, "before_cursor_execute", before)
+        if crash is not None and crash[0] != "statement":
+            failpoints.configure({failpoints.ENV: f"{crash[0]}=raise@{crash[1]}"})
+        rt = Runtime(
+            config=cfg, engine=engine, warehouse=engine, provider_factory=factory, clock=self.host_now
+        )
+        try:
+            yield rt
+        finally:
+            failpoints.configure({})
+            rt.close()
+
+    def execute(self, command: str, crash: Any = None, db_kill: int | None = None) -> str:
+        from etl import collector, reconciler, submitter
+
+        fired: list[str] = []
+        before = self._rules_left()
+        outcome = "ok"
+        try:
+            with self._runtime(crash, db_kill, fired) as rt:
+                {"submit": submitter.run, "collect": collector.run, "reconcile": reconciler.run}[command](rt)
+        except failpoints.FailpointHit as hit:
+            fired.append(f"crash@{hit}")
+            outcome = "crashed"
+        except Crash:
+            outcome = "crashed"
+        except EtlError as exc:
+            outcome = f"exit {exc.exit_code}"
+        except Exception as exc:  # a traceback: acceptable only as the effect of a killed connection
+            if "db_kill" not in fired:
+                raise AssertionError(
+                    f"etl {command} died with a traceback and no fault to explain it"
+                ) from exc
+            outcome = f"died: {type(exc).__name__}"
+        after = self._rules_left()
+        api = sorted(f"{k[0]}:{k[1]}" for k, n in before.items() if after.get(k, 0) < n)
+        skew = f"host{'+' if self.host_skew > 0 else '-' if self.host_skew < 0 else '0'}"
+        skew += f"/api{'+' if self.api_offset > 0 else '-' if self.api_offset < 0 else '0'}"
+        combo = "|".join([command, *sorted(set(fired)), *api, skew])
+        self.w.combos[combo] += 1
+        event(combo)
+        self.log.append(f"{command} crash={crash} db_kill={db_kill} -> {outcome} [{combo}]")
+        return outcome
+
+    def _rules_left(self) -> Counter[tuple[str, str]]:
+        left: Counter[tuple[str, str]] = Counter()
+        for r in self.w.control.faults()["rules"]:
+            left[(r["endpoint"], r["action"])] += r["remaining"] or 0
+        return left
+
+    # --- rules ------------------------------------------------------------------------------------------
+    @rule(batch=st.lists(rows, min_size=1, max_size=4))
+    def enqueue(self, batch: list[tuple[str, str, str, str]]) -> None:
+        for _kind, key, body, task in batch:
+            self._insert(key, body, task)
+
+    @rule(data=st.data(), body=good_bodies)
+    def enqueue_duplicate(self, data: st.DataObject, body: str) -> None:
+        if self.keys:
+            self._insert(data.draw(st.sampled_from(self.keys), label="key"), body, "default")
+
+    def _insert(self, key: str, body: str, task: str) -> None:
+        try:
+            with self.w.engine.begin() as conn:
+                older = conn.execute(
+                    text("SELECT id FROM etl_queue WHERE doc_key = :k AND task = :t AND status = 'queued'"),
+                    {"k": key, "t": task},
+                ).scalars()
+                superseded = {f"q{i}" for i in older}
+                conn.execute(
+                    text("INSERT INTO etl_queue (doc_key, body, task) VALUES (:k, :b, :t)"),
+                    {"k": key, "b": body, "t": task},
+                )
+        except Exception as exc:  # the user's own INSERT refused (PostgreSQL and NUL): nothing entered
+            self.log.append(f"insert refused: {type(exc).__name__}")
+            return
+        self.never_bill |= superseded
+        self.keys.append(key)
+        self.log.append(f"enqueue {task} key[{len(key)}]={key[:20]!r} body={body[:20]!r}")
+
+    @rule(crash=crashes, db_kill=db_kills)
+    def submit(self, crash: Any, db_kill: int | None) -> None:
+        self.execute("submit", crash, db_kill)
+
+    @rule(crash=crashes, db_kill=db_kills)
+    def collect(self, crash: Any, db_kill: int | None) -> None:
+        self.execute("collect", crash, db_kill)
+
+    @rule(crash=crashes, db_kill=db_kills)
+    def reconcile(self, crash: Any, db_kill: int | None) -> None:
+        self.execute("reconcile", crash, db_kill)
+
+    @rule(fault=api_faults, times=st.integers(1, 3))
+    def api_fault(self, fault: dict[str, Any], times: int) -> None:
+        self.w.control.set_faults(rules=[{**fault, "times": times}], mode="append")
+        self.log.append(f"fault {fault} x{times}")
+
+    @rule(seconds=st.sampled_from(STEPS))
+    def time_passes(self, seconds: int) -> None:
+        """Both clocks move forward together (batches end, leases and grace periods run out)."""
+        if self.advanced + seconds <= MAX_ADVANCE:
+            self._advance(seconds)
+            self.log.append(f"advance {seconds}")
+
+    @rule(delta=signed_steps)
+    def host_clock_steps(self, delta: int) -> None:
+        self.host_skew += delta
+        self.max_host_skew = max(self.max_host_skew, self.host_skew)
+        self.log.append(f"host clock {delta:+d} (skew {self.host_skew:+.0f})")
+
+    @rule(delta=signed_steps)
+    def api_clock_steps(self, delta: int) -> None:
+        self.api_offset += delta
+        self.w.control.set_faults(mode="append", clock_offset_seconds=self.api_offset)
+        self.log.append(f"api clock {delta:+d} (offset {self.api_offset:+.0f})")
+
+    # --- the judge ----------------------------------------------------------------------------------------
+    def verdict(self, *, final: bool) -> checker.Verdict:
+        snap = checker.snapshot(self.w.engine, self.w.engine, self.w.control.ledger())
+        return checker.check(
+            snap,
+            scenario=f"stateful[{self.w.db}]",
+            max_attempts=SUBMIT["max_attempts"],
+            now=self.host_now(),
+            reconcile_cycle=CYCLE,
+            final=final,
+            fault=(True, ""),
+            in_flight=not final,
+        )
+
+    @invariant()
+    def nothing_lost_or_paid_twice(self) -> None:
+        v = self.verdict(final=False)
+        assert v.ok, " | ".join(v.failures()) + "\n" + "\n".join(self.log[-12:])
+        self.check_superseded()
+
+    def check_superseded(self) -> None:
+        """Only the newest queued row of a (doc_key, task) is ever sent: an older one still queued when a
+        newer one arrived is never billed."""
+        billed = set(self.w.control.ledger().get("billed", {})) & self.never_bill
+        assert not billed, f"superseded rows billed: {sorted(billed)[:5]}\n" + "\n".join(self.log[-12:])
+
+    def complete(self) -> None:
+        """Lift the API faults (the clocks stay as they are) and resume, as an operator would; then nights
+        and mornings until everything is settled."""
+        self.w.control.set_faults(clock_offset_seconds=self.api_offset)
+        with self.w.engine.begin() as conn:
+            state.resume(conn)
+        step = CYCLE.total_seconds() + 60
+        self._advance(step + max(0.0, self.max_host_skew - self.host_skew))
+        for _ in range(4):
+            if self.settled():
+                return
+            self.execute("submit")
+            self._advance(PROCESSING_SECONDS + 60)
+            self.execute("collect")
+            self._advance(step)
+
+    def settled(self) -> bool:
+        with self.w.engine.connect() as conn:
+            busy = conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM etl_queue WHERE status IN ('queued', 'claimed', 'submitted'))"
+                    " + (SELECT count(*) FROM etl_batches WHERE status IN"
+                    " ('claimed', 'sending', 'unknown', 'submitted', 'ended'))"
+                )
+            ).scalar_one()
+        return not busy
+
+    def teardown(self) -> None:
+        try:
+            self.complete()
+            v = self.verdict(final=True)
+            self.check_superseded()
+            assert v.ok, (
+                "after the completion run: " + " | ".join(v.failures()) + "\n" + "\n".join(self.log[-20:])
+            )
+        finally:
+            failpoints.configure({})
+
+
+def machine_for(world: World) -> type[FaultModel]:
+    return type(f"FaultModel_{world.db}", (FaultModel,), {"world": world})
+
+
+def replay(world: World, steps: list[tuple[str, Any]]) -> FaultModel:
+    """Run a named step sequence (a regression example) deterministically, judging after each step and
+    completing at the end, exactly as the generated examples are judged."""
+    m = machine_for(world)()
+    try:
+        m.nothing_lost_or_paid_twice()
+        for name, args in steps:
+            getattr(m, name)(**args)
+            m.nothing_lost_or_paid_twice()
+    finally:
+        m.teardown()
+    return m
+
+
+def examples_per_db() -> int:
+    return int(os.environ.get("ETL_STATEFUL_EXAMPLES", "200"))
+
+
+Factory = Callable[..., World]

@@ -46,13 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("submit", help="the nightly job, now: reconcile, claim queued rows, send batches")
     col = sub.add_parser("collect", help="the morning job, now: collect ended batches, then the report")
     col.add_argument("--no-report", action="store_true", help="do not produce the morning report")
-    sub.add_parser("reconcile", help="settle batch creates whose outcome is unknown")
+    rec = sub.add_parser("reconcile", help="settle batch creates whose outcome is unknown")
+    rec.add_argument(
+        "--release",
+        type=int,
+        metavar="INTENT",
+        help="put the rows of this unknown intent (see etl status) back in the queue now, on your word that "
+        "the API holds no batch of them. RISK: if that batch does exist, its rows are sent and billed twice",
+    )
     st = sub.add_parser("status", help="queue counts, pending batches, deadlines, last runs")
     st.add_argument("--json", action="store_true")
     st.add_argument(
         "--check",
         action="store_true",
-        help="health check: exit 1 if the last runs failed, a deadline is near or submission is paused",
+        help="health check: exit 1 if anything is stuck or late (README: the status --check truth table)",
     )
     rep = sub.add_parser("report", help="print the last morning report")
     rep.add_argument("--json", action="store_true")
@@ -190,6 +197,10 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import reconciler
 
     _check_schema(rt)
+    if args.release is not None:
+        rows = reconciler.release_by_operator(rt, args.release)
+        print(f"released intent {args.release}: {rows} row(s) back in the queue")
+        return 0
     out = reconciler.run(rt)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "

@@ -17,9 +17,10 @@ from functools import cache
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 from etl import codec, failpoints, reconciler, schema, settlement
-from etl.errors import ProviderError, ResultsGone, ResultsIncomplete
+from etl.errors import ProviderError, ResultsGone, ResultsIncomplete, StoreError
 from etl.pricing import Meter
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
@@ -88,9 +89,13 @@ def run(rt: Runtime) -> CollectOutcome:
                 break
             out.problems.append(str(exc))
             log.warning("retrieve_failed", batch_id=intent.batch_id, error=str(exc))
+            with rt.engine.begin() as conn:
+                intents.note_error(conn, intent.id, f"retrieve failed: {exc}")
             continue
         with rt.engine.begin() as conn:
             intents.update_remote(conn, intent.id, remote)
+            if not remote.ended and intent.error:
+                intents.note_error(conn, intent.id, None)
         if not remote.ended:
             continue
         failpoints.hit("collect.after_retrieve")
@@ -98,7 +103,16 @@ def run(rt: Runtime) -> CollectOutcome:
         if remote.archived_at is not None or now >= remote.created_at + timedelta(days=29):
             _archive(rt, intent, out)
             continue
-        _collect_batch(rt, intent, remote, out, expected)
+        try:
+            _collect_batch(rt, intent, remote, out, expected)
+        except (DBAPIError, StoreError) as exc:
+            # One batch that cannot be written never stops the others; `etl status` names it until a
+            # collect gets through it.
+            reason = f"collect failed: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+            out.problems.append(f"batch {intent.batch_id}: {reason}")
+            log.error("batch_collect_failed", batch_id=intent.batch_id, error=reason)
+            with rt.engine.begin() as conn:
+                intents.note_error(conn, intent.id, reason)
     log.info(
         "collect_finished",
         batches_checked=out.batches_checked,

@@ -22,6 +22,9 @@ _S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings")
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
+# (doc_key, task) is the warehouse's primary key: PostgreSQL refuses a btree entry over 2,704 bytes, so
+# the two together are kept well under it (README "Limits of a document").
+MAX_TASK_NAME_BYTES = 128
 TEMPLATE_BUILTINS = frozenset({"body", "doc_key", "task"})
 CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z?]+$")
 
@@ -414,6 +417,11 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
     allowed = {"model", "system", "template", "max_tokens", "output_schema", "cache_system"}
     for name, spec in section.items():
         where = f"tasks.{name}"
+        if len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
+            problems.append(
+                f"[tasks.{name[:40]}...]: a task name may be at most {MAX_TASK_NAME_BYTES} bytes "
+                "(it is part of the warehouse's unique key)"
+            )
         if not isinstance(spec, Mapping):
             problems.append(f"[{where}] must be a table")
             continue

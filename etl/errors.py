@@ -36,6 +36,10 @@ class SchemaOutOfDate(StoreError):
     exit_code = 78
 
 
+class SchemaIncomplete(SchemaOutOfDate):
+    """The revision is current but a table of the database's role is missing."""
+
+
 class ProviderError(EtlError):
     """A Batches API call failed. `kind` says what the caller may do about it.
 
@@ -46,6 +50,7 @@ class ProviderError(EtlError):
       - ``systemic``: spend limit, authentication, permission or billing: stop and tell a human.
       - ``not_found``: the object does not exist (or is not visible yet).
       - ``transient``: a read failed in a way that retrying later may fix.
+      - ``unreachable``: no connection to the API could be made: nothing was sent, try later.
     """
 
     def __init__(
@@ -58,7 +63,7 @@ class ProviderError(EtlError):
 
     @property
     def transient(self) -> bool:
-        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found"}
+        return self.kind in {"ambiguous", "rate_limited", "transient", "not_found", "unreachable"}
 
 
 class ResultsIncomplete(ProviderError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,27 @@ from typing import Any
 from etl.config import Task
 
 CUSTOM_ID_PREFIX = "q"
+# A doc_key is part of the warehouse's primary key (doc_key, task). PostgreSQL refuses a btree entry
+# over 2,704 bytes ("index row size ... exceeds btree version 4 maximum 2704"), which once let a long key
+# be sent and billed and then stop every collect. 1,024 bytes of UTF-8 plus a task name of at most 128
+# (config) stay far below it, on either database.
+MAX_DOC_KEY_BYTES = 1024
+
+# Characters that show nothing: a body made only of these (and whitespace) has nothing to summarise.
+# Unicode format (Cf: U+200B zero width space, U+FEFF BOM, U+2060 word joiner...), separators, controls,
+# and the fillers that are letters or symbols only by category.
+INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp", "Cn", "Co", "Cs", "Mn", "Me"})
+INVISIBLE_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether any character would show (stops at the first one that does: cheap for real text)."""
+    return any(
+        not ch.isspace()
+        and ch not in INVISIBLE_CHARS
+        and unicodedata.category(ch) not in INVISIBLE_CATEGORIES
+        for ch in text
+    )
 
 
 def custom_id(queue_id: int) -> str:
@@ -84,6 +106,14 @@ def build_params(row: Row, tasks: Mapping[str, Task], max_body_bytes: int) -> di
         raise Rejection(f"body is {size:,} bytes; the limit is {max_body_bytes:,} (submit.max_body_bytes)")
     if not body.strip():
         raise Rejection("body is empty or only whitespace")
+    if not has_visible_text(body):
+        raise Rejection("body has only invisible characters (zero-width, BOM, format or space characters)")
+    key_bytes = len(row.doc_key.encode("utf-8", "surrogatepass"))
+    if key_bytes > MAX_DOC_KEY_BYTES:
+        raise Rejection(
+            f"doc_key is {key_bytes:,} bytes; the limit is {MAX_DOC_KEY_BYTES:,} "
+            "(it is the warehouse's unique key, and the database cannot index a longer one)"
+        )
     problem = _text_problem(body, "body") or _text_problem(row.doc_key, "doc_key")
     if problem:
         raise Rejection(problem)

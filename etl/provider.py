@@ -66,6 +66,11 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
 def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
     """Map an SDK/transport exception to a ProviderError. `mutating` calls turn doubt into 'ambiguous'."""
     doubt = "ambiguous" if mutating else "transient"
+    if never_connected(exc):
+        # No connection was ever made (refused, unresolvable, connect timeout): nothing was sent.
+        return ProviderError(
+            f"{what}: API unreachable, nothing sent: {exc.__cause__ or exc}", kind="unreachable"
+        )
     if isinstance(exc, anthropic.APITimeoutError):
         return ProviderError(f"{what}: timed out", kind=doubt)
     if isinstance(exc, anthropic.APIConnectionError):
@@ -92,6 +97,22 @@ def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:
     if isinstance(exc, anthropic.AnthropicError):
         return ProviderError(f"{what}: {exc}", kind="rejected")
     raise exc
+
+
+def never_connected(exc: BaseException) -> bool:
+    """The call failed before a connection existed, so no byte of the request left this host.
+
+    httpx raises `ConnectError`/`ConnectTimeout` only while opening a connection (TCP or TLS); a reset or
+    timeout after the request was written is a `ReadError`/`WriteError`/`RemoteProtocolError`/
+    `ReadTimeout`, which stays "outcome unknown" for a create."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 class Provider:
@@ -153,6 +174,14 @@ class Provider:
                 if remote.created_at < since:
                     return
                 yield remote
+        except Exception as exc:
+            raise translate(exc, "list batches", mutating=False) from exc
+
+    def list_batches(self, page_size: int = 100) -> Iterator[RemoteBatch]:
+        """Every batch the API lists, newest first, fetched a page at a time as the caller reads on."""
+        try:
+            for batch in self._client.messages.batches.list(limit=page_size):
+                yield _remote(batch)
         except Exception as exc:
             raise translate(exc, "list batches", mutating=False) from exc
 

@@ -2,9 +2,10 @@
 
 - `claimed` intents whose lease ran out (their process died before sending) are released.
 - `sending` intents whose lease ran out (their process died mid-call) become `unknown`.
-- `unknown` intents are matched against the API's recent batches (created within a window after the
-  intent was sent, same request count, not already ours) and adopted; once the grace period passes with
-  no match they are released back to the queue: the API never had them, so they cost nothing.
+- `unknown` intents are matched against the API's batches and adopted when a batch is proven theirs;
+  they are released back to the queue only when it is proven that no batch at the API holds their
+  requests (see `match_remote`): a failed or partial read is "not known yet" and costs a delay, never
+  a second bill.
 - Remote batches that match no record are reported.
 """
 
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from etl import failpoints
-from etl.errors import ProviderError
+from etl.errors import EtlError, ProviderError
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
@@ -29,8 +30,12 @@ from etl.store.engine import reading
 
 log = structlog.get_logger("etl.reconcile")
 
-CLOCK_SKEW = timedelta(minutes=5)
 ORPHAN_LOOKBACK = timedelta(days=2)
+# Past an intent's anchor the list is read on for this much of the API's own time, in case the API's
+# clock stepped back between the anchor's create and ours (the list is newest first by creation).
+ANCHOR_SLACK = timedelta(days=1)
+# A list longer than this is not read to its end in one run: intents it did not reach wait (a delay).
+MAX_LISTED = 20_000
 
 
 @dataclass
@@ -71,21 +76,59 @@ def release_expired(rt: Runtime) -> ReconcileOutcome:
 
 
 def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
-    """The API's part: `unknown` intents matched against the API's recent batches (adopted, or released
-    once nothing could match them), and remote batches that match no record reported."""
+    """The API's part: `unknown` intents matched against the API's batches (adopted, or released once it
+    is proven that no batch holds their requests), and remote batches that match no record reported.
+
+    The proof never compares our clock with the API's (docs/survival.md, "Ownership without clocks"):
+    - how far down the list to read: every intent remembers the newest batch already recorded when it
+      was fenced (`anchor_batch_id`). That batch reached the API before this intent's create, and the
+      list is newest first, so once the list has been read past the anchor (and `ANCHOR_SLACK` of the
+      API's own time beyond it), every batch the create could have made has been seen. Without an
+      anchor the whole list is read.
+    - whose a batch is: the candidates are the unrecorded batches of the intent's size above that point.
+      An ended one is read: its first custom_id names a queue row, whose batch_ref is the intent that
+      sent it. A read that fails or breaks proves nothing: the intent waits. A batch that has not ended
+      cannot be read: the intent waits for it to end.
+    - released: only when the list was read far enough, no candidate is left unexplained, and the grace
+      period (on our own clock, measured against our own `sent_at`) has passed.
+    """
     now = rt.clock()
     with reading(rt.engine) as conn:
         unknown = intents.with_status(conn, BatchStatus.UNKNOWN)
         known = intents.known_batch_ids(conn)
 
-    window = timedelta(seconds=rt.config.submit.reconcile_window_seconds)
     grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
-    since = now - ORPHAN_LOOKBACK
-    for intent in unknown:
-        if intent.sent_at is not None:
-            since = min(since, intent.sent_at - CLOCK_SKEW)
+    since = now - ORPHAN_LOOKBACK  # remote batches this recent that match no record are reported
+    recent: list[RemoteBatch] = []
+    candidates: dict[int, list[RemoteBatch]] = {i.id: [] for i in unknown}
+    anchor_seen_at: dict[int, datetime] = {}  # intent -> the API's creation time of its anchor
+    complete: set[int] = set()  # intents whose part of the list has been read in full
     try:
-        remote = list(rt.provider.list_recent(since))
+        listed = 0
+        exhausted = True
+        for r in rt.provider.list_batches():
+            listed += 1
+            if r.created_at >= since:
+                recent.append(r)
+            for i in unknown:
+                if i.id in complete:
+                    continue
+                seen = anchor_seen_at.get(i.id)
+                if seen is not None and r.created_at < seen - ANCHOR_SLACK:
+                    complete.add(i.id)
+                elif r.id == i.anchor_batch_id:
+                    anchor_seen_at[i.id] = r.created_at
+                elif r.id not in known and r.total == i.request_count:
+                    candidates[i.id].append(r)
+            if len(complete) == len(unknown) and r.created_at < since:
+                exhausted = False
+                break
+            if listed >= MAX_LISTED:
+                exhausted = False
+                log.warning("reconcile_list_capped", listed=listed)
+                break
+        if exhausted:
+            complete = {i.id for i in unknown}
     except ProviderError as exc:
         if exc.kind == "systemic":
             with rt.engine.begin() as conn:
@@ -95,47 +138,44 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         return out
     failpoints.hit("reconcile.after_list")
 
-    def matches(intent: Intent, r: RemoteBatch) -> bool:
-        sent = intent.sent_at or intent.created_at
-        return (
-            r.id not in known
-            and r.total == intent.request_count
-            and sent - CLOCK_SKEW <= r.created_at <= sent + window
-        )
-
-    # 1. Ended look-alikes are confirmed by their results: the first custom_id names a queue row, whose
-    #    batch_ref is the intent that sent it. No guessing by time or size.
     pending = {i.id: i for i in unknown}
-    lookalikes: list[RemoteBatch] = []
-    for r in remote:
-        if not any(matches(i, r) for i in pending.values()):
+    unexplained: dict[str, RemoteBatch] = {}  # candidates that could still be an unknown intent's batch
+
+    # 1. Ended candidates are read: the first custom_id names a queue row, whose batch_ref is the intent
+    #    that sent it. No guessing by time or size; a failed read leaves the batch unexplained.
+    ordered = list({r.id: r for rs in candidates.values() for r in rs}.values())
+    for r in ordered:
+        if not r.ended or r.id in known:
             continue
-        if not r.ended:
-            lookalikes.append(r)
-            continue
-        owner = _owner_of(rt, r)
+        verdict, owner = _owner_of(rt, r)
         sender = pending.get(owner) if owner is not None else None
-        if sender is not None and sender.request_count == r.total:
+        if verdict == "unreadable":
+            unexplained[r.id] = r
+        elif sender is not None and sender.request_count == r.total:
             if _adopt(rt, out, sender, r, now, how="confirmed by its custom_ids"):
                 known.add(r.id)
                 del pending[sender.id]
+            else:
+                unexplained[r.id] = r
         else:
-            log.warning("lookalike_batch_not_ours", batch_id=r.id, owner_intent=owner)
+            log.warning("lookalike_batch_not_ours", batch_id=r.id, owner_intent=owner, proof=verdict)
 
-    # 2. A not-yet-ended look-alike is adopted early only when nothing else could claim it: exactly one
-    #    unknown intent matches it and it is that intent's only candidate. Otherwise wait for it to end.
-    for r in lookalikes:
-        owners = [i for i in pending.values() if matches(i, r)]
-        alone = len(owners) == 1 and [c.id for c in lookalikes if matches(owners[0], c)] == [r.id]
-        if alone and _adopt(rt, out, owners[0], r, now, how="the only batch of its size and time"):
-            known.add(r.id)
-            del pending[owners[0].id]
+    # 2. A candidate that has not ended cannot be read: whoever it could belong to waits until it ends
+    #    (the collector reconciles before it collects, so an adopted batch is collected in the same run).
+    #    Adopting it early by size alone was undone only by its results, and if our own batch was still
+    #    hidden from the list, re-queuing after that undo would have sent the rows twice.
+    for r in ordered:
+        if not r.ended and r.id not in known:
+            unexplained[r.id] = r
 
-    # 3. Release only what no batch at the API could still belong to.
+    # 3. Release only what is proven absent: list read far enough, nothing unexplained, grace over.
     for intent in pending.values():
         sent = intent.sent_at or intent.created_at
-        waiting_for = [r.id for r in lookalikes if r.id not in known and matches(intent, r)]
-        if waiting_for:
+        waiting_for = [c.id for c in candidates[intent.id] if c.id in unexplained and c.id not in known]
+        if intent.id not in complete:
+            out.still_unknown += 1
+            log.info("unknown_intent_waiting_for_list", intent=intent.id, anchor=intent.anchor_batch_id)
+        elif waiting_for:
             out.still_unknown += 1
             log.info("unknown_intent_waiting_for_lookalike", intent=intent.id, batch_ids=waiting_for)
         elif now - sent > grace:
@@ -153,12 +193,38 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
                 "unknown_intent_waiting", intent=intent.id, sent_at=str(sent), grace_s=grace.total_seconds()
             )
 
-    out.unmatched_remote = [r.id for r in remote if r.id not in known]
+    out.unmatched_remote = [r.id for r in recent if r.id not in known]
     if out.unmatched_remote:
         log.warning(
             "remote_batches_unmatched", batch_ids=out.unmatched_remote[:20], count=len(out.unmatched_remote)
         )
     return out
+
+
+def release_not_before(intent: Intent, grace_seconds: float) -> datetime:
+    """The earliest time (our clock) an unknown intent can be released; later if a batch could be its."""
+    return (intent.sent_at or intent.created_at) + timedelta(seconds=grace_seconds)
+
+
+def release_by_operator(rt: Runtime, intent_id: int) -> int:
+    """`etl reconcile --release`: an unknown intent's rows back to the queue on the operator's word.
+
+    If the API does hold a batch of these requests, they are billed twice. Returns the rows re-queued."""
+    now = rt.clock()
+    reason = "released by the operator (etl reconcile --release) while its create's outcome was unknown"
+    with rt.engine.begin() as conn:
+        intent = intents.get(conn, intent_id)
+        if intent is None or intent.status != BatchStatus.UNKNOWN:
+            what = "does not exist" if intent is None else f"is {intent.status}, not unknown"
+            raise EtlError(
+                f"intent {intent_id} {what}: only an intent whose create outcome is unknown is released"
+            )
+        if not intents.release(conn, intent_id, (BatchStatus.UNKNOWN,), reason):
+            raise EtlError(f"intent {intent_id} changed while releasing it; run etl status")
+        rows = q.unclaim(conn, intent_id, now, reason=reason)
+        events.record(conn, now, "released", None, rows, "released by the operator", intent_id)
+    log.warning("unknown_intent_released_by_operator", intent=intent_id, rows=rows)
+    return rows
 
 
 def _adopt(
@@ -175,15 +241,22 @@ def _adopt(
     return True
 
 
-def _owner_of(rt: Runtime, r: RemoteBatch) -> int | None:
-    """The intent that sent an ended batch, read from its first result line (None if unreadable)."""
+def _owner_of(rt: Runtime, r: RemoteBatch) -> tuple[str, int | None]:
+    """Who sent an ended batch, from its first result line.
+
+    ("row", intent) when the line names a queue row of ours (intent: the row's batch_ref, None if the row
+    is in no intent now); ("foreign", None) when the custom_id is not one this etl writes; ("unreadable",
+    None) when the read failed, broke or gave no line: that proves nothing either way."""
     try:
         cid = rt.provider.first_result_custom_id(r.id, rt.config.collect.stream_timeout_seconds)
     except ProviderError as exc:
         log.warning("lookalike_results_unreadable", batch_id=r.id, error=str(exc))
-        return None
-    qid = queue_id_of(cid) if cid else None
+        return "unreadable", None
+    if cid is None:
+        log.warning("lookalike_results_unreadable", batch_id=r.id, error="no readable first line")
+        return "unreadable", None
+    qid = queue_id_of(cid)
     if qid is None:
-        return None
+        return "foreign", None
     with reading(rt.engine) as conn:
-        return q.batch_ref_of(conn, qid)
+        return "row", q.batch_ref_of(conn, qid)

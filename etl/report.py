@@ -83,14 +83,26 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
             )
         elif intent.results_expire_at is not None and intent.results_expire_at - now < warn_before:
             late.append({**entry, "why": f"results vanish in {_hours(intent.results_expire_at - now)} h"})
+    grace = cfg.submit.reconcile_grace_seconds
     for intent in unknown:
+        sent = intent.sent_at or intent.created_at
+        release_at = sent + timedelta(seconds=grace)
+        when = (
+            f"released at the first reconcile after {isoformat(release_at)} if the API's list shows no batch "
+            "of its requests"
+            if release_at > now
+            else f"past its grace since {isoformat(release_at)}: released once the API's list proves no batch "
+            "holds its requests"
+        )
         late.append(
             {
                 "batch_id": None,
                 "intent": intent.id,
                 "status": intent.status,
                 "requests": intent.request_count,
-                "why": "create outcome unknown: waiting for reconciliation",
+                "release_not_before": isoformat(release_at),
+                "why": f"create outcome unknown since {isoformat(sent)}; {when} "
+                f"(or now, at the risk of paying twice: etl reconcile --release {intent.id})",
             }
         )
 

@@ -66,6 +66,7 @@ class DocStatus(StrEnum):
     DONE = "done"  # result in the warehouse
     DEAD = "dead"  # gave up: reason and attempts on the row
     REJECTED = "rejected"  # bad input, never sent: reason on the row
+    SUPERSEDED = "superseded"  # a newer queued row of the same (doc_key, task) replaced it before sending
 
 
 class BatchStatus(StrEnum):
@@ -140,6 +141,9 @@ batches = Table(
     Column("request_counts", Json, nullable=True),
     Column("error", Text, nullable=True),
     Column("adopted", Integer, nullable=False, server_default=text("0")),
+    # The newest batch already recorded when this intent was fenced: the API's list read down past it has
+    # shown every batch this intent's create could have made (reconciler, docs/survival.md).
+    Column("anchor_batch_id", Text, nullable=True),
     CheckConstraint(_in("status", BATCH_STATUSES), name="ck_etl_batches_status"),
     Index("ix_etl_batches_status", "status"),
 )

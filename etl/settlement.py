@@ -214,6 +214,23 @@ class Chunk:
         sums[5] += cost
         sums[6] += standard
 
+    def refuse(self, refused: list[tuple[int, str]], expected: dict[int, Expected]) -> None:
+        """Results the warehouse would not store (the database's reason given): their rows end `dead`
+        with that reason instead of `done`, and the batch's other rows are settled as planned."""
+        if not refused:
+            return
+        gone = {qid for qid, _ in refused}
+        self.done = [qid for qid in self.done if qid not in gone]
+        for qid, why in refused:
+            exp = expected[qid]
+            reason = f"warehouse refused the result: {why}"
+            self.dead.append((qid, reason))
+            self.tally.add("dead", exp.task, "warehouse refused the result")
+            sums = self._sums.get(exp.task)
+            if sums is not None:
+                sums[0] -= 1
+            log.error("result_refused_by_warehouse", queue_id=qid, doc_key=exp.doc_key[:200], reason=why)
+
     def absorb(self, other: Chunk) -> None:
         """Take over the queue transitions and counts of `other`, whose results are written."""
         self.size += other.size
@@ -280,18 +297,18 @@ def write(
     batch_ref = chunk.intent.id
     if not rt.same_database and chunk.results.rows:
         with rt.warehouse.begin() as wconn:
-            warehouse.write(wconn, chunk.results)
+            chunk.refuse(warehouse.write_isolating(wconn, chunk.results), expected)
         failpoints.hit("collect.after_warehouse")
     if not settle:
         if rt.same_database and chunk.results.rows:
             with conn.begin():
-                warehouse.write(conn, chunk.results)
+                chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
             failpoints.hit("collect.after_warehouse")
         chunk.results.rows.clear()  # written: only the queue transitions are kept
         return
     with conn.begin():
         if rt.same_database and chunk.results.rows:
-            warehouse.write(conn, chunk.results)
+            chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
         q.mark_done(conn, batch_ref, chunk.done, now)
         q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
         q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)

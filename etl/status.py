@@ -7,6 +7,9 @@ from typing import Any
 from etl import report
 from etl.clock import isoformat
 from etl.runtime import Runtime
+from etl.schema import DocStatus
+from etl.store import batches as intents
+from etl.store import queue as q
 from etl.store import state
 from etl.store.engine import reading
 
@@ -33,9 +36,32 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
         latest.setdefault(r.job, r.outcome)
     problems += [f"last {job} run {outcome}" for job, outcome in latest.items() if outcome == "failed"]
     problems += [f"{b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}" for b in info["late"]]
+    problems += _stuck(rt, info)
     if info["submission_paused"]:
         problems.append(f"submission paused: {info['submission_paused']}")
     return info, not problems, problems
+
+
+def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
+    """Documents that nothing will move on without help (issue 12): named so `--check` fails on them."""
+    problems: list[str] = []
+    with reading(rt.engine) as conn:
+        stranded = q.stranded(conn)
+        failing = [i for i in intents.open_intents(conn) if i.error]
+    info["stranded_rows"] = stranded
+    if stranded.get(DocStatus.SUBMITTED):
+        problems.append(
+            f"{stranded[DocStatus.SUBMITTED]} row(s) 'submitted' with no open batch: sent (maybe billed) and "
+            "never to be collected; set them back to 'queued' once you know they were not processed"
+        )
+    if stranded.get(DocStatus.CLAIMED):
+        problems.append(
+            f"{stranded[DocStatus.CLAIMED]} row(s) 'claimed' with no live intent: no submit will send them; "
+            "set them back to 'queued'"
+        )
+    for i in failing:
+        problems.append(f"{i.batch_id}: last collect failed, {i.request_count} request(s) waiting: {i.error}")
+    return problems
 
 
 def render(info: dict[str, Any], problems: list[str]) -> str:

@@ -50,6 +50,7 @@ def run(rt: Runtime) -> SubmitOutcome:
     # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
     rt.warm_provider()
     reconciled = reconciler.release_expired(rt)
+    _supersede(rt)
     claim = _claim(rt)
     reconciler.match_remote(rt, reconciled)
     outcome = SubmitOutcome()
@@ -98,6 +99,14 @@ def _claim(rt: Runtime) -> Claim | None:
     log.info("rows_claimed", intent=intent_id, rows=claimed)
     failpoints.hit("submit.after_claim")
     return Claim(intent_id, now)
+
+
+def _supersede(rt: Runtime) -> None:
+    """Older queued versions of a document are never sent: only the newest row's result would be kept."""
+    with rt.engine.begin() as conn:
+        n = q.supersede(conn, rt.clock())
+    if n:
+        log.warning("documents_superseded", rows=n, reason=q.SUPERSEDED_REASON)
 
 
 def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: str) -> None:
@@ -262,6 +271,10 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             state.pause(conn, reason, now)
             outcome.stopped = f"paused: {reason}"
             log.error("submission_paused", intent=intent_id, reason=reason)
+        elif exc.kind == "unreachable":  # no connection was made: the API never saw it, re-queued now
+            q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
+            outcome.stopped = f"API unreachable: {reason}"
+            log.warning("create_not_sent", intent=intent_id, error=reason)
         elif exc.kind in ("rate_limited", "transient", "not_found"):
             q.unclaim(conn, intent_id, now, reason=f"not sent yet: {reason}")
             outcome.stopped = f"rate limited: {reason}"

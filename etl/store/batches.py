@@ -34,6 +34,7 @@ class Intent:
     request_counts: dict[str, int] | None
     adopted: bool
     error: str | None
+    anchor_batch_id: str | None = None
 
     @property
     def results_expire_at(self) -> datetime | None:
@@ -57,6 +58,7 @@ def _intent(row: RowMapping) -> Intent:
         request_counts=row["request_counts"],
         adopted=bool(row["adopted"]),
         error=row["error"],
+        anchor_batch_id=row["anchor_batch_id"],
     )
 
 
@@ -114,8 +116,22 @@ def set_payload(conn: Connection, intent_id: int, owner: str, count: int, size: 
     )
 
 
+def newest_recorded(conn: Connection) -> str | None:
+    """The batch id of the newest batch recorded here (by the API's own creation time)."""
+    value: str | None = conn.execute(
+        select(batches.c.batch_id)
+        .where(batches.c.batch_id.is_not(None), batches.c.remote_created_at.is_not(None))
+        .order_by(batches.c.remote_created_at.desc(), batches.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return value
+
+
 def fence_sending(conn: Connection, intent_id: int, owner: str, now: datetime) -> bool:
-    """The fence: only the owner, inside its lease, may move an intent to `sending`."""
+    """The fence: only the owner, inside its lease, may move an intent to `sending`.
+
+    It also remembers the newest batch already recorded (`anchor_batch_id`): that batch was created at
+    the API before this intent's create can have been, whatever either clock says."""
     return _transition(
         conn,
         intent_id,
@@ -123,6 +139,7 @@ def fence_sending(conn: Connection, intent_id: int, owner: str, now: datetime) -
         (batches.c.owner == owner) & (batches.c.lease_expires_at > now),
         status=B.SENDING,
         sent_at=now,
+        anchor_batch_id=newest_recorded(conn),
     )
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from etl import schema
-from etl.errors import SchemaOutOfDate
+from etl.errors import SchemaIncomplete, SchemaOutOfDate
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-HEAD = "0002"  # the newest file in etl/migrations/versions
+HEAD = "0003"  # the newest file in etl/migrations/versions
 
 
 def _alembic_config(role: str) -> AlembicConfig:
@@ -55,8 +55,28 @@ def upgrade(engine: Engine, warehouse: Engine) -> list[tuple[str, str | None, st
         with eng.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        done.append((role, before, current_revision(eng, role) or ""))
+            # A database can carry the head revision and still lack a table of its role: an earlier
+            # upgrade ran with another role (ETL_WAREHOUSE_URL set, then not), or a table was dropped.
+            # Revisions cannot see that; the tables can. Missing ones are made as `schema` declares them.
+            missing = _missing(conn, role)
+            for meta in (schema.metadata, schema.warehouse_metadata):
+                meta.create_all(conn, tables=[t for t in meta.sorted_tables if t.name in missing])
+        after = current_revision(eng, role) or ""
+        if missing:
+            after += f" (made missing table(s): {', '.join(sorted(missing))})"
+        done.append((role, before, after))
     return done
+
+
+def expected_tables(role: str) -> set[str]:
+    """The tables a database of this role must hold."""
+    main = {t.name for t in schema.metadata.sorted_tables}
+    results = {t.name for t in schema.warehouse_metadata.sorted_tables}
+    return main if role == "main" else results if role == "warehouse" else main | results
+
+
+def _missing(conn: Connection, role: str) -> set[str]:
+    return expected_tables(role) - set(inspect(conn).get_table_names())
 
 
 def current_revision(engine: Engine, role: str) -> str | None:
@@ -76,10 +96,18 @@ def check(engine: Engine, warehouse: Engine) -> None:
     head = HEAD
     for eng, role in roles(engine, warehouse):
         current = current_revision(eng, role)
+        where = eng.url.render_as_string(hide_password=True)
+        what = "warehouse" if role == "warehouse" else "database"
         if current != head:
-            where = eng.url.render_as_string(hide_password=True)
             state = "has no schema yet" if current is None else f"is at schema revision {current}"
             raise SchemaOutOfDate(
-                f"the {'warehouse' if role == 'warehouse' else 'database'} {where} {state}; this version of etl "
-                f"needs {head}. Run: etl db upgrade"
+                f"the {what} {where} {state}; this version of etl needs {head}. Run: etl db upgrade"
+            )
+        with eng.connect() as conn:
+            missing = _missing(conn, role)
+        if missing:
+            raise SchemaIncomplete(
+                f"the {what} {where} is at revision {head} but lacks table(s) {', '.join(sorted(missing))} "
+                "(an earlier upgrade ran with another ETL_WAREHOUSE_URL?); nothing is sent until it is "
+                "complete. Run: etl db upgrade"
             )

@@ -27,7 +27,7 @@ from sqlalchemy.types import NullType
 
 from etl import codec
 from etl.prompt import Row
-from etl.schema import DocStatus, queue
+from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, DocStatus, batches, queue
 
 S = DocStatus
 
@@ -50,6 +50,23 @@ def claim(conn: Connection, batch_ref: int, limit: int, now: datetime) -> int:
         update(queue)
         .where(queue.c.id.in_(picked), queue.c.status == S.QUEUED)
         .values(status=S.CLAIMED, batch_ref=batch_ref, updated_at=now)
+    )
+    return int(result.rowcount)
+
+
+SUPERSEDED_REASON = "a newer queued row of the same doc_key and task replaced it before it was sent"
+
+
+def supersede(conn: Connection, now: datetime) -> int:
+    """Of the queued rows of one (doc_key, task), only the newest (highest id) may be sent: the older ones
+    become `superseded` (never sent, never billed). One statement over the queued rows, before a claim."""
+    newest = (
+        select(func.max(queue.c.id)).where(queue.c.status == S.QUEUED).group_by(queue.c.doc_key, queue.c.task)
+    )
+    result = conn.execute(
+        update(queue)
+        .where(queue.c.status == S.QUEUED, queue.c.id.not_in(newest))
+        .values(status=S.SUPERSEDED, reason=SUPERSEDED_REASON, updated_at=now)
     )
     return int(result.rowcount)
 
@@ -289,6 +306,26 @@ def fail_claimed(conn: Connection, batch_ref: int, reason: str, now: datetime, m
         .values(status=S.QUEUED, reason=reason, attempts=queue.c.attempts + 1, batch_ref=None, updated_at=now)
     ).rowcount
     return int(dead) + int(back)
+
+
+def stranded(conn: Connection) -> dict[str, int]:
+    """Rows no process will ever move on: `submitted` with no open batch (sent, maybe billed, never to be
+    collected) and `claimed` with no live intent. Counted by status; empty when there are none."""
+    live_claim = (BatchStatus.CLAIMED.value, BatchStatus.SENDING.value, BatchStatus.UNKNOWN.value)
+    intent = batches.alias("intent")
+    rows = conn.execute(
+        select(queue.c.status, func.count())
+        .select_from(queue.outerjoin(intent, intent.c.id == queue.c.batch_ref))
+        .where(
+            (
+                (queue.c.status == S.SUBMITTED)
+                & (intent.c.id.is_(None) | intent.c.status.not_in(OPEN_BATCH_STATUSES))
+            )
+            | ((queue.c.status == S.CLAIMED) & (intent.c.id.is_(None) | intent.c.status.not_in(live_claim)))
+        )
+        .group_by(queue.c.status)
+    )
+    return {r[0]: int(r[1]) for r in rows}
 
 
 def batch_ref_of(conn: Connection, queue_id: int) -> int | None:

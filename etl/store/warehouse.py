@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, column, func, select, table
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from etl.clock import ensure_utc
 from etl.schema import UtcDateTime, results
@@ -94,6 +95,58 @@ def write(conn: Connection, encoded: Encoded) -> None:
         _upsert_postgresql(conn, encoded.rows, encoded.unique_keys)
     else:
         _upsert_sqlite(conn, encoded.rows)
+
+
+QUEUE_ID = COLUMNS.index("queue_id")
+
+
+def write_isolating(conn: Connection, encoded: Encoded) -> list[tuple[int, str]]:
+    """`write`, inside the transaction open on `conn`, keeping out the rows the database refuses.
+
+    The chunk is written under a savepoint; if the database refuses it, the chunk is split in halves, each
+    under its own savepoint, down to single rows, so the rows it accepts are all written and each refused
+    row is named: returned as (queue_id, the database's reason). On the happy path this costs one
+    savepoint per chunk; a chunk with one bad row costs about 2 log2(rows) more writes.
+    """
+    refused: list[tuple[int, str]] = []
+
+    def attempt(rows: list[list[Any]]) -> None:
+        try:
+            with conn.begin_nested():
+                write(conn, Encoded(encoded.dialect, rows, encoded.unique_keys))
+        except DBAPIError as exc:
+            if not row_specific(exc):
+                raise  # the database, not a row, is at fault: the batch is retried on the next collect
+            if len(rows) == 1:
+                refused.append((int(rows[0][QUEUE_ID]), _reason(exc)))
+                return
+            half = len(rows) // 2
+            attempt(rows[:half])
+            attempt(rows[half:])
+
+    if encoded.rows:
+        attempt(encoded.rows)
+    return refused
+
+
+# PostgreSQL error classes a single row's values can cause: data exceptions (22), integrity (23), program
+# limits such as "index row size exceeds btree maximum" (54), and an exception raised by a trigger.
+ROW_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def row_specific(exc: DBAPIError) -> bool:
+    """Whether this failure can be caused by the values of a row, rather than by the database itself (a
+    missing table, a lost connection, a full disk): only then is the chunk split to find the row."""
+    if isinstance(exc, (IntegrityError, DataError)):
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and (sqlstate[:2] in ROW_SQLSTATE_CLASSES or sqlstate == "P0001")
+
+
+def _reason(exc: DBAPIError) -> str:
+    """The database's own message, first line, without SQLAlchemy's statement dump."""
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
 
 
 @cache

@@ -60,11 +60,12 @@ def test_an_unknown_create_whose_batch_exists_is_adopted_not_resent(
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
     assert submitter.run(runtime).unknown == 1
     control.clear_faults()
-    out = submitter.run(runtime)  # reconciles first: the single look-alike is adopted at once
+    out = submitter.run(runtime)  # reconciles first: the look-alike has not ended, so its rows wait
     assert out.documents == 0
-    assert intent_statuses(runtime) == [(1, "submitted")]
+    assert intent_statuses(runtime) == [(1, "unknown")]
     clock.advance(120)
-    col = collector.run(runtime)
+    col = collector.run(runtime)  # reconciles first: ended, its custom_ids prove it ours; collected now
+    assert intent_statuses(runtime) == [(1, "collected")]
     assert col.succeeded == 4
     assert control.ledger()["batches_created"] == 1
     assert set(control.ledger()["billed"].values()) == {1}

@@ -88,6 +88,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY the body waits for the client's
+        # delayed ACK of the headers (Nagle): up to tens of milliseconds on every answer.
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def finish(self) -> None:
         with contextlib.suppress(OSError):
             super().finish()

@@ -9,6 +9,7 @@ combinations reached are printed at the end of the session (and written next to 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +70,90 @@ def test_generated_fault_sequences_keep_every_invariant(
             line + "\n" + "".join(f"{c:6d}  {k}\n" for k, c in combos.most_common()), encoding="utf-8"
         )
         SUMMARY.append(f"  combinations written to {path}")
+
+
+# --- every failure the model found, as a named, deterministic example (both databases) ---------------------
+# Each replays the step sequence Hypothesis reported, judged after every step and completed at the end
+# exactly as a generated example is.
+
+GOOD = "default"
+
+
+def test_two_queued_rows_of_one_key_bill_only_the_newest(world: World) -> None:
+    """Found by the model on the first run (before i12's fix): both rows of a (doc_key, task) queued
+    together were sent and billed, and the older result was thrown away."""
+    stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", "k", "first version", GOOD), ("good", "k", "second version", GOOD)]}),
+            ("submit", {}),
+            ("time_passes", {"seconds": 300}),
+            ("collect", {}),
+        ],
+    )
+
+
+def test_ambiguous_create_whose_lookalike_results_break_at_byte_zero_is_not_released(world: World) -> None:
+    """Issue 12 finding 1 as model steps: the create's answer is lost, the look-alike's first-result read
+    breaks before its first byte; a failed read must not count as "not ours"."""
+    stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", f"d{i}", f"document {i}", GOOD) for i in range(6)]}),
+            ("submit", {"fault": {"endpoint": "create", "action": "ambiguous", "drop": True}}),
+            ("time_passes", {"seconds": 1200}),
+            ("reconcile", {"fault": {"endpoint": "results", "action": "break_at", "at_byte": 0}, "times": 2}),
+            ("time_passes", {"seconds": 1200}),
+            ("submit", {"fault": {"endpoint": "results", "action": "break_at", "at_byte": 37}}),
+        ],
+    )
+
+
+def test_ambiguous_create_with_the_host_clock_off_the_apis_either_way_is_adopted(world: World) -> None:
+    """Issue 12 finding 2 as model steps: host 600 s ahead of the API, then the API 20 min ahead of the
+    host; the look-alike must still be found and adopted, never re-sent."""
+    stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", f"d{i}", f"document {i}", GOOD) for i in range(5)]}),
+            ("host_clock_steps", {"delta": 600}),
+            ("submit", {"fault": {"endpoint": "create", "action": "ambiguous", "drop": True}}),
+            ("time_passes", {"seconds": 1200}),
+            ("api_clock_steps", {"delta": 1800}),
+            ("reconcile", {}),
+            ("host_clock_steps", {"delta": -3600}),
+            ("collect", {}),
+        ],
+    )
+
+
+def test_a_long_key_beside_good_rows_blocks_nothing(world: World) -> None:
+    """Issue 12 finding 3 as model steps: a 3,000-character key among good rows is refused or isolated,
+    and the other rows and batches are collected."""
+    stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", "x" * 3000, "long key", GOOD), ("good", "a", "short key", GOOD)]}),
+            ("submit", {}),
+            ("enqueue", {"batch": [("good", "b", "next batch", GOOD)]}),
+            ("submit", {}),
+            ("time_passes", {"seconds": 300}),
+            ("collect", {}),
+        ],
+    )
+
+
+def test_crash_and_connection_kill_in_one_collect_then_a_byte_broken_stream(world: World) -> None:
+    """Killed connections and a crash mid-collect, then a results stream broken mid-line: collected
+    once, billed once."""
+    stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", f"d{i}", f"document {i}", GOOD) for i in range(6)]}),
+            ("submit", {"db_kill": 12}),
+            ("submit", {}),
+            ("time_passes", {"seconds": 300}),
+            ("collect", {"crash": ("collect.mid_stream", 1), "db_kill": 8}),
+            ("collect", {"fault": {"endpoint": "results", "action": "break_at", "at_byte": 150}}),
+        ],
+    )

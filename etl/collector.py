@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -99,8 +99,9 @@ def run(rt: Runtime) -> CollectOutcome:
         if not remote.ended:
             continue
         failpoints.hit("collect.after_retrieve")
-        now = rt.clock()
-        if remote.archived_at is not None or now >= remote.created_at + timedelta(days=29):
+        # Archived only on the API's word: our clock against the API's creation time could be days off,
+        # and re-queuing results that still exist pays for them twice.
+        if remote.archived_at is not None:
             _archive(rt, intent, out)
             continue
         try:
@@ -323,7 +324,15 @@ def _stream_batch(
         except ResultsGone as exc:
             writer.finish(chunk)
             log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
-            _archive(rt, intent, out)
+            if _archived_says_the_api(rt, intent.batch_id):
+                _archive(rt, intent, out)
+            else:  # a refused read is not proof that the results are gone: try again next run
+                problem = (
+                    f"batch {intent.batch_id}: results unavailable ({exc}); the API does not say archived"
+                )
+                out.problems.append(problem)
+                with rt.engine.begin() as conn:
+                    intents.note_error(conn, intent.id, problem)
             return
         except ProviderError as exc:
             error = str(exc)
@@ -376,6 +385,14 @@ def _stream_batch(
     )
     with rt.engine.begin() as conn:
         intents.note_error(conn, intent.id, "results incomplete; will retry on the next collect")
+
+
+def _archived_says_the_api(rt: Runtime, batch_id: str) -> bool:
+    """Whether the API itself says the batch's results are archived (a failed look says no)."""
+    try:
+        return rt.provider.retrieve(batch_id).archived_at is not None
+    except ProviderError:
+        return False
 
 
 def _moved_on(rt: Runtime, elsewhere: dict[int, str]) -> set[int]:

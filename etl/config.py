@@ -94,7 +94,9 @@ class SubmitSettings:
     claim_lease_seconds: int = 600
     create_timeout_seconds: float = 300.0
     reconcile_grace_seconds: int = 1800
-    reconcile_window_seconds: int = 900
+    reconcile_window_seconds: int = (
+        900  # unused since ownership needs no clock window; accepted for old configs
+    )
     max_batches_per_run: int = 1000
 
 

@@ -106,6 +106,9 @@ def build_params(row: Row, tasks: Mapping[str, Task], max_body_bytes: int) -> di
         raise Rejection(f"body is {size:,} bytes; the limit is {max_body_bytes:,} (submit.max_body_bytes)")
     if not body.strip():
         raise Rejection("body is empty or only whitespace")
+    problem = _text_problem(body, "body") or _text_problem(row.doc_key, "doc_key")
+    if problem:
+        raise Rejection(problem)
     if not has_visible_text(body):
         raise Rejection("body has only invisible characters (zero-width, BOM, format or space characters)")
     key_bytes = len(row.doc_key.encode("utf-8", "surrogatepass"))
@@ -114,9 +117,6 @@ def build_params(row: Row, tasks: Mapping[str, Task], max_body_bytes: int) -> di
             f"doc_key is {key_bytes:,} bytes; the limit is {MAX_DOC_KEY_BYTES:,} "
             "(it is the warehouse's unique key, and the database cannot index a longer one)"
         )
-    problem = _text_problem(body, "body") or _text_problem(row.doc_key, "doc_key")
-    if problem:
-        raise Rejection(problem)
     meta = _metadata(row.metadata)
     values: dict[str, Any] = {"body": body, "doc_key": row.doc_key, "task": task.name}
     missing = [f for f in task.metadata_fields if f not in meta]

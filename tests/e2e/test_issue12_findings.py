@@ -205,10 +205,20 @@ def _refuse_poison_rows(rt: Runtime) -> None:
             )
 
 
+@pytest.mark.parametrize("warehouse", ["same", "separate"])
 def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_collected(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Runtime],
+    clock: SharedClock,
+    control: EmulatorControl,
+    db_url: str,
+    tmp_path: Path,
+    make_pg_database: Callable[[], str],
+    warehouse: str,
 ) -> None:
-    rt = make_runtime(submit={"max_requests_per_batch": 50})
+    url = ""
+    if warehouse == "separate":
+        url = make_pg_database() if db_url.startswith("postgresql") else f"sqlite:///{tmp_path / 'wh.db'}"
+    rt = make_runtime(submit={"max_requests_per_batch": 50}, warehouse_url=url)
     insert_docs(
         rt, [{"doc_key": "poison-1", "body": "refused"}, *docs(99), {"doc_key": "poison-2", "body": "x"}]
     )
@@ -405,3 +415,26 @@ def test_an_unknown_intent_says_when_it_is_released_and_the_operator_can_release
     clock.advance(120)
     collector.run(rt)
     assert_settled(rt, control, 4)
+
+
+# -- the same rule elsewhere: a refused results read is not proof that the results are gone -------------
+
+
+@pytest.mark.parametrize("skew_days", [0, 30], ids=["same-clock", "host-30-days-ahead"])
+def test_results_are_treated_as_archived_only_on_the_apis_word(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl, skew_days: int
+) -> None:
+    """A 404 from the results endpoint, or a host clock past the 29 days, used to re-queue every row of a
+    batch whose results still existed: all of them paid for twice."""
+    rt = make_runtime()
+    insert_docs(rt, docs(6))
+    assert submitter.run(rt).documents == 6
+    clock.advance(120)
+    clock.offset += timedelta(days=skew_days)
+    control.set_faults(rules=[{"endpoint": "results", "action": "status", "status": 404, "times": 1}])
+    out = collector.run(rt)
+    control.clear_faults()
+    assert (out.archived, out.batches_collected) == (0, 0)
+    assert any("last collect failed" in p or "results unavailable" in p for p in problems(rt))
+    assert collector.run(rt).batches_collected == 1
+    assert_settled(rt, control, 6)

@@ -7,9 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etl import config
-from etl.prompt import Rejection, Row, batch_body, build_params, custom_id, encode_request, queue_id_of
+from etl.prompt import (
+    MAX_DOC_KEY_BYTES,
+    Rejection,
+    Row,
+    batch_body,
+    build_params,
+    custom_id,
+    encode_request,
+    queue_id_of,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = config.load({}, ROOT / "config" / "etl.toml").tasks
@@ -67,3 +78,55 @@ def test_custom_ids_map_back_to_exactly_one_row_and_fit_the_api_pattern() -> Non
     decoded = json.loads(body)
     assert [r["custom_id"] for r in decoded["requests"]] == ["q7", "q8"]
     assert decoded["requests"][0]["params"] == {"a": "é"}
+
+
+INVISIBLE = st.sampled_from(
+    [
+        "\u200b",
+        "\u200c",
+        "\u200d",
+        "\u2060",
+        "\ufeff",
+        "\u00ad",
+        "\u180e",
+        "\u3164",
+        "\u2800",
+        " ",
+        "\t",
+        "\u00a0",
+        "\u2003",
+        "\u2028",
+        "\u2029",
+        "\u202e",
+        "\n",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(INVISIBLE, min_size=1, max_size=30).map("".join))
+def test_a_body_of_only_invisible_characters_is_rejected(body: str) -> None:
+    with pytest.raises(Rejection, match=r"empty or only whitespace|only invisible characters"):
+        params(body=body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(INVISIBLE, max_size=10).map("".join),
+    st.characters(categories=("L", "N", "P", "S")).filter(
+        lambda c: c not in "\u3164\u2800\u115f\u1160\uffa0"
+    ),
+)
+def test_one_visible_character_among_invisible_ones_is_enough(padding: str, visible: str) -> None:
+    params(body=padding + visible + padding)
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=1200))
+@settings(max_examples=100, deadline=None)
+def test_a_doc_key_is_sent_only_within_its_byte_limit(key: str) -> None:
+    size = len(key.encode("utf-8"))
+    if size > MAX_DOC_KEY_BYTES:
+        with pytest.raises(Rejection, match=f"doc_key is {size:,} bytes; the limit is 1,024"):
+            params(doc_key=key)
+    elif "\x00" not in key:
+        params(doc_key=key)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -185,6 +186,8 @@ class World:
     combos: Counter[str] = field(default_factory=Counter)
     examples: int = 0
     provider: Any = None
+    runs: int = 0  # every in-process `etl` run, completion runs included
+    run_seconds: float = 0.0
 
     def reset(self) -> None:
         tables = [t.name for t in reversed(metadata.sorted_tables)] + [
@@ -279,8 +282,9 @@ class FaultModel(RuleBasedStateMachine):
         self.advanced = 0.0
         self.keys: list[str] = []
         self.log: list[str] = []
-        self.never_bill: set[str] = set()
-        self.clean_run = False  # rows a newer queued row of their (doc_key, task) superseded
+        self.never_bill: set[str] = set()  # rows a newer queued row of their (doc_key, task) superseded
+        self.clean_run = False  # the last run met no fault
+        self.host_jumped = False
 
     # --- clocks ---------------------------------------------------------------------------------------
     def host_now(self) -> datetime:
@@ -347,6 +351,7 @@ class FaultModel(RuleBasedStateMachine):
         fired: list[str] = []
         before = self._rules_left()
         outcome = "ok"
+        started = time.perf_counter()
         try:
             with self._runtime(crash, db_kill, fired) as rt:
                 {"submit": submitter.run, "collect": collector.run, "reconcile": reconciler.run}[command](rt)
@@ -363,6 +368,8 @@ class FaultModel(RuleBasedStateMachine):
                     f"etl {command} died with a traceback and no fault to explain it"
                 ) from exc
             outcome = f"died: {type(exc).__name__}"
+        self.w.runs += 1
+        self.w.run_seconds += time.perf_counter() - started
         after = self._rules_left()
         api = sorted(f"{k[0]}:{k[1]}" for k, n in before.items() if after.get(k, 0) < n)
         # A run that met no fault has reconciled everything it could: only right after one is an intent
@@ -472,6 +479,7 @@ class FaultModel(RuleBasedStateMachine):
         """One clock jumps, forward or back: the host's (`Runtime.clock`) or the API's (its timestamps
         and `Date` header; its batches still live on true time)."""
         if side == "host":
+            self.host_jumped = True
             self.host_skew += delta
             self.max_host_skew = max(self.max_host_skew, self.host_skew)
         else:
@@ -489,7 +497,12 @@ class FaultModel(RuleBasedStateMachine):
             scenario=f"stateful[{self.w.db}]",
             max_attempts=SUBMIT["max_attempts"],
             now=self.host_now(),
-            reconcile_cycle=CYCLE if final or self.clean_run else timedelta(days=3650),
+            # Between steps, only where the host's clock has never jumped: a jump ages an intent on our clock
+            # while its look-alike, on the API's true time, may not even have ended (it is then rightly
+            # waited for). The final judgement, after the completion, has no such exemption.
+            reconcile_cycle=CYCLE
+            if final or (self.clean_run and not self.host_jumped)
+            else timedelta(days=3650),
             final=final,
             fault=(True, ""),
             in_flight=not final,

@@ -166,6 +166,7 @@ run_faults = {
     "collect": st.one_of(st.none(), _faults("retrieve", "results", "list"), _faults(*ALL_ENDPOINTS)),
     "reconcile": st.one_of(st.none(), _faults("list", "results"), _faults(*ALL_ENDPOINTS)),
 }
+waits = st.sampled_from([0, 2 * MINUTE, 15 * MINUTE])
 signed_steps = st.sampled_from(STEPS).flatmap(lambda s: st.sampled_from([s, -s]))
 
 
@@ -438,27 +439,38 @@ class FaultModel(RuleBasedStateMachine):
         self.arm(fault, times)
         self.execute("submit", crash, db_kill)
 
-    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["collect"], times=st.integers(1, 2))
+    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["collect"], times=st.integers(1, 2), wait=waits)
     def collect(
         self,
         crash: Any = None,
         db_kill: int | None = None,
         fault: dict[str, Any] | None = None,
         times: int = 1,
+        wait: int = 0,
     ) -> None:
+        self.wait(wait)
         self.arm(fault, times)
         self.execute("collect", crash, db_kill)
 
-    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["reconcile"], times=st.integers(1, 2))
+    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["reconcile"], times=st.integers(1, 2), wait=waits)
     def reconcile(
         self,
         crash: Any = None,
         db_kill: int | None = None,
         fault: dict[str, Any] | None = None,
         times: int = 1,
+        wait: int = 0,
     ) -> None:
+        self.wait(wait)
         self.arm(fault, times)
         self.execute("reconcile", crash, db_kill)
+
+    def wait(self, seconds: int) -> None:
+        """Time passes before the run (a morning job runs once batches have ended): its results and
+        retrieve faults then meet ended batches, not only the list call."""
+        if seconds and self.advanced + seconds <= MAX_ADVANCE:
+            self._advance(seconds)
+            self.log.append(f"advance {seconds}")
 
     def arm(self, fault: dict[str, Any] | None, times: int) -> None:
         """An API fault for the next `times` matching calls: this run's, or a later run's if this one

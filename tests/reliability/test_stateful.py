@@ -23,7 +23,7 @@ from etl.emulator import EmulatorServer
 from tests.reliability import stateful
 from tests.reliability.stateful import World
 
-STEPS_PER_EXAMPLE = 8
+STEPS_PER_EXAMPLE = int(os.environ.get("ETL_STATEFUL_STEPS", "8"))
 SUMMARY: list[str] = []
 
 

@@ -162,9 +162,13 @@ ALL_ENDPOINTS = ("create", "retrieve", "list", "cancel", "results")
 # and results for reconciliation, then retrieve and results; reconcile: list and results), sometimes from
 # any endpoint (left armed, it meets a later run).
 run_faults = {
-    "submit": st.one_of(st.none(), _faults("create", "list"), _faults(*ALL_ENDPOINTS)),
-    "collect": st.one_of(st.none(), _faults("retrieve", "results", "list"), _faults(*ALL_ENDPOINTS)),
-    "reconcile": st.one_of(st.none(), _faults("list", "results"), _faults(*ALL_ENDPOINTS)),
+    "submit": st.one_of(st.none(), _faults("create"), _faults("create", "list"), _faults(*ALL_ENDPOINTS)),
+    "collect": st.one_of(
+        st.none(), _faults("results"), _faults("retrieve", "results", "list"), _faults(*ALL_ENDPOINTS)
+    ),
+    "reconcile": st.one_of(
+        st.none(), _faults("results"), _faults("list", "results"), _faults(*ALL_ENDPOINTS)
+    ),
 }
 waits = st.sampled_from([0, 2 * MINUTE, 15 * MINUTE])
 signed_steps = st.sampled_from(STEPS).flatmap(lambda s: st.sampled_from([s, -s]))
@@ -423,10 +427,13 @@ class FaultModel(RuleBasedStateMachine):
         self.keys.append(key)
         self.log.append(f"enqueue {task} key[{len(key)}]={key[:20]!r} body={body[:20]!r}")
 
-    @initialize(batch=st.lists(rows, min_size=2, max_size=8))
-    def documents_arrive(self, batch: list[tuple[str, str, str, str]]) -> None:
-        """Every example starts with work in the queue, so its faults meet a pipeline that is busy."""
+    @initialize(batch=st.lists(rows, min_size=2, max_size=8), sent=st.booleans())
+    def documents_arrive(self, batch: list[tuple[str, str, str, str]], sent: bool = False) -> None:
+        """Every example starts with work in the queue, so its faults meet a pipeline that is busy; with
+        `sent`, a first fault-free submit has sent it (a batch is in flight from the first step)."""
         self.enqueue(batch)
+        if sent:
+            self.execute("submit", count=False)
 
     @rule(crash=crashes, db_kill=db_kills, fault=run_faults["submit"], times=st.integers(1, 2))
     def submit(

@@ -12,6 +12,8 @@ import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -46,35 +48,36 @@ class Secret:
 
 @dataclass(frozen=True)
 class Task:
-    name: str
+    name: str = field(metadata={"derived": True})  # the table's name
     model: str
     template: str
     max_tokens: int
     system: str = ""
     output_schema: Mapping[str, Any] | None = None
     cache_system: bool = False
-    template_fields: tuple[str, ...] = ()
+    template_fields: tuple[str, ...] = field(default=(), metadata={"derived": True})
+    max_cost_usd_per_night: Decimal | None = None  # this task's own nightly cap (None: only the global one)
 
-    @property
+    @cached_property  # read for every document a submit or an estimate builds
     def metadata_fields(self) -> tuple[str, ...]:
         return tuple(f for f in self.template_fields if f not in TEMPLATE_BUILTINS)
 
 
 @dataclass(frozen=True)
 class ModelPrice:
-    """Standard (non-batch) prices in USD per million tokens."""
+    """Standard (non-batch) prices in USD per million tokens, exact."""
 
-    input: float
-    output: float
+    input: Decimal
+    output: Decimal
 
 
 @dataclass(frozen=True)
 class Pricing:
     models: Mapping[str, ModelPrice]
-    batch_discount: float = 0.5
-    cache_write_5m: float = 1.25
-    cache_write_1h: float = 2.0
-    cache_read: float = 0.1
+    batch_discount: Decimal = Decimal("0.5")
+    cache_write_5m: Decimal = Decimal("1.25")
+    cache_write_1h: Decimal = Decimal("2")
+    cache_read: Decimal = Decimal("0.1")
 
     def for_model(self, model: str) -> ModelPrice | None:
         """Longest configured prefix of `model` wins: `claude-haiku-4-5` prices `claude-haiku-4-5-20251001`."""
@@ -98,6 +101,12 @@ class SubmitSettings:
         900  # unused since ownership needs no clock window; accepted for old configs
     )
     max_batches_per_run: int = 1000
+    # The nightly budget (0: none): batches are sent only while the upper bound of what was sent tonight
+    # stays within it. A night runs from noon to noon in schedule.timezone.
+    max_cost_usd_per_night: Decimal = Decimal(0)
+    # `etl estimate --count-tokens`: how many documents are sent to count_tokens (a sample above that)
+    count_tokens_sample: int = 200
+    count_tokens_confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -126,19 +135,22 @@ class ScheduleSettings:
 
 @dataclass(frozen=True)
 class Config:
-    database_url: str
-    warehouse_url: str
-    api_key: Secret
-    api_key_sources: tuple[str, ...]
-    base_url: str | None
-    api_timeout_seconds: float
+    """Where each field goes in a config file: `metadata={"toml": "section.key"}`, `"skip"` for what is
+    not a setting; a field without it is the table of its own name (`etl config` prints them all)."""
+
+    database_url: str = field(metadata={"toml": "database.url"})
+    warehouse_url: str = field(metadata={"toml": "database.warehouse_url"})
+    api_key: Secret = field(metadata={"toml": "skip"})
+    api_key_sources: tuple[str, ...] = field(metadata={"toml": "skip"})
+    base_url: str | None = field(metadata={"toml": "api.base_url"})
+    api_timeout_seconds: float = field(metadata={"toml": "api.timeout_seconds"})
     tasks: Mapping[str, Task]
     pricing: Pricing
     submit: SubmitSettings
     collect: CollectSettings
     schedule: ScheduleSettings
-    source: str = "<defaults>"
-    log_level: str = "info"
+    source: str = field(default="<defaults>", metadata={"toml": "skip"})
+    log_level: str = field(default="info", metadata={"toml": "logging.level"})
 
     @property
     def separate_warehouse(self) -> bool:
@@ -148,6 +160,20 @@ class Config:
         if not self.api_key:
             raise MissingApiKey(list(self.api_key_sources))
         return self.api_key.value
+
+
+SQL_SCHEMES = ("sqlite:", "postgresql://", "postgresql+psycopg://", "postgres://", "postgres+psycopg://")
+
+
+def mask_url(url: str) -> str:
+    """The whole URL with its password (if any) replaced by `***`, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def searched_paths(env: Mapping[str, str]) -> list[str]:
+    """Where a config file is looked for, in order, as a readable list."""
+    first = f"$ETL_CONFIG ({env['ETL_CONFIG']})" if env.get("ETL_CONFIG") else "$ETL_CONFIG (not set)"
+    return [first, *(str(p.absolute()) if not p.is_absolute() else str(p) for p in DEFAULT_CONFIG_PATHS)]
 
 
 def find_config_path(env: Mapping[str, str]) -> Path | None:
@@ -163,19 +189,31 @@ def load(env: Mapping[str, str] | None = None, path: Path | None = None) -> Conf
     """Read the TOML file (if any) and the environment, validate, and return a frozen Config."""
     env = os.environ if env is None else env
     problems: list[str] = []
+    given = "--config" if path is not None else "ETL_CONFIG" if env.get("ETL_CONFIG") else None
     path = path or find_config_path(env)
     raw: dict[str, Any] = {}
     source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            problems.append(f"config file {path} does not exist (from ETL_CONFIG or the default locations)")
-        except tomllib.TOMLDecodeError as exc:
-            problems.append(f"{path}: not valid TOML: {exc}")
-        except OSError as exc:
-            problems.append(f"{path}: cannot read: {exc}")
+    if path is None:
+        # Without a file there are no tasks, and "no [tasks] defined" would hide the real problem.
+        raise ConfigError.one(
+            f"no configuration file found; looked at: {', '.join(searched_paths(env))}. "
+            "Copy config/etl.toml from the project, or pass --config FILE"
+        )
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError.one(
+            f"config file {path} (from {given or 'the default locations'}) does not exist"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError.one(
+            f"config file {path} (from {given or 'the default locations'}) is a directory"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{path}: not valid TOML: {exc}")
+    except OSError as exc:
+        raise ConfigError.one(f"config file {path}: cannot read: {exc.strerror or exc}") from None
     base_dir = path.parent.parent if path is not None and path.parent.name == "config" else Path.cwd()
     cfg = _build(raw, env, problems, source, base_dir)
     if problems or cfg is None:
@@ -260,9 +298,14 @@ def _build(
     warehouse_url = env.get("ETL_WAREHOUSE_URL") or _typed(db, "warehouse_url", str, "", "database", problems)
     database_url = _sqlite_url_relative_to(database_url, base_dir)
     warehouse_url = _sqlite_url_relative_to(warehouse_url, base_dir) if warehouse_url else database_url
-    for label, url in (("database url", database_url), ("warehouse url", warehouse_url)):
-        if not (url.startswith("sqlite:") or url.startswith("postgresql")):
-            problems.append(f"{label} {url.split('@')[-1]!r} is neither sqlite:/// nor postgresql://")
+    urls = [("database url", database_url)]
+    if warehouse_url != database_url:
+        urls.append(("warehouse url", warehouse_url))
+    for label, url in urls:
+        if not url.startswith(SQL_SCHEMES):
+            problems.append(
+                f"{label} {mask_url(url)!r} is neither sqlite:///PATH nor postgresql:// (or postgres://)"
+            )
 
     api = _section(raw, "api", problems)
     base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None
@@ -272,7 +315,12 @@ def _build(
 
     submit = _settings(SubmitSettings, _section(raw, "submit", problems), "submit", problems)
     for name, value in submit.__dict__.items():
-        _positive(value, f"submit.{name}", problems)
+        if name != "max_cost_usd_per_night":
+            _positive(value, f"submit.{name}", problems)
+    if submit.max_cost_usd_per_night < 0:
+        problems.append("submit.max_cost_usd_per_night cannot be negative (0 means no cap)")
+    if not 0 < submit.count_tokens_confidence < 1:
+        problems.append("submit.count_tokens_confidence must be between 0 and 1, e.g. 0.95")
     if submit.max_requests_per_batch > 100_000:
         problems.append(
             f"submit.max_requests_per_batch is {submit.max_requests_per_batch}; the API allows 100000"
@@ -350,13 +398,16 @@ def _settings(cls: type[_S], section: Mapping[str, Any], where: str, problems: l
         name: _typed(
             section,
             name,
-            (int, float) if isinstance(default, float) else type(default),
+            (int, float) if isinstance(default, (float, Decimal)) else type(default),
             default,
             where,
             problems,
         )
         for name, default in cls().__dict__.items()
     }
+    for name, default in cls().__dict__.items():
+        if isinstance(default, Decimal):
+            values[name] = decimal_of(values[name])
     _check_unknown(section, cls, where, problems)
     return cls(**values)
 
@@ -368,12 +419,31 @@ def _check_unknown(section: Mapping[str, Any], cls: type, where: str, problems: 
             problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(allowed))})")
 
 
+def decimal_of(value: Any) -> Decimal:
+    """A TOML number as the Decimal its author wrote: `0.1` is 0.1, not the float nearest to it."""
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
+    try:
+        out = Decimal(repr(value) if isinstance(value, float) else value)
+    except InvalidOperation:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not out.is_finite():
+        raise ValueError(f"not a finite number: {value!r}")
+    return out
+
+
+def _price(value: str) -> Decimal:
+    return Decimal(value)
+
+
 DEFAULT_PRICES = {
-    "claude-haiku-4-5": ModelPrice(1.0, 5.0),
-    "claude-sonnet-4-5": ModelPrice(3.0, 15.0),
-    "claude-sonnet-4-6": ModelPrice(3.0, 15.0),
-    "claude-opus-4-5": ModelPrice(5.0, 25.0),
-    "claude-opus-4-1": ModelPrice(15.0, 75.0),
+    "claude-haiku-4-5": ModelPrice(_price("1"), _price("5")),
+    "claude-sonnet-4-5": ModelPrice(_price("3"), _price("15")),
+    "claude-sonnet-4-6": ModelPrice(_price("3"), _price("15")),
+    "claude-opus-4-5": ModelPrice(_price("5"), _price("25")),
+    "claude-opus-4-1": ModelPrice(_price("15"), _price("75")),
 }
 
 
@@ -388,7 +458,7 @@ def _pricing(section: Mapping[str, Any], problems: list[str]) -> Pricing:
             problems.append(f"pricing.models.{name} must be a table with input and output prices")
             continue
         try:
-            price = ModelPrice(float(spec["input"]), float(spec["output"]))
+            price = ModelPrice(decimal_of(spec["input"]), decimal_of(spec["output"]))
         except (KeyError, TypeError, ValueError):
             problems.append(f"pricing.models.{name} needs numeric input and output (USD per million tokens)")
             continue
@@ -402,7 +472,7 @@ def _pricing(section: Mapping[str, Any], problems: list[str]) -> Pricing:
         ("cache_write_1h", 2.0),
         ("cache_read", 0.1),
     ):
-        values[key] = float(_typed(section, key, (int, float), default, "pricing", problems))
+        values[key] = decimal_of(_typed(section, key, (int, float), default, "pricing", problems))
     if not 0 < values["batch_discount"] <= 1:
         problems.append("pricing.batch_discount must be in (0, 1]; the Batches API charges 0.5 of standard")
     for key in section:
@@ -416,7 +486,15 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
         problems.append("no [tasks.<name>] defined; at least [tasks.default] is needed")
         return {}
     tasks: dict[str, Task] = {}
-    allowed = {"model", "system", "template", "max_tokens", "output_schema", "cache_system"}
+    allowed = {
+        "model",
+        "system",
+        "template",
+        "max_tokens",
+        "output_schema",
+        "cache_system",
+        "max_cost_usd_per_night",
+    }
     for name, spec in section.items():
         where = f"tasks.{name}"
         if len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
@@ -469,6 +547,15 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
             cache_system = False
         if cache_system and not system:
             problems.append(f"{where}.cache_system is true but the task has no system prompt to cache")
+        task_cap: Decimal | None = None
+        raw_cap = spec.get("max_cost_usd_per_night")
+        if raw_cap is not None:
+            if isinstance(raw_cap, bool) or not isinstance(raw_cap, (int, float)) or raw_cap <= 0:
+                problems.append(
+                    f"{where}.max_cost_usd_per_night must be a positive number of USD, got {raw_cap!r}"
+                )
+            else:
+                task_cap = decimal_of(raw_cap)
         tasks[name] = Task(
             name=name,
             model=model,
@@ -478,6 +565,7 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
             output_schema=schema,
             cache_system=cache_system,
             template_fields=fields,
+            max_cost_usd_per_night=task_cap,
         )
     if "default" not in tasks and tasks:
         problems.append("no [tasks.default]: rows inserted without a task name would have nowhere to go")

@@ -160,6 +160,7 @@ class Daemon:
             collect_cron=cfg.schedule.collect_cron,
             poll_minutes=cfg.schedule.poll_minutes,
             watchdog_seconds=self.notifier.watchdog_interval,
+            next_runs=self._next_runs(),
         )
         self.notifier.ready(self._status_line())
         try:
@@ -167,6 +168,14 @@ class Daemon:
         finally:
             self._shutdown()
         return 0
+
+    def _next_runs(self) -> dict[str, str | None]:
+        """When each scheduled job runs next (wall-clock time, UTC), for the start-up log line."""
+        assert self.scheduler is not None
+        return {
+            job.id: None if job.next_run_time is None else job.next_run_time.astimezone(UTC).isoformat()
+            for job in self.scheduler.get_jobs()
+        }
 
     def _tick_seconds(self) -> float:
         tick = min(MAX_TICK_SECONDS, self.rt.config.schedule.leader_lease_seconds / 3)
@@ -356,6 +365,8 @@ class Daemon:
             detail = f"{out.documents} document(s) in {out.batches} batch(es), {out.rejected} rejected"
             if out.unknown:
                 detail += f", {out.unknown} create(s) left for reconciliation"
+            if out.waiting:
+                detail += f", {out.waiting} waiting for the nightly budget"
             if out.batches:
                 self._schedule_poll(self.rt.config.schedule.poll_minutes * 60)
             if not out.stopped:

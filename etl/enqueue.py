@@ -1,24 +1,32 @@
-"""`etl enqueue FILE`: JSONL or CSV documents into the queue in bulk, with a progress line."""
+"""`etl enqueue FILE`: JSONL or CSV documents into the queue in bulk, with a progress line.
+
+A file goes in whole or not at all: every block of rows is inserted inside one transaction, committed
+after the last line was read and checked. A broken line, a row without `doc_key`/`body` or naming a
+task that is not configured stops the load with the line's number, and nothing of the file is kept, so
+the fixed file can simply be enqueued again.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
-from etl.errors import EtlError
+from sqlalchemy import Connection
+from sqlalchemy.exc import DataError, IntegrityError
+
+from etl.errors import InputError, InputMissing
 from etl.runtime import Runtime
 from etl.store import queue as q
 
 RESERVED = {"doc_key", "body", "task", "priority", "metadata"}
+NOTHING = "nothing from the file was enqueued"
 
-
-class InputError(EtlError):
-    exit_code = 65  # EX_DATAERR
+__all__ = ["InputError", "enqueue_file"]
 
 
 def _records(stream: TextIO, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -32,25 +40,32 @@ def _records(stream: TextIO, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             value = json.loads(line)
         except ValueError as exc:
-            raise InputError(
-                f"line {n}: not valid JSON ({exc}); nothing after line {n - 1} was enqueued"
-            ) from None
+            raise InputError(f"line {n}: not valid JSON ({exc}); {NOTHING}") from None
         if not isinstance(value, dict):
-            raise InputError(f"line {n}: expected a JSON object with doc_key and body")
+            raise InputError(f"line {n}: expected a JSON object with doc_key and body; {NOTHING}")
         yield n, value
 
 
-def _document(n: int, rec: dict[str, Any], default_task: str | None) -> dict[str, Any]:
+def unknown_task(task: str, tasks: Any) -> str:
+    return f"task {task!r} is not configured (configured tasks: {', '.join(sorted(tasks))})"
+
+
+def _document(n: int, rec: dict[str, Any], default_task: str | None, tasks: Any) -> dict[str, Any]:
     key = rec.get("doc_key")
     body = rec.get("body")
     if key in (None, "") or body is None:
-        raise InputError(f"record {n}: needs doc_key and body (got keys: {', '.join(sorted(rec)) or 'none'})")
+        raise InputError(
+            f"line {n}: needs doc_key and body (got keys: {', '.join(sorted(rec)) or 'none'}); {NOTHING}"
+        )
+    task = rec.get("task") or default_task or "default"
+    if task not in tasks:
+        raise InputError(f"line {n} (doc_key {key!r}): {unknown_task(str(task), tasks)}; {NOTHING}")
     meta = rec.get("metadata")
     if isinstance(meta, str) and meta.strip():
         try:
             meta = json.loads(meta)
         except ValueError:
-            raise InputError(f"record {n}: metadata is not valid JSON") from None
+            raise InputError(f"line {n}: metadata is not valid JSON; {NOTHING}") from None
     extra = {k: v for k, v in rec.items() if k not in RESERVED and v not in (None, "")}
     if extra:
         meta = {**extra, **(meta if isinstance(meta, dict) else {})}
@@ -58,11 +73,11 @@ def _document(n: int, rec: dict[str, Any], default_task: str | None) -> dict[str
     try:
         priority = int(priority)
     except (TypeError, ValueError):
-        raise InputError(f"record {n}: priority must be an integer, got {priority!r}") from None
+        raise InputError(f"line {n}: priority must be an integer, got {priority!r}; {NOTHING}") from None
     return {
         "doc_key": str(key),
         "body": body if isinstance(body, str) else json.dumps(body),
-        "task": rec.get("task") or default_task or "default",
+        "task": task,
         "metadata": meta or None,
         "priority": priority,
     }
@@ -77,42 +92,58 @@ def enqueue_file(
     batch_rows: int = 5000,
     progress: TextIO | None = None,
 ) -> int:
+    tasks = rt.config.tasks
+    if default_task is not None and default_task not in tasks:
+        raise InputError(f"--task: {unknown_task(default_task, tasks)}; nothing was enqueued")
     if fmt is None:
         fmt = "csv" if path.lower().endswith(".csv") else "jsonl"
     progress = progress if progress is not None else sys.stderr
     show = progress.isatty()
-    total_bytes = Path(path).stat().st_size if path != "-" else 0
     stream: TextIO
+    total_bytes = 0
     if path == "-":
         stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="" if fmt == "csv" else None)
     else:
         try:
             stream = open(path, encoding="utf-8", newline="" if fmt == "csv" else None)  # noqa: SIM115
+            total_bytes = os.fstat(stream.fileno()).st_size
+        except FileNotFoundError:
+            raise InputMissing(f"input file {path} does not exist; nothing was enqueued") from None
         except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+            raise InputMissing(f"cannot read {path}: {exc.strerror or exc}; nothing was enqueued") from None
     count = 0
     pending: list[dict[str, Any]] = []
     try:
-        for n, rec in _records(stream, fmt):
-            pending.append(_document(n, rec, default_task))
-            if len(pending) >= batch_rows:
-                count += _flush(rt, pending)
-                if show:
-                    progress.write(f"\renqueued {count:,} documents of {total_bytes / 1e6:,.1f} MB input...")
-                    progress.flush()
-        count += _flush(rt, pending)
+        # One transaction for the whole file: a bad line anywhere leaves nothing of it in the queue.
+        with rt.engine.begin() as conn:
+            for n, rec in _records(stream, fmt):
+                pending.append(_document(n, rec, default_task, tasks))
+                if len(pending) >= batch_rows:
+                    count += _flush(conn, pending)
+                    if show:
+                        progress.write(f"\rread {count:,} documents of {total_bytes / 1e6:,.1f} MB input...")
+                        progress.flush()
+            count += _flush(conn, pending)
+    except (DataError, IntegrityError) as exc:
+        # e.g. PostgreSQL refuses a NUL character in text: said in one line, the file rolled back
+        detail = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
+        raise InputError(
+            f"the database refused a row of the block ending at document {count + len(pending):,}: {detail}; "
+            f"{NOTHING}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); {NOTHING}") from None
     finally:
         if path != "-":
             stream.close()
-    if show:
-        progress.write(f"\renqueued {count:,} documents, done.{' ' * 30}\n")
+        if show:
+            progress.write(f"\r{' ' * 60}\r")  # the total is printed once, by the command
     return count
 
 
-def _flush(rt: Runtime, docs: list[dict[str, Any]]) -> int:
+def _flush(conn: Connection, docs: list[dict[str, Any]]) -> int:
     if not docs:
         return 0
-    with rt.engine.begin() as conn:
-        n = q.insert_documents(conn, docs)
+    n = q.insert_documents(conn, docs)
     docs.clear()
     return n

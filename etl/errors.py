@@ -19,6 +19,13 @@ class ConfigError(EtlError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"configuration has {len(self.problems)} problem(s):\n{lines}")
 
+    @classmethod
+    def one(cls, problem: str) -> ConfigError:
+        """A single problem that makes every other check meaningless: said in one line."""
+        err = cls([problem])
+        Exception.__init__(err, problem)
+        return err
+
 
 class MissingApiKey(ConfigError):
     """No API key anywhere it is looked for: one line saying where those places are."""
@@ -38,6 +45,25 @@ class SchemaOutOfDate(StoreError):
 
 class SchemaIncomplete(SchemaOutOfDate):
     """The revision is current but a table of the database's role is missing."""
+
+
+class DatabaseUnreachable(StoreError):
+    """A database did not answer at start-up (wrong host, port, name, credentials): a configuration
+    problem, so the configuration exit code (systemd does not restart-loop on it)."""
+
+    exit_code = 78
+
+
+class InputError(EtlError):
+    """An input file (or a command's arguments about it) is unusable; nothing from it was stored."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class InputMissing(InputError):
+    """The input file does not exist or cannot be opened."""
+
+    exit_code = 66  # EX_NOINPUT
 
 
 class ProviderError(EtlError):

@@ -1,13 +1,22 @@
-"""What a result cost in the Batches API, and what the same tokens would cost at standard prices."""
+"""What a result cost in the Batches API, and what the same tokens would cost at standard prices.
+
+Money is `Decimal`, exact: configured prices are read as written (`0.8` is 0.8), and a result's cost is
+computed in integers (`Rates`: per-token prices scaled by a power of ten that makes every one of them an
+integer) and turned into a Decimal once, rounded to the stored precision (`schema.MONEY_UNIT`). Summing
+stored costs therefore gives exactly the reported totals.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from etl.config import ModelPrice, Pricing
+from etl.schema import MONEY_UNIT, to_money
 
 MILLION = 1_000_000
+ZERO = Decimal(0).quantize(MONEY_UNIT)
 
 
 class Usage(NamedTuple):
@@ -40,17 +49,60 @@ class Usage(NamedTuple):
         )
 
 
-def _standard(pricing: Pricing, price: ModelPrice, usage: Usage) -> float:
-    inp = (
-        usage.input_tokens
-        + usage.cache_write_5m * pricing.cache_write_5m
-        + usage.cache_write_1h * pricing.cache_write_1h
-        + usage.cache_read * pricing.cache_read
-    ) * price.input
-    return (inp + usage.output_tokens * price.output) / MILLION
+def _exponent(values: list[Decimal]) -> int:
+    """The smallest k >= 0 with every value * 10**k an integer."""
+    k = 0
+    for v in values:
+        exp = v.normalize().as_tuple().exponent
+        if isinstance(exp, int):
+            k = max(k, -exp)
+    return k
 
 
-def costs(pricing: Pricing, model: str, usage: Usage) -> tuple[float, float]:
+class Rates:
+    """One model's per-token prices (standard and batch) as integers of 10**-scale USD.
+
+    `units(usage)` is a handful of integer multiplications, so pricing a result (or estimating a
+    document, `etl.estimate`) costs no Decimal arithmetic until `usd(units)`.
+    """
+
+    __slots__ = ("discount", "discount_scale", "input", "output", "read", "scale", "write_1h", "write_5m")
+
+    def __init__(self, pricing: Pricing, price: ModelPrice) -> None:
+        per_token = [
+            price.input / MILLION,
+            price.output / MILLION,
+            price.input * pricing.cache_write_5m / MILLION,
+            price.input * pricing.cache_write_1h / MILLION,
+            price.input * pricing.cache_read / MILLION,
+        ]
+        self.scale = _exponent(per_token)
+        self.input, self.output, self.write_5m, self.write_1h, self.read = (
+            int(v.scaleb(self.scale)) for v in per_token
+        )
+        self.discount_scale = _exponent([pricing.batch_discount])
+        self.discount = int(pricing.batch_discount.scaleb(self.discount_scale))
+
+    def units(self, usage: Usage) -> int:
+        """The standard price of `usage`, in 10**-scale USD."""
+        return (
+            usage.input_tokens * self.input
+            + usage.output_tokens * self.output
+            + usage.cache_write_5m * self.write_5m
+            + usage.cache_write_1h * self.write_1h
+            + usage.cache_read * self.read
+        )
+
+    def usd(self, units: int) -> Decimal:
+        """Standard-price units as USD money."""
+        return to_money(Decimal(units).scaleb(-self.scale))
+
+    def batch_usd(self, units: int) -> Decimal:
+        """Standard-price units at the batch discount, as USD money."""
+        return to_money(Decimal(units * self.discount).scaleb(-(self.scale + self.discount_scale)))
+
+
+def costs(pricing: Pricing, model: str, usage: Usage) -> tuple[Decimal, Decimal]:
     """(batch cost, standard cost) in USD; zeros for a model without a price (logged by the caller)."""
     return Meter(pricing).costs(model, usage)
 
@@ -64,15 +116,20 @@ class Meter:
 
     def __init__(self, pricing: Pricing) -> None:
         self.pricing = pricing
-        self._prices: dict[str, ModelPrice | None] = {}
+        self._rates: dict[str, Rates | None] = {}
 
-    def costs(self, model: str, usage: Usage) -> tuple[float, float]:
-        """(batch cost, standard cost) in USD; zeros for a model without a price."""
+    def rates(self, model: str) -> Rates | None:
         try:
-            price = self._prices[model]
+            return self._rates[model]
         except KeyError:
-            price = self._prices[model] = self.pricing.for_model(model)
-        if price is None:
-            return 0.0, 0.0
-        standard = _standard(self.pricing, price, usage)
-        return standard * self.pricing.batch_discount, standard
+            price = self.pricing.for_model(model)
+            rates = self._rates[model] = None if price is None else Rates(self.pricing, price)
+            return rates
+
+    def costs(self, model: str, usage: Usage) -> tuple[Decimal, Decimal]:
+        """(batch cost, standard cost) in USD; zeros for a model without a price."""
+        rates = self.rates(model)
+        if rates is None:
+            return ZERO, ZERO
+        units = rates.units(usage)
+        return rates.batch_usd(units), rates.usd(units)

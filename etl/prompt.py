@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from etl.config import Task
 
 CUSTOM_ID_PREFIX = "q"
@@ -151,6 +153,16 @@ def encode_request(queue_id: int, params: Mapping[str, Any]) -> bytes:
     return json.dumps(
         {"custom_id": custom_id(queue_id), "params": params}, ensure_ascii=False, separators=(",", ":")
     ).encode("utf-8")
+
+
+def request_size(queue_id: int, params: Mapping[str, Any]) -> int:
+    """`len(encode_request(queue_id, params))`, measured with orjson (a third of the time) when it can encode
+    the request; the estimator needs only the size. orjson writes the same compact UTF-8 JSON; what it
+    refuses (an integer over 64 bits in an output schema) is measured the usual way."""
+    try:
+        return len(orjson.dumps({"custom_id": custom_id(queue_id), "params": params}))
+    except TypeError:
+        return len(encode_request(queue_id, params))
 
 
 def batch_body(parts: list[bytes]) -> bytes:

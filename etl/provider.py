@@ -7,11 +7,13 @@ create that the server had already accepted would be a second, billed batch.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from datetime import datetime
+from typing import Any
 
 import anthropic
 import httpx2
+from anthropic.types import MessageTokensCount
 from anthropic.types.messages import MessageBatch
 
 from etl import codec
@@ -152,6 +154,17 @@ class Provider:
         except Exception as exc:  # translated: every failure has a kind the caller must act on
             raise translate(exc, "create batch", mutating=True) from exc
         return _remote(batch)
+
+    def count_tokens(self, params: Mapping[str, Any]) -> int:
+        """`POST /v1/messages/count_tokens` (free, rate-limited) for a request's params; `max_tokens` is dropped."""
+        body = {k: v for k, v in params.items() if k != "max_tokens"}
+        try:
+            counted = self._client.post(
+                "/v1/messages/count_tokens", body=body, cast_to=MessageTokensCount, options={"max_retries": 0}
+            )
+        except Exception as exc:
+            raise translate(exc, "count tokens", mutating=False) from exc
+        return int(counted.input_tokens)
 
     def retrieve(self, batch_id: str) -> RemoteBatch:
         try:

@@ -195,9 +195,11 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
 
     out.unmatched_remote = [r.id for r in recent if r.id not in known]
     if out.unmatched_remote:
-        log.warning(
-            "remote_batches_unmatched", batch_ids=out.unmatched_remote[:20], count=len(out.unmatched_remote)
-        )
+        # Said once per batch id: batches other tools made on the same account stay in the listing for days.
+        with rt.engine.begin() as conn:
+            new = state.first_seen(conn, "remote_batch_unmatched", out.unmatched_remote, now)
+        if new:
+            log.warning("remote_batches_unmatched", batch_ids=new[:20], count=len(new))
     return out
 
 

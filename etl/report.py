@@ -7,15 +7,18 @@ so `etl report` can print it later as a readable block.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
 
+from etl import costs
 from etl.clock import isoformat
 from etl.config import Config
 from etl.runtime import Runtime
-from etl.schema import BatchStatus
+from etl.schema import BatchStatus, DocStatus
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
@@ -42,13 +45,13 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
 
     per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {k: 0 for k in KINDS})
     failures: dict[str, int] = defaultdict(int)
-    totals = {
+    totals: dict[str, Any] = {
         "input_tokens": 0,
         "output_tokens": 0,
         "cache_write_tokens": 0,
         "cache_read_tokens": 0,
-        "cost_usd": 0.0,
-        "standard_cost_usd": 0.0,
+        "cost_usd": Decimal(0),
+        "standard_cost_usd": Decimal(0),
     }
     for r in rows:
         task = r["task"] or "(all)"
@@ -58,9 +61,10 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         if r["kind"] == "succeeded":
             for key in totals:
                 totals[key] += r[key] or 0
-    totals["cost_usd"] = round(float(totals["cost_usd"]), 6)
-    totals["standard_cost_usd"] = round(float(totals["standard_cost_usd"]), 6)
-    totals["savings_usd"] = round(totals["standard_cost_usd"] - totals["cost_usd"], 6)
+    # Money is exact (Decimal sums of the stored rows) and leaves as decimal strings (JSON has no decimal).
+    totals["savings_usd"] = totals["standard_cost_usd"] - totals["cost_usd"]
+    for key in ("cost_usd", "standard_cost_usd", "savings_usd"):
+        totals[key] = costs.usd_text(totals[key])
 
     late_after = timedelta(days=cfg.collect.late_after_days)
     warn_before = timedelta(days=cfg.collect.warn_before_archive_days)
@@ -110,19 +114,23 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "generated_at": isoformat(now),
         "since": isoformat(since),
         "tasks": {task: dict(v) for task, v in sorted(per_task.items())},
-        "failures": dict(sorted(failures.items(), key=lambda kv: -kv[1])),
+        "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
         "tokens_and_cost": totals,
         "pending_batches": pending,
         "late": late,
-        "queue": queue_counts,
+        "queue": dict(_ordered(queue_counts, STATUS_ORDER)),
         "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
         "submission_paused": paused,
     }
+    report.update(costs.section(rt, now, since))
     return report
 
 
-def morning(rt: Runtime) -> dict[str, Any]:
-    """Build, save and log the report covering everything since the previous one."""
+def morning(rt: Runtime, *, log_body: bool = True) -> dict[str, Any]:
+    """Build, save and log the report covering everything since the previous one.
+
+    `log_body=False` (a person at a terminal, who is shown `render(report)`): the log line says only that
+    the report was made and whether it needs attention, not the whole report on one line."""
     now = rt.clock()
     with reading(rt.engine) as conn:
         last = events.last_report(conn)
@@ -130,46 +138,119 @@ def morning(rt: Runtime) -> dict[str, Any]:
     with rt.engine.begin() as conn:
         events.save_report(conn, now, last[0] if last else None, report)
     level = log.warning if report["late"] or report["submission_paused"] else log.info
-    level("morning_report", **report)
+    if log_body:
+        level("morning_report", **report)
+    else:
+        level("morning_report", late=len(report["late"]), submission_paused=report["submission_paused"])
     return report
 
 
-def render(report: dict[str, Any]) -> str:
-    """The readable block printed by `etl report`."""
-    lines = [f"Morning report {report['generated_at']} (since {report['since'] or 'the beginning'})", ""]
+COLUMNS = {
+    "submitted": "sent to the API in a batch",
+    "succeeded": "answer written to etl_results",
+    "requeued": "failed for a transient reason, back in the queue for the next night",
+    "dead": "gave up: a permanent error or submit.max_attempts failures (`etl retry` sends them again)",
+    "rejected": "bad input, never sent: reason below (`etl retry` after fixing the row)",
+    "released": "a batch create whose outcome stayed unknown, given back to the queue unsent",
+    "archived": "results were gone (29 days) before collection: re-queued, will be paid again",
+}
+STATUS_ORDER = tuple(s.value for s in DocStatus)
+
+
+def _ordered(counts: dict[str, Any], order: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """`counts` in a fixed order, whatever order it was stored in (PostgreSQL's JSONB sorts keys)."""
+    known = [(k, counts[k]) for k in order if k in counts]
+    return known + sorted((k, v) for k, v in counts.items() if k not in order)
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    return [f"Morning report {report['generated_at']} (since {report['since'] or 'the beginning'})"]
+
+
+def _tasks(report: dict[str, Any]) -> list[str]:
     tasks = report.get("tasks") or {}
-    header = f"{'task':<20}" + "".join(f"{k:>11}" for k in KINDS)
-    lines.append(header)
-    lines.append("-" * len(header))
-    for task, counts in tasks.items():
-        lines.append(f"{task:<20}" + "".join(f"{counts.get(k, 0):>11}" for k in KINDS))
+    width = max([20, *(len(t) + 2 for t in tasks)])
+    header = f"{'documents per task':<{width}}" + "".join(f"{k:>11}" for k in KINDS)
+    lines = [header, "-" * len(header)]
+    for task in sorted(tasks):
+        counts = tasks[task]
+        lines.append(f"{task:<{width}}" + "".join(f"{counts.get(k, 0):>11}" for k in KINDS))
     if not tasks:
         lines.append("(nothing happened in this period)")
+    lines += ["", "columns:"] + [f"  {k:<10} {why}" for k, why in COLUMNS.items()]
+    return lines
+
+
+def _money(report: dict[str, Any]) -> list[str]:
     money = report["tokens_and_cost"]
-    lines += [
-        "",
+    return [
         f"tokens: input {money['input_tokens']:,}  output {money['output_tokens']:,}  "
         f"cache write {money['cache_write_tokens']:,}  cache read {money['cache_read_tokens']:,}",
-        f"cost: ${money['cost_usd']:.4f} with the Batches API; ${money['standard_cost_usd']:.4f} at standard "
-        f"prices; saved ${money['savings_usd']:.4f}",
+        f"cost: ${Decimal(money['cost_usd']):.4f} with the Batches API; "
+        f"${Decimal(money['standard_cost_usd']):.4f} at standard prices; saved ${Decimal(money['savings_usd']):.4f}",
     ]
-    if report["failures"]:
-        lines += ["", "failures by reason:"]
-        lines += [f"  {n:>8}  {reason}" for reason, n in report["failures"].items()]
-    lines += ["", f"queue now: {', '.join(f'{k} {v}' for k, v in report['queue'].items())}"]
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    failures = report.get("failures") or {}
+    if not failures:
+        return []
+    ordered = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ["failures by reason (count, what happened: why):"] + [
+        f"  {n:>8}  {reason}" for reason, n in ordered
+    ]
+
+
+def _queue(report: dict[str, Any]) -> list[str]:
+    lines = [f"queue now: {', '.join(f'{k} {v}' for k, v in _ordered(report['queue'], STATUS_ORDER))}"]
     if report["oldest_queued_age_hours"] is not None:
         lines.append(f"oldest queued document: {report['oldest_queued_age_hours']} h old")
-    if report["pending_batches"]:
-        lines += ["", "pending batches:"]
-        for b in report["pending_batches"]:
-            lines.append(
-                f"  {b['batch_id']}  {b['status']:<9} {b['requests']:>7} requests  age {b['age_hours']} h  "
-                f"results until {b['results_expire_at']}  counts {b['counts']}"
-            )
+    return lines
+
+
+def _pending(report: dict[str, Any]) -> list[str]:
+    if not report["pending_batches"]:
+        return []
+    lines = ["pending batches:"]
+    for b in report["pending_batches"]:
+        lines.append(
+            f"  {b['batch_id']}  {b['status']:<9} {b['requests']:>7} requests  age {b['age_hours']} h  "
+            f"results until {b['results_expire_at']}  counts {b['counts']}"
+        )
+    return lines
+
+
+def _alerts(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if report["late"]:
-        lines += ["", "!! LATE OR AT RISK:"]
+        lines.append("!! LATE OR AT RISK:")
         for b in report["late"]:
             lines.append(f"  !! {b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}")
     if report["submission_paused"]:
-        lines += ["", f"!! SUBMISSION PAUSED: {report['submission_paused']} (fix it, then run: etl resume)"]
-    return "\n".join(lines)
+        if lines:
+            lines.append("")
+        lines.append(f"!! SUBMISSION PAUSED: {report['submission_paused']} (fix it, then run: etl resume)")
+    return lines
+
+
+Section = Callable[[dict[str, Any]], list[str]]
+
+# The readable report is these sections in this order, separated by a blank line; an empty one is left
+# out. A new part of the report is a function added here (reading only its own keys of the report).
+SECTIONS: list[Section] = [
+    _header,
+    _tasks,
+    _money,
+    costs.render_tasks,
+    costs.render_budget,
+    _failures,
+    _queue,
+    _pending,
+    _alerts,
+]
+
+
+def render(report: dict[str, Any]) -> str:
+    """The readable block printed by `etl report` (and by `etl collect` on a terminal)."""
+    blocks = [lines for section in SECTIONS if (lines := section(report))]
+    return "\n\n".join("\n".join(lines) for lines in blocks)

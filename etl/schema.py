@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -12,11 +13,11 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Dialect,
-    Float,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    Numeric,
     Table,
     Text,
     UniqueConstraint,
@@ -53,6 +54,50 @@ def as_utc(value: Any) -> datetime | None:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return ensure_utc(value)
+
+
+MONEY_SCALE = 10  # money is kept to 10**-10 USD: exact for every price the API publishes
+MONEY_UNIT = Decimal(1).scaleb(-MONEY_SCALE)
+
+
+def to_money(value: Decimal | int | str) -> Decimal:
+    """`value` in USD as the stored money: a Decimal with `MONEY_SCALE` places (half-even rounding)."""
+    return Decimal(value).quantize(MONEY_UNIT, rounding=ROUND_HALF_EVEN)
+
+
+class Money(TypeDecorator[Decimal]):
+    """USD held exactly: `NUMERIC(22, 10)` on PostgreSQL, an INTEGER count of 10**-10 USD on SQLite.
+
+    Python sees `Decimal` on both. SQLite's `SUM()` of integers is exact (it raises on overflow, at
+    about 920 million USD), where a sum of REALs or of decimal text would go through floating point.
+    """
+
+    impl = Numeric(22, MONEY_SCALE)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(22, MONEY_SCALE, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise TypeError(f"money must be Decimal, int or str, not float ({value!r})")
+        money = to_money(value)
+        if dialect.name == "sqlite":
+            return int(money.scaleb(MONEY_SCALE))
+        return money
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            if isinstance(value, float):  # a REAL written by hand: read as its shortest decimal form
+                return to_money(Decimal(repr(value)).scaleb(-MONEY_SCALE))
+            return Decimal(int(value)).scaleb(-MONEY_SCALE)
+        return to_money(value)
 
 
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
@@ -161,10 +206,36 @@ events = Table(
     Column("output_tokens", BigInteger, nullable=False, server_default=text("0")),
     Column("cache_write_tokens", BigInteger, nullable=False, server_default=text("0")),
     Column("cache_read_tokens", BigInteger, nullable=False, server_default=text("0")),
-    Column("cost_usd", Float, nullable=False, server_default=text("0")),
-    Column("standard_cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("cost_usd", Money, nullable=False, server_default=text("0")),
+    Column("standard_cost_usd", Money, nullable=False, server_default=text("0")),
     Column("batch_ref", Id, nullable=True),
     Index("ix_etl_events_at", "at"),
+)
+
+# The nightly budget: what each batch was estimated to cost before it was sent, one row per task in it.
+# A batch's rows count against the night's cap unless the batch never reached the API (released,
+# failed), so a crash or a refused create gives its reservation back by its status alone.
+spend = Table(
+    "etl_spend",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "batch_ref",
+        Id,
+        ForeignKey("etl_batches.id", name="fk_etl_spend_batch", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("night", Text, nullable=False),
+    Column("task", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("documents", Integer, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("max_output_tokens", BigInteger, nullable=False),
+    Column("estimated_usd", Money, nullable=False),
+    Column("reserved_usd", Money, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_etl_spend_night", "night"),
+    Index("ix_etl_spend_batch", "batch_ref"),
 )
 
 runs = Table(
@@ -216,8 +287,8 @@ results = Table(
     Column("output_tokens", Integer, nullable=False, server_default=text("0")),
     Column("cache_creation_input_tokens", Integer, nullable=False, server_default=text("0")),
     Column("cache_read_input_tokens", Integer, nullable=False, server_default=text("0")),
-    Column("cost_usd", Float, nullable=False, server_default=text("0")),
-    Column("standard_cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("cost_usd", Money, nullable=False, server_default=text("0")),
+    Column("standard_cost_usd", Money, nullable=False, server_default=text("0")),
     Column("batch_id", Text, nullable=False),
     Column("enqueued_at", UtcDateTime, nullable=True),
     Column("batch_ended_at", UtcDateTime, nullable=True),

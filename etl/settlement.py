@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from etl import failpoints
 from etl.config import Config
-from etl.pricing import Meter, Usage
+from etl.pricing import ZERO, Meter, Usage
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -126,7 +126,7 @@ class Chunk:
     systemic: str | None = None
     size: int = 0
     # per task: documents, input, output, cache write, cache read tokens, cost, standard cost
-    _sums: dict[str, list[float]] = field(default_factory=dict)
+    _sums: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.results = warehouse.Encoded(self.encoder.dialect, unique_keys=self.unique_keys)
@@ -152,7 +152,13 @@ class Chunk:
                 self.systemic = self.systemic or reason
             else:
                 self._failure(qid, exp, reason)
-        elif kind in ("expired", "canceled"):
+        elif kind == "canceled":
+            # Canceled (by `etl cancel` or an orphan cancel) before the model saw it: nothing was billed and
+            # nothing was wrong with the document, so it goes back to the queue without using an attempt.
+            reason = "canceled before the model processed it"
+            self.free.append((qid, reason))
+            self.tally.add("requeued", exp.task, reason + " (attempt not counted)")
+        elif kind == "expired":
             self._failure(qid, exp, f"{kind} before the model processed it")
         else:
             self._failure(qid, exp, f"unknown result type {kind!r}")
@@ -205,7 +211,7 @@ class Chunk:
         self.done.append(qid)
         sums = self._sums.get(exp.task)
         if sums is None:
-            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, 0.0, 0.0]
+            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, ZERO, ZERO]
         sums[0] += 1
         sums[1] += usage.input_tokens
         sums[2] += usage.output_tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from etl import report
+from etl import budget, costs, report
 from etl.clock import isoformat
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -17,6 +17,8 @@ from etl.store.engine import reading
 def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     now = rt.clock()
     info = report.build(rt, now, since=now)
+    # Money since tonight's budget began: what was charged and how close the estimates were, per task.
+    info.update(costs.section(rt, now, budget.night_start(now, rt.config.schedule.zone)))
     with reading(rt.engine) as conn:
         runs = state.last_runs(conn, limit=10)
     info["last_runs"] = [
@@ -78,6 +80,8 @@ def render(info: dict[str, Any], problems: list[str]) -> str:
         )
     for r in info.get("last_runs", [])[:5]:
         lines.append(f"run {r['job']:<8} slot {r['slot']}  {r['outcome']}  {r['detail'] or ''}".rstrip())
+    lines += costs.render_tasks(info)
+    lines += costs.render_budget(info)
     lines.append("health: OK" if not problems else "health: PROBLEMS")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)

@@ -9,20 +9,21 @@ An ambiguous create leaves the intent `unknown` for the reconciler; it is never 
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 import structlog
 from sqlalchemy import delete
 
-from etl import failpoints, reconciler
-from etl.errors import ProviderError, SubmissionPaused
+from etl import budget, failpoints, reconciler
+from etl.errors import EtlError, ProviderError, SubmissionPaused
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
-from etl.store import events, state
+from etl.store import events, spend, state
 from etl.store import queue as q
 from etl.store.engine import reading
 
@@ -38,6 +39,10 @@ class SubmitOutcome:
     unknown: int = 0
     stopped: str | None = None
     batch_ids: list[str] = field(default_factory=list)
+    waiting: int = 0  # documents a nightly cap held back (queued, with the reason on the row)
+    held_tasks: set[str] = field(default_factory=set)  # tasks not claimed again this run: at their cap
+    budget_spent: bool = False  # the night's cap (of all tasks) is reached: nothing more this run
+    idle_reason: str | None = None  # why nothing was sent, when nothing was
 
 
 def run(rt: Runtime) -> SubmitOutcome:
@@ -46,6 +51,9 @@ def run(rt: Runtime) -> SubmitOutcome:
         paused = state.pause_reason(conn)
     if paused:
         raise SubmissionPaused(f"submission is paused: {paused}. Fix the cause, then run: etl resume")
+    # Everything that can be checked without sending is checked before a single row is claimed: a run
+    # that stops on a missing key must not leave rows `claimed` for the lease.
+    rt.config.require_api_key()
     # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
     # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
     rt.warm_provider()
@@ -61,13 +69,23 @@ def run(rt: Runtime) -> SubmitOutcome:
             if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
                 _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
             break
-        claim = claim or _claim(rt)
+        if outcome.budget_spent:
+            break
+        claim = claim or _claim(rt, outcome.held_tasks)
         if claim is None:
             break
         with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
             if not _one_batch(rt, outcome, claim):
                 break
         claim = None
+    if outcome.waiting:
+        _mark_waiting(rt, outcome)
+    if outcome.documents == 0 and outcome.stopped is None:
+        outcome.idle_reason = (
+            f"the nightly budget is spent: {outcome.waiting} document(s) wait for a later night"
+            if outcome.waiting
+            else _why_idle(rt)
+        )
     log.info(
         "submit_finished",
         batches=outcome.batches,
@@ -75,8 +93,26 @@ def run(rt: Runtime) -> SubmitOutcome:
         rejected=outcome.rejected,
         unknown=outcome.unknown,
         stopped=outcome.stopped,
+        waiting_for_budget=outcome.waiting,
     )
     return outcome
+
+
+def _why_idle(rt: Runtime) -> str:
+    """Why a run sent nothing: nothing queued, or rows held by another run's claim (and until when)."""
+    with reading(rt.engine) as conn:
+        counts = q.counts(conn)
+        held = [i for i in intents.with_status(conn, BatchStatus.CLAIMED, BatchStatus.SENDING)]
+    if counts.get("claimed"):
+        until = max((i.lease_expires_at for i in held if i.lease_expires_at is not None), default=None)
+        return (
+            f"{counts['claimed']} row(s) are claimed by another run"
+            + (f" until {until:%Y-%m-%d %H:%M:%S} UTC, when they go back to the queue" if until else "")
+            + "; `etl status` shows its intents"
+        )
+    if counts.get("queued", 0) == 0:
+        return "nothing is queued"
+    return f"{counts['queued']} row(s) queued but none could be sent (see the log)"
 
 
 @dataclass(frozen=True)
@@ -85,14 +121,14 @@ class Claim:
     at: datetime  # when the lease began
 
 
-def _claim(rt: Runtime) -> Claim | None:
+def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
     """Take the next batch's rows under a new intent and lease; None when nothing is queued."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
     now = rt.clock()
     with rt.engine.begin() as conn:
         intent_id = intents.create_intent(conn, rt.owner, now + lease, now)
-        claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now)
+        claimed = q.claim(conn, intent_id, limits.max_requests_per_batch, now, exclude_tasks=exclude_tasks)
         if claimed == 0:
             conn.execute(delete(batches).where(batches.c.id == intent_id))
             return None
@@ -126,18 +162,34 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     parts: list[bytes] = []
     size = BODY_OVERHEAD
     rejects: list[tuple[int, str]] = []
+    rejects_logged: list[tuple[int, str, str]] = []
     overflow: list[int] = []
     per_task: Counter[str] = Counter()
     rejected_per_task: Counter[tuple[str, str]] = Counter()
     renew_at = now + lease / 3
     lease_until = now + lease
+    # The nightly budget: every document's upper-bound cost is counted as it is added, and one that would
+    # cross a cap stays queued. The sum is checked again under the budget lock before anything is sent.
+    caps = budget.caps(rt.config)
+    night = budget.night_of(now, rt.config.schedule.zone)
+    spent: dict[str, Decimal] = {}
+    with reading(rt.engine) as reader:
+        # input tokens of the upper bound raised by what count_tokens last measured (etl estimate)
+        costing = budget.Costing(rt.config, budget.margin(state.get_value(reader, budget.CALIBRATION_KEY)))
+        if caps:
+            spent = spend.reserved(reader, night)
+    allowance = budget.Allowance(costing, caps, spent)
+    held: list[tuple[int, str]] = []
+    message_tokens: defaultdict[str, int] = defaultdict(int)
+    upper_units: defaultdict[str, int] = defaultdict(int)
     with reading(rt.engine) as reader:
         for row in q.iter_claimed(reader, intent_id):
             try:
                 params = build_params(row, rt.config.tasks, limits.max_body_bytes)
             except Rejection as rej:
                 rejects.append((row.id, rej.reason))
-                rejected_per_task[(row.task, rej.reason.split(":")[0][:80])] += 1
+                rejects_logged.append((row.id, row.doc_key, rej.reason))
+                rejected_per_task[(row.task, events.reason_key(rej.reason))] += 1
                 continue
             encoded = encode_request(row.id, params)
             if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
@@ -148,11 +200,21 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                     f"{limits.max_batch_bytes:,} (submit.max_batch_bytes)"
                 )
                 rejects.append((row.id, reason))
-                rejected_per_task[(row.task, "request larger than a batch")] += 1
+                rejects_logged.append((row.id, row.doc_key, reason))
+                rejected_per_task[(row.task, "request larger than a batch (submit.max_batch_bytes)")] += 1
                 continue
             if size + len(encoded) + 1 > limits.max_batch_bytes:
                 overflow.append(row.id)
                 continue
+            cost = costing.tasks[row.task]
+            tokens = budget.tokens_of(budget.message_text(params))
+            units = cost.upper_bound(tokens)
+            if not allowance.take(row.task, units):
+                held.append((row.id, budget.waiting_reason(night, caps, row.task)))
+                outcome.held_tasks.add(row.task)
+                continue
+            message_tokens[row.task] += tokens
+            upper_units[row.task] += units
             parts.append(encoded)
             size += len(encoded) + 1
             per_task[row.task] += 1
@@ -174,19 +236,43 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 events.record(conn, now, "rejected", task, n, reason)
         if overflow:
             q.unclaim(conn, intent_id, now, ids=overflow)
+        for reason, ids in q.group_by_reason(held).items():
+            q.unclaim(conn, intent_id, now, ids=ids, reason=reason)
         if not intents.set_payload(conn, intent_id, rt.owner, len(parts), size):
             outcome.stopped = "lease lost"
             return False
-        if not parts:
+        if parts:
+            shares = _shares(rt, costing, per_task, message_tokens, upper_units)
+            spend.lock(conn)
+            if caps and not budget.fits(caps, spend.reserved(conn, night), shares):
+                # Another submitter reserved part of the budget since this batch was built: send nothing.
+                intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "nightly budget taken meanwhile")
+                q.unclaim(conn, intent_id, now, reason=f"{budget.BUDGET_REASON}: taken by another submit")
+                outcome.waiting += len(parts)
+                parts = []
+                outcome.budget_spent = True
+            else:
+                spend.reserve(conn, intent_id, night, shares, now)
+        else:
             intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "no sendable rows")
+    outcome.waiting += len(held)
+    if held:
+        if budget.ALL in caps:
+            outcome.budget_spent = True
+        log.info("budget_cap_reached", intent=intent_id, waiting=len(held), night=night)
     outcome.rejected += len(rejects)
-    for row_id, reason in rejects:
-        log.warning("document_rejected", queue_id=row_id, reason=reason)
+    for row_id, doc_key, reason in rejects_logged:
+        log.warning("document_rejected", queue_id=row_id, doc_key=doc_key, reason=reason)
     if not parts:
         return True
     body = batch_body(parts)
     del parts
     failpoints.hit("submit.after_build")
+    try:
+        provider = rt.provider  # built before the fence: a client that cannot be made sends nothing
+    except EtlError:
+        _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")
+        raise
 
     with rt.engine.begin() as conn:
         if not intents.fence_sending(conn, intent_id, rt.owner, rt.clock()):
@@ -210,7 +296,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     requests = sum(per_task.values())
     timer = _arm_during_create()
     try:
-        remote = rt.provider.create_batch(body)
+        remote = provider.create_batch(body)
     except ProviderError as exc:
         _create_failed(rt, intent_id, exc, outcome)
         return False
@@ -243,6 +329,49 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     outcome.batch_ids.append(remote.id)
     log.info("batch_submitted", intent=intent_id, batch_id=remote.id, requests=requests, bytes=len(body))
     return True
+
+
+def _mark_waiting(rt: Runtime, outcome: SubmitOutcome) -> None:
+    """Say on every queued row a cap holds back why it waits, not only on the rows this run looked at.
+
+    One UPDATE per capped task (or one for all when the night's cap is reached); rows already carrying
+    the reason are left alone, so only the first capped run of a night writes them.
+    """
+    caps = budget.caps(rt.config)
+    night = budget.night_of(rt.clock(), rt.config.schedule.zone)
+    now = rt.clock()
+    with rt.engine.begin() as conn:
+        if outcome.budget_spent and budget.ALL in caps:
+            reason = budget.waiting_reason(night, {budget.ALL: caps[budget.ALL]}, "")
+            q.mark_waiting(conn, reason, None, now)
+        else:
+            for task in sorted(outcome.held_tasks):
+                q.mark_waiting(conn, budget.waiting_reason(night, caps, task), task, now)
+
+
+def _shares(
+    rt: Runtime,
+    costing: budget.Costing,
+    documents: Counter[str],
+    message_tokens: dict[str, int],
+    upper_units: dict[str, int],
+) -> list[spend.Reservation]:
+    """The batch's reservation, per task: its estimate (one cache write) and its upper bound."""
+    out = []
+    for task, n in documents.items():
+        cost = costing.tasks[task]
+        out.append(
+            spend.Reservation(
+                task=task,
+                model=cost.task.model,
+                documents=n,
+                input_tokens=cost.input_tokens(n, message_tokens[task]),
+                max_output_tokens=n * cost.task.max_tokens,
+                estimated_usd=costing.usd(cost.estimate(n, message_tokens[task], 1)),
+                reserved_usd=costing.usd(upper_units[task]),
+            )
+        )
+    return out
 
 
 def _arm_during_create() -> threading.Timer | None:

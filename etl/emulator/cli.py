@@ -58,9 +58,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level; DEBUG logs every request (default: %(default)s)",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="log level, the same words as `etl --log-level`; debug logs every request (default: %(default)s)",
     )
     return parser
 
@@ -92,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run the emulator until SIGINT or SIGTERM; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         emulator = EmulatorServer(config_from_args(args))
         emulator.bind()

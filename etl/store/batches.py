@@ -216,3 +216,8 @@ def mark_archived(conn: Connection, intent_id: int, error: str) -> bool:
 
 def note_error(conn: Connection, intent_id: int, error: str | None) -> None:
     conn.execute(update(batches).where(batches.c.id == intent_id).values(error=error))
+
+
+def by_batch_id(conn: Connection, batch_id: str) -> Intent | None:
+    row = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
+    return None if row is None else _intent(row)

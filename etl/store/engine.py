@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import QueuePool
+
+from etl.config import mask_url
+from etl.errors import DatabaseUnreachable
 
 SQLITE_BUSY_TIMEOUT_S = 60
 # SQLite's own defaults: a checkpoint once the WAL holds 1,000 pages. The WAL file left behind after a
@@ -23,9 +28,28 @@ SQLITE_BULK_WAL_BYTES = 256 << 20
 
 def normalize_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here (SQLAlchemy's default driver would be psycopg2)."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://", "postgres+psycopg://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+@contextmanager
+def reachable(engine: Engine, what: str = "database") -> Iterator[None]:
+    """Translate "could not connect" into one line naming the URL, the failure and what to check.
+
+    Used where a command first touches a database (the schema check, `etl db upgrade`), so a wrong
+    port, host or database name is a configuration error, not a driver traceback.
+    """
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        detail = " ".join(str(exc.orig or exc).split("\n")[0].split())
+        raise DatabaseUnreachable(
+            f"cannot connect to the {what} "
+            f"{mask_url(_written.get(engine) or engine.url.render_as_string(hide_password=False))}: "
+            f"{detail or type(exc.orig).__name__}; check the host, port, database name and credentials in "
+            f"ETL_DATABASE_URL / ETL_WAREHOUSE_URL or [database] in the config file, and that the server is running"
+        ) from None
 
 
 def _decode_text(data: bytes) -> str:
@@ -34,19 +58,33 @@ def _decode_text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+# The URL each engine was made from, as the user wrote it (`postgres://...`), for messages.
+_written: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    written = url
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=5)
+        engine = _sqlite_engine(url)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=5)
+    _written[engine] = written
+    return engine
 
 
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     database = parsed.database or ""
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnreachable(
+                f"cannot create the folder of the SQLite database {url}: {exc.strerror or exc}; check the "
+                "path in ETL_DATABASE_URL or [database] url, and that this user may write there"
+            ) from None
     # Pooled, not one connection per transaction: opening a file and running the PRAGMAs below cost about
     # 30 ms per transaction, a tenth of `etl collect` at 100,000 results (bench/RESULTS.md).
     engine = create_engine(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
@@ -16,13 +18,14 @@ from etl.schema import events, reports
 class Tally:
     """Counts accumulated in memory for a chunk (or a batch), flushed as a handful of event rows."""
 
-    rows: dict[tuple[str, str | None, str | None], dict[str, float]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    rows: dict[tuple[str, str | None, str | None], dict[str, Any]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
     )
 
     def add(
-        self, kind: str, task: str | None, reason: str | None = None, documents: int = 1, **amounts: float
+        self, kind: str, task: str | None, reason: str | None = None, documents: int = 1, **amounts: Any
     ) -> None:
+        """Counts are ints; money (`cost_usd`, `standard_cost_usd`) is Decimal."""
         acc = self.rows[(kind, task, reason)]
         acc["documents"] += documents
         for name, value in amounts.items():
@@ -52,13 +55,29 @@ class Tally:
                     "output_tokens": int(acc.get("output_tokens", 0)),
                     "cache_write_tokens": int(acc.get("cache_write_tokens", 0)),
                     "cache_read_tokens": int(acc.get("cache_read_tokens", 0)),
-                    "cost_usd": float(acc.get("cost_usd", 0.0)),
-                    "standard_cost_usd": float(acc.get("standard_cost_usd", 0.0)),
+                    "cost_usd": Decimal(acc.get("cost_usd", 0)),
+                    "standard_cost_usd": Decimal(acc.get("standard_cost_usd", 0)),
                 }
                 for (kind, task, reason), acc in self.rows.items()
             ],
         )
         self.rows.clear()
+
+
+_PER_DOCUMENT = (
+    (re.compile(r"^body is [\d,]+ bytes; the limit is"), "body is over the limit of"),
+    (re.compile(r"^(metadata is not valid JSON): .*$"), r"\1"),
+    (re.compile(r"^request is [\d,]+ bytes with its prompt"), "request with its prompt is too large"),
+)
+
+
+def reason_key(reason: str, limit: int = 300) -> str:
+    """A row's reason as the report counts it: the whole sentence (never cut at a colon), with the parts
+    that differ from document to document (a body's size, a JSON parser's position) left out, so equal
+    causes are counted together."""
+    for pattern, replacement in _PER_DOCUMENT:
+        reason = pattern.sub(replacement, reason)
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def record(
@@ -96,7 +115,7 @@ def summary_since(conn: Connection, since: datetime | None) -> list[dict[str, An
         for key in ("documents", "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens"):
             row[key] = int(row[key] or 0)  # PostgreSQL sums bigints as Decimal
         for key in ("cost_usd", "standard_cost_usd"):
-            row[key] = float(row[key] or 0.0)
+            row[key] = Decimal(row[key] or 0)  # Money: Decimal on both databases
         out.append(row)
     return out
 

@@ -13,11 +13,12 @@ from sqlalchemy import Connection, Engine, inspect, text
 
 from etl import schema
 from etl.errors import SchemaIncomplete, SchemaOutOfDate
+from etl.store.engine import reachable
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-HEAD = "0003"  # the newest file in etl/migrations/versions
+HEAD = "0005"  # the newest file in etl/migrations/versions
 
 
 def _alembic_config(role: str) -> AlembicConfig:
@@ -81,7 +82,7 @@ def _missing(conn: Connection, role: str) -> set[str]:
 
 def current_revision(engine: Engine, role: str) -> str | None:
     name = schema.WAREHOUSE_VERSION_TABLE if role == "warehouse" else schema.SCHEMA_VERSION_TABLE
-    with engine.connect() as conn:
+    with reachable(engine, "warehouse" if role == "warehouse" else "database"), engine.connect() as conn:
         if not inspect(conn).has_table(name):
             return None
         rows = conn.execute(text(f"SELECT version_num FROM {name}")).all()

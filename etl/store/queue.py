@@ -32,15 +32,25 @@ from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, DocStatus, batches, que
 S = DocStatus
 
 
-def claim(conn: Connection, batch_ref: int, limit: int, now: datetime) -> int:
+def claim(
+    conn: Connection,
+    batch_ref: int,
+    limit: int,
+    now: datetime,
+    *,
+    exclude_tasks: Iterable[str] | None = None,
+) -> int:
     """Take up to `limit` queued rows into batch intent `batch_ref`. Concurrent claimers never overlap.
 
     PostgreSQL: `FOR UPDATE SKIP LOCKED`. SQLite: the transaction is `BEGIN IMMEDIATE` (see engine), so
     claimers are serialised and the guarded `status = 'queued'` keeps them apart.
     """
+    where = [queue.c.status == S.QUEUED]
+    if exclude_tasks:
+        where.append(queue.c.task.not_in(sorted(exclude_tasks)))  # at their nightly cap
     picked = (
         select(queue.c.id)
-        .where(queue.c.status == S.QUEUED)
+        .where(*where)
         .order_by(queue.c.priority.desc(), queue.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -59,16 +69,41 @@ SUPERSEDED_REASON = "a newer queued row of the same doc_key and task replaced it
 
 def supersede(conn: Connection, now: datetime) -> int:
     """Of the queued rows of one (doc_key, task), only the newest (highest id) may be sent: the older ones
-    become `superseded` (never sent, never billed). One statement over the queued rows, before a claim."""
-    newest = (
-        select(func.max(queue.c.id)).where(queue.c.status == S.QUEUED).group_by(queue.c.doc_key, queue.c.task)
+    become `superseded` (never sent, never billed).
+
+    One read-only aggregate over the queued rows finds the keys queued more than once (usually none); only
+    then are their rows read and the older ones updated by id. A single `UPDATE ... WHERE id NOT IN
+    (SELECT max(id) ... GROUP BY ...)` took three times as long at 100,000 queued rows (bench/supersede.py).
+    """
+    groups = conn.execute(
+        select(queue.c.doc_key, queue.c.task, func.max(queue.c.id))
+        .where(queue.c.status == S.QUEUED)
+        .group_by(queue.c.doc_key, queue.c.task)
+        .having(func.count() > 1)
+    ).all()
+    if not groups:
+        return 0
+    newest = {(k, t): m for k, t, m in groups}
+    keys = sorted({k for k, _, _ in groups})
+    if conn.dialect.name == "postgresql":
+        key_in = queue.c.doc_key == any_(bindparam("keys", keys, type_=ARRAY(Text)))
+    else:
+        values = func.json_each(bindparam("keys", json.dumps(keys))).table_valued("value")
+        key_in = queue.c.doc_key.in_(select(values.c.value))
+    rows = conn.execute(
+        select(queue.c.id, queue.c.doc_key, queue.c.task).where(queue.c.status == S.QUEUED, key_in)
     )
-    result = conn.execute(
-        update(queue)
-        .where(queue.c.status == S.QUEUED, queue.c.id.not_in(newest))
-        .values(status=S.SUPERSEDED, reason=SUPERSEDED_REASON, updated_at=now)
-    )
-    return int(result.rowcount)
+    older = [r.id for r in rows if (r.doc_key, r.task) in newest and r.id < newest[(r.doc_key, r.task)]]
+    done = 0
+    for start in range(0, len(older), 10_000):
+        ids = older[start : start + 10_000]
+        result = conn.execute(
+            update(queue)
+            .where(_id_in(conn, ids), _is(conn, queue.c.status, S.QUEUED))
+            .values(status=S.SUPERSEDED, reason=SUPERSEDED_REASON, updated_at=now)
+        )
+        done += int(result.rowcount)
+    return done
 
 
 def iter_claimed(conn: Connection, batch_ref: int, page: int = 2000) -> Iterator[Row]:
@@ -94,6 +129,51 @@ def iter_claimed(conn: Connection, batch_ref: int, page: int = 2000) -> Iterator
     with result:
         for r in result:
             yield Row(id=r.id, doc_key=r.doc_key, task=r.task, body=r.body, metadata=r.metadata)
+
+
+def group_by_reason(items: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
+    """Row ids by their reason, for one guarded update per reason."""
+    return _by_reason(items)
+
+
+def iter_queued(
+    conn: Connection,
+    *,
+    task: str | None = None,
+    min_priority: int | None = None,
+    enqueued_before: datetime | None = None,
+    page: int = 2000,
+) -> Iterator[Row]:
+    """Queued rows in the order a submit claims them (priority, then id), streamed; nothing is locked."""
+    stmt = select(
+        queue.c.id,
+        queue.c.doc_key,
+        queue.c.task,
+        cast(queue.c.body, Text).label("body"),
+        cast(queue.c.metadata, Text).label("metadata"),
+    ).where(queue.c.status == S.QUEUED)
+    if task is not None:
+        stmt = stmt.where(queue.c.task == task)
+    if min_priority is not None:
+        stmt = stmt.where(queue.c.priority >= min_priority)
+    if enqueued_before is not None:
+        stmt = stmt.where(queue.c.enqueued_at <= enqueued_before)
+    result = conn.execute(
+        stmt.order_by(queue.c.priority.desc(), queue.c.id).execution_options(yield_per=page)
+    )
+    with result:
+        for r in result:
+            yield Row(id=r.id, doc_key=r.doc_key, task=r.task, body=r.body, metadata=r.metadata)
+
+
+def mark_waiting(conn: Connection, reason: str, task: str | None, now: datetime) -> int:
+    """Queued rows (of `task`, or all) that wait for a later night: the reason on the row, status untouched."""
+    stmt = update(queue).where(
+        queue.c.status == S.QUEUED, (queue.c.reason.is_(None)) | (queue.c.reason != reason)
+    )
+    if task is not None:
+        stmt = stmt.where(queue.c.task == task)
+    return int(conn.execute(stmt.values(reason=reason, updated_at=now)).rowcount)
 
 
 def _by_reason(items: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
@@ -334,3 +414,67 @@ def batch_ref_of(conn: Connection, queue_id: int) -> int | None:
         select(queue.c.batch_ref).where(queue.c.id == queue_id)
     ).scalar_one_or_none()
     return value
+
+
+RETRYABLE = (S.DEAD.value, S.REJECTED.value)
+
+
+def retry_filter(
+    *,
+    statuses: Sequence[str],
+    doc_keys: Sequence[str] = (),
+    task: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> ColumnElement[bool]:
+    """Which `dead`/`rejected` rows an `etl retry` selects: every given selector must match.
+
+    `reason` is a case-insensitive substring of the row's reason; `since`/`until` bound the time the row
+    last changed (when it became dead or rejected).
+    """
+    cond: ColumnElement[bool] = queue.c.status.in_([s for s in statuses if s in RETRYABLE])
+    if doc_keys:
+        cond = cond & queue.c.doc_key.in_(list(doc_keys))
+    if task is not None:
+        cond = cond & (queue.c.task == task)
+    if reason:
+        cond = cond & func.lower(func.coalesce(queue.c.reason, "")).contains(reason.lower(), autoescape=True)
+    if since is not None:
+        cond = cond & (queue.c.updated_at >= since)
+    if until is not None:
+        cond = cond & (queue.c.updated_at < until)
+    return cond
+
+
+def retry_candidates(conn: Connection, where: ColumnElement[bool], limit: int) -> list[Any]:
+    """Up to `limit` selected rows (id, doc_key, task, status, reason), oldest first, and the total."""
+    return list(
+        conn.execute(
+            select(queue.c.id, queue.c.doc_key, queue.c.task, queue.c.status, queue.c.reason)
+            .where(where)
+            .order_by(queue.c.id)
+            .limit(limit)
+        )
+    )
+
+
+def count_where(conn: Connection, where: ColumnElement[bool]) -> int:
+    return int(conn.execute(select(func.count()).select_from(queue).where(where)).scalar_one())
+
+
+def retry(conn: Connection, where: ColumnElement[bool], now: datetime) -> int:
+    """Selected dead/rejected rows back to `queued` with fresh attempts; the old reason is kept after
+    "retried; was <status>:" so the history of the row stays readable. Guarded by the status filter."""
+    result = conn.execute(
+        update(queue)
+        .where(where, queue.c.status.in_(RETRYABLE))
+        .values(
+            status=S.QUEUED,
+            attempts=0,
+            batch_ref=None,
+            updated_at=now,
+            reason="retried; was " + queue.c.status + ": " + func.coalesce(queue.c.reason, ""),
+        )
+    )
+    return int(result.rowcount)

@@ -14,6 +14,22 @@ PAUSE_KEY = "submission_paused"
 LEADER_KEY = "leader"
 
 
+def get_value(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(state.c.value).where(state.c.key == key)).first()
+    return None if row is None else row.value
+
+
+def set_value(conn: Connection, key: str, value: str, now: datetime) -> None:
+    """Write a small named fact (e.g. the estimator's last measured error)."""
+    if conn.execute(update(state).where(state.c.key == key).values(value=value, updated_at=now)).rowcount:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(state).values(key=key, value=value, updated_at=now))
+    except IntegrityError:
+        conn.execute(update(state).where(state.c.key == key).values(value=value, updated_at=now))
+
+
 def pause_reason(conn: Connection) -> str | None:
     row = conn.execute(select(state.c.value).where(state.c.key == PAUSE_KEY)).first()
     return None if row is None else row.value
@@ -33,6 +49,26 @@ def resume(conn: Connection) -> str | None:
     reason = pause_reason(conn)
     conn.execute(delete(state).where(state.c.key == PAUSE_KEY))
     return reason
+
+
+def first_seen(conn: Connection, kind: str, names: list[str], now: datetime) -> list[str]:
+    """Remember `names` under `kind` and return those not remembered before (in the given order).
+
+    For warnings worth saying once per object, such as a batch another tool made on the same account:
+    the next run, or another instance, does not say it again.
+    """
+    if not names:
+        return []
+    keys = {f"{kind}:{n}": n for n in names}
+    known = {r[0] for r in conn.execute(select(state.c.key).where(state.c.key.in_(list(keys))))}
+    new = [n for k, n in keys.items() if k not in known]
+    for name in new:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(state).values(key=f"{kind}:{name}", value=name, updated_at=now))
+        except IntegrityError:  # another process remembered it first: it says it
+            new.remove(name)
+    return new
 
 
 def acquire_lease(conn: Connection, key: str, holder: str, now: datetime, ttl: timedelta) -> bool:

@@ -123,3 +123,38 @@ def test_enqueue_reports_the_bad_line_of_a_file(
     proc = run_etl(["enqueue", str(bad)], env)
     assert proc.returncode == 65
     assert "line 2: not valid JSON" in proc.stderr
+
+
+def test_estimate_dry_run_and_a_months_report_through_the_cli(
+    db_url: str,
+    emulator: EmulatorServer,
+    clock: SharedClock,
+    control: EmulatorControl,
+    config_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    env = env_for(db_url, emulator, config_file(submit={"max_cost_usd_per_night": 1.5}))
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"doc_key": f"e{i}", "body": f"doc {i}"}) + "\n" for i in range(7)))
+    for args in (["db", "upgrade"], ["enqueue", str(jsonl)]):
+        assert run_etl(args, env).returncode == 0
+
+    table = run_etl(["estimate"], env)
+    assert table.returncode == 0, table.stderr
+    assert "7 queued document(s) in 1 batch(es)" in table.stdout
+    assert "nightly cap $1.5" in table.stdout and "7 of 7 document(s) fit under it" in table.stdout
+    figures = json.loads(run_etl(["estimate", "--json", "--task", "default"], env).stdout)
+    assert figures["documents"] == 7 and figures["tasks"][0]["max_output_tokens"] == 7 * 200
+    dry = run_etl(["submit", "--dry-run", "--json"], env)
+    assert json.loads(dry.stdout)["cost_usd"] == figures["cost_usd"]
+    assert control.ledger()["batches_created"] == 0
+
+    assert "submitted 7 document(s)" in run_etl(["submit"], env).stdout
+    status = json.loads(run_etl(["status", "--json"], env).stdout)
+    assert status["budget"]["caps_usd"] == {"*": "1.5000000000"}
+    assert status["budget"]["reserved_usd"] == figures["upper_bound_usd"]
+    month = run_etl(["report", "--since", "30d"], env)
+    assert month.returncode == 0, month.stderr
+    assert "budget for the night of" in month.stdout
+    bad = run_etl(["report", "--since", "a month"], env)
+    assert bad.returncode == 2 and "not a period like 30d" in bad.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -195,6 +197,9 @@ def test_sighup_reloads_the_schedule_and_keeps_running_on_a_bad_file(
     cfg = write_config(tmp_path)
     p = spawn(etl_env(sqlite_url, config=str(cfg)), "run")
     wait_for(lambda: p.logged("leadership_acquired"), what="start-up")
+    started = next(json.loads(line) for line in p.output().splitlines() if '"daemon_started"' in line)
+    assert {"submit", "collect"} <= set(started["next_runs"])  # when each job runs next
+    assert all(datetime.fromisoformat(t) for t in started["next_runs"].values())
     write_config(tmp_path, **{"schedule.submit_cron": "30 1 * * *"})
     p.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: p.logged("config_reloaded"), what="the reload")

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -124,7 +125,9 @@ def test_transient_errors_expired_and_invalid_requests_end_in_the_right_states(
     assert "expired" in rows["d2"]["reason"]
     assert (rows["d3"]["status"], rows["d3"]["attempts"]) == ("dead", 1)
     assert rows["d3"]["reason"] == "invalid_request_error: messages: text content blocks must be non-empty"
-    assert (rows["d4"]["status"], rows["d4"]["attempts"]) == ("queued", 1)
+    # canceled: never processed, never billed, nothing wrong with it: back without using an attempt
+    assert (rows["d4"]["status"], rows["d4"]["attempts"]) == ("queued", 0)
+    assert rows["d4"]["reason"] == "canceled before the model processed it"
     assert all(rows[f"d{i}"]["status"] == "done" for i in range(5, 12))
 
     # The next night the re-queued rows succeed; the dead one is never sent again.
@@ -250,9 +253,9 @@ def test_morning_report_counts_and_costs_match_the_ledger(
     assert money["input_tokens"] == ledger["input_tokens"]
     assert money["output_tokens"] == ledger["output_tokens"]
     # Haiku 4.5: $1 / $5 per million at standard prices; batch is half.
-    standard = (ledger["input_tokens"] * 1.0 + ledger["output_tokens"] * 5.0) / 1e6
-    assert abs(money["standard_cost_usd"] - standard) < 1e-9
-    assert abs(money["cost_usd"] - standard / 2) < 1e-9
+    standard = (Decimal(ledger["input_tokens"]) * 1 + Decimal(ledger["output_tokens"]) * 5) / 1_000_000
+    assert Decimal(money["standard_cost_usd"]) == standard
+    assert Decimal(money["cost_usd"]) == standard / 2
     assert body["queue"]["queued"] == 1
     assert any("expired" in reason for reason in body["failures"])
     text_block = report.render(body)

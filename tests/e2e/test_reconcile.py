@@ -103,3 +103,19 @@ def test_a_process_stalled_between_fence_and_create_past_its_lease_does_not_send
     assert control.ledger()["batches_created"] == 0
     assert intent_statuses(runtime) == [(1, "released")]
     assert {r["status"] for r in queue_rows(runtime).values()} == {"queued"}
+
+
+def test_a_batch_another_tool_made_is_reported_once_not_every_run(runtime: Runtime) -> None:
+    from structlog.testing import capture_logs
+
+    from etl.prompt import batch_body, encode_request
+
+    params = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    foreign = runtime.provider.create_batch(batch_body([encode_request(999_999, params)]))
+    seen = []
+    for _ in range(3):
+        with capture_logs() as logs:
+            assert foreign.id in reconciler.run(runtime).unmatched_remote
+        seen.append([e for e in logs if e["event"] == "remote_batches_unmatched"])
+    assert [len(s) for s in seen] == [1, 0, 0]
+    assert seen[0][0]["batch_ids"] == [foreign.id]

@@ -63,7 +63,7 @@ model = "claude-unknown-9"
         config.load({}, path)
     problems = err.value.problems
     expected = [
-        "neither sqlite:/// nor postgresql://",
+        "'mysql://nope' is neither sqlite:///PATH nor postgresql://",
         "submit.max_requests_per_batch is 200000; the API allows 100000",
         "submit.max_attempts must be positive",
         "unknown setting submit.colour",
@@ -109,3 +109,32 @@ def test_price_lookup_takes_the_longest_matching_prefix() -> None:
     price = cfg.pricing.for_model("claude-haiku-4-5-20251001")
     assert price is not None and (price.input, price.output) == (1.0, 5.0)
     assert cfg.pricing.for_model("gpt-4") is None
+
+
+def test_budget_caps_are_exact_decimals_and_bad_ones_are_listed(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    base = (ROOT / "config" / "etl.toml").read_text()
+    good = tmp_path / "good.toml"
+    good.write_text(
+        base.replace("max_cost_usd_per_night = 0\n", "max_cost_usd_per_night = 200.10\n").replace(
+            "[tasks.classify]\n", "[tasks.classify]\nmax_cost_usd_per_night = 12\n"
+        )
+    )
+    cfg = config.load({}, good)
+    assert cfg.submit.max_cost_usd_per_night == Decimal("200.10")
+    assert cfg.tasks["classify"].max_cost_usd_per_night == Decimal(12)
+    assert cfg.tasks["default"].max_cost_usd_per_night is None
+    assert config.load({}, ROOT / "config" / "etl.toml").submit.max_cost_usd_per_night == 0
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        base.replace("max_cost_usd_per_night = 0\n", "max_cost_usd_per_night = -1\n").replace(
+            "[tasks.classify]\n", '[tasks.classify]\nmax_cost_usd_per_night = "lots"\n'
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load({}, bad)
+    problems = str(info.value)
+    assert "submit.max_cost_usd_per_night cannot be negative" in problems
+    assert "tasks.classify.max_cost_usd_per_night must be a positive number" in problems

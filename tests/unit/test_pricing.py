@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from etl.config import DEFAULT_PRICES, Pricing
+from decimal import Decimal
+from fractions import Fraction
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from etl.config import DEFAULT_PRICES, ModelPrice, Pricing, decimal_of
 from etl.pricing import Meter, Usage, costs
+from etl.schema import MONEY_UNIT
 
 PRICING = Pricing(models=DEFAULT_PRICES)
 
@@ -30,11 +37,11 @@ def test_cache_writes_and_reads_use_their_multipliers() -> None:
     )
     _, standard = costs(PRICING, "claude-sonnet-4-5", usage)
     # sonnet $3/M: 1M * 1.25 + 2M * 2.0 + 10M * 0.1 = 6.25 M-equivalent tokens
-    assert abs(standard - 3.0 * 6.25) < 1e-9
+    assert standard == Decimal("18.75")
 
 
 def test_unknown_model_costs_nothing_rather_than_guessing() -> None:
-    assert costs(PRICING, "mystery-model", Usage(input_tokens=5)) == (0.0, 0.0)
+    assert costs(PRICING, "mystery-model", Usage(input_tokens=5)) == (Decimal(0), Decimal(0))
 
 
 def test_the_meter_prices_exactly_as_costs_does() -> None:
@@ -44,3 +51,33 @@ def test_the_meter_prices_exactly_as_costs_does() -> None:
             input_tokens=1234, output_tokens=567, cache_write_5m=89, cache_write_1h=10, cache_read=11
         )
         assert meter.costs(model, usage) == costs(PRICING, model, usage)
+
+
+PRICES = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("100"), places=2)
+TOKENS = st.integers(min_value=0, max_value=5_000_000)
+
+
+@settings(deadline=None)
+@given(PRICES, PRICES, st.sampled_from(["0.5", "0.25", "1"]), TOKENS, TOKENS, TOKENS, TOKENS, TOKENS)
+def test_costs_are_the_exact_price_of_the_tokens_rounded_once(
+    inp: Decimal, out: Decimal, discount: str, i: int, o: int, w5: int, w1: int, r: int
+) -> None:
+    """Exact arithmetic (as fractions) rounded to the stored unit, never a float on the way."""
+    pricing = Pricing(models={"m": ModelPrice(inp, out)}, batch_discount=Decimal(discount))
+    batch, standard = costs(pricing, "m", Usage(i, o, w5, w1, r))
+    exact = (
+        Fraction(i) * Fraction(inp)
+        + Fraction(o) * Fraction(out)
+        + Fraction(w5) * Fraction(inp) * Fraction("1.25")
+        + Fraction(w1) * Fraction(inp) * 2
+        + Fraction(r) * Fraction(inp) * Fraction("0.1")
+    ) / 1_000_000
+    unit = Fraction(MONEY_UNIT)
+    assert abs(Fraction(standard) - exact) <= unit / 2
+    assert abs(Fraction(batch) - exact * Fraction(discount)) <= unit / 2
+
+
+def test_toml_numbers_are_read_as_written() -> None:
+    assert decimal_of(0.1) == Decimal("0.1")
+    assert decimal_of(0.8) * 3 == Decimal("2.4")
+    assert decimal_of(3) == Decimal(3)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etl import config
+from etl.config import Task
 from etl.prompt import (
     MAX_DOC_KEY_BYTES,
     Rejection,
@@ -78,6 +79,19 @@ def test_custom_ids_map_back_to_exactly_one_row_and_fit_the_api_pattern() -> Non
     decoded = json.loads(body)
     assert [r["custom_id"] for r in decoded["requests"]] == ["q7", "q8"]
     assert decoded["requests"][0]["params"] == {"a": "é"}
+
+
+@settings(deadline=None)
+@given(st.text(min_size=1).filter(lambda s: s.strip() and "\x00" not in s), st.integers(1, 10**12))
+def test_the_estimators_request_size_is_the_encoded_requests_length(body: str, qid: int) -> None:
+    from etl.prompt import encode_request, request_size
+
+    task = Task("t", "claude-haiku-4-5", "Doc:\n{body}", 100, system="Be brief é", cache_system=True)
+    try:
+        params = build_params(Row(qid, "k", "t", body, None), {"t": task}, 10_000)
+    except Rejection:
+        return
+    assert request_size(qid, params) == len(encode_request(qid, params))
 
 
 INVISIBLE = st.sampled_from(

@@ -1,0 +1,334 @@
+"""`etl estimate` (and `etl submit --dry-run`): what sending the queue would cost, with nothing claimed or sent.
+
+The queued rows are read in claim order (nothing locked), turned into requests exactly as the submitter
+builds them (so rejects are counted, not priced), split into batches by the submitter's limits, and
+priced per task and model by `etl.budget`: input tokens from the local estimate (4 characters a token),
+output at `max_tokens` (an upper bound), the cached system prompt as one write per batch and reads for
+the rest. Memory does not grow with the queue: rows are streamed and only per-task sums are kept.
+
+With `count_tokens=True` a random sample of the requests (reservoir sampling, `submit.count_tokens_sample`)
+is sent to the API's free `POST /v1/messages/count_tokens`; input tokens are then the local estimate
+scaled by the sample's ratio, with a confidence interval, and the local estimate's error is printed and
+remembered, so an offline estimate can say how far it was off last time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from etl import budget
+from etl.costs import plain, usd_text
+from etl.errors import ProviderError
+from etl.prompt import BODY_OVERHEAD, Rejection, build_params, request_size
+from etl.runtime import Runtime
+from etl.store import queue as q
+from etl.store import spend, state
+from etl.store.engine import reading
+
+log = structlog.get_logger("etl.estimate")
+
+CALIBRATION_KEY = budget.CALIBRATION_KEY
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which queued documents to estimate (all of them by default)."""
+
+    task: str | None = None
+    min_priority: int | None = None
+    older_than: timedelta | None = None
+
+
+@dataclass
+class TaskEstimate:
+    task: str
+    model: str
+    documents: int = 0
+    rejected: int = 0
+    input_tokens: int = 0  # outside the cache
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    max_output_tokens: int = 0
+    batches: int = 0
+    cost_usd: str = "0"  # batch price
+    standard_cost_usd: str = "0"
+    upper_bound_usd: str = "0"  # what the cap reserves
+    within_cap: int = 0  # documents tonight's caps let through
+    message_tokens: int = field(default=0, repr=False)
+    _last_batch: int = field(default=-1, repr=False)
+    _upper_units: int = field(default=0, repr=False)
+
+
+@dataclass
+class Sampling:
+    """count_tokens against the local estimate on a sample."""
+
+    sampled: int
+    of: int
+    local_tokens: int
+    api_tokens: int
+    confidence: float
+    ratio: float  # api / local
+    margin_tokens: int  # +- on the total input tokens at `confidence`
+    stopped: str | None = None
+
+    @property
+    def local_error(self) -> float:
+        """(local - api) / api: how far the offline estimate is off."""
+        return (self.local_tokens - self.api_tokens) / self.api_tokens if self.api_tokens else 0.0
+
+
+@dataclass
+class Estimate:
+    generated_at: str
+    selection: dict[str, Any]
+    tasks: list[TaskEstimate]
+    documents: int
+    rejected: int
+    batches: int
+    cost_usd: str
+    standard_cost_usd: str
+    upper_bound_usd: str
+    tokens_source: str
+    night: str
+    caps_usd: dict[str, str]
+    reserved_tonight_usd: str
+    within_cap: int
+    sampling: Sampling | None = None
+    last_calibration: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for t in out["tasks"]:
+            for key in ("message_tokens", "_last_batch", "_upper_units"):
+                t.pop(key, None)
+        if self.sampling is not None:
+            out["sampling"]["local_error"] = round(self.sampling.local_error, 4)
+        return out
+
+
+def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: int = 0) -> Estimate:
+    """Estimate the queued documents of `selection`. Reads only; count_tokens calls are free."""
+    cfg = rt.config
+    limits = cfg.submit
+    now = rt.clock()
+    with reading(rt.engine) as conn:
+        calibration = state.get_value(conn, CALIBRATION_KEY)
+    costing = budget.Costing(cfg, budget.margin(calibration))  # the submitter's reservations, exactly
+    caps = budget.caps(cfg)
+    night = budget.night_of(now, cfg.schedule.zone)
+    per_task: dict[str, TaskEstimate] = {}
+    rng = random.Random(seed)
+    sample_size = limits.count_tokens_sample if count_tokens else 0
+    sample: list[tuple[dict[str, Any], int]] = []
+    seen = 0
+    batch_index, batch_count, batch_bytes = 0, 0, BODY_OVERHEAD
+    with reading(rt.engine) as conn:
+        reserved = spend.reserved(conn, night)
+        allowance = budget.Allowance(costing, caps, reserved)
+        rows = q.iter_queued(
+            conn,
+            task=selection.task,
+            min_priority=selection.min_priority,
+            enqueued_before=None if selection.older_than is None else now - selection.older_than,
+        )
+        for row in rows:
+            task = cfg.tasks.get(row.task)
+            line = per_task.get(row.task)
+            if line is None:
+                line = per_task[row.task] = TaskEstimate(row.task, task.model if task else "(no such task)")
+            try:
+                params = build_params(row, cfg.tasks, limits.max_body_bytes)
+            except Rejection:
+                line.rejected += 1
+                continue
+            size = request_size(row.id, params) + 1
+            if size - 1 + BODY_OVERHEAD > limits.max_batch_bytes:
+                line.rejected += 1
+                continue
+            if batch_count >= limits.max_requests_per_batch or batch_bytes + size > limits.max_batch_bytes:
+                batch_index += 1
+                batch_count, batch_bytes = 0, BODY_OVERHEAD
+            batch_count += 1
+            batch_bytes += size
+            if line._last_batch != batch_index:
+                line._last_batch = batch_index
+                line.batches += 1
+            tokens = budget.tokens_of(budget.message_text(params))
+            line.documents += 1
+            line.message_tokens += tokens
+            cost = costing.tasks[row.task]
+            units = cost.upper_bound(tokens)
+            line._upper_units += units
+            if allowance.take(row.task, units):
+                line.within_cap += 1
+            if sample_size:
+                seen += 1
+                local = tokens + cost.system_tokens
+                if len(sample) < sample_size:
+                    sample.append((params, local))
+                else:
+                    j = rng.randrange(seen)
+                    if j < sample_size:
+                        sample[j] = (params, local)
+    sampling = _count_sample(rt, sample, seen, limits.count_tokens_confidence) if sample else None
+    ratio = sampling.ratio if sampling is not None else 1.0
+    total = {"cost": Decimal(0), "standard": Decimal(0), "upper": Decimal(0)}
+    for name, line in per_task.items():
+        priced = costing.tasks.get(name)
+        if priced is None or not line.documents:
+            continue
+        cost = priced
+        tokens = round(line.message_tokens * ratio)
+        line.input_tokens = cost.input_tokens(line.documents, tokens)
+        if cost.cached:
+            writes = min(line.batches, line.documents)
+            line.cache_write_tokens = writes * cost.system_tokens
+            line.cache_read_tokens = (line.documents - writes) * cost.system_tokens
+        line.max_output_tokens = line.documents * cost.task.max_tokens
+        units = cost.estimate(line.documents, tokens, line.batches)
+        price = costing.usd(units)
+        standard = costing.standard(units, cfg.pricing.batch_discount)
+        upper = costing.usd(line._upper_units)  # what the submitter would reserve for them
+        line.cost_usd, line.standard_cost_usd, line.upper_bound_usd = (
+            usd_text(price),
+            usd_text(standard),
+            usd_text(upper),
+        )
+        total["cost"] += price
+        total["standard"] += standard
+        total["upper"] += upper
+    if sampling is not None:
+        with rt.engine.begin() as conn:
+            state.set_value(
+                conn,
+                CALIBRATION_KEY,
+                json.dumps(
+                    {
+                        "at": now.isoformat(),
+                        "sampled": sampling.sampled,
+                        "local_error": round(sampling.local_error, 4),
+                        "ratio": round(sampling.ratio, 6),
+                    }
+                ),
+                now,
+            )
+    tasks = [per_task[k] for k in sorted(per_task)]
+    return Estimate(
+        generated_at=now.isoformat(),
+        selection={
+            "task": selection.task,
+            "min_priority": selection.min_priority,
+            "older_than_hours": None
+            if selection.older_than is None
+            else selection.older_than.total_seconds() / 3600,
+        },
+        tasks=tasks,
+        documents=sum(t.documents for t in tasks),
+        rejected=sum(t.rejected for t in tasks),
+        batches=batch_index + 1 if any(t.documents for t in tasks) else 0,
+        cost_usd=usd_text(total["cost"]),
+        standard_cost_usd=usd_text(total["standard"]),
+        upper_bound_usd=usd_text(total["upper"]),
+        tokens_source="count_tokens sample" if sampling is not None else "local (4 characters per token)",
+        night=night,
+        caps_usd={k: usd_text(v) for k, v in caps.items()},
+        reserved_tonight_usd=usd_text(sum(reserved.values(), Decimal(0))),
+        within_cap=sum(t.within_cap for t in tasks),
+        sampling=sampling,
+        last_calibration=json.loads(calibration) if calibration else None,
+    )
+
+
+def _count_sample(
+    rt: Runtime, sample: list[tuple[dict[str, Any], int]], population: int, confidence: float
+) -> Sampling:
+    """count_tokens for each sampled request; a ratio estimate of the total with its margin.
+
+    The API's count limits its rate: a 429 ends the sampling early with what was counted so far.
+    """
+    pairs: list[tuple[int, int]] = []
+    stopped = None
+    for params, local in sample:
+        try:
+            pairs.append((local, rt.provider.count_tokens(params)))
+        except ProviderError as exc:
+            if exc.kind in ("rate_limited", "transient") and pairs:
+                stopped = str(exc)
+                break
+            raise
+    n = len(pairs)
+    local_sum = sum(p[0] for p in pairs)
+    api_sum = sum(p[1] for p in pairs)
+    ratio = api_sum / local_sum if local_sum else 1.0
+    margin = 0
+    if 1 < n < population:
+        residual = statistics.variance([api - ratio * loc for loc, api in pairs])
+        z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+        margin = math.ceil(z * population * math.sqrt((1 - n / population) * residual / n))
+    log.info("count_tokens_sampled", sampled=n, of=population, ratio=round(ratio, 4), stopped=stopped)
+    return Sampling(n, population, local_sum, api_sum, confidence, ratio, margin, stopped)
+
+
+def render(est: Estimate) -> str:
+    """The table printed on a terminal."""
+    lines = [
+        f"Estimate {est.generated_at}: {est.documents:,} queued document(s) in {est.batches} batch(es)"
+        + (f"; {est.rejected:,} would be rejected" if est.rejected else ""),
+        f"input tokens: {est.tokens_source}; output tokens: the upper bound (max_tokens)",
+        "",
+        f"{'task':<14}{'model':<22}{'docs':>9}{'input':>12}{'cache w':>10}{'cache r':>12}{'max out':>12}"
+        f"{'batches':>8}{'batch $':>12}{'standard $':>12}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for t in est.tasks:
+        lines.append(
+            f"{t.task:<14}{t.model:<22}{t.documents:>9,}{t.input_tokens:>12,}{t.cache_write_tokens:>10,}"
+            f"{t.cache_read_tokens:>12,}{t.max_output_tokens:>12,}{t.batches:>8}{_usd(t.cost_usd):>12}"
+            f"{_usd(t.standard_cost_usd):>12}"
+        )
+    if not est.tasks:
+        lines.append("(nothing queued)")
+    lines += [
+        "",
+        f"total: ${_usd(est.cost_usd)} at the batch price (${_usd(est.standard_cost_usd)} at standard prices); "
+        f"upper bound with every cache write ${_usd(est.upper_bound_usd)}",
+    ]
+    if est.caps_usd:
+        caps = ", ".join(
+            f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in est.caps_usd.items()
+        )
+        lines.append(
+            f"nightly cap {caps} (night of {est.night}): ${_usd(est.reserved_tonight_usd)} reserved tonight; "
+            f"{est.within_cap:,} of {est.documents:,} document(s) fit under it"
+        )
+    s = est.sampling
+    if s is not None:
+        lines.append(
+            f"count_tokens: {s.sampled} of {s.of:,} requests counted; input tokens +-{s.margin_tokens:,} at "
+            f"{s.confidence:.0%} confidence; the local estimate is off by {s.local_error:+.1%}"
+            + (f" (sampling stopped early: {s.stopped})" if s.stopped else "")
+        )
+    elif est.last_calibration:
+        c = est.last_calibration
+        lines.append(
+            f"the local estimate was off by {c['local_error']:+.1%} against count_tokens "
+            f"({c['sampled']} requests, {c['at']}); run with --count-tokens to measure again"
+        )
+    else:
+        lines.append("the local estimate's error is not measured yet: run with --count-tokens")
+    lines.append("nothing was claimed or sent")
+    return "\n".join(lines)
+
+
+def _usd(value: str) -> str:
+    return f"{Decimal(value):,.4f}"

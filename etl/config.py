@@ -101,6 +101,9 @@ class SubmitSettings:
         900  # unused since ownership needs no clock window; accepted for old configs
     )
     max_batches_per_run: int = 1000
+    # An unknown create whose process is known dead (etl.liveness) is released this long after the death
+    # was first seen, instead of after reconcile_grace_seconds: nothing it sent can still be in flight.
+    dead_owner_settle_seconds: int = 15
     # The nightly budget (0: none): batches are sent only while the upper bound of what was sent tonight
     # stays within it. A night runs from noon to noon in schedule.timezone.
     max_cost_usd_per_night: Decimal = Decimal(0)
@@ -127,6 +130,11 @@ class ScheduleSettings:
     poll_minutes: float = 30.0
     poll_max_minutes: float = 240.0
     leader_lease_seconds: int = 120
+    # A crashed, interrupted or partial submit is re-run with backoff (doubling from retry_backoff_seconds
+    # up to retry_backoff_max_seconds) until its rows are sent or until this local time, then reported.
+    retry_until: str = "06:00"
+    retry_backoff_seconds: float = 5.0
+    retry_backoff_max_seconds: float = 600.0
 
     @property
     def zone(self) -> ZoneInfo:
@@ -357,6 +365,11 @@ def _build(
             problems.append(
                 f"schedule.{name} {expr!r} is not a 5-field cron expression (minute hour day month weekday)"
             )
+
+    if not re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", schedule.retry_until):
+        problems.append(f"schedule.retry_until {schedule.retry_until!r} is not a time of day like 06:00")
+    for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
+        _positive(getattr(schedule, name), f"schedule.{name}", problems)
 
     pricing = _pricing(_section(raw, "pricing", problems), problems)
     tasks = _tasks(_section(raw, "tasks", problems), problems)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import select
 import signal
@@ -40,12 +41,15 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Connection, event
 
-from etl import collector, logs, reconciler, report, scheduling, submitter
+from etl import collector, liveness, logs, reconciler, recovery, report, scheduling, submitter
 from etl import config as config_mod
 from etl.errors import ConfigError, SubmissionPaused
 from etl.notify import Notifier
 from etl.runtime import Runtime
+from etl.schema import BatchStatus
 from etl.store import batches as intents
 from etl.store import migrate, state
 
@@ -57,7 +61,23 @@ STOP_GRACE_ENV = "ETL_DAEMON_STOP_GRACE_SECONDS"  # how long a stop waits for th
 STALL_ENV = "ETL_DAEMON_STALL_SECONDS"  # a job silent this long stops the watchdog pings
 MAX_TICK_SECONDS = 60.0
 DEFAULT_STOP_GRACE = 60.0  # well inside the unit's TimeoutStopSec=90
-DEFAULT_STALL = 3600.0
+STALL_MARGIN = 60.0  # beyond the longest single call a job may wait on (see `default_stall`)
+STARTUP_POLL_SECONDS = 1.0  # a poll killed half-way resumes this soon after a restart
+
+
+def default_stall(cfg: config_mod.Config) -> float:
+    """How long a job may go without progress (a database commit, or asking whether to stop) before the
+    watchdog pings stop: the longest call it can legitimately wait on, plus a margin."""
+    longest = max(
+        cfg.submit.create_timeout_seconds, cfg.collect.stream_timeout_seconds, cfg.api_timeout_seconds
+    )
+    return longest + STALL_MARGIN
+
+
+def _quiet_recovery_skips(record: logging.LogRecord) -> bool:
+    """The recovery tick is skipped while a job holds the one worker thread: expected, not a warning."""
+    msg = record.getMessage()
+    return not (msg.startswith('Execution of job "recovery') and "skipped" in msg)
 
 
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
@@ -79,7 +99,11 @@ class Daemon:
         self.progress_at = time.monotonic()
         self.poll_delay: float | None = None
         self.stop_grace = _float_env(self.env, STOP_GRACE_ENV, DEFAULT_STOP_GRACE)
-        self.stall_limit = _float_env(self.env, STALL_ENV, DEFAULT_STALL)
+        self.stall_limit = _float_env(self.env, STALL_ENV, default_stall(rt.config))
+        self.slot: datetime | None = None  # the slot of the job running now
+        self._recovering = True  # etl.recovery has something pending: apply its rules every tick
+        self._recovery_at = 0.0
+        self._life: Connection | None = None  # PostgreSQL: holds the advisory lock that says we are alive
         self.run_now = [j for j in self.env.get(RUN_NOW_ENV, "").replace(" ", "").split(",") if j in JOBS]
         self._signals = 0
         self._idle = threading.Event()
@@ -109,6 +133,13 @@ class Daemon:
     def _should_stop(self) -> bool:
         self.progress_at = time.monotonic()  # the jobs ask between batches: that is their heartbeat
         return self.stop_event.is_set()
+
+    def _on_commit(self, _conn: Any) -> None:
+        # Every transaction a job commits (a claim, a chunk of results, a claim's lease renewal) is progress.
+        # A job stuck on a socket or a lock commits nothing, and the watchdog pings stop (`_making_progress`).
+        # The main loop's own commits (the leader lease) say nothing about the job: they do not count.
+        if threading.current_thread() is not threading.main_thread():
+            self.progress_at = time.monotonic()
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1
@@ -141,16 +172,33 @@ class Daemon:
         self.notifier.status("checking the database schema")
         migrate.check(self.rt.engine, self.rt.warehouse)
         self.rt.config.require_api_key()
+        self._hold_life_lock()
+        event.listen(self.rt.engine, "commit", self._on_commit)
         self.notifier.status("reconciling unfinished batch creates")
         with logs.run_context("reconcile"):
+            found = recovery.sweep(self.rt)  # a dead predecessor's runs and intents, known at once
             out = reconciler.run(self.rt)
-            log.info("startup_reconciled", adopted=out.adopted, still_unknown=out.still_unknown)
+            log.info(
+                "startup_reconciled",
+                adopted=out.adopted,
+                still_unknown=out.still_unknown,
+                crashed_runs=len(found.crashed_runs),
+                dead_owner_intents=len(found.ended_leases),
+            )
+        logging.getLogger("apscheduler.scheduler").addFilter(_quiet_recovery_skips)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._schedule_jobs()
+        self.scheduler.add_job(
+            self._recovery_tick,
+            IntervalTrigger(seconds=recovery.TICK_SECONDS),
+            id="recovery",
+            name="recovery",
+            replace_existing=True,
+        )
         self.scheduler.start()
         log.info(
             "daemon_started",
@@ -160,6 +208,7 @@ class Daemon:
             collect_cron=cfg.schedule.collect_cron,
             poll_minutes=cfg.schedule.poll_minutes,
             watchdog_seconds=self.notifier.watchdog_interval,
+            stall_seconds=self.stall_limit,
             next_runs=self._next_runs(),
         )
         self.notifier.ready(self._status_line())
@@ -238,11 +287,37 @@ class Daemon:
 
     # -- leadership -----------------------------------------------------------------------------------
 
+    def _hold_life_lock(self) -> None:
+        """PostgreSQL: hold a session advisory lock named after us for as long as we live, so any host
+        knows the moment we die (etl.liveness). Re-taken on the next tick if the connection drops."""
+        if self.rt.engine.dialect.name != "postgresql":
+            return
+        if self._life is not None:
+            if not self._life.invalidated and not self._life.closed:
+                return
+            with contextlib.suppress(Exception):
+                self._life.invalidate()
+            self._life = None
+        try:
+            conn = self.rt.engine.connect()
+            owner = liveness.with_lock(self.rt.owner)
+            if state.hold_owner_lock(conn, owner):
+                conn.commit()  # the lock is the session's, not the transaction's
+                self.rt.owner = owner
+                self._life = conn
+            else:
+                conn.invalidate()
+        except Exception as exc:  # recovery loop: without the lock, leases are the fallback
+            log.warning("liveness_lock_failed", error=str(exc))
+
     def _lease_tick(self) -> None:
         ttl = timedelta(seconds=self.rt.config.schedule.leader_lease_seconds)
         try:
+            self._hold_life_lock()
             with self.rt.engine.begin() as conn:
                 got = state.acquire_lease(conn, state.LEADER_KEY, self.rt.owner, self.now(), ttl)
+            if not got:  # held: by a process that is gone? Then at once, not at lease expiry.
+                got = recovery.take_over_leader(self.rt, self.now(), ttl)
         except Exception as exc:  # recovery loop: a database blip must not kill the service
             log.warning("lease_renewal_failed", error=str(exc))
             got = False
@@ -250,6 +325,9 @@ class Daemon:
             self.leader = True
             log.info("leadership_acquired", owner=self.rt.owner)
             self._submit_job(self._catch_up, "catch_up")
+            # A poll killed half-way, or batches that ended while we were down: look now, not in 30 minutes.
+            self._schedule_poll(STARTUP_POLL_SECONDS)
+            self.poll_delay = None  # (the next poll then comes after poll_minutes, as always)
         elif not got and self.leader:
             self.leader = False
             log.warning("leadership_lost", owner=self.rt.owner)
@@ -315,24 +393,50 @@ class Daemon:
         self.run_now = []
         for slot, job in sorted(todo):
             self.run_slot(job, slot)
+        self._rerun(recovery.due_reruns(self.rt, self.now(), JOBS))
+
+    def _rerun(self, reruns: list[recovery.Rerun]) -> None:
+        for r in sorted(reruns, key=lambda r: r.slot):
+            log.info("rerunning_slot", job=r.job, slot=r.slot.isoformat(), attempt=r.attempt, why=r.why)
+            self.run_slot(r.job, r.slot, r.attempt)
+
+    def _recovery_tick(self) -> None:
+        """etl.recovery's rules, every few seconds while leader: settle what dead processes left, re-run
+        crashed or passing-partial slots."""
+        if not self.leader or self.stop_event.is_set():
+            return
+        if not self._recovering and time.monotonic() - self._recovery_at < recovery.IDLE_SECONDS:
+            return  # nothing was pending at the last look: look again once a minute, not every tick
+        self._recovery_at = time.monotonic()
+        try:
+            with logs.run_context("recovery"):
+                out = recovery.settle(self.rt)
+                returned = out is not None and (out.released_claims + out.released_unknown) > 0
+                due = recovery.due_reruns(self.rt, self.now(), JOBS, rows_returned=returned)
+                self._rerun(due)
+                self._recovering = out is not None or bool(due) or recovery.retry_pending(self.rt, self.now())
+        except Exception as exc:  # recovery loop: the next tick tries again
+            self._recovering = True
+            log.exception("recovery_failed", error=str(exc))
 
     def _scheduled(self, job: str) -> None:
         slot = scheduling.latest_fire(self.cron(job), self.rt.config.schedule.zone, self.now())
         if slot is not None:
             self.run_slot(job, slot)
 
-    def run_slot(self, job: str, slot: datetime) -> str | None:
-        """Claim (job, slot) in etl_runs and run it. Returns the outcome, or None if not run here."""
+    def run_slot(self, job: str, slot: datetime, attempt: int = 1) -> str | None:
+        """Claim (job, slot, attempt) in etl_runs and run it. Returns the outcome, or None if not run here."""
         if self.stop_event.is_set() or not self.leader:
             return None
         with logs.run_context(job) as run_id:
             with self.rt.engine.begin() as conn:
-                claimed = state.start_run(conn, job, slot, run_id, self.rt.owner, self.now())
+                claimed = state.start_run(conn, job, slot, run_id, self.rt.owner, self.now(), attempt)
             if not claimed:
                 log.info("slot_taken", slot=slot.isoformat(), reason="another run has this slot")
                 return None
-            log.info("job_started", slot=slot.isoformat())
+            log.info("job_started", slot=slot.isoformat(), attempt=attempt)
             outcome, detail = "failed", None
+            self.slot = slot
             self._enter(job)
             try:
                 outcome, detail = self._job_body(job)
@@ -346,6 +450,8 @@ class Daemon:
                 self._leave()
                 with self.rt.engine.begin() as conn:
                     state.finish_run(conn, run_id, outcome, detail, self.now())
+                if outcome != "ok":
+                    self._recovering = True
                 log.info("job_finished", outcome=outcome, detail=detail)
         return outcome
 
@@ -369,6 +475,11 @@ class Daemon:
                 detail += f", {out.waiting} waiting for the nightly budget"
             if out.batches:
                 self._schedule_poll(self.rt.config.schedule.poll_minutes * 60)
+            with self.rt.engine.connect() as conn:
+                waiting = len(intents.with_status(conn, BatchStatus.UNKNOWN))
+            if not out.stopped and waiting:
+                # Rows of a create whose outcome is not known yet: this slot is not done (etl.recovery).
+                return "partial", f"{detail}; {waiting} create(s) awaiting reconciliation"
             if not out.stopped:
                 return "ok", detail
             detail += f"; stopped: {out.stopped}"
@@ -384,7 +495,12 @@ class Daemon:
             detail += f"; {len(col.problems)} problem(s): {col.problems[0]}"
         if self.stop_event.is_set():
             return "interrupted", detail
-        report.morning(self.rt)
+        with self.rt.engine.connect() as conn:
+            written = self.slot is not None and recovery.report_written(conn, self.slot)
+        if written:  # the crashed attempt got as far as the report: one report per morning
+            log.info("morning_report_exists", slot=self.slot and self.slot.isoformat())
+        else:
+            report.morning(self.rt)
         return "ok", detail
 
     def _poll(self) -> None:
@@ -393,6 +509,10 @@ class Daemon:
         pending = False
         if self.leader and not self.stop_event.is_set():
             with logs.run_context("poll"):
+                try:  # unknown creates and dead processes' intents: settled here too, not only by a submit
+                    recovery.settle(self.rt)
+                except Exception as exc:  # recovery loop: the next poll tries again
+                    log.exception("poll_reconcile_failed", error=str(exc))
                 with self.rt.engine.connect() as conn:
                     pending = bool(intents.open_intents(conn))
                 if pending:
@@ -456,6 +576,9 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self._release_lease()
+        if self._life is not None:
+            with contextlib.suppress(Exception):
+                self._life.invalidate()  # closes the session (and its lock) instead of pooling it
         if not finished:
             # Every step is resumable from the database (the reconciler settles an interrupted
             # create), so leaving now is safe; waiting longer would only get us SIGKILLed.

@@ -30,6 +30,7 @@ class Notifier:
         self.address = _address(socket_path) if socket_path else None
         self.watchdog_usec = watchdog_usec if watchdog_usec and watchdog_usec > 0 else None
         self._sock: socket.socket | None = None
+        self._dropping = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
@@ -57,8 +58,15 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A manager that stopped reading must not hang the daemon (main loop and job alike).
+                self._sock.setblocking(False)
             self._sock.sendto("\n".join(fields).encode(), self.address)
             return True
+        except BlockingIOError:
+            if not self._dropping:
+                self._dropping = True
+                log.warning("notify_dropped", reason="the service manager's socket is full")
+            return False
         except OSError as exc:
             log.warning("notify_failed", error=str(exc))
             return False

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from etl import failpoints
+from etl import failpoints, liveness
 from etl.errors import EtlError, ProviderError
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
@@ -98,6 +98,7 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         known = intents.known_batch_ids(conn)
 
     grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
+    settle = timedelta(seconds=rt.config.submit.dead_owner_settle_seconds)
     since = now - ORPHAN_LOOKBACK  # remote batches this recent that match no record are reported
     recent: list[RemoteBatch] = []
     candidates: dict[int, list[RemoteBatch]] = {i.id: [] for i in unknown}
@@ -178,7 +179,8 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         elif waiting_for:
             out.still_unknown += 1
             log.info("unknown_intent_waiting_for_lookalike", intent=intent.id, batch_ids=waiting_for)
-        elif now - sent > grace:
+        elif now - sent > grace or liveness.settled_after_death(intent.owner, now, settle):
+            # (a process known dead for `settle` has nothing in flight: see etl.liveness)
             reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
             with rt.engine.begin() as conn:
                 if intents.release(conn, intent.id, (BatchStatus.UNKNOWN,), reason):

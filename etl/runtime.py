@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import gc
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -18,6 +15,7 @@ from sqlalchemy import Engine
 if TYPE_CHECKING:
     from etl.provider import Provider
 
+from etl import liveness
 from etl.clock import utcnow
 from etl.config import Config
 from etl.store.engine import make_engine
@@ -64,7 +62,7 @@ class Runtime:
     provider_factory: Callable[[], Provider]
     clock: Callable[[], datetime] = utcnow
     should_stop: Callable[[], bool] = _never
-    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    owner: str = field(default_factory=liveness.new_owner)  # host:pid:tag:boot:start (etl.liveness)
     _provider: Provider | None = None
     _warming: threading.Thread | None = None
     _provider_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -250,7 +250,9 @@ runs = Table(
     Column("ended_at", UtcDateTime, nullable=True),
     Column("outcome", Text, nullable=False, server_default="running"),
     Column("detail", Text, nullable=True),
-    UniqueConstraint("job", "slot", name="uq_etl_runs_job_slot"),
+    # 1 for the scheduled run; a crashed, interrupted or partial run is re-run as attempt 2, 3...
+    Column("attempt", Integer, nullable=False, server_default=text("1")),
+    UniqueConstraint("job", "slot", "attempt", name="uq_etl_runs_job_slot_attempt"),
 )
 
 reports = Table(

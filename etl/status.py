@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from etl import budget, costs, report
+from etl import budget, costs, recovery, report
 from etl.clock import isoformat
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -37,11 +38,31 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     for r in runs:
         latest.setdefault(r.job, r.outcome)
     problems += [f"last {job} run {outcome}" for job, outcome in latest.items() if outcome == "failed"]
+    problems += recovery_problems(rt, runs, now)
     problems += [f"{b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}" for b in info["late"]]
     problems += _stuck(rt, info)
     if info["submission_paused"]:
         problems.append(f"submission paused: {info['submission_paused']}")
     return info, not problems, problems
+
+
+def recovery_problems(rt: Runtime, runs: list[state.Run], now: datetime) -> list[str]:
+    """A crashed run not yet re-run, and a partial submit that the night's retries did not complete."""
+    newest: dict[str, state.Run] = {}
+    for r in runs:
+        newest.setdefault(r.job, r)
+    out = []
+    for job, r in newest.items():
+        if r.outcome == "crashed":
+            out.append(f"last {job} run crashed ({r.detail}); the daemon re-runs it once it is leader")
+        elif (
+            job == "submit" and r.outcome == "partial" and now >= recovery.cutoff(rt.config.schedule, r.slot)
+        ):
+            out.append(
+                f"submit slot {isoformat(r.slot)} ended partial after {r.attempt} attempt(s) and was not "
+                f"completed by schedule.retry_until {rt.config.schedule.retry_until}: {r.detail}"
+            )
+    return out
 
 
 def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:

@@ -177,6 +177,19 @@ def expire_sending(conn: Connection, now: datetime) -> list[int]:
     return [r[0] for r in rows]
 
 
+def end_lease_of(conn: Connection, intent_id: int, owner: str, now: datetime) -> bool:
+    """The owner of a `claimed`/`sending` intent is known dead: its lease ends now, so the reconciler's
+    usual rules (release the claim, turn the send `unknown`) apply at once instead of at lease expiry.
+    Guarded on the owner, so an intent taken over meanwhile is left alone."""
+    return _transition(
+        conn,
+        intent_id,
+        (B.CLAIMED, B.SENDING),
+        (batches.c.owner == owner) & (batches.c.lease_expires_at >= now),
+        lease_expires_at=now - timedelta(microseconds=1),
+    )
+
+
 def mark_failed(conn: Connection, intent_id: int, error: str) -> bool:
     return _transition(conn, intent_id, (B.SENDING,), status=B.FAILED, error=error)
 

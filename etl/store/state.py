@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, RowMapping, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from etl import liveness
 from etl.schema import runs, state
 
 PAUSE_KEY = "submission_paused"
@@ -89,6 +90,38 @@ def acquire_lease(conn: Connection, key: str, holder: str, now: datetime, ttl: t
         return False
 
 
+def lease_holder(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(state.c.holder).where(state.c.key == key)).first()
+    return None if row is None else row.holder
+
+
+def take_lease(conn: Connection, key: str, dead: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+    """Take over a lease from a holder known dead, at once: only if `dead` still holds it."""
+    return (
+        conn.execute(
+            update(state)
+            .where(state.c.key == key, state.c.holder == dead)
+            .values(holder=holder, expires_at=now + ttl, updated_at=now)
+        ).rowcount
+        == 1
+    )
+
+
+def hold_owner_lock(conn: Connection, owner: str) -> bool:
+    """PostgreSQL: take the session advisory lock that says `owner` is alive, for this session's life."""
+    return bool(
+        conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": liveness.lock_key(owner)}).scalar()
+    )
+
+
+def owner_lock_free(conn: Connection, owner: str) -> bool:
+    """PostgreSQL: True when no session holds `owner`'s lock, i.e. that owner's session is gone. Takes the
+    lock for the current transaction only, so run it in a short transaction of its own."""
+    return bool(
+        conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": liveness.lock_key(owner)}).scalar()
+    )
+
+
 def release_lease(conn: Connection, key: str, holder: str) -> None:
     conn.execute(delete(state).where(state.c.key == key, state.c.holder == holder))
 
@@ -102,20 +135,81 @@ class Run:
     ended_at: datetime | None
     outcome: str
     detail: str | None
+    attempt: int = 1
+    host: str | None = None
 
 
-def start_run(conn: Connection, job: str, slot: datetime, run_id: str, host: str, now: datetime) -> bool:
-    """Claim a (job, slot): False if any instance already ran or is running it."""
+def _run(r: RowMapping) -> Run:
+    return Run(
+        r["job"],
+        r["slot"],
+        r["run_id"],
+        r["started_at"],
+        r["ended_at"],
+        r["outcome"],
+        r["detail"],
+        r["attempt"],
+        r["host"],
+    )
+
+
+def start_run(
+    conn: Connection, job: str, slot: datetime, run_id: str, host: str, now: datetime, attempt: int = 1
+) -> bool:
+    """Claim attempt `attempt` of a (job, slot): False if any instance already ran or is running it."""
     try:
         with conn.begin_nested():
             conn.execute(
                 insert(runs).values(
-                    job=job, slot=slot, run_id=run_id, host=host, started_at=now, outcome="running"
+                    job=job,
+                    slot=slot,
+                    attempt=attempt,
+                    run_id=run_id,
+                    host=host,
+                    started_at=now,
+                    outcome="running",
                 )
             )
         return True
     except IntegrityError:
         return False
+
+
+def running_runs(conn: Connection) -> list[Run]:
+    return [_run(r) for r in conn.execute(select(runs).where(runs.c.outcome == "running")).mappings()]
+
+
+def mark_crashed(conn: Connection, run_id: str, detail: str, now: datetime) -> bool:
+    """A run whose owner died: `crashed`, never `running` again. Guarded on `running`."""
+    return (
+        conn.execute(
+            update(runs)
+            .where(runs.c.run_id == run_id, runs.c.outcome == "running")
+            .values(outcome="crashed", detail=detail, ended_at=now)
+        ).rowcount
+        == 1
+    )
+
+
+def latest_attempt(conn: Connection, job: str) -> Run | None:
+    """The newest attempt of the job's newest slot."""
+    row = (
+        conn.execute(
+            select(runs).where(runs.c.job == job).order_by(runs.c.slot.desc(), runs.c.attempt.desc()).limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else _run(row)
+
+
+def attempts_of(conn: Connection, job: str, slot: datetime) -> int:
+    return int(
+        conn.execute(
+            select(func.count()).select_from(runs).where(runs.c.job == job, runs.c.slot == slot)
+        ).scalar()
+        or 0
+    )
 
 
 def finish_run(conn: Connection, run_id: str, outcome: str, detail: str | None, now: datetime) -> None:
@@ -125,11 +219,8 @@ def finish_run(conn: Connection, run_id: str, outcome: str, detail: str | None, 
 
 
 def last_runs(conn: Connection, limit: int = 10) -> list[Run]:
-    rows = conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit)).mappings()
-    return [
-        Run(r["job"], r["slot"], r["run_id"], r["started_at"], r["ended_at"], r["outcome"], r["detail"])
-        for r in rows
-    ]
+    rows = conn.execute(select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit))
+    return [_run(r) for r in rows.mappings()]
 
 
 def last_slot(conn: Connection, job: str) -> datetime | None:

@@ -43,11 +43,17 @@ class EmulatorControl:
         outcomes: Sequence[Mapping[str, Any]] = (),
         mode: str = "replace",
         list_delay_seconds: float | None = None,
+        clock_offset_seconds: float | None = None,
     ) -> dict[str, Any]:
-        """Replace (or append to) the fault configuration; returns the configuration now in force."""
+        """Replace (or append to) the fault configuration; returns the configuration now in force.
+
+        `clock_offset_seconds` (any sign) sets the API clock offset: every timestamp the API writes (batch
+        times, the `Date` header) is that far off the virtual clock. "replace" resets it to 0 when omitted."""
         body: dict[str, Any] = {"rules": list(rules), "outcomes": list(outcomes), "mode": mode}
         if list_delay_seconds is not None:
             body["list_delay_seconds"] = list_delay_seconds
+        if clock_offset_seconds is not None:
+            body["clock_offset_seconds"] = clock_offset_seconds
         result: dict[str, Any] = self._call("POST", "faults", body)
         return result
 

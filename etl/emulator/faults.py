@@ -1,7 +1,8 @@
 """Fault injection: endpoint rules (errors, resets, ambiguous creates, broken result streams) and
 per-request outcome rules.
 
-A fault document is ``{"rules": [...], "outcomes": [...], "list_delay_seconds": S}``; see docs/emulator.md.
+A fault document is ``{"rules": [...], "outcomes": [...], "list_delay_seconds": S, "clock_offset_seconds": O}``;
+see docs/emulator.md.
 Endpoint rules with ``rate`` draw from one RNG seeded at start; outcome rules with ``rate`` hash the seed
 and the custom_id, so a rerun with the same seed fails the same requests.
 """
@@ -30,9 +31,10 @@ ACTIONS = frozenset(
         "cut_line",
         "stream_reset",
         "stall",
+        "break_at",
     }
 )
-STREAM_ACTIONS = frozenset({"truncate", "cut_line", "stream_reset", "stall"})
+STREAM_ACTIONS = frozenset({"truncate", "cut_line", "stream_reset", "stall", "break_at"})
 OUTCOMES = frozenset({"errored", "expired", "canceled", "succeeded"})
 
 
@@ -54,6 +56,7 @@ class EndpointRule:
     stall_seconds: float = 0.0
     first_retrieves: int | None = None
     message: str | None = None
+    at_byte: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -137,6 +140,7 @@ def parse_rule(raw: Any, index: int) -> EndpointRule:
         stall_seconds=_number(raw, "stall_seconds", where, 0.0) or 0.0,
         first_retrieves=None if first is None else int(first),
         message=raw.get("message"),
+        at_byte=int(_number(raw, "at_byte", where, 0.0) or 0),
     )
 
 
@@ -183,6 +187,7 @@ class Faults:
         self._remaining: list[int | None] = []
         self._outcomes: list[OutcomeRule] = []
         self.list_delay_seconds = 0.0
+        self.clock_offset_seconds = 0.0
 
     def configure(self, document: Any, mode: str = "replace") -> None:
         """Apply a fault document (``mode`` "replace" or "append"); raises FaultConfigError."""
@@ -191,21 +196,29 @@ class Faults:
         mode = str(document.get("mode", mode))
         if mode not in ("replace", "append"):
             raise FaultConfigError(f"mode must be 'replace' or 'append', got {mode!r}")
-        unknown = set(document) - {"rules", "outcomes", "mode", "list_delay_seconds"}
+        unknown = set(document) - {"rules", "outcomes", "mode", "list_delay_seconds", "clock_offset_seconds"}
         if unknown:
             raise FaultConfigError(f"unknown keys {sorted(unknown)}")
         rules = [parse_rule(r, i) for i, r in enumerate(document.get("rules") or [])]
         outcomes = [parse_outcome(o, i) for i, o in enumerate(document.get("outcomes") or [])]
         delay = _number(document, "list_delay_seconds", "list_delay_seconds", None)
+        offset = document.get("clock_offset_seconds")
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int | float)):
+            raise FaultConfigError(
+                f"clock_offset_seconds must be a number (seconds, any sign), got {offset!r}"
+            )
         with self._lock:
             if mode == "replace":
                 self._rules, self._remaining, self._outcomes = [], [], []
                 self.list_delay_seconds = 0.0
+                self.clock_offset_seconds = 0.0
             self._rules.extend(rules)
             self._remaining.extend(r.times for r in rules)
             self._outcomes.extend(outcomes)
             if delay is not None:
                 self.list_delay_seconds = delay
+            if offset is not None:
+                self.clock_offset_seconds = float(offset)
 
     def clear(self) -> None:
         self.configure({}, "replace")
@@ -219,6 +232,7 @@ class Faults:
                 ],
                 "outcomes": [o.to_json() for o in self._outcomes],
                 "list_delay_seconds": self.list_delay_seconds,
+                "clock_offset_seconds": self.clock_offset_seconds,
             }
 
     def match(

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -92,6 +92,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY the body waits for the client's
+        # delayed ACK of the headers (Nagle): up to tens of milliseconds on every answer.
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def finish(self) -> None:
         with contextlib.suppress(OSError):
             super().finish()
@@ -108,6 +115,16 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def emulator(self) -> EmulatorServer:
         return self.server.emulator
+
+    def _shift(self) -> timedelta:
+        """The API clock offset fault: how far the API's clock is off the (virtual) truth."""
+        return timedelta(seconds=self.emulator.faults.clock_offset_seconds)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header on the API's clock: virtual now plus the clock offset fault."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        return super().date_time_string((self.emulator.clock.now() + self._shift()).timestamp())
 
     def _origin(self) -> str:
         host = self.headers.get("Host")
@@ -283,7 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _create(self, _id: str, body: bytes, _query: dict[str, str], rule: EndpointRule | None) -> None:
         requests = parse_create_body(self._json_body(body))
         batch = self.emulator.state.create(requests, self.headers.get("anthropic-version"))
-        answer = batch.to_api(self._origin(), self.emulator.clock.now())
+        answer = batch.to_api(self._origin(), self.emulator.clock.now(), self._shift())
         if rule is not None and rule.action == "ambiguous":
             if rule.drop:
                 self._abort()
@@ -293,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _retrieve(self, batch_id: str, *_: Any) -> None:
         batch = self.emulator.state.get(batch_id)
-        self._send_json(200, batch.to_api(self._origin(), self.emulator.clock.now()))
+        self._send_json(200, batch.to_api(self._origin(), self.emulator.clock.now(), self._shift()))
 
     def _list(self, _id: str, _body: bytes, query: dict[str, str], _rule: Any) -> None:
         try:
@@ -310,7 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(
             200,
             {
-                "data": [b.to_api(origin, now) for b in page],
+                "data": [b.to_api(origin, now, self._shift()) for b in page],
                 "has_more": has_more,
                 "first_id": page[0].id if page else None,
                 "last_id": page[-1].id if page else None,
@@ -319,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cancel(self, batch_id: str, *_: Any) -> None:
         batch = self.emulator.state.cancel(batch_id)
-        self._send_json(200, batch.to_api(self._origin(), self.emulator.clock.now()))
+        self._send_json(200, batch.to_api(self._origin(), self.emulator.clock.now(), self._shift()))
 
     def _delete(self, batch_id: str, *_: Any) -> None:
         self.emulator.state.delete(batch_id)
@@ -335,6 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("request-id", self.request_id)
         self.end_headers()
         limit = rule.after_lines if rule is not None else None
+        if rule is not None and rule.action == "break_at":
+            self._break_at(batch, rule.at_byte)
+            return
         buffer: list[bytes] = []
         size = 0
 
@@ -363,6 +383,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._abort()
         else:
             self.wfile.write(b"0\r\n\r\n")
+
+    def _break_at(self, batch: Any, at_byte: int) -> None:
+        """`break_at`: send exactly the first `at_byte` bytes of the results body (0: none, only the
+        headers), then close the connection (FIN, not RST, so those bytes reach the client; the chunked body
+        is incomplete, which the client reports as a protocol error). Past the end, the whole body is sent
+        and the connection closed instead of the last chunk: every line arrives, the stream still fails."""
+        sent = 0
+        for line in result_lines(batch, self.emulator.config.seed):
+            part = line[: at_byte - sent]
+            if part:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                sent += len(part)
+            if sent >= at_byte:
+                break
+        self.wfile.flush()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
 
     def _messages(self, _id: str, body: bytes, *_: Any) -> None:
         params = self._json_body(body)

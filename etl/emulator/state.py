@@ -124,20 +124,26 @@ class Batch:
             counts[name] += 1
         return counts
 
-    def to_api(self, origin: str, now: datetime) -> dict[str, Any]:
+    def to_api(self, origin: str, now: datetime, shift: timedelta = timedelta()) -> dict[str, Any]:
+        """The API's view at virtual `now`; every timestamp is written `shift` off (an API clock offset:
+        the API's clock differs from the host's, its batches live on the true virtual time)."""
         archived = now >= self.archive_at
+
+        def stamp(value: datetime) -> str:
+            return format_time(value + shift)
+
         return {
             "id": self.id,
             "type": "message_batch",
             "processing_status": self.status(),
             "request_counts": self.counts(),
-            "created_at": format_time(self.created_at),
-            "expires_at": format_time(self.expires_at),
-            "ended_at": None if self.ended_at is None else format_time(self.ended_at),
+            "created_at": stamp(self.created_at),
+            "expires_at": stamp(self.expires_at),
+            "ended_at": None if self.ended_at is None else stamp(self.ended_at),
             "cancel_initiated_at": None
             if self.cancel_initiated_at is None
-            else format_time(self.cancel_initiated_at),
-            "archived_at": format_time(self.archive_at) if archived else None,
+            else stamp(self.cancel_initiated_at),
+            "archived_at": stamp(self.archive_at) if archived else None,
             "results_url": None
             if self.ended_at is None
             else f"{origin}/v1/messages/batches/{self.id}/results",

@@ -55,8 +55,8 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'etl.db'}"
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_database() -> Iterator[str]:
+    """A throwaway PostgreSQL database for as long as the generator runs (a fixture or a test's own)."""
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
     except psycopg.Error as exc:
@@ -70,6 +70,11 @@ def pg_url() -> Iterator[str]:
             yield f"postgresql://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from pg_database()
 
 
 @pytest.fixture

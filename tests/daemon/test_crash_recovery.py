@@ -34,7 +34,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 import pytest
 from sqlalchemy import insert
 
@@ -46,8 +45,8 @@ from etl.schema import runs as runs_table
 from etl.store.engine import make_engine
 from tests.daemon.conftest import (
     KEY,
-    PG_ADMIN_URL,
     EtlProcess,
+    pg_database,
     prepare_db,
     query,
     wait_for,
@@ -96,22 +95,6 @@ def timing_summary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 f"{statistics.median(t):.1f} s  max {max(t):.1f} s"
             )
     print("\n[daemon crash recovery] " + "\n[daemon crash recovery] ".join(lines) + f"\n({out})")
-
-
-def _pg_database() -> Iterator[str]:
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but PostgreSQL does not answer at {PG_ADMIN_URL}: {exc}")
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    name = f"etl_t_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def midnight_offset(control: EmulatorControl, after_midnight: timedelta) -> float:
@@ -171,7 +154,7 @@ class Schedule:
         self.dir.mkdir(parents=True)
         self.emulator = EmulatorServer(EmulatorConfig(port=0, processing_seconds=1, require_key=KEY)).start()
         self.control = EmulatorControl(self.emulator.base_url)
-        self._pg = _pg_database() if self.db == "postgresql" else None
+        self._pg = pg_database() if self.db == "postgresql" else None
         self.url = next(self._pg) if self._pg else f"sqlite:///{self.dir / 'etl.db'}"
         self.procs: list[EtlProcess] = []
 

@@ -223,3 +223,83 @@ def test_faults_from_config_apply_at_start(make_emulator: Callable[..., Emulator
     client = anthropic.Anthropic(base_url=server.base_url, api_key="k", max_retries=0)
     with pytest.raises(anthropic.InternalServerError):
         client.messages.batches.list()
+
+
+def _raw_results(client: anthropic.Anthropic, batch_id: str) -> bytes:
+    """Every byte of the results body the SDK received before the stream ended or broke (re-raised)."""
+    got = b""
+    with client.messages.batches.with_streaming_response.results(batch_id) as response:
+        try:
+            for chunk in response.iter_bytes():
+                got += chunk
+        except (httpx2.RemoteProtocolError, httpx2.ReadError) as exc:
+            raise BrokenStream(got) from exc
+    return got
+
+
+class BrokenStream(Exception):
+    def __init__(self, received: bytes) -> None:
+        super().__init__(f"broke after {len(received)} bytes")
+        self.received = received
+
+
+def test_break_at_sends_exactly_that_many_bytes_then_resets(
+    make_client: Callable[..., anthropic.Anthropic], control: EmulatorControl
+) -> None:
+    """Every offset from the first byte (0: headers only) to past the end: the client gets exactly the
+    body's first `at_byte` bytes and a connection error, never a clean end."""
+    client = make_client(max_retries=0)
+    batch_id = ended_batch(client, control, n=3)
+    full = _raw_results(client, batch_id)
+    offsets = sorted({0, 1, 2, len(full) // 3, len(full) // 2, len(full) - 1, len(full), len(full) + 50})
+    for at in offsets:
+        control.set_faults(rules=[{"endpoint": "results", "action": "break_at", "at_byte": at, "times": 1}])
+        with pytest.raises(BrokenStream) as info:
+            _raw_results(client, batch_id)
+        assert info.value.received == full[:at], at
+    assert _raw_results(client, batch_id) == full, "times: 1 fires once"
+
+
+def test_break_at_zero_fails_the_first_line_read_too(
+    make_client: Callable[..., anthropic.Anthropic], control: EmulatorControl
+) -> None:
+    """The SDK's decoded results iterator (the path of a first-result read) also fails at byte 0."""
+    client = make_client(max_retries=0)
+    batch_id = ended_batch(client, control, n=2)
+    control.set_faults(rules=[{"endpoint": "results", "action": "break_at", "at_byte": 0, "times": 1}])
+    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+        next(iter(client.messages.batches.results(batch_id)))
+
+
+def test_clock_offset_shifts_every_api_timestamp_and_the_date_header(
+    client: anthropic.Anthropic, control: EmulatorControl
+) -> None:
+    from datetime import timedelta
+    from email.utils import parsedate_to_datetime
+
+    batch = client.messages.batches.create(requests=[request("a")])
+    control.advance(3)
+    before = client.messages.batches.retrieve(batch.id)
+    for offset in (-1200.0, 600.0, -3 * 86400.0):
+        control.set_faults(clock_offset_seconds=offset)
+        shifted = client.messages.batches.with_raw_response.retrieve(batch.id)
+        after = shifted.parse()
+        delta = timedelta(seconds=offset)
+        assert after.created_at == before.created_at + delta
+        assert after.ended_at == (before.ended_at and before.ended_at + delta)
+        assert after.expires_at == before.expires_at + delta
+        assert [b.created_at for b in client.messages.batches.list()] == [before.created_at + delta]
+        date = parsedate_to_datetime(shifted.headers["date"])
+        assert abs((date - (control.now() + delta)).total_seconds()) < 5
+        assert after.processing_status == "ended", "the offset moves the API's clock, not the batch's life"
+    assert control.faults()["clock_offset_seconds"] == -3 * 86400.0
+    control.set_faults()
+    assert client.messages.batches.retrieve(batch.id).created_at == before.created_at, "replace resets it"
+
+
+def test_bad_clock_offset_is_rejected(control: EmulatorControl) -> None:
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        control.set_faults(clock_offset_seconds="soon")  # type: ignore[arg-type]
+    assert info.value.code == 400

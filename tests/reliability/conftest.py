@@ -56,6 +56,12 @@ def render_table() -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.reliability.test_stateful import SUMMARY
+
+    if SUMMARY:
+        terminalreporter.section("stateful fault model")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
     if not VERDICTS:
         return
     terminalreporter.section("fault matrix: scenario x invariant")

@@ -1,0 +1,602 @@
+"""The fault model that writes its own cases: a Hypothesis state machine over the whole pipeline.
+
+Steps interleave enqueue (good, bad and duplicate rows, keys of any length and alphabet), submit, collect,
+reconcile, clock steps on either side (the host's: `Runtime.clock`; the API's: the emulator's virtual clock
+and its clock offset fault), API faults at every endpoint (statuses, resets, ambiguous creates, results
+streams that break at any byte), process crashes at any failpoint or any SQL statement, and database
+connection kills at any SQL statement. After every step the checker judges the invariants against the
+emulator's ledger; at the end of each example the faults are lifted and a completion run must settle
+everything (`teardown`).
+
+Runs are in-process (see docs/survival.md, "The stateful fault model", for why): each `etl` run is a fresh
+`Runtime` (new engine, new SDK client) like a new process. A crash is an exception raised at the failpoint or
+before the chosen statement: every open transaction rolls back as the database would roll back a dead
+connection's, and the runtime's connections are then discarded. A database kill terminates every
+connection of the database (PostgreSQL: `pg_terminate_backend`) or closes the run's connection under it
+and disposes of the pool (SQLite), and the run goes on to see what a real process would see.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from sqlalchemy import Engine, text
+from sqlalchemy import event as sa_event
+
+from etl import config as config_mod
+from etl import failpoints
+from etl.emulator import EmulatorControl, EmulatorServer
+from etl.errors import EtlError
+from etl.runtime import Runtime
+from etl.schema import metadata, warehouse_metadata
+from etl.store import state
+from etl.store.engine import make_engine
+from tests.conftest import API_KEY, TASKS_TOML
+from tests.reliability import checker
+
+PROCESSING_SECONDS = 60  # the `emulator` fixture's
+SUBMIT = {
+    "max_attempts": 3,
+    "max_requests_per_batch": 4,
+    "claim_lease_seconds": 120,
+    "reconcile_grace_seconds": 600,
+    "reconcile_window_seconds": 300,
+    "create_timeout_seconds": 2.0,
+}
+CONFIG = """
+[api]
+timeout_seconds = 5
+
+[submit]
+{submit}
+
+[collect]
+chunk_size = 2
+stream_retries = 1
+stream_backoff_seconds = 0.01
+stream_timeout_seconds = 2
+"""
+CYCLE = timedelta(seconds=SUBMIT["claim_lease_seconds"] + SUBMIT["reconcile_grace_seconds"])
+MAX_ADVANCE = 20 * 86400  # total forward time per example: results stay well inside their 29 days
+
+# `submit.during_create` fires on a timer thread in the middle of the HTTP call: in-process it is the same
+# database state as `submit.after_create` (batch made, id not recorded, intent `sending`), which is drawn.
+POINTS = tuple(p for p in failpoints.POINTS if p != "submit.during_create")
+COMMANDS = ("submit", "collect", "reconcile")
+MINUTE, HOUR, DAY = 60, 3600, 86400
+STEPS = (MINUTE, 5 * MINUTE, 10 * MINUTE, 20 * MINUTE, HOUR, 6 * HOUR, DAY, 3 * DAY)
+
+
+class Crash(BaseException):
+    """A simulated SIGKILL before a SQL statement: a BaseException, so no `except Exception` swallows it."""
+
+
+# --- generated input ------------------------------------------------------------------------------------
+
+
+def _noise(seed: int, n: int) -> str:
+    """`n` characters from a wide alphabet, incompressible (an index entry of a repeated character is
+    compressed below PostgreSQL's btree limit; a real long key is not)."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x21, 0xD7FF)) for _ in range(n))
+
+
+keys = st.one_of(
+    st.text(max_size=12),  # any alphabet: NUL, invisible, RTL, emoji, empty
+    st.builds(_noise, st.integers(0, 2**32), st.integers(100, 3500)),  # long keys PostgreSQL cannot compress
+)
+good_bodies = st.text(st.characters(categories=["L", "N", "Zs", "P"]), min_size=1, max_size=30).filter(
+    lambda s: any(c.isalnum() for c in s)
+)
+bad_bodies = st.sampled_from(["", "   ", "\n\t", "\u200b", "\ufeff\u200b", "\u200b \ufeff \u2060"])
+rows = st.one_of(
+    st.tuples(st.just("good"), keys, good_bodies, st.just("default")),
+    st.tuples(st.just("bad_body"), keys, bad_bodies, st.just("default")),
+    st.tuples(st.just("bad_task"), keys, good_bodies, st.just("no_such_task")),
+)
+crashes = st.one_of(
+    st.none(),
+    st.tuples(st.sampled_from(POINTS), st.integers(1, 2)),
+    st.tuples(st.just("statement"), st.integers(1, 40)),
+)
+db_kills = st.one_of(st.none(), st.integers(1, 40))
+
+
+def _faults(*endpoints: str) -> st.SearchStrategy[dict[str, Any]]:
+    """API faults at the given endpoints: error statuses, connection resets, ambiguous creates, and for
+    results streams that end early, cut a line, reset after some lines or break at any byte."""
+    out: list[st.SearchStrategy[dict[str, Any]]] = [
+        st.fixed_dictionaries(
+            {
+                "endpoint": st.sampled_from(endpoints),
+                "action": st.just("status"),
+                "status": st.sampled_from([429, 500, 503, 529, 401]),
+                "retry_after": st.just(0.001),  # the SDK retries nothing here anyway (read_retries=0)
+            }
+        ),
+        st.fixed_dictionaries({"endpoint": st.sampled_from(endpoints), "action": st.just("reset")}),
+    ]
+    if "create" in endpoints:
+        out += [
+            st.just({"endpoint": "create", "action": "ambiguous", "drop": True}),
+            st.just({"endpoint": "create", "action": "spend_limit"}),
+        ]
+    if "retrieve" in endpoints:
+        out.append(st.just({"endpoint": "retrieve", "action": "not_found"}))
+    if "results" in endpoints:
+        out += [
+            st.fixed_dictionaries(
+                {
+                    "endpoint": st.just("results"),
+                    "action": st.just("break_at"),
+                    "at_byte": st.integers(0, 4000),
+                }
+            ),
+            st.fixed_dictionaries(
+                {
+                    "endpoint": st.just("results"),
+                    "action": st.sampled_from(["truncate", "cut_line", "stream_reset", "break_at"]),
+                    "after_lines": st.integers(0, 5),
+                    "at_byte": st.integers(0, 400),
+                }
+            ),
+        ]
+    return st.one_of(out)
+
+
+ALL_ENDPOINTS = ("create", "retrieve", "list", "cancel", "results")
+# Each command's fault is drawn mostly from the calls it makes (submit: list, then create; collect: list
+# and results for reconciliation, then retrieve and results; reconcile: list and results), sometimes from
+# any endpoint (left armed, it meets a later run).
+run_faults = {
+    "submit": st.one_of(st.none(), _faults("create"), _faults("create", "list"), _faults(*ALL_ENDPOINTS)),
+    "collect": st.one_of(
+        st.none(), _faults("results"), _faults("retrieve", "results", "list"), _faults(*ALL_ENDPOINTS)
+    ),
+    "reconcile": st.one_of(
+        st.none(), _faults("results"), _faults("list", "results"), _faults(*ALL_ENDPOINTS)
+    ),
+}
+waits = st.sampled_from([0, 2 * MINUTE, 15 * MINUTE])
+signed_steps = st.sampled_from(STEPS).flatmap(lambda s: st.sampled_from([s, -s]))
+
+
+# --- the world one test shares across its examples --------------------------------------------------------
+
+
+@dataclass
+class World:
+    """One database (SQLite file or throwaway PostgreSQL), migrated once, and one emulator, for one test;
+    `reset` empties both between examples (much cheaper than a new database each time)."""
+
+    db: str
+    url: str
+    engine: Engine
+    config_path: Path
+    emulator: EmulatorServer
+    control: EmulatorControl
+    combos: Counter[str] = field(default_factory=Counter)
+    examples: int = 0
+    provider: Any = None
+    runs: int = 0  # every in-process `etl` run, completion runs included
+    run_seconds: float = 0.0
+
+    def reset(self) -> None:
+        tables = [t.name for t in reversed(metadata.sorted_tables)] + [
+            t.name for t in warehouse_metadata.sorted_tables
+        ]
+        with self.engine.begin() as conn:
+            if self.db == "postgresql":
+                conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+            else:
+                for name in tables:
+                    conn.execute(text(f"DELETE FROM {name}"))
+                with suppress(Exception):
+                    conn.execute(text("DELETE FROM sqlite_sequence"))
+        self.control.reset()
+        self.examples += 1
+
+    def kill_connections(self, dbapi_cursor: Any, engine: Engine) -> None:
+        """Every connection of the database dies (PostgreSQL), or the run's connection is closed under it
+        and its pool disposed of (SQLite, which has no server to kill connections)."""
+        if self.db == "postgresql":
+            with self.engine.connect() as conn:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+        else:
+            dbapi_cursor.connection.close()
+            engine.pool.dispose()
+
+
+class _Unclosable:
+    """The shared SDK client, as each run's `Runtime` sees it: closing it is a no-op."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def close(self) -> None:
+        pass
+
+
+def write_config(path: Path) -> Path:
+    submit = "\n".join(f"{k} = {v!r}" for k, v in SUBMIT.items())
+    path.write_text(CONFIG.format(submit=submit) + TASKS_TOML, encoding="utf-8")
+    return path
+
+
+def make_world(db: str, url: str, tmp: Path, emulator: EmulatorServer) -> World:
+    from etl import logs
+    from etl.store import migrate
+
+    logs.configure("error")  # the runs' own events would be most of the test's time and output
+    engine = make_engine(url)
+    if db == "postgresql":
+        # No WAL flush wait at each commit (the disk is shared by the whole CI run): commits stay atomic and
+        # visible at once, only a crash of the PostgreSQL server itself could lose one, which no step does.
+        with engine.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{engine.url.database}" SET synchronous_commit = off'))
+            conn.commit()
+        engine.dispose()
+    migrate.upgrade(engine, engine)
+    return World(
+        db, url, engine, write_config(tmp / "etl-stateful.toml"), emulator, EmulatorControl(emulator.base_url)
+    )
+
+
+# --- the machine -----------------------------------------------------------------------------------------
+
+
+class FaultModel(RuleBasedStateMachine):
+    world: World  # set by the test (a subclass per test)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = self.world
+        self.w.reset()
+        self.cfg = config_mod.load(
+            {
+                "ETL_DATABASE_URL": self.w.url,
+                "ANTHROPIC_BASE_URL": self.w.emulator.base_url,
+                "ANTHROPIC_API_KEY": API_KEY,
+            },
+            self.w.config_path,
+        )
+        self.host_skew = 0.0
+        self.max_host_skew = 0.0
+        self.api_offset = 0.0
+        self.advanced = 0.0
+        self.keys: list[str] = []
+        self.log: list[str] = []
+        self.never_bill: set[str] = set()  # rows a newer queued row of their (doc_key, task) superseded
+        self.clean_run = False  # the last run met no fault
+        self.host_jumped = False
+
+    # --- clocks ---------------------------------------------------------------------------------------
+    def host_now(self) -> datetime:
+        return self.w.emulator.clock.now() + timedelta(seconds=self.host_skew)
+
+    def _advance(self, seconds: float) -> None:
+        self.w.control.advance(seconds)
+        self.advanced += seconds
+
+    # --- one `etl` run, as a process would run it -----------------------------------------------------
+    @contextmanager
+    def _runtime(self, crash: Any, db_kill: int | None, fired: list[str]) -> Iterator[Runtime]:
+        from etl.provider import Provider
+
+        engine = make_engine(self.w.url)
+        cfg = self.cfg
+        if self.w.provider is None:
+            # read_retries=0: every injected fault reaches etl's own code instead of being retried away.
+            # One SDK client for the whole test (building one costs ~30 ms of TLS setup); `close` is kept
+            # from it, and its connections die with each emulator reset or fault anyway.
+            self.w.provider = _Unclosable(
+                Provider(
+                    api_key=API_KEY,
+                    base_url=self.w.emulator.base_url,
+                    timeout=cfg.api_timeout_seconds,
+                    create_timeout=cfg.submit.create_timeout_seconds,
+                    read_retries=0,
+                )
+            )
+        provider = self.w.provider
+
+        def factory() -> Any:
+            return provider
+
+        statements = [0]
+
+        def before(conn: Any, cursor: Any, *_: Any) -> None:
+            statements[0] += 1
+            n = statements[0]
+            if db_kill == n:
+                fired.append("db_kill")
+                self.w.kill_connections(cursor, engine)
+            if crash is not None and crash[0] == "statement" and crash[1] == n:
+                fired.append("crash@statement")
+                raise Crash(f"simulated kill before statement {n}")
+
+        sa_event.listen(engine, "before_cursor_execute", before)
+        if crash is not None and crash[0] != "statement":
+            failpoints.configure({failpoints.ENV: f"{crash[0]}=raise@{crash[1]}"})
+        rt = Runtime(
+            config=cfg, engine=engine, warehouse=engine, provider_factory=factory, clock=self.host_now
+        )
+        try:
+            yield rt
+        finally:
+            failpoints.configure({})
+            rt.close()
+
+    def execute(
+        self, command: str, crash: Any = None, db_kill: int | None = None, *, count: bool = True
+    ) -> str:
+        from etl import collector, reconciler, submitter
+
+        fired: list[str] = []
+        before = self._rules_left()
+        outcome = "ok"
+        started = time.perf_counter()
+        try:
+            with self._runtime(crash, db_kill, fired) as rt:
+                {"submit": submitter.run, "collect": collector.run, "reconcile": reconciler.run}[command](rt)
+        except failpoints.FailpointHit as hit:
+            fired.append(f"crash@{hit}")
+            outcome = "crashed"
+        except Crash:
+            outcome = "crashed"
+        except EtlError as exc:
+            outcome = f"exit {exc.exit_code}"
+        except Exception as exc:  # a traceback: acceptable only as the effect of a killed connection
+            if "db_kill" not in fired:
+                raise AssertionError(
+                    f"etl {command} died with a traceback and no fault to explain it"
+                ) from exc
+            outcome = f"died: {type(exc).__name__}"
+        self.w.runs += 1
+        self.w.run_seconds += time.perf_counter() - started
+        after = self._rules_left()
+        api = sorted(f"{k[0]}:{k[1]}" for k, n in before.items() if after.get(k, 0) < n)
+        # A run that met no fault has reconciled everything it could: only right after one is an intent
+        # still unsettled past its cycle a failure (a crash or a fault may rightly leave one for later).
+        self.clean_run = outcome == "ok" and not fired and not api
+        skew = f"host{'+' if self.host_skew > 0 else '-' if self.host_skew < 0 else '0'}"
+        skew += f"/api{'+' if self.api_offset > 0 else '-' if self.api_offset < 0 else '0'}"
+        combo = "|".join([command, *sorted(set(fired)), *api, skew])
+        if count:  # the completion runs meet no fault: they are not combinations
+            self.w.combos[combo] += 1
+            if currently_in_test_context():  # not in a replayed regression example
+                event(combo)
+        self.log.append(f"{command} crash={crash} db_kill={db_kill} -> {outcome} [{combo}]")
+        return outcome
+
+    def _rules_left(self) -> Counter[tuple[str, str]]:
+        left: Counter[tuple[str, str]] = Counter()
+        for r in self.w.control.faults()["rules"]:
+            left[(r["endpoint"], r["action"])] += r["remaining"] or 0
+        return left
+
+    # --- rules ------------------------------------------------------------------------------------------
+    @rule(batch=st.lists(rows, min_size=1, max_size=4), again=st.lists(st.integers(0, 999), max_size=2))
+    def enqueue(self, batch: list[tuple[str, str, str, str]], again: list[int] = ()) -> None:  # type: ignore[assignment]
+        """New rows, and `again`: new versions of documents enqueued before (duplicates of a key)."""
+        for _kind, key, body, task in batch:
+            self._insert(key, body, task)
+        for i in again:
+            if self.keys:
+                self._insert(
+                    self.keys[i % len(self.keys)], f"version {len(self.log)} of a known document", "default"
+                )
+
+    def _insert(self, key: str, body: str, task: str) -> None:
+        try:
+            with self.w.engine.begin() as conn:
+                older = conn.execute(
+                    text("SELECT id FROM etl_queue WHERE doc_key = :k AND task = :t AND status = 'queued'"),
+                    {"k": key, "t": task},
+                ).scalars()
+                superseded = {f"q{i}" for i in older}
+                conn.execute(
+                    text("INSERT INTO etl_queue (doc_key, body, task) VALUES (:k, :b, :t)"),
+                    {"k": key, "b": body, "t": task},
+                )
+        except Exception as exc:  # the user's own INSERT refused (PostgreSQL and NUL): nothing entered
+            self.log.append(f"insert refused: {type(exc).__name__}")
+            return
+        self.never_bill |= superseded
+        self.keys.append(key)
+        self.log.append(f"enqueue {task} key[{len(key)}]={key[:20]!r} body={body[:20]!r}")
+
+    @initialize(batch=st.lists(rows, min_size=2, max_size=8), sent=st.booleans())
+    def documents_arrive(self, batch: list[tuple[str, str, str, str]], sent: bool = False) -> None:
+        """Every example starts with work in the queue, so its faults meet a pipeline that is busy; with
+        `sent`, a first fault-free submit has sent it (a batch is in flight from the first step)."""
+        self.enqueue(batch)
+        if sent:
+            self.execute("submit", count=False)
+
+    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["submit"], times=st.integers(1, 2))
+    def submit(
+        self,
+        crash: Any = None,
+        db_kill: int | None = None,
+        fault: dict[str, Any] | None = None,
+        times: int = 1,
+    ) -> None:
+        self.arm(fault, times)
+        self.execute("submit", crash, db_kill)
+
+    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["collect"], times=st.integers(1, 2), wait=waits)
+    def collect(
+        self,
+        crash: Any = None,
+        db_kill: int | None = None,
+        fault: dict[str, Any] | None = None,
+        times: int = 1,
+        wait: int = 0,
+    ) -> None:
+        self.wait(wait)
+        self.arm(fault, times)
+        self.execute("collect", crash, db_kill)
+
+    @rule(crash=crashes, db_kill=db_kills, fault=run_faults["reconcile"], times=st.integers(1, 2), wait=waits)
+    def reconcile(
+        self,
+        crash: Any = None,
+        db_kill: int | None = None,
+        fault: dict[str, Any] | None = None,
+        times: int = 1,
+        wait: int = 0,
+    ) -> None:
+        self.wait(wait)
+        self.arm(fault, times)
+        self.execute("reconcile", crash, db_kill)
+
+    def wait(self, seconds: int) -> None:
+        """Time passes before the run (a morning job runs once batches have ended): its results and
+        retrieve faults then meet ended batches, not only the list call."""
+        if seconds and self.advanced + seconds <= MAX_ADVANCE:
+            self._advance(seconds)
+            self.log.append(f"advance {seconds}")
+
+    def arm(self, fault: dict[str, Any] | None, times: int) -> None:
+        """An API fault for the next `times` matching calls: this run's, or a later run's if this one
+        makes no such call (a fault left armed is how a later run's reconciler meets it)."""
+        if fault is not None:
+            self.w.control.set_faults(rules=[{**fault, "times": times}], mode="append")
+            self.log.append(f"fault {fault} x{times}")
+
+    @rule(seconds=st.sampled_from(STEPS))
+    def time_passes(self, seconds: int) -> None:
+        """Both clocks move forward together (batches end, leases and grace periods run out)."""
+        if self.advanced + seconds <= MAX_ADVANCE:
+            self._advance(seconds)
+            self.log.append(f"advance {seconds}")
+
+    @rule(side=st.sampled_from(["host", "api"]), delta=signed_steps)
+    def clock_steps(self, side: str, delta: int) -> None:
+        """One clock jumps, forward or back: the host's (`Runtime.clock`) or the API's (its timestamps
+        and `Date` header; its batches still live on true time)."""
+        if side == "host":
+            self.host_jumped = True
+            self.host_skew += delta
+            self.max_host_skew = max(self.max_host_skew, self.host_skew)
+        else:
+            self.api_offset += delta
+            self.w.control.set_faults(mode="append", clock_offset_seconds=self.api_offset)
+        self.log.append(f"{side} clock {delta:+d} (host {self.host_skew:+.0f}, api {self.api_offset:+.0f})")
+
+    # --- the judge ----------------------------------------------------------------------------------------
+    def verdict(self, *, final: bool) -> checker.Verdict:
+        ledger = self.w.control.ledger()
+        self.check_superseded(ledger)
+        snap = checker.snapshot(self.w.engine, self.w.engine, ledger)
+        return checker.check(
+            snap,
+            scenario=f"stateful[{self.w.db}]",
+            max_attempts=SUBMIT["max_attempts"],
+            now=self.host_now(),
+            # Between steps, only where the host's clock has never jumped: a jump ages an intent on our clock
+            # while its look-alike, on the API's true time, may not even have ended (it is then rightly
+            # waited for). The final judgement, after the completion, has no such exemption.
+            reconcile_cycle=CYCLE
+            if final or (self.clean_run and not self.host_jumped)
+            else timedelta(days=3650),
+            final=final,
+            fault=(True, ""),
+            in_flight=not final,
+        )
+
+    @invariant()
+    def nothing_lost_or_paid_twice(self) -> None:
+        v = self.verdict(final=False)
+        self.clean_run = False
+        assert v.ok, " | ".join(v.failures()) + "\n" + "\n".join(self.log[-12:])
+
+    def check_superseded(self, ledger: dict[str, Any]) -> None:
+        """Only the newest queued row of a (doc_key, task) is ever sent: an older one still queued when a
+        newer one arrived is never billed."""
+        billed = set(ledger.get("billed", {})) & self.never_bill
+        assert not billed, f"superseded rows billed: {sorted(billed)[:5]}\n" + "\n".join(self.log[-12:])
+
+    def complete(self) -> None:
+        """Lift the API faults (the clocks stay as they are) and resume, as an operator would; then nights
+        and mornings until everything is settled."""
+        self.w.control.set_faults(clock_offset_seconds=self.api_offset)
+        with self.w.engine.begin() as conn:
+            state.resume(conn)
+        step = CYCLE.total_seconds() + 60
+        self._advance(step + max(0.0, self.max_host_skew - self.host_skew))
+        for _ in range(4):
+            if self.settled():
+                return
+            self.execute("submit", count=False)
+            self._advance(PROCESSING_SECONDS + 60)
+            self.execute("collect", count=False)
+            self._advance(step)
+
+    def settled(self) -> bool:
+        with self.w.engine.connect() as conn:
+            busy = conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM etl_queue WHERE status IN ('queued', 'claimed', 'submitted'))"
+                    " + (SELECT count(*) FROM etl_batches WHERE status IN"
+                    " ('claimed', 'sending', 'unknown', 'submitted', 'ended'))"
+                )
+            ).scalar_one()
+        return not busy
+
+    def teardown(self) -> None:
+        try:
+            self.complete()
+            v = self.verdict(final=True)
+            assert v.ok, (
+                "after the completion run: " + " | ".join(v.failures()) + "\n" + "\n".join(self.log[-20:])
+            )
+        finally:
+            failpoints.configure({})
+
+
+def machine_for(world: World) -> type[FaultModel]:
+    return type(f"FaultModel_{world.db}", (FaultModel,), {"world": world})
+
+
+def replay(world: World, steps: list[tuple[str, Any]]) -> FaultModel:
+    """Run a named step sequence (a regression example) deterministically, judging after each step and
+    completing at the end, exactly as the generated examples are judged."""
+    m = machine_for(world)()
+    try:
+        m.nothing_lost_or_paid_twice()
+        for name, args in steps:
+            getattr(m, name)(**args)
+            m.nothing_lost_or_paid_twice()
+    finally:
+        m.teardown()
+    return m
+
+
+def examples_per_db() -> int:
+    return int(os.environ.get("ETL_STATEFUL_EXAMPLES", "200"))
+
+
+Factory = Callable[..., World]

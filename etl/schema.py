@@ -25,6 +25,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import DateTime, TypeDecorator
 
 from etl.clock import ensure_utc
@@ -98,6 +100,38 @@ class Money(TypeDecorator[Decimal]):
                 return to_money(Decimal(repr(value)).scaleb(-MONEY_SCALE))
             return Decimal(int(value)).scaleb(-MONEY_SCALE)
         return to_money(value)
+
+
+class instant(ColumnElement[datetime]):
+    """A timestamp column as a comparable instant, whatever text a user's plain SQL wrote into it.
+
+    PostgreSQL parses every ISO form into `timestamptz` at INSERT, so there it is the column. SQLite keeps
+    the text as written and compares it as text: `'2026-12-04T09:00:00Z'` or `'... 09:00:00+02:00'` sorts
+    against the canonical `'2026-12-04 09:00:00.000000'` by characters, not by time. There a value that is
+    not canonical UTC text to the microsecond (what SQLAlchemy writes) is normalised with `strftime` to the
+    same shape (its milliseconds, then `000`), and text that is no time at all
+    becomes `'9999-12-31'` (the batch's side), so it is NULL only where the column is."""
+
+    inherit_cache = True
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(instant)
+def _instant_default(element: instant, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column, **kw))
+
+
+@compiles(instant, "sqlite")
+def _instant_sqlite(element: instant, compiler: Any, **kw: Any) -> str:
+    col = compiler.process(element.column, **kw)
+    norm = f"strftime('%Y-%m-%d %H:%M:%f', {col})"
+    return (
+        f"(CASE WHEN {col} IS NULL THEN NULL WHEN length({col}) = 26 AND substr({col}, 1, 23) = {norm} "
+        f"THEN {col} ELSE coalesce({norm} || '000', '9999-12-31') END)"
+    )
 
 
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Text, cast, func, select, text, update
 
 from etl.prompt import Row
-from etl.schema import LIVE_CANDIDATE, DocStatus, Mode, events, queue
+from etl.schema import LIVE_CANDIDATE, DocStatus, Mode, events, instant, queue
 from etl.store.queue import _id_in, _once, live_routed
 
 S = DocStatus
@@ -48,7 +48,7 @@ def claim(conn: Connection, cutoff: datetime, limit: int, now: datetime) -> list
     `FOR UPDATE SKIP LOCKED` on PostgreSQL, the guarded `status = 'queued'` under SQLite's single writer."""
     picked = (
         _candidates(cutoff)
-        .order_by(queue.c.due_by.asc().nulls_first(), queue.c.priority.desc(), queue.c.id)
+        .order_by(instant(queue.c.due_by).asc().nulls_first(), queue.c.priority.desc(), queue.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )

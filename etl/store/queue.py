@@ -28,7 +28,7 @@ from sqlalchemy.types import NullType
 
 from etl import codec
 from etl.prompt import Row
-from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, DocStatus, Mode, batches, queue
+from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, DocStatus, Mode, batches, instant, queue
 
 S = DocStatus
 
@@ -94,7 +94,7 @@ def live_routed(cutoff: datetime) -> ColumnElement[bool]:
     """
     # Every term is TRUE or FALSE, never NULL, so `NOT live_routed(...)` is exactly the batch's share.
     return (queue.c.mode.is_not(None) & (queue.c.mode == Mode.LIVE)) | (
-        queue.c.mode.is_(None) & queue.c.due_by.is_not(None) & (queue.c.due_by < cutoff)
+        queue.c.mode.is_(None) & queue.c.due_by.is_not(None) & (instant(queue.c.due_by) < cutoff)
     )
 
 

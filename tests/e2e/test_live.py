@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -135,6 +135,52 @@ def test_a_row_goes_live_exactly_when_the_batch_cannot_meet_its_due_by(
         conn.rollback()
     assert {c.row.doc_key for c in claimed} == want_live
     assert batch == {d["doc_key"] for d in docs} - want_live
+
+
+@given(
+    minutes=st.lists(st.integers(min_value=-26 * 60, max_value=26 * 60), min_size=1, max_size=5),
+    offsets=st.lists(st.integers(min_value=-12 * 60, max_value=14 * 60), min_size=5, max_size=5),
+    style=st.sampled_from(["T-Z", "T-offset", "space-offset", "canonical-ms"]),
+)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_due_by_written_by_hand_in_any_iso_form_is_routed_by_its_instant(
+    runtime: Runtime, minutes: list[int], offsets: list[int], style: str
+) -> None:
+    """Plain SQL may write `due_by` as any ISO 8601 text: `T` or space, `Z` or an offset. SQLite keeps the
+    text and once compared it as text, so `'2026-12-04 01:00:00+02:00'` (before the cutoff) went to the
+    batch and `'2026-12-03 22:00:00-03:00'` (after it) went live. Both claims must follow the instant."""
+    rt = runtime
+    now = datetime.fromisoformat("2026-12-02T13:00:00+00:00")
+    limit = routing.cutoff(rt.config, now)
+    with rt.engine.begin() as conn:
+        conn.execute(text("DELETE FROM etl_queue"))
+        due: dict[str, datetime] = {}
+        for i, m in enumerate(minutes):
+            instant = limit + timedelta(minutes=m, seconds=i)
+            tz = timezone(timedelta(minutes=offsets[i]))
+            local = instant.astimezone(tz)
+            written = {
+                "T-Z": instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "T-offset": local.isoformat(),
+                "space-offset": local.isoformat(sep=" "),
+                "canonical-ms": instant.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:23],
+            }[style]
+            conn.execute(
+                text("INSERT INTO etl_queue (doc_key, body, due_by) VALUES (:k, 'b', :d)"),
+                {"k": f"d{i}", "d": written},
+            )
+            due[f"d{i}"] = instant
+        if rt.engine.dialect.name == "sqlite":  # PostgreSQL refuses such text at INSERT
+            conn.execute(text("INSERT INTO etl_queue (doc_key, body, due_by) VALUES ('junk', 'b', 'soon')"))
+    want_live = {k for k, v in due.items() if v < limit}
+    with rt.engine.connect() as conn:
+        claimed = live_store.claim(conn, limit, 100, now)
+        intent = intents.create_intent(conn, "t", now + timedelta(minutes=5), now)
+        q.claim(conn, intent, 100, now, live_cutoff=limit)
+        batch = {r.doc_key for r in q.iter_claimed(conn, intent)}
+        conn.rollback()
+    assert {c.row.doc_key for c in claimed} == want_live
+    assert batch == (set(due) - want_live) | ({"junk"} if rt.engine.dialect.name == "sqlite" else set())
 
 
 def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(

@@ -235,6 +235,7 @@ def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_
     assert_settled(rt, control, 99)
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite has no index entry size limit
 def test_postgresql_index_limit_isolates_a_long_key_that_got_past_validation(
     make_runtime: Callable[..., Runtime],
     clock: SharedClock,
@@ -243,8 +244,7 @@ def test_postgresql_index_limit_isolates_a_long_key_that_got_past_validation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The finding itself: a 3,000-character key reaches the warehouse (here: the limit lifted)."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite has no index entry size limit")
+    assert db_url.startswith("postgresql")
     monkeypatch.setattr("etl.prompt.MAX_DOC_KEY_BYTES", 10_000)
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     pick = random.Random(12)

@@ -101,6 +101,17 @@ def live_routed(cutoff: datetime) -> ColumnElement[bool]:
 SUPERSEDED_REASON = "a newer queued row of the same doc_key and task replaced it before it was sent"
 
 
+def newest_of_duplicates(conn: Connection) -> dict[tuple[str, str], int]:
+    """(doc_key, task) -> the newest queued id, for the keys queued more than once (usually none)."""
+    groups = conn.execute(
+        select(queue.c.doc_key, queue.c.task, func.max(queue.c.id))
+        .where(queue.c.status == S.QUEUED)
+        .group_by(queue.c.doc_key, queue.c.task)
+        .having(func.count() > 1)
+    ).all()
+    return {(k, t): m for k, t, m in groups}
+
+
 def supersede(conn: Connection, now: datetime) -> int:
     """Of the queued rows of one (doc_key, task), only the newest (highest id) may be sent: the older ones
     become `superseded` (never sent, never billed).
@@ -109,16 +120,10 @@ def supersede(conn: Connection, now: datetime) -> int:
     then are their rows read and the older ones updated by id. A single `UPDATE ... WHERE id NOT IN
     (SELECT max(id) ... GROUP BY ...)` took three times as long at 100,000 queued rows (bench/supersede.py).
     """
-    groups = conn.execute(
-        select(queue.c.doc_key, queue.c.task, func.max(queue.c.id))
-        .where(queue.c.status == S.QUEUED)
-        .group_by(queue.c.doc_key, queue.c.task)
-        .having(func.count() > 1)
-    ).all()
-    if not groups:
+    newest = newest_of_duplicates(conn)
+    if not newest:
         return 0
-    newest = {(k, t): m for k, t, m in groups}
-    keys = sorted({k for k, _, _ in groups})
+    keys = sorted({k for k, _ in newest})
     if conn.dialect.name == "postgresql":
         key_in = queue.c.doc_key == any_(bindparam("keys", keys, type_=ARRAY(Text)))
     else:
@@ -178,7 +183,11 @@ def iter_queued(
     enqueued_before: datetime | None = None,
     page: int = 2000,
 ) -> Iterator[Row]:
-    """Queued rows in the order a submit claims them (priority, then id), streamed; nothing is locked."""
+    """Queued rows in the order a submit claims them (priority, then id), streamed; nothing is locked.
+
+    As a submit sees them: of a (doc_key, task) queued more than once only the newest row, since the
+    submit supersedes the older ones before it claims (`supersede`)."""
+    newest = newest_of_duplicates(conn)
     stmt = select(
         queue.c.id,
         queue.c.doc_key,
@@ -197,6 +206,8 @@ def iter_queued(
     )
     with result:
         for r in result:
+            if newest and r.id < newest.get((r.doc_key, r.task), r.id):
+                continue
             yield Row(id=r.id, doc_key=r.doc_key, task=r.task, body=r.body, metadata=r.metadata)
 
 

@@ -57,7 +57,8 @@ def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_s
     make_runtime: Callable[..., Runtime], control: EmulatorControl
 ) -> None:
     rt = make_runtime(extra=CACHED_TASK, submit={"max_requests_per_batch": 4})
-    insert_docs(rt, docs(10) + docs(3, "cached", "c") + [{"doc_key": "bad", "body": " "}])
+    older = {"doc_key": "d0", "body": "an older version of d0, superseded by the submit, never sent"}
+    insert_docs(rt, [older, *docs(10), *docs(3, "cached", "c"), {"doc_key": "bad", "body": " "}])
     before = snapshot(rt)
 
     est = estimate.run(rt, estimate.Selection())
@@ -68,7 +69,7 @@ def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_s
     assert by_task["default"].documents == 10 and by_task["default"].rejected == 1
     assert by_task["default"].max_output_tokens == 10 * 200
     cached = by_task["cached"]
-    # ids 11-13: two of them in the third batch, one in the fourth: a write in each, one read
+    # ids 12-14: two of them in the third batch, one in the fourth: a write in each, one read
     assert cached.batches == 2 and cached.cache_write_tokens == 2 * cached.cache_read_tokens > 0
     assert "nothing was claimed or sent" in estimate.render(est)
 

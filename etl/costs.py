@@ -90,9 +90,9 @@ def render_tasks(report: dict[str, Any]) -> list[str]:
     ]
     for name, t in tasks.items():
         lines.append(
-            f"  {name:<16}{t['model']!s:<28}{t['documents']:>8}{_usd(t['cost_usd']):>14}"
-            f"{_usd(t['standard_cost_usd']):>14}{_usd(t['savings_usd']):>14}"
-            f"{_usd(t['estimated_usd']):>14}{t['accuracy'] or '-':>10}"
+            f"  {name:<16}{t['model']!s:<28}{t['documents']:>8}{usd(t['cost_usd']):>14}"
+            f"{usd(t['standard_cost_usd']):>14}{usd(t['savings_usd']):>14}"
+            f"{usd(t['estimated_usd']):>14}{t['accuracy'] or '-':>10}"
         )
     lines.append(
         "  accuracy = what the API charged for the collected batches / what was estimated before sending"
@@ -113,20 +113,11 @@ def render_budget(report: dict[str, Any]) -> list[str]:
     )
     lines = [
         f"budget for the night of {b['night']}: {cap_text}; sent {b.get('sent_documents', 0):,} document(s), "
-        f"estimated ${_usd(b.get('estimated_usd', '0'))}, upper bound ${_usd(b['reserved_usd'])}"
+        f"estimated ${usd(b.get('estimated_usd', '0'))}, upper bound ${usd(b['reserved_usd'])}"
     ]
     if b["waiting_documents"]:
         waiting = ", ".join(f"{k} {v}" for k, v in b["waiting_documents"].items())
         lines.append(f"  waiting for the budget: {waiting}")
-    return lines
-
-
-def render(report: dict[str, Any]) -> list[str]:
-    """Both money blocks, a blank line before each (for renderers that are not `etl.report.SECTIONS`)."""
-    lines: list[str] = []
-    for block in (render_tasks(report), render_budget(report)):
-        if block:
-            lines += ["", *block]
     return lines
 
 
@@ -135,7 +126,8 @@ def plain(value: str | Decimal) -> str:
     return format(Decimal(value).normalize(), "f")
 
 
-def _usd(value: str | None) -> str:
+def usd(value: str | Decimal | None) -> str:
+    """An amount for a table: four decimals with thousands separators, `-` for none."""
     if value is None:
         return "-"
     return f"{Decimal(value):,.4f}"

@@ -25,8 +25,8 @@ from typing import Any
 
 import structlog
 
-from etl import budget
-from etl.costs import plain, usd_text
+from etl import budget, routing
+from etl.costs import plain, usd, usd_text
 from etl.errors import ProviderError
 from etl.prompt import BODY_OVERHEAD, Rejection, build_params, request_size
 from etl.runtime import Runtime
@@ -140,6 +140,7 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
             task=selection.task,
             min_priority=selection.min_priority,
             enqueued_before=None if selection.older_than is None else now - selection.older_than,
+            live_cutoff=routing.batch_cutoff(cfg, now),
         )
         for row in rows:
             task = cfg.tasks.get(row.task)
@@ -293,22 +294,22 @@ def render(est: Estimate) -> str:
     for t in est.tasks:
         lines.append(
             f"{t.task:<14}{t.model:<22}{t.documents:>9,}{t.input_tokens:>12,}{t.cache_write_tokens:>10,}"
-            f"{t.cache_read_tokens:>12,}{t.max_output_tokens:>12,}{t.batches:>8}{_usd(t.cost_usd):>12}"
-            f"{_usd(t.standard_cost_usd):>12}"
+            f"{t.cache_read_tokens:>12,}{t.max_output_tokens:>12,}{t.batches:>8}{usd(t.cost_usd):>12}"
+            f"{usd(t.standard_cost_usd):>12}"
         )
     if not est.tasks:
         lines.append("(nothing queued)")
     lines += [
         "",
-        f"total: ${_usd(est.cost_usd)} at the batch price (${_usd(est.standard_cost_usd)} at standard prices); "
-        f"upper bound with every cache write ${_usd(est.upper_bound_usd)}",
+        f"total: ${usd(est.cost_usd)} at the batch price (${usd(est.standard_cost_usd)} at standard prices); "
+        f"upper bound with every cache write ${usd(est.upper_bound_usd)}",
     ]
     if est.caps_usd:
         caps = ", ".join(
             f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in est.caps_usd.items()
         )
         lines.append(
-            f"nightly cap {caps} (night of {est.night}): ${_usd(est.reserved_tonight_usd)} reserved tonight; "
+            f"nightly cap {caps} (night of {est.night}): ${usd(est.reserved_tonight_usd)} reserved tonight; "
             f"{est.within_cap:,} of {est.documents:,} document(s) fit under it"
         )
     s = est.sampling
@@ -328,7 +329,3 @@ def render(est: Estimate) -> str:
         lines.append("the local estimate's error is not measured yet: run with --count-tokens")
     lines.append("nothing was claimed or sent")
     return "\n".join(lines)
-
-
-def _usd(value: str) -> str:
-    return f"{Decimal(value):,.4f}"

@@ -527,17 +527,23 @@ STALE_URGENT = timedelta(minutes=10)
 def health(rt: Runtime, now: datetime) -> list[str]:
     """Problems of the live path for `etl status --check`: calls stuck past their lease, urgent rows that
     nobody takes (no `etl run` or `etl live` running?)."""
-    if not rt.config.live.enabled:
-        return []
     lease = timedelta(seconds=rt.config.live.claim_lease_seconds)
     with reading(rt.engine) as conn:
+        # Rows left `calling` by a crash are named even with the live path switched off since: then no
+        # worker takes them back, and they would otherwise wait unseen.
         stuck = store.stuck_calls(conn, now, lease)
-        oldest = store.oldest_waiting(conn, routing.cutoff(rt.config, now))
+        oldest = (
+            store.oldest_waiting(conn, routing.cutoff(rt.config, now)) if rt.config.live.enabled else None
+        )
     problems = []
     if stuck:
         problems.append(
             f"{stuck} live call(s) not renewed for over {lease.total_seconds():.0f} s: their process died; "
-            "a running `etl run` or `etl live` calls them again"
+            + (
+                "a running `etl run` or `etl live` calls them again"
+                if rt.config.live.enabled
+                else "live.enabled is false, so nothing takes them back: enable it for one `etl live --once`"
+            )
         )
     waited = now - (schema.as_utc(oldest) or now)
     if waited > STALE_URGENT:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import anthropic
@@ -219,18 +218,6 @@ class Provider:
             return _remote(self._client.messages.batches.cancel(batch_id))
         except Exception as exc:
             raise translate(exc, f"cancel {batch_id}", mutating=True) from exc
-
-    def list_recent(self, since: datetime, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Batches created at or after `since`, newest first (stops paging once older ones appear)."""
-        try:
-            page = self._client.messages.batches.list(limit=page_size)
-            for batch in page:
-                remote = _remote(batch)
-                if remote.created_at < since:
-                    return
-                yield remote
-        except Exception as exc:
-            raise translate(exc, "list batches", mutating=False) from exc
 
     def list_batches(self, page_size: int = 100) -> Iterator[RemoteBatch]:
         """Every batch the API lists, newest first, fetched a page at a time as the caller reads on."""

@@ -41,6 +41,13 @@ def cutoff(config: Config, now: datetime, *, departing: bool = False) -> datetim
     return leaves + timedelta(hours=config.live.batch_latency_hours)
 
 
+def batch_cutoff(config: Config, now: datetime) -> datetime | None:
+    """What a batch leaving now leaves to the live path: rows due before this instant (or None: with
+    `live.enabled = false` there is no live path and the batch takes every row). The submit's claim and
+    `etl estimate` both use it, so the estimate prices what the submit would send."""
+    return cutoff(config, now, departing=True) if config.live.enabled else None
+
+
 def goes_live(mode: str | None, due_by: datetime | None, limit: datetime) -> bool:
     """The rule for one row, given `limit = cutoff(...)`."""
     if mode == Mode.LIVE:

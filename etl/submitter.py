@@ -134,7 +134,7 @@ def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
             limits.max_requests_per_batch,
             now,
             exclude_tasks=exclude_tasks,
-            live_cutoff=_live_cutoff(rt, now),
+            live_cutoff=routing.batch_cutoff(rt.config, now),
         )
         if claimed == 0:
             conn.execute(delete(batches).where(batches.c.id == intent_id))
@@ -142,12 +142,6 @@ def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
     log.info("rows_claimed", intent=intent_id, rows=claimed)
     failpoints.hit("submit.after_claim")
     return Claim(intent_id, now)
-
-
-def _live_cutoff(rt: Runtime, now: datetime) -> datetime | None:
-    """Rows due before this are the live path's (etl/routing.py); with `live.enabled = false` there is no
-    live path and the batch takes every row."""
-    return routing.cutoff(rt.config, now, departing=True) if rt.config.live.enabled else None
 
 
 def _supersede(rt: Runtime) -> None:

@@ -21,7 +21,6 @@ from etl.store.queue import _id_in, _once, live_routed
 
 S = DocStatus
 CHANNEL = "etl_live"  # the migration's trigger NOTIFYs here on an urgent INSERT (PostgreSQL)
-LIVE_KINDS = ("live_succeeded", "live_fallback", "live_billed_twice")
 
 
 @dataclass(frozen=True)

@@ -181,12 +181,14 @@ def iter_queued(
     task: str | None = None,
     min_priority: int | None = None,
     enqueued_before: datetime | None = None,
+    live_cutoff: datetime | None = None,
     page: int = 2000,
 ) -> Iterator[Row]:
     """Queued rows in the order a submit claims them (priority, then id), streamed; nothing is locked.
 
     As a submit sees them: of a (doc_key, task) queued more than once only the newest row, since the
-    submit supersedes the older ones before it claims (`supersede`)."""
+    submit supersedes the older ones before it claims (`supersede`), and with `live_cutoff` none of the
+    rows the live path takes (`live_routed`)."""
     newest = newest_of_duplicates(conn)
     stmt = select(
         queue.c.id,
@@ -194,7 +196,7 @@ def iter_queued(
         queue.c.task,
         cast(queue.c.body, Text).label("body"),
         cast(queue.c.metadata, Text).label("metadata"),
-    ).where(queue.c.status == S.QUEUED)
+    ).where(queue.c.status == S.QUEUED, *_not_live(live_cutoff))
     if task is not None:
         stmt = stmt.where(queue.c.task == task)
     if min_priority is not None:
@@ -519,6 +521,7 @@ def retry(conn: Connection, where: ColumnElement[bool], now: datetime) -> int:
         .values(
             status=S.QUEUED,
             attempts=0,
+            live_calls=0,
             batch_ref=None,
             updated_at=now,
             reason="retried; was " + queue.c.status + ": " + func.coalesce(queue.c.reason, ""),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, RowMapping, delete, func, insert, select, text, update
+from sqlalchemy import Connection, RowMapping, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from etl import liveness
@@ -201,15 +201,6 @@ def latest_attempt(conn: Connection, job: str) -> Run | None:
         .first()
     )
     return None if row is None else _run(row)
-
-
-def attempts_of(conn: Connection, job: str, slot: datetime) -> int:
-    return int(
-        conn.execute(
-            select(func.count()).select_from(runs).where(runs.c.job == job, runs.c.slot == slot)
-        ).scalar()
-        or 0
-    )
 
 
 def finish_run(conn: Connection, run_id: str, outcome: str, detail: str | None, now: datetime) -> None:

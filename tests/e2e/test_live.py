@@ -335,3 +335,35 @@ def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
     bad.write_text('{"doc_key": "d", "body": "x", "due_by": "tomorrow"}\n')
     with pytest.raises(InputError, match="line 1: due_by 'tomorrow' is not an ISO 8601 time"):
         enqueue_file(runtime, str(bad), fmt=None, default_task=None)
+
+
+def test_seams_with_the_other_commands_leave_the_live_path_its_rows_and_its_stuck_calls_seen(
+    make_runtime: Callable[..., Runtime], clock: SharedClock
+) -> None:
+    """Where the live path meets the rest: `etl estimate` prices only what the batch would send (not
+    the rows the live path takes), `etl retry` gives a row its live calls back, and a call left
+    `calling` by a crash is named by `status --check` even after the live path was switched off."""
+    from etl import estimate
+    from etl.status import status
+
+    rt = make_runtime(extra=FAST)
+    insert_docs(rt, [{"doc_key": f"night-{i}", "body": f"ordinary {i}"} for i in range(3)])
+    insert_docs(rt, [{"doc_key": "urgent", "body": "now please", "mode": "live"}])
+    est = estimate.run(rt, estimate.Selection())
+    assert est.documents == 3
+
+    with rt.engine.begin() as conn:
+        conn.execute(text("UPDATE etl_queue SET status = 'dead', live_calls = 3 WHERE doc_key = 'urgent'"))
+        n = q.retry(conn, text("doc_key = 'urgent'"), clock())
+    assert n == 1
+    with rt.engine.connect() as conn:
+        calls = conn.execute(text("SELECT live_calls FROM etl_queue WHERE doc_key = 'urgent'")).scalar_one()
+    assert calls == 0
+
+    with rt.engine.begin() as conn:
+        assert len(live_store.claim(conn, routing.cutoff(rt.config, clock()), 1, clock())) == 1
+    clock.advance(3600)
+    off = make_runtime(extra="\n[live]\nenabled = false\n")
+    _, healthy, problems = status(off)
+    assert not healthy
+    assert any("not renewed" in p and "nothing takes them back" in p for p in problems)

@@ -156,6 +156,9 @@ class LiveSettings:
     max_backoff_seconds: float = 60.0
     claim_lease_seconds: float = 120.0  # a `calling` row not renewed this long belonged to a dead worker
     daily_spend_cap_usd: float = 0.0  # live spend per UTC day; past it urgent rows go to the batch (0: none)
+    slot_hold_minutes: float = (
+        30.0  # after a submit slot fires, route as if its batch leaves now (routing.py)
+    )
 
 
 @dataclass(frozen=True)
@@ -391,9 +394,10 @@ def _build(
 
     live = _settings(LiveSettings, _section(raw, "live", problems), "live", problems)
     for name, value in live.__dict__.items():
-        if name == "daily_spend_cap_usd":
+        if name in ("daily_spend_cap_usd", "slot_hold_minutes"):
             if value < 0:
-                problems.append(f"live.daily_spend_cap_usd must be 0 (no cap) or positive, got {value!r}")
+                none = "no cap" if name == "daily_spend_cap_usd" else "no hold"
+                problems.append(f"live.{name} must be 0 ({none}) or positive, got {value!r}")
         elif name != "enabled":
             _positive(value, f"live.{name}", problems)
 

@@ -10,7 +10,12 @@ THE RULE, in one place. A queued row goes live when the batch path cannot meet i
 
 `allowance` is `live.batch_latency_hours` (default 24 h: the Batches API's bound on processing). The
 "next submit slot" is the first `schedule.submit_cron` slot after now; for the submit run itself, whose
-batch leaves now, it is now (`departing=True`). A task with `live = false` never takes the live path: its
+batch leaves now, it is now (`departing=True`), and so it is for everyone during the first
+`live.slot_hold_minutes` (default 30) after a slot fired: the night's submit is still claiming then, and
+without the hold the live worker (whose "next slot" had just become tomorrow's) took the rows due between
+slot + allowance and tomorrow's slot + allowance at the standard price, although tonight's batch meets
+them at half. During the hold both sides use the same instant, so no row is on both; a row that arrives
+in the hold after the submit finished and that only the live path can meet waits for the hold to end. A task with `live = false` never takes the live path: its
 urgent rows fall back to the batch with that reason, as do urgent rows once the day's live spend passes
 `live.daily_spend_cap_usd` (etl/live.py writes `mode = 'batch'` and the reason on the row).
 
@@ -34,10 +39,20 @@ def next_submit(config: Config, now: datetime) -> datetime:
     return scheduling.next_fire(sch.submit_cron, sch.zone, now) or now + timedelta(days=1)
 
 
+def in_slot_hold(config: Config, now: datetime) -> bool:
+    """A submit slot fired within the last `live.slot_hold_minutes`: its batch is (treated as) leaving now."""
+    hold = timedelta(minutes=config.live.slot_hold_minutes)
+    if hold <= timedelta(0):
+        return False
+    sch = config.schedule
+    fired = scheduling.latest_fire(sch.submit_cron, sch.zone, now)
+    return fired is not None and now - fired < hold
+
+
 def cutoff(config: Config, now: datetime, *, departing: bool = False) -> datetime:
     """Rows due before this instant cannot wait for the batch: the batch leaves at the next slot (or now,
-    when `departing`) and may take `live.batch_latency_hours` to end."""
-    leaves = now if departing else next_submit(config, now)
+    when `departing` or within the hold after a slot) and may take `live.batch_latency_hours` to end."""
+    leaves = now if departing or in_slot_hold(config, now) else next_submit(config, now)
     return leaves + timedelta(hours=config.live.batch_latency_hours)
 
 

@@ -45,7 +45,27 @@ def test_the_cutoff_follows_the_one_clock_seam() -> None:
     with freeze_time("2026-12-03 00:00:01"):
         after = routing.cutoff(cfg, utcnow())
     assert before == datetime(2026, 12, 4, 0, 0, tzinfo=UTC)
-    assert after == datetime(2026, 12, 5, 0, 0, tzinfo=UTC)  # the slot passed: the next one is a day later
+    # the slot fired a second ago: its batch is leaving now (the hold), not tomorrow's
+    assert after == datetime(2026, 12, 4, 0, 0, 1, tzinfo=UTC)
+
+
+@given(seconds=st.integers(min_value=-3600, max_value=3 * 3600))
+def test_after_a_slot_fires_the_live_worker_and_the_submit_agree_for_the_hold_then_the_next_slot_counts(
+    seconds: int,
+) -> None:
+    """Without the hold, from 00:00:01 the live worker routed by tomorrow's slot while tonight's submit
+    was still claiming by tonight's: rows due between the two cutoffs went live at the standard price."""
+    cfg = config.load({}, ROOT / "config" / "etl.toml")
+    slot = datetime(2026, 12, 3, 0, 0, tzinfo=UTC)
+    now = slot + timedelta(seconds=seconds)
+    hold = timedelta(minutes=cfg.live.slot_hold_minutes)
+    got = routing.cutoff(cfg, now)
+    if timedelta(0) <= now - slot < hold:
+        assert got == routing.cutoff(cfg, now, departing=True) == now + timedelta(hours=24)
+    elif now < slot:
+        assert got == slot + timedelta(hours=24)
+    else:
+        assert got == slot + timedelta(days=1, hours=24)
 
 
 class FakeClock:

@@ -33,7 +33,11 @@ def _hours(delta: timedelta) -> float:
     return round(delta.total_seconds() / 3600, 1)
 
 
-def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
+def build(
+    rt: Runtime, now: datetime, since: datetime | None, *, costs_since: datetime | None = None
+) -> dict[str, Any]:
+    """The report for the period from `since`; its money per task from `costs_since` when given (`etl
+    status` shows tonight's, since the budget's night began, beside a report of the moment)."""
     cfg: Config = rt.config
     with reading(rt.engine) as conn:
         rows = events.summary_since(conn, since)
@@ -125,7 +129,7 @@ def build(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
         "submission_paused": paused,
         "paths": paths.summary(rows, cfg.pricing),
     }
-    report.update(costs.section(rt, now, since))
+    report.update(costs.section(rt, now, since if costs_since is None else costs_since))
     return report
 
 

@@ -17,9 +17,8 @@ from etl.store.engine import reading
 
 def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     now = rt.clock()
-    info = report.build(rt, now, since=now)
     # Money since tonight's budget began: what was charged and how close the estimates were, per task.
-    info.update(costs.section(rt, now, budget.night_start(now, rt.config.schedule.zone)))
+    info = report.build(rt, now, since=now, costs_since=budget.night_start(now, rt.config.schedule.zone))
     with reading(rt.engine) as conn:
         runs = state.last_runs(conn, limit=10)
     info["last_runs"] = [

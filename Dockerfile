@@ -12,9 +12,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/run.txt ./requirements/run.txt
 COPY etl ./etl
-# Dependencies come from the version ranges pinned in pyproject.toml.
-RUN pip install . \
+# Exactly the tested versions: the lock (hashes required), then the project without resolving anything.
+RUN pip install --require-hashes --no-deps -r requirements/run.txt \
+    && pip install --no-deps --no-build-isolation . \
+    && pip check \
     && groupadd --system --gid 10001 etl \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/etl --shell /usr/sbin/nologin etl \
     && mkdir -p /var/lib/etl /etc/etl \

@@ -1,35 +1,59 @@
 #!/usr/bin/env bash
 # Install everything and run every check: the one test command (README; .ci/run calls exactly this).
-#   - a virtual environment in .venv with the project and its test extras
+#   - a virtual environment in .venv with exactly the versions of requirements/test.txt (the lock, with
+#     hashes), then the project itself without dependencies; a second one, .venv-oldest, with the
+#     oldest anthropic SDK the range allows (requirements/oldest.txt) for the provider seam's tests
 #   - a PostgreSQL on 127.0.0.1:5432 (started if none answers; required when CI is set)
 #   - ruff (lint + format check), mypy --strict on etl/, deployment checks, then pytest
+# Overrides (used by scripts/lock.sh to try a candidate lock without touching this checkout's .venv):
+#   ETL_LOCK_DIR  folder holding test.txt and run.txt (default: requirements)
+#   ETL_VENV      the virtual environment to make and use (default: .venv; and $ETL_VENV-oldest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+lock_dir=${ETL_LOCK_DIR:-requirements}
+venv=$(realpath -m "${ETL_VENV:-.venv}")
+
+# A venv is made from its lock alone: when the lock (or the Python) changed since it was made, it is made
+# again, so no package left over from an older lock or a hand install can pass for a tested one. The
+# project itself goes in editable and without dependencies (they all come from the lock, setuptools too).
+make_venv() {  # make_venv DIR LOCK
+  local dir=$1 lock=$2 stamp
+  stamp=$( (cat "$lock"; "$python" --version) | sha256sum | cut -d' ' -f1)
+  if [ ! -x "$dir/bin/python" ] || [ "$(cat "$dir/.etl-lock" 2>/dev/null)" != "$stamp" ]; then
+    echo "== installing from $lock into $dir"
+    rm -rf "$dir"
+    "$python" -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --require-hashes --no-deps -r "$lock"
+    echo "$stamp" > "$dir/.etl-lock"
+  fi
+  "$dir/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  "$dir/bin/python" -m pip check
+}
+make_venv "$venv" "$lock_dir/test.txt"
 
 if ! scripts/ensure-postgres.sh; then
   if [ -n "${CI:-}" ]; then echo "CI is set and PostgreSQL is required" >&2; exit 1; fi
   echo "warning: no PostgreSQL; its tests will be skipped" >&2
 fi
 
+echo "== versions under test: $("$venv/bin/python" -m pip freeze | grep -iE '^(anthropic|httpx2|sqlalchemy|psycopg|apscheduler)==' | tr '\n' ' ')"
 echo "== ruff"
-.venv/bin/ruff check etl tests bench
-.venv/bin/ruff format --check etl tests bench
+"$venv/bin/ruff" check etl tests bench
+"$venv/bin/ruff" format --check etl tests bench
 echo "== mypy"
-.venv/bin/mypy etl
+"$venv/bin/mypy" etl
 if [ -x deploy/check.sh ]; then
   echo "== deployment checks"
-  PATH="$PWD/.venv/bin:$PATH" deploy/check.sh
+  PATH="$venv/bin:$PATH" deploy/check.sh
 fi
 if [ -x deploy/docker-smoke.sh ]; then
   echo "== the Dockerfile's install steps in a clean virtual environment"
-  deploy/docker-smoke.sh
+  ETL_LOCK_DIR="$lock_dir" deploy/docker-smoke.sh
 fi
+echo "== the provider seam and the emulator against the oldest SDK the range allows ($lock_dir/oldest.txt)"
+make_venv "$venv-oldest" "$lock_dir/oldest.txt"
+"$venv-oldest/bin/pytest" -q -p no:cacheprovider tests/emulator
 echo "== pytest"
-.venv/bin/pytest "$@"
+"$venv/bin/pytest" "$@"

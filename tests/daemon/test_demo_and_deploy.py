@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_deploy_check_passes() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"},
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "exposure: " in result.stdout

@@ -138,15 +138,39 @@ def test_cut_line_gives_a_json_error(client: anthropic.Anthropic, control: Emula
         list(client.messages.batches.results(batch_id))
 
 
-def test_stream_reset_is_a_protocol_error(client: anthropic.Anthropic, control: EmulatorControl) -> None:
+# A body that breaks while the SDK reads it: anthropic up to 2.16 lets the transport's own error through,
+# 2.17 wraps it in APIConnectionError/APITimeoutError. Either is a failure, never a clean end of the
+# stream; what the daemon relies on is the seam's ResultsIncomplete (tests/unit/test_provider_seam.py).
+SDK_READ_FAILURES = (httpx2.TransportError, anthropic.APIConnectionError)
+
+
+def wire_results(emulator: EmulatorServer, batch_id: str, read_timeout: float = 5.0) -> bytes:
+    """The results body read by the transport alone, no SDK: the emulator's faults as they are on the wire."""
+    timeout = httpx2.Timeout(read_timeout, connect=5.0)
+    with (
+        httpx2.Client(base_url=emulator.base_url, timeout=timeout) as http,
+        http.stream(
+            "GET",
+            f"/v1/messages/batches/{batch_id}/results",
+            headers={"x-api-key": "test-key", "anthropic-version": "2023-06-01"},
+        ) as response,
+    ):
+        return b"".join(response.iter_bytes())
+
+
+def test_stream_reset_is_a_protocol_error_on_the_wire(
+    emulator: EmulatorServer, client: anthropic.Anthropic, control: EmulatorControl
+) -> None:
     batch_id = ended_batch(client, control)
     control.set_faults(rules=[{"endpoint": "results", "action": "stream_reset", "after_lines": 3}])
     with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+        wire_results(emulator, batch_id)
+    with pytest.raises(SDK_READ_FAILURES):
         list(client.messages.batches.results(batch_id))
 
 
-def test_stall_is_a_read_timeout(
-    make_client: Callable[..., anthropic.Anthropic], control: EmulatorControl
+def test_stall_is_a_read_timeout_on_the_wire(
+    emulator: EmulatorServer, make_client: Callable[..., anthropic.Anthropic], control: EmulatorControl
 ) -> None:
     client = make_client(timeout=0.3)
     batch_id = ended_batch(client, control)
@@ -154,6 +178,8 @@ def test_stall_is_a_read_timeout(
         rules=[{"endpoint": "results", "action": "stall", "after_lines": 3, "stall_seconds": 1}]
     )
     with pytest.raises(httpx2.ReadTimeout):
+        wire_results(emulator, batch_id, read_timeout=0.3)
+    with pytest.raises((httpx2.ReadTimeout, anthropic.APITimeoutError)):
         list(client.messages.batches.results(batch_id))
 
 
@@ -232,7 +258,7 @@ def _raw_results(client: anthropic.Anthropic, batch_id: str) -> bytes:
         try:
             for chunk in response.iter_bytes():
                 got += chunk
-        except (httpx2.RemoteProtocolError, httpx2.ReadError) as exc:
+        except SDK_READ_FAILURES as exc:
             raise BrokenStream(got) from exc
     return got
 
@@ -263,11 +289,12 @@ def test_break_at_sends_exactly_that_many_bytes_then_resets(
 def test_break_at_zero_fails_the_first_line_read_too(
     make_client: Callable[..., anthropic.Anthropic], control: EmulatorControl
 ) -> None:
-    """The SDK's decoded results iterator (the path of a first-result read) also fails at byte 0."""
+    """The SDK's decoded results iterator (the path of a first-result read) also fails at byte 0: it
+    raises (the transport's error or the SDK's wrapping of it), it does not end as if there were none."""
     client = make_client(max_retries=0)
     batch_id = ended_batch(client, control, n=2)
     control.set_faults(rules=[{"endpoint": "results", "action": "break_at", "at_byte": 0, "times": 1}])
-    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+    with pytest.raises(SDK_READ_FAILURES):
         next(iter(client.messages.batches.results(batch_id)))
 
 

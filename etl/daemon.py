@@ -51,7 +51,8 @@ from etl.notify import Notifier
 from etl.runtime import Runtime
 from etl.schema import BatchStatus
 from etl.store import batches as intents
-from etl.store import migrate, state
+from etl.store import grants, migrate, state
+from etl.store.engine import denied
 
 log = structlog.get_logger("etl.daemon")
 
@@ -172,6 +173,9 @@ class Daemon:
         cfg = self.rt.config
         self.notifier.status("checking the database schema")
         migrate.check(self.rt.engine, self.rt.warehouse)
+        grants.check(
+            self.rt.engine, self.rt.warehouse
+        )  # a missing right: one line now, not a job's traceback
         self.rt.config.require_api_key()
         self._hold_life_lock()
         event.listen(self.rt.engine, "commit", self._on_commit)
@@ -446,8 +450,9 @@ class Daemon:
                 outcome, detail = "paused", str(exc)
                 log.error("submission_paused", reason=str(exc))
             except Exception as exc:  # recovery loop: record the failure and go on to the next slot
-                detail = f"{type(exc).__name__}: {exc}"
-                log.exception("job_failed", error=detail)
+                refused = denied(exc, self.rt.engine.url.username)
+                detail = str(refused) if refused else f"{type(exc).__name__}: {exc}"
+                (log.error if refused else log.exception)("job_failed", error=detail)
             finally:
                 self._leave()
                 with self.rt.engine.begin() as conn:

@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from etl.config import mask_url
-from etl.errors import DatabaseUnreachable
+from etl.errors import DatabaseUnreachable, MissingPrivilege
 
 SQLITE_BUSY_TIMEOUT_S = 60
 # SQLite's own defaults: a checkpoint once the WAL holds 1,000 pages. The WAL file left behind after a
@@ -50,6 +50,21 @@ def reachable(engine: Engine, what: str = "database") -> Iterator[None]:
             f"{detail or type(exc.orig).__name__}; check the host, port, database name and credentials in "
             f"ETL_DATABASE_URL / ETL_WAREHOUSE_URL or [database] in the config file, and that the server is running"
         ) from None
+
+
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for "permission denied for table ..."
+GRANTS_HINT = "the owner gives the rights with `etl db grants --apply` (docs/deploy.md)"
+
+
+def denied(exc: BaseException, user: str | None = None) -> MissingPrivilege | None:
+    """A "permission denied" from the database as one line naming the user, what was refused and the fix;
+    None for any other error (the caller re-raises it)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if getattr(orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+        return None
+    detail = " ".join(str(orig).split("\n")[0].split())
+    who = f"the database user {user!r}" if user else "the database user"
+    return MissingPrivilege(f"{who} lacks a right this needs ({detail}); {GRANTS_HINT}")
 
 
 def _decode_text(data: bytes) -> str:

@@ -143,10 +143,13 @@ def statements(conn: Connection, db_role: str, roles: Roles) -> list[str]:
         out.append(
             f"REVOKE ALL ON SEQUENCE {', '.join(_q(s) for s in sorted(sequences.values()))} FROM {names}"
         )
+    grouped: dict[tuple[str, str, tuple[str, ...], bool], list[str]] = {}
     for r in rights(db_role, sequences):
-        cols = f" ({', '.join(_q(c) for c in r.columns)})" if r.columns else ""
-        what = "SEQUENCE" if r.sequence else "TABLE"
-        out.append(f"GRANT {r.privilege}{cols} ON {what} {_q(r.relation)} TO {_q(roles.of(r.kind))}")
+        grouped.setdefault((r.kind, r.relation, r.columns, r.sequence), []).append(r.privilege)
+    for (kind, relation, columns, sequence), privileges in grouped.items():
+        cols = f" ({', '.join(_q(c) for c in columns)})" if columns else ""
+        what = "SEQUENCE" if sequence else "TABLE"
+        out.append(f"GRANT {', '.join(privileges)}{cols} ON {what} {_q(relation)} TO {_q(roles.of(kind))}")
     return out
 
 

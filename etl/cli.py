@@ -44,7 +44,8 @@ CONFIG_ENV = {
 }
 API_ENV = {
     "ANTHROPIC_API_KEY": "the API key",
-    "CREDENTIALS_DIRECTORY": "systemd credentials folder holding anthropic_api_key",
+    "CREDENTIALS_DIRECTORY": "credentials folder (systemd; the image: /run/secrets): anthropic_api_key, "
+    "database_password, warehouse_password",
     "ANTHROPIC_BASE_URL": "another API origin, e.g. the local emulator",
 }
 
@@ -341,6 +342,8 @@ def _main(argv: list[str]) -> int:
     logs.configure(args.log_level or cfg.log_level, json=args.log_json)
     if cfg.api_key:
         logs.register_secret(cfg.api_key.value)
+    for password in config_mod.url_passwords(cfg):
+        logs.register_secret(password)
     handler = COMMANDS[args.command]
     try:
         rt = build(cfg)
@@ -392,9 +395,15 @@ def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
 
     roles = grants.Roles(producer=args.producer, reader=args.reader, daemon=args.daemon)
     if rt.engine.dialect.name != "postgresql" or rt.warehouse.dialect.name != "postgresql":
+        for eng, _ in migrate.roles(rt.engine, rt.warehouse):
+            if eng.dialect.name == "sqlite" and eng.url.database:
+                path = Path(eng.url.database)
+                mode = f"{path.stat().st_mode & 0o777:04o}" if path.exists() else "not made yet"
+                print(f"{path}: {mode}")
         print(
-            "etl: SQLite has no roles: whoever may write the file may do everything. Keep it 0600 (0640 with a\n"
-            "group of readers) and its folder 0750, owned by the service user; docs/deploy.md",
+            "etl: SQLite has no roles: whoever may read the file reads every document and answer, whoever may\n"
+            "write it may do anything. It must be 0600, owned by the service user (0640 only if its group may\n"
+            "read everything), in a folder 0700; etl makes a new file so. Roles need PostgreSQL (docs/deploy.md)",
             file=sys.stderr,
         )
         return 1 if args.apply else 0

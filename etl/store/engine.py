@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ SQLITE_WAL_AUTOCHECKPOINT_PAGES = 1000
 SQLITE_WAL_SIZE_LIMIT = 64 << 20
 # During `bulk_writes`: a checkpoint only once the WAL holds this much.
 SQLITE_BULK_WAL_BYTES = 256 << 20
+SQLITE_FILE_MODE = 0o600  # a new database file: the service user alone (SQLite has no roles)
+SQLITE_DIR_MODE = 0o700  # a folder made for it
 
 
 def normalize_url(url: str) -> str:
@@ -89,15 +92,24 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     return engine
 
 
+def _create_private(path: Path) -> None:
+    """Make a new SQLite file 0600 whatever the umask: whoever reads it reads every document and answer,
+    whoever writes it can do anything (SQLite has no roles). Its -wal and -shm files take its mode. An
+    existing file keeps the mode its owner gave it (docs/deploy.md says what it must be)."""
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE))
+
+
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     database = parsed.database or ""
     if database and database != ":memory:":
         try:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            Path(database).parent.mkdir(mode=SQLITE_DIR_MODE, parents=True, exist_ok=True)
+            _create_private(Path(database))
         except OSError as exc:
             raise DatabaseUnreachable(
-                f"cannot create the folder of the SQLite database {url}: {exc.strerror or exc}; check the "
+                f"cannot create the SQLite database {url} (or its folder): {exc.strerror or exc}; check the "
                 "path in ETL_DATABASE_URL or [database] url, and that this user may write there"
             ) from None
     # Pooled, not one connection per transaction: opening a file and running the PRAGMAs below cost about

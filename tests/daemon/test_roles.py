@@ -40,7 +40,9 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
 
         # Submit, killed right after the API accepted the batch and before its id was recorded.
         first = spawn(
-            etl_env(daemon_url, config=cfg, ETL_DAEMON_RUN_NOW="submit", ETL_FAILPOINTS="submit.after_create=kill"),
+            etl_env(
+                daemon_url, config=cfg, ETL_DAEMON_RUN_NOW="submit", ETL_FAILPOINTS="submit.after_create=kill"
+            ),
             "--log-json",
             "run",
         )
@@ -50,7 +52,9 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
         wait_for(lambda: second.logged("live_worker_started"), 60, "the live worker to start")
         producer = make_engine(g.url("producer"))
         with producer.begin() as conn:
-            conn.execute(text("INSERT INTO etl_queue (doc_key, body, mode) VALUES ('urgent', 'now please', 'live')"))
+            conn.execute(
+                text("INSERT INTO etl_queue (doc_key, body, mode) VALUES ('urgent', 'now please', 'live')")
+            )
         producer.dispose()
         wait_for(lambda: statuses().get("urgent") == "done", 30, "the urgent row to be answered live")
         wait_for(

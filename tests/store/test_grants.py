@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,3 +206,22 @@ def test_grants_on_sqlite_says_the_file_permissions_are_the_rights(
     assert cli(url, "db", "grants") == 0
     assert "0600" in capsys.readouterr().err
     assert cli(url, "db", "grants", "--apply") == 1
+
+
+def test_a_new_sqlite_database_is_the_service_users_alone_whatever_the_umask(tmp_path: Path) -> None:
+    """SQLite has no roles: whoever reads the file reads every document, so it is made 0600 (its folder
+    0700), and its -wal and -shm files take that mode."""
+    from etl.store import migrate
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "state" / "etl.db"
+        engine = make_engine(f"sqlite:///{path}")
+        migrate.upgrade(engine, engine)
+        run(engine, "INSERT INTO etl_queue (doc_key, body) VALUES ('k', 'b')")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+        engine.dispose()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert modes["etl.db"] == 0o600 and set(modes.values()) == {0o600}, modes

@@ -35,11 +35,13 @@ class Granted:
         )
 
 
-def cli(url: str, *args: str) -> int:
-    """`etl ARGS` in this process, on `url` with the shipped config."""
+def cli(url: str, *args: str, warehouse: str = "") -> int:
+    """`etl ARGS` in this process, on `url` (and `warehouse`, if given) with the shipped config."""
     saved = {k: os.environ.get(k) for k in ("ETL_DATABASE_URL", "ETL_CONFIG", "ETL_WAREHOUSE_URL")}
     os.environ.update(ETL_DATABASE_URL=url, ETL_CONFIG=str(ROOT / "config" / "etl.toml"))
     os.environ.pop("ETL_WAREHOUSE_URL", None)
+    if warehouse:
+        os.environ["ETL_WAREHOUSE_URL"] = warehouse
     try:
         return main(list(args))
     finally:
@@ -51,30 +53,38 @@ def cli(url: str, *args: str) -> int:
 
 
 @contextmanager
-def granted(owner_url: str) -> Iterator[Granted]:
+def granted(owner_url: str, warehouse_url: str = "") -> Iterator[Granted]:
     """The schema made by its owner, then the three roles by `etl db grants --apply`, each able to log in."""
     suffix = make_url(owner_url).database.removeprefix("etl_t_")  # type: ignore[union-attr]
     roles = Roles(producer=f"etl_p_{suffix}", reader=f"etl_r_{suffix}", daemon=f"etl_d_{suffix}")
     engine = make_engine(owner_url)
+    warehouse = make_engine(warehouse_url) if warehouse_url else engine
     try:
-        migrate.upgrade(engine, engine)
+        migrate.upgrade(engine, warehouse)
     finally:
         engine.dispose()
-    plain = owner_url.replace("postgresql+psycopg://", "postgresql://")
+        warehouse.dispose()
+    databases = [u.replace("postgresql+psycopg://", "postgresql://") for u in (owner_url, warehouse_url) if u]
     try:
-        rc = cli(owner_url, "db", "grants", "--apply", *(f"--{k}={roles.of(k)}" for k in KINDS))
-        assert rc == 0
-        with psycopg.connect(plain, autocommit=True) as conn:
+        args = ("db", "grants", "--apply", *(f"--{k}={roles.of(k)}" for k in KINDS))
+        assert cli(owner_url, *args, warehouse=warehouse_url) == 0
+        with psycopg.connect(databases[0], autocommit=True) as conn:
             for kind in KINDS:
                 conn.execute(f'ALTER ROLE "{roles.of(kind)}" LOGIN')
         yield Granted(owner_url, roles)
     finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            for kind in KINDS:
-                name = roles.of(kind)
-                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
-                    conn.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,)
-                    )
-                    conn.execute(f'DROP OWNED BY "{name}"')
+        _drop(databases, [roles.of(k) for k in KINDS])
+
+
+def _drop(databases: list[str], names: list[str]) -> None:
+    for i, url in enumerate(databases):
+        with psycopg.connect(url, autocommit=True) as conn:
+            for name in names:
+                if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
+                    continue
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,)
+                )
+                conn.execute(f'DROP OWNED BY "{name}"')
+                if i == len(databases) - 1:
                     conn.execute(f'DROP ROLE "{name}"')

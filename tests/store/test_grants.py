@@ -138,6 +138,29 @@ def test_the_daemon_has_every_right_it_needs_and_no_ddl(login: Callable[[str], E
         assert refused(daemon, sql)
 
 
+def test_a_separate_warehouse_gets_the_reader_and_daemon_rights_of_its_tables(
+    make_pg_database: Callable[[], str],
+) -> None:
+    main, wh = make_pg_database(), make_pg_database()
+    with granted(main, wh) as g:
+        as_wh = Granted(wh, g.roles)
+        engines = {k: make_engine(g.url(k)) for k in ("producer", "reader", "daemon")}
+        engines |= {f"wh_{k}": make_engine(as_wh.url(k)) for k in ("producer", "reader", "daemon")}
+        try:
+            run(engines["producer"], "INSERT INTO etl_queue (doc_key, body) VALUES ('k', 'b')")
+            with engines["daemon"].connect() as conn:
+                assert grants.missing(conn, "main") == []
+            with engines["wh_daemon"].connect() as conn:
+                assert grants.missing(conn, "warehouse") == []
+            assert run(engines["wh_reader"], "SELECT count(*) FROM etl_results") == [(0,)]
+            assert run(engines["reader"], "SELECT count(*) FROM etl_reports") == [(0,)]
+            refused(engines["wh_producer"], "SELECT * FROM etl_results")
+            refused(engines["reader"], "SELECT * FROM etl_queue")
+        finally:
+            for e in engines.values():
+                e.dispose()
+
+
 def test_the_producer_can_use_etl_enqueue(roles: Granted, tmp_path: Path) -> None:
     file = tmp_path / "docs.jsonl"
     file.write_text('{"doc_key": "only", "body": "one line"}\n', encoding="utf-8")

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
             **kw,
         )
 
-    db = command("db", "database schema: create, migrate or check it")
+    db = command("db", "database schema: create, migrate or check it; the roles' grants")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser(
         "upgrade",

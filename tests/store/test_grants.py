@@ -248,3 +248,47 @@ def test_a_new_sqlite_database_is_the_service_users_alone_whatever_the_umask(tmp
         os.umask(old)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert modes["etl.db"] == 0o600 and set(modes.values()) == {0o600}, modes
+
+
+def test_the_daemon_may_delete_exactly_where_the_code_deletes() -> None:
+    """DAEMON_DELETES is kept by hand: every `delete(table)` in the package must be in it (or the daemon
+    role fails there), and nothing else (least privilege). A new table's deletes are caught here."""
+    import ast
+
+    from sqlalchemy import Table
+
+    deleted = set()
+    for path in (Path(schema.__file__).parent).rglob("*.py"):
+        if "emulator" in path.parts or "migrations" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "delete" and node.args:
+                arg = node.args[0]
+                name = arg.id if isinstance(arg, ast.Name) else getattr(arg, "attr", "")
+                table = getattr(schema, name, None)
+                assert isinstance(table, Table), (
+                    f"{path}: delete({name}) of a table etl.schema does not declare"
+                )
+                deleted.add(table.name)
+    assert deleted == set(grants.DAEMON_DELETES)
+
+
+def test_a_daemon_loop_logs_a_refused_right_in_one_line_without_a_traceback(
+    roles: Granted, login: Callable[[str], Engine]
+) -> None:
+    from types import SimpleNamespace
+
+    from structlog.testing import capture_logs
+
+    from etl.daemon import Daemon
+
+    reader = login("reader")
+    with pytest.raises(ProgrammingError) as info:
+        run(reader, "UPDATE etl_queue SET priority = 1")
+    with capture_logs() as logs:
+        detail = Daemon._failed(SimpleNamespace(rt=SimpleNamespace(engine=reader)), "job_failed", info.value)  # type: ignore[arg-type]
+    assert logs == [{"event": "job_failed", "error": detail, "log_level": "error"}]  # no exc_info
+    assert detail.startswith(
+        f"the database user '{roles.roles.reader}' lacks a right this needs (permission denied"
+    )
+    assert "\n" not in detail and "etl db grants --apply" in detail

@@ -120,7 +120,8 @@ def id_sequences(conn: Connection, db_role: str) -> dict[str, str]:
 
 
 def _q(name: str) -> str:
-    return f'"{name}"'  # names are checked (Roles, the schema's own tables): no quote can be inside
+    """A quoted identifier (role names are checked by `Roles`; a database's name may hold anything)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def statements(conn: Connection, db_role: str, roles: Roles) -> list[str]:

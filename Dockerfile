@@ -1,6 +1,7 @@
 # etl: the Batches API pipeline as a container. Build: docker build -t etl .
-# Run: docker run -e ANTHROPIC_API_KEY -e ETL_DATABASE_URL=postgresql://... etl
-# (or mount a volume on /var/lib/etl for the default SQLite file).
+# Run: docker run -e ETL_DATABASE_URL=postgresql://etl_svc@db/etl etl, with the API key (and the database
+# password) as Docker secrets: files in /run/secrets named anthropic_api_key and database_password
+# (docs/deploy.md); or mount a volume on /var/lib/etl for the default SQLite file, made 0600 there.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ETL_CONFIG=/etc/etl/etl.toml \
-    ETL_DATABASE_URL=sqlite:////var/lib/etl/etl.db
+    ETL_DATABASE_URL=sqlite:////var/lib/etl/etl.db \
+    CREDENTIALS_DIRECTORY=/run/secrets
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -21,7 +23,8 @@ RUN pip install --require-hashes --no-deps -r requirements/run.txt \
     && groupadd --system --gid 10001 etl \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/etl --shell /usr/sbin/nologin etl \
     && mkdir -p /var/lib/etl /etc/etl \
-    && chown etl:etl /var/lib/etl
+    && chown etl:etl /var/lib/etl \
+    && chmod 0700 /var/lib/etl
 
 COPY config/etl.toml /etc/etl/etl.toml
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 from etl import __version__, failpoints, logs
 from etl import config as config_mod
 from etl.errors import ConfigError, EtlError
 from etl.runtime import Runtime, build
+from etl.store.engine import denied
 
 log = structlog.get_logger("etl.cli")
 
@@ -30,7 +32,8 @@ EXIT_CODES = {
     65: "a bad input file or argument: nothing from it was stored",
     66: "the input file does not exist or cannot be read",
     75: "submission is paused until `etl resume`",
-    78: "configuration problem: config file, schema out of date, database unreachable, no API key",
+    78: "configuration problem: config file, schema out of date, database unreachable or refusing a right "
+    "(`etl db grants`), no API key",
 }
 CONFIG_ENV = {
     "ETL_CONFIG": "path of the config file",
@@ -41,7 +44,8 @@ CONFIG_ENV = {
 }
 API_ENV = {
     "ANTHROPIC_API_KEY": "the API key",
-    "CREDENTIALS_DIRECTORY": "systemd credentials folder holding anthropic_api_key",
+    "CREDENTIALS_DIRECTORY": "credentials folder (systemd; the image: /run/secrets): anthropic_api_key, "
+    "database_password, warehouse_password",
     "ANTHROPIC_BASE_URL": "another API origin, e.g. the local emulator",
 }
 
@@ -93,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
             **kw,
         )
 
-    db = command("db", "database schema: create, migrate or check it")
+    db = command("db", "database schema: create, migrate or check it; the roles' grants")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser(
         "upgrade",
@@ -109,6 +113,24 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_epilog(BASIC),
         formatter_class=fmt,
     )
+    grants = db_sub.add_parser(
+        "grants",
+        help="print (or --apply) the SQL giving the producer, reader and daemon roles their rights",
+        description="PostgreSQL: print the SQL that makes three roles hold exactly their rights, or apply it\n"
+        "with --apply (run it as the owner, after `etl db upgrade`, and again after each upgrade):\n"
+        "  producer  INSERT of doc_key, body, task, metadata, priority, due_by, mode on etl_queue\n"
+        "  reader    SELECT on etl_results, etl_reports, etl_events\n"
+        "  daemon    what `etl run` needs and no more: no DDL, no TRUNCATE, not the owner\n"
+        "Missing roles are made NOLOGIN; log in as a member (CREATE ROLE app LOGIN IN ROLE etl_producer).\n"
+        "docs/deploy.md has a worked example. SQLite has no roles: its file's permissions are the rights.",
+        epilog=_epilog(BASIC),
+        formatter_class=fmt,
+    )
+    grants.add_argument(
+        "--apply", action="store_true", help="run the SQL (as the owner) instead of printing it"
+    )
+    for kind in ("producer", "reader", "daemon"):
+        grants.add_argument(f"--{kind}", default=f"etl_{kind}", metavar="ROLE", help=f"default: etl_{kind}")
 
     enq = command(
         "enqueue",
@@ -320,6 +342,8 @@ def _main(argv: list[str]) -> int:
     logs.configure(args.log_level or cfg.log_level, json=args.log_json)
     if cfg.api_key:
         logs.register_secret(cfg.api_key.value)
+    for password in config_mod.url_passwords(cfg):
+        logs.register_secret(password)
     handler = COMMANDS[args.command]
     try:
         rt = build(cfg)
@@ -331,6 +355,12 @@ def _main(argv: list[str]) -> int:
     except EtlError as exc:
         print(f"etl: {exc}", file=sys.stderr)
         return exc.exit_code
+    except DBAPIError as exc:
+        refused = denied(exc, rt.engine.url.username)
+        if refused is None:
+            raise
+        print(f"etl: {refused}", file=sys.stderr)
+        return refused.exit_code
     except KeyboardInterrupt:
         return 130
     finally:
@@ -350,11 +380,46 @@ def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
         migrate.check(rt.engine, rt.warehouse)
         print("schema is current")
         return 0
+    if args.db_command == "grants":
+        return _db_grants(rt, args)
     for role, before, after in migrate.upgrade(rt.engine, rt.warehouse):
         what = {"both": "database (queue and warehouse)", "main": "queue database", "warehouse": "warehouse"}[
             role
         ]
         print(f"{what}: {before or 'empty'} -> {after}")
+    return 0
+
+
+def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
+    from etl.store import grants, migrate
+
+    roles = grants.Roles(producer=args.producer, reader=args.reader, daemon=args.daemon)
+    if rt.engine.dialect.name != "postgresql" or rt.warehouse.dialect.name != "postgresql":
+        for eng, _ in migrate.roles(rt.engine, rt.warehouse):
+            if eng.dialect.name == "sqlite" and eng.url.database:
+                path = Path(eng.url.database)
+                mode = f"{path.stat().st_mode & 0o777:04o}" if path.exists() else "not made yet"
+                print(f"{path}: {mode}")
+        print(
+            "etl: SQLite has no roles: whoever may read the file reads every document and answer, whoever may\n"
+            "write it may do anything. It must be 0600, owned by the service user (0640 only if its group may\n"
+            "read everything), in a folder 0700; etl makes a new file so. Roles need PostgreSQL (docs/deploy.md)",
+            file=sys.stderr,
+        )
+        return 1 if args.apply else 0
+    migrate.check(rt.engine, rt.warehouse)
+    for eng, db_role in migrate.roles(rt.engine, rt.warehouse):
+        with eng.begin() as conn:
+            sql = grants.statements(conn, db_role, roles)
+            if args.apply:
+                grants.apply(conn, sql)
+        where = eng.url.render_as_string(hide_password=True)
+        if args.apply:
+            print(
+                f"{where}: {len(sql)} statement(s) applied for {roles.producer}, {roles.reader}, {roles.daemon}"
+            )
+        else:
+            print(f"-- {where}\n" + "".join(f"{s};\n" for s in sql))
     return 0
 
 

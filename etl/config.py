@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError, MissingApiKey
@@ -24,6 +25,8 @@ _S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings", "Liv
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
+DB_PASSWORD_CREDENTIAL = "database_password"  # the queue database's password (credentials, Docker secrets)
+WH_PASSWORD_CREDENTIAL = "warehouse_password"  # the warehouse's, when it is another database
 # (doc_key, task) is the warehouse's primary key: PostgreSQL refuses a btree entry over 2,704 bytes, so
 # the two together are kept well under it (README "Limits of a document").
 MAX_TASK_NAME_BYTES = 128
@@ -199,6 +202,18 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
+def url_passwords(cfg: Config) -> list[str]:
+    """The database passwords inside the configured URLs, for the log redactor."""
+    from urllib.parse import unquote
+
+    found = []
+    for url in {cfg.database_url, cfg.warehouse_url}:
+        m = re.search(r"://[^:/@]*:([^@/]*)@", url)
+        if m and m.group(1):
+            found.append(unquote(m.group(1)))
+    return found
+
+
 def searched_paths(env: Mapping[str, str]) -> list[str]:
     """Where a config file is looked for, in order, as a readable list."""
     first = f"$ETL_CONFIG ({env['ETL_CONFIG']})" if env.get("ETL_CONFIG") else "$ETL_CONFIG (not set)"
@@ -302,6 +317,31 @@ def _api_key(env: Mapping[str, str]) -> tuple[Secret, tuple[str, ...]]:
     return Secret(key), tuple(sources)
 
 
+def _with_password(url: str, env: Mapping[str, str], name: str, problems: list[str]) -> str:
+    """A PostgreSQL URL without a password gets the one in `$CREDENTIALS_DIRECTORY/<name>` (systemd
+    LoadCredential=; Docker secrets, with CREDENTIALS_DIRECTORY=/run/secrets as the image sets), so the
+    password sits neither in the environment nor in a config file. A password in the URL wins."""
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir or not url.startswith(("postgresql", "postgres")) or "://" not in url:
+        return url
+    path = Path(cred_dir) / name
+    try:
+        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        return url
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(
+            f"cannot read the database password in {path}: {getattr(exc, 'strerror', None) or exc}"
+        )
+        return url
+    scheme, rest = url.split("://", 1)
+    netloc, sep, tail = rest.partition("/")
+    user, at, host = netloc.rpartition("@")
+    if ":" in user:
+        return url
+    return f"{scheme}://{user}:{quote(password, safe='')}@{host}{sep}{tail}" if at else url
+
+
 def _sqlite_url_relative_to(url: str, base_dir: Path) -> str:
     """`sqlite:///var/etl.db` in the shipped config means relative to the project, not the cwd."""
     prefix = "sqlite:///"
@@ -327,6 +367,11 @@ def _build(
     warehouse_url = env.get("ETL_WAREHOUSE_URL") or _typed(db, "warehouse_url", str, "", "database", problems)
     database_url = _sqlite_url_relative_to(database_url, base_dir)
     warehouse_url = _sqlite_url_relative_to(warehouse_url, base_dir) if warehouse_url else database_url
+    same = warehouse_url == database_url
+    database_url = _with_password(database_url, env, DB_PASSWORD_CREDENTIAL, problems)
+    warehouse_url = (
+        database_url if same else _with_password(warehouse_url, env, WH_PASSWORD_CREDENTIAL, problems)
+    )
     urls = [("database url", database_url)]
     if warehouse_url != database_url:
         urls.append(("warehouse url", warehouse_url))

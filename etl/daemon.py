@@ -51,7 +51,8 @@ from etl.notify import Notifier
 from etl.runtime import Runtime
 from etl.schema import BatchStatus
 from etl.store import batches as intents
-from etl.store import migrate, state
+from etl.store import grants, migrate, state
+from etl.store.engine import denied
 
 log = structlog.get_logger("etl.daemon")
 
@@ -172,6 +173,9 @@ class Daemon:
         cfg = self.rt.config
         self.notifier.status("checking the database schema")
         migrate.check(self.rt.engine, self.rt.warehouse)
+        grants.check(
+            self.rt.engine, self.rt.warehouse
+        )  # a missing right: one line now, not a job's traceback
         self.rt.config.require_api_key()
         self._hold_life_lock()
         event.listen(self.rt.engine, "commit", self._on_commit)
@@ -419,7 +423,18 @@ class Daemon:
                 self._recovering = out is not None or bool(due) or recovery.retry_pending(self.rt, self.now())
         except Exception as exc:  # recovery loop: the next tick tries again
             self._recovering = True
-            log.exception("recovery_failed", error=str(exc))
+            self._failed("recovery_failed", exc)
+
+    def _failed(self, event_name: str, exc: Exception) -> str:
+        """Log a failure the loop survives: a right the database refused in one line (the owner's fix is
+        `etl db grants`), anything else with its traceback. Returns the detail logged."""
+        refused = denied(exc, self.rt.engine.url.username)
+        if refused is not None:
+            log.error(event_name, error=str(refused))
+            return str(refused)
+        detail = f"{type(exc).__name__}: {exc}"
+        log.exception(event_name, error=detail if event_name == "job_failed" else str(exc))
+        return detail
 
     def _scheduled(self, job: str) -> None:
         slot = scheduling.latest_fire(self.cron(job), self.rt.config.schedule.zone, self.now())
@@ -446,8 +461,7 @@ class Daemon:
                 outcome, detail = "paused", str(exc)
                 log.error("submission_paused", reason=str(exc))
             except Exception as exc:  # recovery loop: record the failure and go on to the next slot
-                detail = f"{type(exc).__name__}: {exc}"
-                log.exception("job_failed", error=detail)
+                detail = self._failed("job_failed", exc)
             finally:
                 self._leave()
                 with self.rt.engine.begin() as conn:
@@ -514,7 +528,7 @@ class Daemon:
                 try:  # unknown creates and dead processes' intents: settled here too, not only by a submit
                     recovery.settle(self.rt)
                 except Exception as exc:  # recovery loop: the next poll tries again
-                    log.exception("poll_reconcile_failed", error=str(exc))
+                    self._failed("poll_reconcile_failed", exc)
                 with self.rt.engine.connect() as conn:
                     pending = bool(intents.open_intents(conn))
                 if pending:
@@ -523,7 +537,7 @@ class Daemon:
                         out = collector.run(self.rt)
                         log.info("poll_finished", collected=out.batches_collected, succeeded=out.succeeded)
                     except Exception as exc:  # recovery loop: the next poll tries again
-                        log.exception("poll_failed", error=str(exc))
+                        self._failed("poll_failed", exc)
                     finally:
                         self._leave()
                     with self.rt.engine.connect() as conn:

@@ -54,6 +54,13 @@ class DatabaseUnreachable(StoreError):
     exit_code = 78
 
 
+class MissingPrivilege(StoreError):
+    """The database user lacks a right the command needs (PostgreSQL's "permission denied"): a deployment
+    problem, fixed by the owner with `etl db grants --apply`, so the configuration exit code."""
+
+    exit_code = 78
+
+
 class InputError(EtlError):
     """An input file (or a command's arguments about it) is unusable; nothing from it was stored."""
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from etl.config import mask_url
-from etl.errors import DatabaseUnreachable
+from etl.errors import DatabaseUnreachable, MissingPrivilege
 
 SQLITE_BUSY_TIMEOUT_S = 60
 # SQLite's own defaults: a checkpoint once the WAL holds 1,000 pages. The WAL file left behind after a
@@ -24,6 +25,8 @@ SQLITE_WAL_AUTOCHECKPOINT_PAGES = 1000
 SQLITE_WAL_SIZE_LIMIT = 64 << 20
 # During `bulk_writes`: a checkpoint only once the WAL holds this much.
 SQLITE_BULK_WAL_BYTES = 256 << 20
+SQLITE_FILE_MODE = 0o600  # a new database file: the service user alone (SQLite has no roles)
+SQLITE_DIR_MODE = 0o700  # a folder made for it
 
 
 def normalize_url(url: str) -> str:
@@ -52,6 +55,21 @@ def reachable(engine: Engine, what: str = "database") -> Iterator[None]:
         ) from None
 
 
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for "permission denied for table ..."
+GRANTS_HINT = "the owner gives the rights with `etl db grants --apply` (docs/deploy.md)"
+
+
+def denied(exc: BaseException, user: str | None = None) -> MissingPrivilege | None:
+    """A "permission denied" from the database as one line naming the user, what was refused and the fix;
+    None for any other error (the caller re-raises it)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if getattr(orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+        return None
+    detail = " ".join(str(orig).split("\n")[0].split())
+    who = f"the database user {user!r}" if user else "the database user"
+    return MissingPrivilege(f"{who} lacks a right this needs ({detail}); {GRANTS_HINT}")
+
+
 def _decode_text(data: bytes) -> str:
     # Invalid UTF-8 written by a careless INSERT must not make a whole SELECT fail: undecodable bytes become
     # lone surrogates, which the validator then rejects row by row with a readable reason.
@@ -74,15 +92,24 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     return engine
 
 
+def _create_private(path: Path) -> None:
+    """Make a new SQLite file 0600 whatever the umask: whoever reads it reads every document and answer,
+    whoever writes it can do anything (SQLite has no roles). Its -wal and -shm files take its mode. An
+    existing file keeps the mode its owner gave it (docs/deploy.md says what it must be)."""
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE))
+
+
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     database = parsed.database or ""
     if database and database != ":memory:":
         try:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            Path(database).parent.mkdir(mode=SQLITE_DIR_MODE, parents=True, exist_ok=True)
+            _create_private(Path(database))
         except OSError as exc:
             raise DatabaseUnreachable(
-                f"cannot create the folder of the SQLite database {url}: {exc.strerror or exc}; check the "
+                f"cannot create the SQLite database {url} (or its folder): {exc.strerror or exc}; check the "
                 "path in ETL_DATABASE_URL or [database] url, and that this user may write there"
             ) from None
     # Pooled, not one connection per transaction: opening a file and running the PRAGMAs below cost about

@@ -408,14 +408,19 @@ def insert_documents(conn: Connection, docs: list[dict[str, Any]]) -> int:
     """Bulk insert for `etl enqueue` (plain SQL INSERTs do the same thing)."""
     if not docs:
         return 0
-    stmt = queue.insert().values(
-        doc_key=bindparam("doc_key"),
-        body=bindparam("body"),
-        task=bindparam("task"),
-        metadata=bindparam("metadata"),
-        priority=bindparam("priority"),
-        due_by=bindparam("due_by", type_=queue.c.due_by.type),
-        mode=bindparam("mode"),
+    # inline(): no `RETURNING id` for a one-row file, which would need SELECT, a right the producer lacks.
+    stmt = (
+        queue.insert()
+        .inline()
+        .values(
+            doc_key=bindparam("doc_key"),
+            body=bindparam("body"),
+            task=bindparam("task"),
+            metadata=bindparam("metadata"),
+            priority=bindparam("priority"),
+            due_by=bindparam("due_by", type_=queue.c.due_by.type),
+            mode=bindparam("mode"),
+        )
     )
     conn.execute(stmt, [{"due_by": None, "mode": None, **doc} for doc in docs])
     return len(docs)

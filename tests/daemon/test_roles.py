@@ -1,0 +1,82 @@
+"""A whole night as the least-privilege roles (issue 24): real `etl` processes logged in as the daemon role,
+documents from the producer role, results read by the reader role, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import text
+
+from etl.emulator import EmulatorControl
+from etl.store.engine import make_engine
+from tests.daemon.conftest import EtlProcess, query, run_etl, wait_for, write_config
+from tests.pg_roles import granted
+
+NIGHTLY = 6
+
+
+def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
+    pg_url: str,
+    etl_env: Callable[..., dict[str, str]],
+    spawn: Callable[..., EtlProcess],
+    control: EmulatorControl,
+    tmp_path: Path,
+) -> None:
+    with granted(pg_url) as g:
+        producer = make_engine(g.url("producer"))
+        with producer.begin() as conn:
+            conn.execute(
+                text("INSERT INTO etl_queue (doc_key, body) VALUES (:k, :b)"),
+                [{"k": f"doc-{i}", "b": f"Document {i} about quarterly logistics."} for i in range(NIGHTLY)],
+            )
+        producer.dispose()
+        daemon_url = g.url("daemon")
+        cfg = str(write_config(tmp_path, **{"live.poll_seconds": 0.5}))
+
+        def statuses() -> dict[str, str]:
+            return dict(query(g.owner_url, "SELECT doc_key, status FROM etl_queue"))
+
+        # Submit, killed right after the API accepted the batch and before its id was recorded.
+        first = spawn(
+            etl_env(
+                daemon_url, config=cfg, ETL_DAEMON_RUN_NOW="submit", ETL_FAILPOINTS="submit.after_create=kill"
+            ),
+            "--log-json",
+            "run",
+        )
+        assert first.proc.wait(60) == -signal.SIGKILL, first.output()
+        # The restart adopts that batch (recovery, reconcile) and answers an urgent row live.
+        second = spawn(etl_env(daemon_url, config=cfg), "--log-json", "run")
+        wait_for(lambda: second.logged("live_worker_started"), 60, "the live worker to start")
+        producer = make_engine(g.url("producer"))
+        with producer.begin() as conn:
+            conn.execute(
+                text("INSERT INTO etl_queue (doc_key, body, mode) VALUES ('urgent', 'now please', 'live')")
+            )
+        producer.dispose()
+        wait_for(lambda: statuses().get("urgent") == "done", 30, "the urgent row to be answered live")
+        wait_for(
+            lambda: sorted(set(statuses().values())) in (["done", "submitted"], ["done"]),
+            30,
+            "the crashed submit's batch to be adopted",
+        )
+        assert second.terminate() == 0, second.output()
+        # The morning: collect as the daemon role, until the batch has ended and is in.
+        env = etl_env(daemon_url, config=cfg)
+        wait_for(
+            lambda: run_etl(env, "collect").returncode == 0 and set(statuses().values()) == {"done"},
+            60,
+            "the batch to be collected",
+        )
+        assert run_etl(env, "reconcile").returncode == 0
+        check = run_etl(env, "status", "--check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        for p in (first, second):
+            assert "permission denied" not in p.output()
+            assert "Traceback" not in p.output()
+        assert control.ledger()["requests_created"] == NIGHTLY + 0  # the crash sent nothing twice
+        # The reader sees every answer.
+        reader = query(g.url("reader"), "SELECT doc_key, mode FROM etl_results ORDER BY doc_key")
+        assert reader == [*((f"doc-{i}", "batch") for i in range(NIGHTLY)), ("urgent", "live")]

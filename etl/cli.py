@@ -16,7 +16,7 @@ import structlog
 
 from etl import __version__, failpoints, logs
 from etl import config as config_mod
-from etl.errors import ConfigError, EtlError
+from etl.errors import ConfigError, EtlError, SubmissionPaused
 from etl.runtime import Runtime, build
 
 log = structlog.get_logger("etl.cli")
@@ -29,7 +29,7 @@ EXIT_CODES = {
     3: "the job finished but reported problems (listed on stderr)",
     65: "a bad input file or argument: nothing from it was stored",
     66: "the input file does not exist or cannot be read",
-    75: "submission is paused until `etl resume`",
+    75: "submission is paused until `etl resume`: the API refused the key, billing or spend limit",
     78: "configuration problem: config file, schema out of date, database unreachable, no API key",
 }
 CONFIG_ENV = {
@@ -394,11 +394,14 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
         + (f"; stopped: {out.stopped}" if out.stopped else "")
         + (f" ({out.idle_reason})" if out.idle_reason else "")
     )
+    if out.paused is not None:
+        print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
+        return SubmissionPaused.exit_code
     return 0 if not out.stopped or out.stopped in ("stop requested",) else 3
 
 
 def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
-    from etl import collector, report
+    from etl import collector, report, submitter
 
     _check_schema(rt)
     out = collector.run(rt)
@@ -408,12 +411,16 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
     )
     for problem in out.problems:
         print(f"  problem: {problem}", file=sys.stderr)
+    if out.paused is not None:
+        print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
     if not args.no_report:
         readable = sys.stdout.isatty()
         body = report.morning(rt, log_body=not readable)
         if readable:
             print()
             print(report.render(body))
+    if out.paused is not None:
+        return SubmissionPaused.exit_code
     return 0 if not out.problems else 3
 
 

@@ -53,6 +53,7 @@ class CollectOutcome:
     dead: int = 0
     archived: int = 0
     problems: list[str] = field(default_factory=list)
+    paused: str | None = None  # a systemic answer (wrong key, billing) paused submission: `etl collect` exits 75
 
 
 def run(rt: Runtime) -> CollectOutcome:
@@ -70,6 +71,7 @@ def run(rt: Runtime) -> CollectOutcome:
             preloaded[first.id] = _load_expected(rt, first, packed=True)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
     reconciler.match_remote(rt, reconciled)
+    out.paused = reconciled.paused
     with rt.engine.begin() as conn:
         open_ = intents.open_intents(conn)
     for intent in open_:
@@ -84,6 +86,7 @@ def run(rt: Runtime) -> CollectOutcome:
             if exc.kind == "systemic":
                 with rt.engine.begin() as conn:
                     state.pause(conn, str(exc), rt.clock())
+                out.paused = str(exc)
                 out.problems.append(str(exc))
                 log.error("collect_stopped", error=str(exc))
                 break

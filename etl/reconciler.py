@@ -45,6 +45,7 @@ class ReconcileOutcome:
     released_unknown: int = 0
     still_unknown: int = 0
     unmatched_remote: list[str] = field(default_factory=list)
+    paused: str | None = None  # a systemic answer (wrong key, billing) paused submission: its reason
 
 
 def run(rt: Runtime) -> ReconcileOutcome:
@@ -134,6 +135,7 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         if exc.kind == "systemic":
             with rt.engine.begin() as conn:
                 state.pause(conn, str(exc), now)
+            out.paused = str(exc)
         log.warning("reconcile_list_failed", error=str(exc), unknown=len(unknown))
         out.still_unknown = len(unknown)
         return out

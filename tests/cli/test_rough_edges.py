@@ -1,0 +1,57 @@
+"""Issue 22's rough edges, each as a new user met it, through the real `etl` command in real processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
+from etl.runtime import Runtime
+from tests.cli.test_cli import env_for
+from tests.conftest import API_KEY, insert_docs, queue_rows, run_etl
+
+
+@pytest.fixture
+def keyed_emulator() -> Iterator[EmulatorServer]:
+    """An emulator that accepts only the tests' key, as the real API does."""
+    server = EmulatorServer(EmulatorConfig(port=0, processing_seconds=60.0, seed=7, require_key=API_KEY)).start()
+    yield server
+    server.stop()
+
+
+def pause_reason(rt: Runtime) -> str | None:
+    with rt.engine.connect() as conn:
+        return conn.execute(
+            text("SELECT value FROM etl_state WHERE key = 'submission_paused'")
+        ).scalar_one_or_none()
+
+
+# -- 4. a wrong key: one behaviour, queued rows or not -----------------------------------------------
+
+
+@pytest.mark.parametrize("queued", [0, 3], ids=["empty-queue", "rows-queued"])
+def test_a_wrong_key_pauses_and_exits_75_whether_or_not_rows_are_queued(
+    queued: int,
+    runtime: Runtime,
+    db_url: str,
+    keyed_emulator: EmulatorServer,
+    config_file: Callable[..., Path],
+) -> None:
+    insert_docs(runtime, [{"doc_key": f"d{i}", "body": f"document {i}", "task": "default"} for i in range(queued)])
+    env = {**env_for(db_url, keyed_emulator, config_file()), "ANTHROPIC_API_KEY": "sk-ant-wrong"}
+    proc = run_etl(["submit"], env)
+    assert proc.returncode == 75, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("etl: ")]
+    assert len(lines) == 1 and "401" in lines[0] and "etl resume" in lines[0], proc.stderr
+    assert pause_reason(runtime) is not None
+    # Nothing was sent, and every row is back in the queue with its attempts untouched.
+    assert EmulatorControl(keyed_emulator.base_url).ledger().get("batches_created", 0) == 0
+    assert all(r["status"] == "queued" and r["attempts"] == 0 for r in queue_rows(runtime).values())
+    # Paused: the next submit says so with the same code; the collect that met the key says it too.
+    assert run_etl(["submit"], env).returncode == 75
+    assert run_etl(["collect", "--no-report"], env).returncode == 75

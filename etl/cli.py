@@ -42,7 +42,7 @@ CONFIG_ENV = {
 API_ENV = {
     "ANTHROPIC_API_KEY": "the API key",
     "CREDENTIALS_DIRECTORY": "systemd credentials folder holding anthropic_api_key",
-    "ANTHROPIC_BASE_URL": "another API origin, e.g. the local emulator",
+    "ANTHROPIC_BASE_URL": "another API origin, e.g. http://127.0.0.1:8765 (the emulator; no /v1)",
 }
 
 
@@ -397,6 +397,9 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
     if out.paused is not None:
         print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
         return SubmissionPaused.exit_code
+    if out.misconfigured is not None:
+        print(f"etl: {out.misconfigured}; nothing was sent, the rows are back in the queue", file=sys.stderr)
+        return ConfigError.exit_code
     return 0 if not out.stopped or out.stopped in ("stop requested",) else 3
 
 

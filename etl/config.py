@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -195,8 +196,33 @@ SQL_SCHEMES = ("sqlite:", "postgresql://", "postgresql+psycopg://", "postgres://
 
 
 def mask_url(url: str) -> str:
-    """The whole URL with its password (if any) replaced by `***`, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """The whole URL with its password (if any) replaced by `***`, for messages and logs. The password
+    runs to the last `@` (a password may hold `@`, `/` or `:`; the user name holds none of them)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return url
+    user, colon, _password = rest[:at].partition(":")
+    if not colon or "/" in user:
+        return url
+    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
+
+
+def base_url_problem(url: str, source: str) -> str | None:
+    """Why an API base URL cannot work, or None. Checked at start, before a row is claimed: without a
+    scheme no request can leave, and a `/v1` path makes every call a 404 (the SDK adds `/v1` itself)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return (
+            f"{source} {url!r} is not an http:// or https:// URL with a host; "
+            "write it whole, e.g. https://api.anthropic.com or http://127.0.0.1:8765"
+        )
+    if parsed.path.rstrip("/").endswith("/v1"):
+        return (
+            f"{source} {url!r} ends in /v1, which the API client adds itself (every call would be a 404); "
+            f"drop it: {url.rstrip('/')[:-3]}"
+        )
+    return None
 
 
 def searched_paths(env: Mapping[str, str]) -> list[str]:
@@ -338,6 +364,11 @@ def _build(
 
     api = _section(raw, "api", problems)
     base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None
+    if base_url:
+        source = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "api.base_url"
+        problem = base_url_problem(base_url, source)
+        if problem:
+            problems.append(problem)
     api_timeout = float(_typed(api, "timeout_seconds", (int, float), 60.0, "api", problems))
     _positive(api_timeout, "api.timeout_seconds", problems)
     api_key, key_sources = _api_key(env)

@@ -44,6 +44,7 @@ class SubmitOutcome:
     budget_spent: bool = False  # the night's cap (of all tasks) is reached: nothing more this run
     idle_reason: str | None = None  # why nothing was sent, when nothing was
     paused: str | None = None  # a create's systemic answer paused submission (`etl submit` exits 75)
+    misconfigured: str | None = None  # a create's 404: the base URL is wrong (`etl submit` exits 78)
 
 
 def run(rt: Runtime) -> SubmitOutcome:
@@ -423,6 +424,11 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             outcome.stopped = f"paused: {reason}"
             outcome.paused = reason
             log.error("submission_paused", intent=intent_id, reason=reason)
+        elif exc.kind == "misconfigured":  # a 404 on create: nothing happened, the URL is wrong
+            q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
+            outcome.stopped = f"configuration: {reason}"
+            outcome.misconfigured = reason
+            log.error("create_misconfigured", intent=intent_id, error=reason)
         elif exc.kind == "unreachable":  # no connection was made: the API never saw it, re-queued now
             q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
             outcome.stopped = f"API unreachable: {reason}"

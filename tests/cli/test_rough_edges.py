@@ -55,3 +55,41 @@ def test_a_wrong_key_pauses_and_exits_75_whether_or_not_rows_are_queued(
     # Paused: the next submit says so with the same code; the collect that met the key says it too.
     assert run_etl(["submit"], env).returncode == 75
     assert run_etl(["collect", "--no-report"], env).returncode == 75
+
+
+def intents(rt: Runtime) -> list[str]:
+    with rt.engine.connect() as conn:
+        return list(conn.execute(text("SELECT status FROM etl_batches")).scalars())
+
+
+# -- 2. a base URL that cannot work: said at start, or as a configuration error on the first 404 -------
+
+
+def test_a_base_url_without_scheme_is_a_config_error_before_anything_is_claimed(
+    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+) -> None:
+    insert_docs(runtime, [{"doc_key": "a", "body": "text", "task": "default"}])
+    bare = emulator.base_url.removeprefix("http://")
+    env = {**env_for(db_url, emulator, config_file()), "ANTHROPIC_BASE_URL": bare}
+    for args in (["submit"], ["status"]):
+        proc = run_etl(args, env)
+        assert proc.returncode == 78 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"ANTHROPIC_BASE_URL '{bare}' is not an http:// or https:// URL" in proc.stderr
+    proc = run_etl(["submit"], {**env, "ANTHROPIC_BASE_URL": emulator.base_url + "/v1"})
+    assert proc.returncode == 78 and f"drop it: {emulator.base_url}" in proc.stderr, proc.stderr
+    assert intents(runtime) == [] and queue_rows(runtime)["a"]["status"] == "queued"
+
+
+def test_a_404_on_create_is_a_configuration_error_not_a_rate_limit(
+    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+) -> None:
+    insert_docs(runtime, [{"doc_key": "a", "body": "text", "task": "default"}])
+    env = {**env_for(db_url, emulator, config_file()), "ANTHROPIC_BASE_URL": emulator.base_url + "/gateway"}
+    proc = run_etl(["submit"], env)
+    assert proc.returncode == 78, (proc.returncode, proc.stdout, proc.stderr)
+    assert "rate limited" not in proc.stdout + proc.stderr
+    assert "HTTP 404" in proc.stderr and "base URL" in proc.stderr and "Traceback" not in proc.stderr
+    # Nothing waits for a reconciler: the create never happened, the row is queued again, attempts untouched.
+    assert "unknown" not in intents(runtime)
+    row = queue_rows(runtime)["a"]
+    assert row["status"] == "queued" and row["attempts"] == 0

@@ -53,7 +53,7 @@ class CollectOutcome:
     dead: int = 0
     archived: int = 0
     problems: list[str] = field(default_factory=list)
-    paused: str | None = None  # a systemic answer (wrong key, billing) paused submission: `etl collect` exits 75
+    paused: str | None = None  # a wrong key, billing or spend limit paused submission: exit 75
 
 
 def run(rt: Runtime) -> CollectOutcome:

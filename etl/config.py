@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError, MissingApiKey
@@ -156,7 +156,7 @@ class LiveSettings:
     backoff_seconds: float = 1.0  # first wait after a 429/529/5xx without retry-after; doubles
     max_backoff_seconds: float = 60.0
     claim_lease_seconds: float = 120.0  # a `calling` row not renewed this long belonged to a dead worker
-    daily_spend_cap_usd: float = 0.0  # live spend per UTC day; past it urgent rows go to the batch (0: none)
+    daily_spend_cap_usd: Decimal = Decimal(0)  # live spend per UTC day, calls in flight counted (0: none)
     slot_hold_minutes: float = (
         30.0  # after a submit slot fires, route as if its batch leaves now (routing.py)
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,9 @@ from tests.conftest import API_KEY, insert_docs, queue_rows, run_etl
 @pytest.fixture
 def keyed_emulator() -> Iterator[EmulatorServer]:
     """An emulator that accepts only the tests' key, as the real API does."""
-    server = EmulatorServer(EmulatorConfig(port=0, processing_seconds=60.0, seed=7, require_key=API_KEY)).start()
+    server = EmulatorServer(
+        EmulatorConfig(port=0, processing_seconds=60.0, seed=7, require_key=API_KEY)
+    ).start()
     yield server
     server.stop()
 
@@ -41,7 +42,9 @@ def test_a_wrong_key_pauses_and_exits_75_whether_or_not_rows_are_queued(
     keyed_emulator: EmulatorServer,
     config_file: Callable[..., Path],
 ) -> None:
-    insert_docs(runtime, [{"doc_key": f"d{i}", "body": f"document {i}", "task": "default"} for i in range(queued)])
+    insert_docs(
+        runtime, [{"doc_key": f"d{i}", "body": f"document {i}", "task": "default"} for i in range(queued)]
+    )
     env = {**env_for(db_url, keyed_emulator, config_file()), "ANTHROPIC_API_KEY": "sk-ant-wrong"}
     proc = run_etl(["submit"], env)
     assert proc.returncode == 75, (proc.returncode, proc.stdout, proc.stderr)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import string
 
-from hypothesis import given
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from etl import budget, estimate
+from etl import config as config_mod
 from etl.config import base_url_problem, mask_url
 
 HOSTS = st.sampled_from(["127.0.0.1", "localhost", "api.anthropic.com", "emulator.internal"])
@@ -24,12 +27,19 @@ def test_a_base_url_without_scheme_is_refused_naming_it(host: str, port: int) ->
 
 
 @given(scheme=st.sampled_from(["http", "https"]), host=HOSTS, port=PORTS, slash=st.sampled_from(["", "/"]))
-def test_a_base_url_ending_in_v1_is_refused_with_the_fix(scheme: str, host: str, port: int, slash: str) -> None:
+def test_a_base_url_ending_in_v1_is_refused_with_the_fix(
+    scheme: str, host: str, port: int, slash: str
+) -> None:
     problem = base_url_problem(f"{scheme}://{host}:{port}/v1{slash}", "api.base_url")
     assert problem is not None and f"drop it: {scheme}://{host}:{port}" in problem
 
 
-@given(scheme=st.sampled_from(["http", "https"]), host=HOSTS, port=PORTS, path=st.sampled_from(["", "/", "/proxy"]))
+@given(
+    scheme=st.sampled_from(["http", "https"]),
+    host=HOSTS,
+    port=PORTS,
+    path=st.sampled_from(["", "/", "/proxy"]),
+)
 def test_a_whole_base_url_is_accepted(scheme: str, host: str, port: int, path: str) -> None:
     assert base_url_problem(f"{scheme}://{host}:{port}{path}", "ANTHROPIC_BASE_URL") is None
 
@@ -50,5 +60,55 @@ def test_a_password_is_masked_whole_whatever_it_holds(user: str, password: str, 
 
 
 def test_urls_without_a_password_are_left_as_they_are() -> None:
-    for url in ("sqlite:////var/lib/etl/a@b.db", "postgresql://etl@db/etl", "postgresql:///etl", "http://h:1"):
+    for url in (
+        "sqlite:////var/lib/etl/a@b.db",
+        "postgresql://etl@db/etl",
+        "postgresql:///etl",
+        "http://h:1",
+    ):
         assert mask_url(url) == url
+
+
+# -- 6. count_tokens' measure scales the system prompt as it scales the messages ----------------------
+
+
+@pytest.fixture(scope="module")
+def costings(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, budget.Costing]:
+    """A task with a long system prompt, plain and cached."""
+    out = {}
+    for cached in (False, True):
+        path = tmp_path_factory.mktemp("cfg") / "etl.toml"
+        path.write_text(
+            '[tasks.default]\nmodel = "claude-haiku-4-5"\nsystem = "' + "rule " * 400 + '"\n'
+            f'template = "{{body}}"\nmax_tokens = 10\ncache_system = {str(cached).lower()}\n',
+            encoding="utf-8",
+        )
+        out[cached] = budget.Costing(config_mod.load({"ETL_DATABASE_URL": "sqlite:///unused.db"}, path))
+    return out
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached-system"])
+@given(
+    documents=st.integers(min_value=1, max_value=500),
+    message_tokens=st.integers(min_value=1, max_value=2000),
+    batches=st.integers(min_value=1, max_value=5),
+    ratio=st.sampled_from([0.8, 1.0, 1.111, 1.5, 2.0]),
+)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=40)
+def test_a_measured_ratio_scales_the_system_prompt_too(
+    costings: dict[bool, budget.Costing],
+    cached: bool,
+    documents: int,
+    message_tokens: int,
+    batches: int,
+    ratio: float,
+) -> None:
+    cost = costings[cached].tasks["default"]
+    line = estimate.TaskEstimate(
+        "default", "claude-haiku-4-5", documents=documents, batches=min(batches, documents)
+    )
+    line.message_tokens = message_tokens * documents
+    estimate.measure(line, cost, ratio)
+    counted = line.input_tokens + line.cache_write_tokens + line.cache_read_tokens
+    local = line.message_tokens + documents * cost.system_tokens
+    assert abs(counted - ratio * local) <= 1 + documents  # rounding of two products, nothing more

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -30,6 +32,7 @@ EXIT_CODES = {
     65: "a bad input file or argument: nothing from it was stored",
     66: "the input file does not exist or cannot be read",
     75: "submission is paused until `etl resume`: the API refused the key, billing or spend limit",
+    141: "the reader of the output went away (`etl report | head -1`): stopped quietly",
     78: "configuration problem: config file, schema out of date, database unreachable, no API key",
 }
 CONFIG_ENV = {
@@ -285,13 +288,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `etl` command. Without `argv` it is the process's own command (the console script, `python -m
     etl.cli`), and the process exits once it returns."""
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a reader that left shows here, inside the handler below, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     finally:
         if argv is None:
             # Interpreter teardown runs the cyclic collector over every object still alive, most of them
             # the SDK's (2,900 modules): 0.3 s of every command, however little it did. Frozen objects
             # are skipped; they are freed all the same when the process exits.
             gc.freeze()
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`etl report | head -1`): stop quietly, as `git log | head`
+    does, with the shell's code for a SIGPIPE death. Standard output now points at /dev/null, so the
+    interpreter's last flush finds nowhere to fail. Work done before the print is committed already."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 def _main(argv: list[str]) -> int:

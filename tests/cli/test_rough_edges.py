@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from sqlalchemy import text
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime
 from tests.cli.test_cli import env_for
-from tests.conftest import API_KEY, insert_docs, queue_rows, run_etl
+from tests.conftest import API_KEY, ROOT, insert_docs, queue_rows, run_etl
 
 
 @pytest.fixture
@@ -96,3 +99,30 @@ def test_a_404_on_create_is_a_configuration_error_not_a_rate_limit(
     assert "unknown" not in intents(runtime)
     row = queue_rows(runtime)["a"]
     assert row["status"] == "queued" and row["attempts"] == 0
+
+
+# -- 1. a reader that goes away (`etl report | head -1`) ----------------------------------------------
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(
+    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+) -> None:
+    """The pipe's reader is gone before the command prints (as `head -1` is, most of the time): the
+    command stops quietly with SIGPIPE's shell code, as `git log | head` does."""
+    insert_docs(runtime, [{"doc_key": f"d{i}", "body": f"document {i}", "task": "default"} for i in range(3)])
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}}
+    env.update(env_for(db_url, emulator, config_file()))
+    for args in (["report", "--now"], ["report", "--now", "--json"], ["estimate"], ["status", "--json"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "etl.cli", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader leaves before a byte is written
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 141, (args, proc.returncode, err)
+        assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err

@@ -10,13 +10,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
-from etl import __version__, failpoints, logs
+from etl import __version__, failpoints, logs, moments
 from etl import config as config_mod
 from etl.errors import ConfigError, EtlError, SubmissionPaused
 from etl.runtime import Runtime, build
@@ -59,36 +58,63 @@ def _epilog(codes: Sequence[int], *, api: bool = False, config: bool = True, ext
 
 
 BASIC = (0, 1, 2, 78)
-GLOBAL_OPTIONS = (
-    "options of every command, given before it: --config FILE, --log-level LEVEL, --log-json (`etl --help`)"
-)
+GLOBAL_OPTIONS = "options of every command, before or after it: --config FILE, --log-level LEVEL, --log-json (`etl --help`)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one line on stderr naming the fix, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        where = "" if self.prog == "etl" else f"{self.prog.removeprefix('etl ')}: "
+        self.exit(2, f"etl: {where}{message} (see: {self.prog} --help)\n")
+
+
+def _global_options(p: argparse.ArgumentParser, *, default: Any) -> None:
+    """Options of every command, accepted before the command or after it (`etl status --config F`)."""
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help="config file (default: $ETL_CONFIG, ./config/etl.toml, /etc/etl/etl.toml)",
+    )
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=list(logs.LEVELS),
+        default=default,
+        help="override logging.level: debug, info, warning or error",
+    )
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else None,
+        help="JSON log lines even on a terminal",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="etl",
         description="Run a company's document LLM processing through Anthropic's Message Batches API.",
         epilog=_epilog(sorted(EXIT_CODES), api=True, extra="`etl COMMAND --help` describes each command."),
         formatter_class=fmt,
     )
     p.add_argument("--version", action="version", version=f"etl {__version__}")
+    _global_options(p, default=None)
     p.add_argument(
-        "--config", type=Path, help="config file (default: $ETL_CONFIG, ./config/etl.toml, /etc/etl/etl.toml)"
+        "--json", action="store_true", help="machine-readable output, for the commands that print a reading"
     )
-    p.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=list(logs.LEVELS),
-        help="override logging.level: debug, info, warning or error",
-    )
-    p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
+    # The same options after the command; SUPPRESS keeps a value given before it when they are absent.
+    common = _Parser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, codes: Sequence[int] = BASIC, **kw: Any) -> argparse.ArgumentParser:
         details = kw.pop("details", "")
         return sub.add_parser(
             name,
+            parents=[common],
             help=summary,
             description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
             epilog=_epilog(codes, api=kw.pop("api", False), extra=GLOBAL_OPTIONS),
@@ -100,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser(
         "upgrade",
+        parents=[common],
         help="create or migrate the schema (queue database and warehouse)",
         description="Create or migrate the schema of the queue database and the warehouse.",
         epilog=_epilog(BASIC),
@@ -107,11 +134,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     db_sub.add_parser(
         "check",
+        parents=[common],
         help="exit non-zero unless the schema is current",
         description="Exit 78 unless both databases are at the schema this version needs.",
         epilog=_epilog(BASIC),
         formatter_class=fmt,
     )
+    for action, summary in (
+        ("current", "the schema revision of each database and the one this version needs; changes nothing"),
+        ("history", "every migration this version knows, oldest first, marking where each database is"),
+    ):
+        reading = db_sub.add_parser(
+            action,
+            parents=[common],
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog=_epilog(BASIC),
+            formatter_class=fmt,
+        )
+        _json_option(reading, "machine-readable output")
 
     enq = command(
         "enqueue",
@@ -138,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument(
         "--dry-run", action="store_true", help="print what it would cost (as `etl estimate`); send nothing"
     )
-    sm.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    _json_option(sm, argparse.SUPPRESS)
     _estimate_arguments(sm, suppress=True)
     est = command(
         "estimate",
@@ -177,19 +218,22 @@ def _parser() -> argparse.ArgumentParser:
         details="With --check: exit 1 whenever anything is stuck or late, each cause on its own line\n"
         "(README: the status --check truth table); 78 when the schema is behind or incomplete.",
     )
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(st, "machine-readable output")
     st.add_argument(
         "--check",
         action="store_true",
         help="health check: exit 1 if anything is stuck or late (README: the status --check truth table)",
     )
     rep = command("report", "print the last morning report")
-    rep.add_argument("--json", action="store_true", help="the report as JSON")
+    _json_option(rep, "the report as JSON")
     rep.add_argument(
         "--now", action="store_true", help="build a fresh report instead of printing the last one"
     )
     rep.add_argument(
-        "--since", type=_duration, help="a fresh report over this period, e.g. 30d, 12h (implies --now)"
+        "--since",
+        type=moments.argument,
+        metavar="TIME",
+        help="a fresh report from TIME: 30d, 12h, 2w ago or an ISO date/time (implies --now)",
     )
     command("resume", "lift a submission pause after fixing its cause (spend limit, key, billing)")
     ret = command(
@@ -198,13 +242,18 @@ def _parser() -> argparse.ArgumentParser:
         (0, 1, 2, 65, 78),
         details="Selected rows go back to `queued` with their attempts reset; their old reason is kept after\n"
         "'retried; was dead:'. Every given selector must match. Without any selector, --all is needed.\n"
-        "Times: an ISO date/time (UTC unless it says otherwise) or a duration ago (90m, 24h, 7d).",
+        "Times, as for every --since/--until/--older-than: an ISO date/time (UTC unless it says\n"
+        "otherwise) or a duration ago (90s, 90m, 24h, 7d, 2w); a bad one is a usage error (exit 2).",
     )
     ret.add_argument("doc_keys", nargs="*", metavar="DOC_KEY", help="only these documents")
     ret.add_argument("--task", help="only rows of this task")
     ret.add_argument("--reason", metavar="TEXT", help="only rows whose reason contains TEXT (any case)")
-    ret.add_argument("--since", metavar="TIME", help="only rows that failed at or after TIME")
-    ret.add_argument("--until", metavar="TIME", help="only rows that failed before TIME")
+    ret.add_argument(
+        "--since", type=moments.argument, metavar="TIME", help="only rows that failed at or after TIME"
+    )
+    ret.add_argument(
+        "--until", type=moments.argument, metavar="TIME", help="only rows that failed before TIME"
+    )
     which = ret.add_mutually_exclusive_group()
     which.add_argument("--dead", action="store_true", help="only dead rows")
     which.add_argument("--rejected", action="store_true", help="only rejected rows")
@@ -253,13 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _duration(text: str) -> timedelta:
-    """`30d`, `12h`, `90m`: a period back from now."""
-    units = {"d": "days", "h": "hours", "m": "minutes"}
-    number, unit = text[:-1], text[-1:].lower()
-    if unit not in units or not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a period like 30d, 12h or 90m")
-    return timedelta(**{units[unit]: int(number)})
+def _json_option(p: argparse.ArgumentParser, text: str) -> None:
+    """`--json` after the command; SUPPRESS keeps `etl --json COMMAND` (the global flag) when absent."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=text)
 
 
 def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
@@ -269,7 +314,10 @@ def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -
     p.add_argument("--task", help=helped("only this task's documents"))
     p.add_argument("--min-priority", type=int, help=helped("only documents of at least this priority"))
     p.add_argument(
-        "--older-than", type=_duration, help=helped("only documents queued this long ago, e.g. 2d")
+        "--older-than",
+        type=moments.argument,
+        metavar="TIME",
+        help=helped("only documents queued before TIME: 2d, 12h ago or an ISO date/time"),
     )
     p.add_argument(
         "--count-tokens",
@@ -279,9 +327,7 @@ def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -
         ),
     )
     if not suppress:
-        p.add_argument(
-            "--json", action="store_true", help="machine-readable output (money as decimal strings)"
-        )
+        _json_option(p, "machine-readable output (money as decimal strings)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,7 +362,10 @@ def _main(argv: list[str]) -> int:
         from etl.emulator.cli import main as emulator_main
 
         return emulator_main(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json and args.command not in JSON_COMMANDS:
+        parser.error(f"etl {args.command} has no --json output (it has: {', '.join(sorted(JSON_COMMANDS))})")
     env = dict(os.environ)
     try:
         failpoints.configure(env)
@@ -363,6 +412,8 @@ def _check_schema(rt: Runtime) -> None:
 def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.store import migrate
 
+    if args.db_command in ("current", "history"):
+        return _db_reading(rt, args)
     if args.db_command == "check":
         migrate.check(rt.engine, rt.warehouse)
         print("schema is current")
@@ -372,6 +423,33 @@ def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
             role
         ]
         print(f"{what}: {before or 'empty'} -> {after}")
+    return 0
+
+
+def _db_reading(rt: Runtime, args: argparse.Namespace) -> int:
+    """`etl db current` and `etl db history`: read the version tables, change nothing (no database file is
+    made: `Runtime` refuses a missing SQLite file for reading commands)."""
+    from etl.store import migrate
+
+    current = {
+        role: migrate.current_revision(eng, role) for eng, role in migrate.roles(rt.engine, rt.warehouse)
+    }
+    if args.db_command == "current":
+        body: dict[str, Any] = {"needed": migrate.HEAD, "databases": current}
+        lines = [f"{role}: {rev or 'no schema yet'}" for role, rev in current.items()]
+        lines.append(
+            f"this version of etl needs {migrate.HEAD}"
+            + ("" if set(current.values()) == {migrate.HEAD} else "; run: etl db upgrade")
+        )
+    else:
+        steps = migrate.history()
+        body = {"needed": migrate.HEAD, "databases": current, "migrations": steps}
+        lines = []
+        for step in steps:
+            here = [role for role, rev in current.items() if rev == step["revision"]]
+            mark = f"  <- {', '.join(here)}" if here else ""
+            lines.append(f"{step['revision']}  {step['description']}{mark}")
+    print(json.dumps(body, indent=2) if args.json else "\n".join(lines))
     return 0
 
 
@@ -391,7 +469,9 @@ def cmd_estimate(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import estimate
 
     _check_schema(rt)
-    selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=args.older_than)
+    now = rt.clock()
+    older_than = None if args.older_than is None else now - args.older_than.resolve(now)
+    selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=older_than)
     result = estimate.run(rt, selection, count_tokens=args.count_tokens)
     print(json.dumps(result.to_json(), indent=2) if args.json else estimate.render(result))
     return 0
@@ -483,7 +563,7 @@ def cmd_report(rt: Runtime, args: argparse.Namespace) -> int:
     _check_schema(rt)
     if args.since is not None:
         now = rt.clock()
-        body = report.build(rt, now, now - args.since)
+        body = report.build(rt, now, args.since.resolve(now))
     elif args.now:
         body = report.build(rt, rt.clock(), None)
     else:
@@ -525,8 +605,8 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
         doc_keys=tuple(args.doc_keys),
         task=args.task,
         reason=args.reason,
-        since=retry.parse_time(args.since, now, "--since") if args.since else None,
-        until=retry.parse_time(args.until, now, "--until") if args.until else None,
+        since=args.since.resolve(now) if args.since else None,
+        until=args.until.resolve(now) if args.until else None,
     )
     if not sel.narrowed and not args.all:
         raise InputError(
@@ -593,6 +673,7 @@ def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+JSON_COMMANDS = frozenset({"status", "report", "estimate", "submit", "db"})
 COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "db": cmd_db,
     "enqueue": cmd_enqueue,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,36 @@ def test_a_reader_that_leaves_early_gets_no_traceback(
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 141, (args, proc.returncode, err)
         assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+# -- 5. one time syntax, one exit code for a bad value, global options after the command --------------
+
+
+def test_every_time_option_takes_the_same_syntax_and_refuses_the_same_way(
+    tmp_path: Path, config_file: Callable[..., Path]
+) -> None:
+    env = {"ETL_DATABASE_URL": f"sqlite:///{tmp_path / 'etl.db'}", "ANTHROPIC_API_KEY": API_KEY}
+    cfg = str(config_file())
+    assert run_etl(["db", "upgrade", "--config", cfg], env).returncode == 0  # --config after the command
+    selectors = {
+        "report": (["report", "--since"], []),
+        "estimate": (["estimate", "--older-than"], []),
+        "retry --since": (["retry", "--dry-run", "--since"], []),
+        "retry --until": (["retry", "--dry-run", "--until"], []),
+    }
+    for name, (args, tail) in selectors.items():
+        for good in ("1w", "36h", "2026-11-01", "2026-11-01T06:00:00+01:00"):
+            proc = run_etl(["--config", cfg, *args, good, *tail], env)
+            assert proc.returncode == 0, (name, good, proc.stderr)
+        bad = run_etl([*args, "last tuesday", "--config", cfg], env)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, (name, bad.stderr)
+        assert bad.stderr.count("\n") == 1 and "'last tuesday' is not a time" in bad.stderr, (
+            name,
+            bad.stderr,
+        )
+    # --json before or after the command; refused, on one line, by a command that prints no reading.
+    after = json.loads(run_etl(["status", "--json", "--config", cfg], env).stdout)
+    before = json.loads(run_etl(["--json", "--config", cfg, "status"], env).stdout)
+    assert after.keys() == before.keys() and "queue" in after
+    refused = run_etl(["--json", "--config", cfg, "resume"], env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "no --json" in refused.stderr

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import string
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl import budget, estimate
+from etl import budget, estimate, moments
 from etl import config as config_mod
 from etl.config import base_url_problem, mask_url
 
@@ -112,3 +113,33 @@ def test_a_measured_ratio_scales_the_system_prompt_too(
     counted = line.input_tokens + line.cache_write_tokens + line.cache_read_tokens
     local = line.message_tokens + documents * cost.system_tokens
     assert abs(counted - ratio * local) <= 1 + documents  # rounding of two products, nothing more
+
+
+# -- 5. one time syntax for every --since/--until/--older-than -----------------------------------------
+
+NOW = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+
+
+@given(amount=st.integers(min_value=0, max_value=10_000), unit=st.sampled_from("smhdwSMHDW"))
+def test_a_duration_is_that_long_before_now(amount: int, unit: str) -> None:
+    names = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    moment = moments.parse(f"{amount}{unit}")
+    assert moment.resolve(NOW) == NOW - timedelta(**{names[unit.lower()]: amount})
+
+
+@given(
+    at=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)), date_only=st.booleans()
+)
+def test_an_iso_time_is_itself_in_utc_unless_it_says(at: datetime, date_only: bool) -> None:
+    text = at.date().isoformat() if date_only else at.isoformat()
+    expected = datetime.fromisoformat(text).replace(tzinfo=UTC)
+    assert moments.parse(text).resolve(NOW) == expected
+    assert moments.parse(text + "+02:00" if not date_only else text).resolve(NOW) == (
+        expected - timedelta(hours=2) if not date_only else expected
+    )
+
+
+@given(text=st.text(min_size=1, max_size=12).filter(lambda t: not t.strip()[:1].isdigit()))
+def test_anything_else_is_refused_saying_the_syntax(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a time: give an ISO date"):
+        moments.parse(text)

@@ -150,7 +150,7 @@ def caps(config: Config) -> dict[str, Decimal]:
     out: dict[str, Decimal] = {}
     if config.submit.max_cost_usd_per_night > 0:
         out[ALL] = config.submit.max_cost_usd_per_night
-    for name, task in config.tasks.items():
+    for name, task in sorted(config.tasks.items()):  # tasks by name, everywhere (etl.costs.by_task)
         if task.max_cost_usd_per_night is not None:
             out[name] = task.max_cost_usd_per_night
     return out

@@ -542,7 +542,7 @@ class LiveWorker:
         now = self.rt.clock()
         with self.rt.engine.begin() as conn:
             if store.reject(conn, queue_id, reason, now):
-                events.record(conn, now, "rejected", task, 1, reason.split(":")[0][:80])
+                events.record(conn, now, "rejected", task, 1, events.reason_key(reason))
         self.outcome.rejected += 1
         log.warning("document_rejected", queue_id=queue_id, reason=reason, path="live")
 
@@ -550,7 +550,7 @@ class LiveWorker:
         now = self.rt.clock()
         with self.rt.engine.begin() as conn:
             if store.dead(conn, queue_id, reason, now):
-                events.record(conn, now, "dead", task, 1, reason[:200])
+                events.record(conn, now, "dead", task, 1, events.reason_key(reason))
         self.outcome.dead += 1
         log.error("live_document_dead", queue_id=queue_id, reason=reason)
 

@@ -6,9 +6,11 @@ import json
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
-from etl import collector, estimate, live, report, status, submitter
+from etl import collector, estimate, live, reconciler, report, status, submitter
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
+from etl.schema import BatchStatus
+from etl.store import batches as intents
 from tests.conftest import SharedClock, insert_docs
 
 # -- 6. money: the live daily cap counts the calls in flight ------------------------------------------
@@ -93,3 +95,36 @@ def test_every_amount_of_report_status_and_estimate_json_is_a_decimal_string(
     assert (
         bodies["report"]["paths"]["live"]["cost_usd"] == "0.0000070000"
     )  # 2 input tokens at $1/M, 1 output at $5/M
+
+
+# -- 7. the report: whole reasons, real tasks -------------------------------------------------------
+
+
+def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_its_task(
+    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+) -> None:
+    rt = make_runtime()
+    insert_docs(rt, [{"doc_key": f"r{i}", "body": f"released {i}", "task": "default"} for i in range(2)])
+    control.set_faults(rules=[{"endpoint": "create", "action": "reset", "times": 1}])
+    assert submitter.run(rt).unknown == 1
+    with rt.engine.connect() as conn:
+        (intent,) = intents.with_status(conn, BatchStatus.UNKNOWN)
+    reconciler.release_by_operator(rt, intent.id)
+    control.set_faults(
+        outcomes=[
+            {
+                "custom_id": ".*",
+                "outcome": "errored",
+                "error_type": "invalid_request_error",
+                "message": "prompt is too long",
+            }
+        ]
+    )
+    assert submitter.run(rt).documents == 2
+    clock.advance(120)
+    collector.run(rt)
+    body = report.build(rt, clock(), None)
+    assert set(body["tasks"]) == {"default"}, body["tasks"]  # no "(all)" beside the real tasks
+    assert body["tasks"]["default"]["released"] == 2
+    failed = [k for k in body["failures"] if not k.startswith("released")]
+    assert failed and all("invalid_request_error" in k and "prompt is too long" in k for k in failed), failed

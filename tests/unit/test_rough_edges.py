@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etl import budget, estimate, moments
+from etl import budget, costs, estimate, moments
 from etl import config as config_mod
 from etl.config import base_url_problem, mask_url
 
@@ -143,3 +143,33 @@ def test_an_iso_time_is_itself_in_utc_unless_it_says(at: datetime, date_only: bo
 def test_anything_else_is_refused_saying_the_syntax(text: str) -> None:
     with pytest.raises(ValueError, match="is not a time: give an ISO date"):
         moments.parse(text)
+
+
+# -- 7. tasks in one order everywhere -----------------------------------------------------------------
+
+
+@given(
+    names=st.lists(
+        st.text(string.ascii_lowercase + "_-", min_size=1, max_size=8), min_size=1, max_size=6, unique=True
+    )
+)
+def test_per_task_lines_come_in_one_order_whatever_order_they_were_stored_in(names: list[str]) -> None:
+    """PostgreSQL's JSONB hands a saved report back with its keys in its own order: the readable report
+    orders tasks by name (the whole night's cap first) in every section."""
+    row = {"model": "m", "documents": 1, "cost_usd": "1", "standard_cost_usd": "2", "savings_usd": "1"}
+    row |= {"estimated_usd": None, "accuracy": None}
+    body = {
+        "costs": {n: row for n in names},
+        "budget": {
+            "night": "2026-12-04",
+            "caps_usd": {n: "1" for n in [*names, "*"]},
+            "reserved_usd": "0",
+            "waiting_documents": {n: 1 for n in names},
+        },
+    }
+    lines = costs.render_tasks(body)[2:-1]
+    assert [line.split()[0] for line in lines] == sorted(names)
+    cap_line, waiting = costs.render_budget(body)
+    caps = cap_line.split(": ", 1)[1].split("; sent")[0]
+    assert caps == ", ".join(["$1", *(f"$1 for {n}" for n in sorted(names))])
+    assert waiting.split(": ", 1)[1] == ", ".join(f"{n} 1" for n in sorted(names))

@@ -236,6 +236,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a fresh report from TIME: 30d, 12h, 2w ago or an ISO date/time (implies --now)",
     )
     command("resume", "lift a submission pause after fixing its cause (spend limit, key, billing)")
+    pause = command(
+        "pause",
+        "pause submission now (the nightly submit sends nothing) until `etl resume`",
+        details="The same pause a wrong key or a spend limit sets: `etl status` shows it with its reason,\n"
+        "`etl status --check` fails, `etl submit` exits 75. Batches already sent are still collected.",
+    )
+    pause.add_argument(
+        "reason", nargs="?", default="paused by the operator", help="why (shown by etl status)"
+    )
     ret = command(
         "retry",
         "send dead and rejected documents again",
@@ -259,6 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--rejected", action="store_true", help="only rejected rows")
     ret.add_argument("--all", action="store_true", help="retry every dead and rejected row")
     ret.add_argument("--dry-run", action="store_true", help="show what would be retried, change nothing")
+    _json_option(ret, "machine-readable output")
     can = command(
         "cancel",
         "cancel pending batches at the API",
@@ -271,6 +281,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     can.add_argument("batch_ids", nargs="*", metavar="BATCH_ID", help="batch ids from `etl status`")
     can.add_argument("--all-pending", action="store_true", help="cancel every pending batch")
+    can.add_argument(
+        "--dry-run", action="store_true", help="list the batches it would cancel; ask the API nothing"
+    )
+    _json_option(can, "machine-readable output (with --dry-run)")
     command(
         "config",
         "print the whole effective configuration as TOML, secrets masked",
@@ -388,6 +402,7 @@ def _main(argv: list[str]) -> int:
         logs.register_secret(cfg.api_key.value)
     handler = COMMANDS[args.command]
     try:
+        _refuse_missing_sqlite(cfg, args)
         rt = build(cfg)
     except EtlError as exc:
         print(f"etl: {exc}", file=sys.stderr)
@@ -401,6 +416,26 @@ def _main(argv: list[str]) -> int:
         return 130
     finally:
         rt.close()
+
+
+CREATES_DATABASE = {("db", "upgrade"), ("config", None)}  # `config` opens no database at all
+
+
+def _refuse_missing_sqlite(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    """Only `etl db upgrade` makes a SQLite file: `etl status` on a mistyped path said "no schema yet"
+    and left an empty file behind."""
+    from etl.errors import SchemaOutOfDate
+    from etl.store.engine import missing_sqlite_file
+
+    if (args.command, getattr(args, "db_command", None)) in CREATES_DATABASE:
+        return
+    for what, url in (("database", cfg.database_url), ("warehouse", cfg.warehouse_url)):
+        path = missing_sqlite_file(url)
+        if path is not None:
+            raise SchemaOutOfDate(
+                f"the {what} {url}: the file {path} does not exist (nothing was created); check the URL "
+                "(ETL_DATABASE_URL, [database] url), or make it with: etl db upgrade"
+            )
 
 
 def _check_schema(rt: Runtime) -> None:
@@ -587,6 +622,17 @@ def cmd_resume(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pause(rt: Runtime, args: argparse.Namespace) -> int:
+    from etl.store import state
+
+    _check_schema(rt)
+    with rt.engine.begin() as conn:
+        before = state.pause_reason(conn)
+        state.pause(conn, args.reason, rt.clock())
+    print(f"submission was already paused: {before}" if before else f"submission paused: {args.reason}")
+    return 0
+
+
 def cmd_config(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import config_view
 
@@ -615,6 +661,16 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
         )
     _check_schema(rt)
     out = retry.run(rt, sel, dry_run=args.dry_run)
+    for task, n in out.unconfigured.items():
+        print(
+            f"etl: warning: {n:,} of these row(s) name task {task!r}, which is not configured: the next submit "
+            f"rejects them again; add [tasks.{task}] to the config first",
+            file=sys.stderr,
+        )
+    if args.json:
+        body = {"dry_run": args.dry_run, "matched": out.matched, "retried": out.retried, "sample": out.sample}
+        print(json.dumps({**body, "unconfigured_tasks": out.unconfigured}, indent=2))
+        return 0
     for row in out.sample:
         print(f"  {row['status']:<8} {row['doc_key']} ({row['task']}, id {row['queue_id']}): {row['reason']}")
     if out.matched > len(out.sample):
@@ -633,6 +689,21 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
     if bool(args.batch_ids) == bool(args.all_pending):
         raise InputError("name the batches to cancel (BATCH_ID...) or pass --all-pending, not both")
     _check_schema(rt)
+    if args.json and not args.dry_run:
+        raise InputError(
+            "etl cancel prints JSON only with --dry-run (a cancel is an action); nothing was canceled"
+        )
+    if args.dry_run:
+        chosen = cancel.targets(rt, list(args.batch_ids), args.all_pending)
+        if args.json:
+            print(
+                json.dumps([{"batch_id": i.batch_id, "requests": i.request_count} for i in chosen], indent=2)
+            )
+            return 0
+        for intent in chosen:
+            print(f"  {intent.batch_id}  {intent.request_count:,} request(s)")
+        print(f"would cancel {len(chosen)} batch(es) (dry run: nothing was asked of the API)")
+        return 0
     out = cancel.run(rt, list(args.batch_ids), all_pending=args.all_pending)
     for problem in out.problems:
         print(f"  problem: {problem}", file=sys.stderr)
@@ -673,7 +744,7 @@ def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-JSON_COMMANDS = frozenset({"status", "report", "estimate", "submit", "db"})
+JSON_COMMANDS = frozenset({"status", "report", "estimate", "submit", "db", "retry", "cancel"})
 COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "db": cmd_db,
     "enqueue": cmd_enqueue,
@@ -684,6 +755,7 @@ COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "status": cmd_status,
     "report": cmd_report,
     "resume": cmd_resume,
+    "pause": cmd_pause,
     "config": cmd_config,
     "retry": cmd_retry,
     "cancel": cmd_cancel,

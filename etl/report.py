@@ -81,7 +81,8 @@ def build(
         created = intent.remote_created_at or intent.created_at
         entry = {
             "batch_id": intent.batch_id,
-            "status": intent.status,
+            # A cancel asked of the API leaves the intent `submitted` until the batch ends: say so.
+            "status": "canceling" if intent.processing_status == "canceling" else intent.status,
             "requests": intent.request_count,
             "counts": intent.request_counts,
             "age_hours": _hours(now - created),

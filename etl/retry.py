@@ -42,6 +42,7 @@ class RetryOutcome:
     matched: int = 0
     retried: int = 0
     sample: list[dict[str, Any]] = field(default_factory=list)
+    unconfigured: dict[str, int] = field(default_factory=dict)  # rows whose task is not in the config
 
 
 def run(rt: Runtime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
@@ -60,6 +61,8 @@ def run(rt: Runtime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
             {"queue_id": r.id, "doc_key": r.doc_key, "task": r.task, "status": r.status, "reason": r.reason}
             for r in q.retry_candidates(conn, where, SAMPLE)
         ]
+        tasks = q.tasks_where(conn, where) if out.matched else {}
+    out.unconfigured = {t: n for t, n in sorted(tasks.items()) if t not in rt.config.tasks}
     if dry_run or out.matched == 0:
         return out
     with rt.engine.begin() as conn:

@@ -74,6 +74,18 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     return engine
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite database file that does not exist yet (None for anything else): opening it
+    would create it, which only `etl db upgrade` should do."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if not database or database == ":memory:" or Path(database).exists():
+        return None
+    return database
+
+
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     database = parsed.database or ""

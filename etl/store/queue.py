@@ -519,6 +519,12 @@ def retry_candidates(conn: Connection, where: ColumnElement[bool], limit: int) -
     )
 
 
+def tasks_where(conn: Connection, where: ColumnElement[bool]) -> dict[str, int]:
+    """How many selected rows each task has."""
+    rows = conn.execute(select(queue.c.task, func.count()).where(where).group_by(queue.c.task))
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 def count_where(conn: Connection, where: ColumnElement[bool]) -> int:
     return int(conn.execute(select(func.count()).select_from(queue).where(where)).scalar_one())
 

@@ -160,3 +160,56 @@ def test_every_time_option_takes_the_same_syntax_and_refuses_the_same_way(
     assert after.keys() == before.keys() and "queue" in after
     refused = run_etl(["--json", "--config", cfg, "resume"], env)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "no --json" in refused.stderr
+
+
+# -- 8. the missing commands and the small lies -------------------------------------------------------
+
+
+def test_pause_cancel_dry_run_canceling_and_retry_of_an_unconfigured_task(
+    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+) -> None:
+    from etl import submitter
+
+    env = env_for(db_url, emulator, config_file())
+    control = EmulatorControl(emulator.base_url)
+    insert_docs(runtime, [{"doc_key": "a", "body": "text", "task": "default"}])
+    insert_docs(
+        runtime, [{"doc_key": "x", "body": "b", "task": "gone", "status": "rejected", "reason": "no task"}]
+    )
+    (batch_id,) = submitter.run(runtime).batch_ids
+
+    dry = run_etl(["cancel", "--all-pending", "--dry-run", "--json"], env)
+    assert dry.returncode == 0 and json.loads(dry.stdout) == [{"batch_id": batch_id, "requests": 1}], (
+        dry.stderr
+    )
+    assert control.ledger()["batches_created"] == 1
+    assert run_etl(["cancel", batch_id], env).returncode == 0
+    pending = json.loads(run_etl(["status", "--json"], env).stdout)["pending_batches"]
+    assert [(b["batch_id"], b["status"]) for b in pending] == [(batch_id, "canceling")]
+
+    retried = run_etl(["retry", "x"], env)
+    assert retried.returncode == 0 and "retried 1 document(s)" in retried.stdout
+    assert "task 'gone', which is not configured" in retried.stderr and "[tasks.gone]" in retried.stderr
+
+    assert run_etl(["pause", "maintenance window"], env).returncode == 0
+    assert pause_reason(runtime) == "maintenance window"
+    assert run_etl(["submit"], env).returncode == 75
+    assert "was paused: maintenance window" in run_etl(["resume"], env).stdout
+    assert pause_reason(runtime) is None
+
+    current = json.loads(run_etl(["db", "current", "--json"], env).stdout)
+    history = json.loads(run_etl(["db", "history", "--json"], env).stdout)
+    assert set(current["databases"].values()) == {current["needed"]}
+    assert history["migrations"][-1]["revision"] in {m["revision"] for m in history["migrations"]}
+
+
+def test_status_on_a_sqlite_file_that_does_not_exist_creates_nothing(
+    tmp_path: Path, config_file: Callable[..., Path]
+) -> None:
+    missing = tmp_path / "typo" / "etl.db"
+    env = {"ETL_CONFIG": str(config_file()), "ETL_DATABASE_URL": f"sqlite:///{missing}"}
+    for args in (["status"], ["report"], ["db", "current"]):
+        proc = run_etl(args, env)
+        assert proc.returncode == 78 and f"the file {missing} does not exist" in proc.stderr, proc.stderr
+    assert not missing.parent.exists()
+    assert run_etl(["db", "upgrade"], env).returncode == 0 and missing.exists()

@@ -378,8 +378,12 @@ def _main(argv: list[str]) -> int:
         return emulator_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.json and args.command not in JSON_COMMANDS:
-        parser.error(f"etl {args.command} has no --json output (it has: {', '.join(sorted(JSON_COMMANDS))})")
+    if args.json and (
+        args.command not in JSON_COMMANDS or getattr(args, "db_command", "current") not in READINGS
+    ):
+        name = " ".join(filter(None, (args.command, getattr(args, "db_command", None))))
+        have = sorted({*JSON_COMMANDS - {"db"}, "db current", "db history"})
+        parser.error(f"etl {name} has no --json output (these have: {', '.join(have)})")
     env = dict(os.environ)
     try:
         failpoints.configure(env)
@@ -744,6 +748,7 @@ def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+READINGS = frozenset({"current", "history"})  # the `etl db` actions that print a reading
 JSON_COMMANDS = frozenset({"status", "report", "estimate", "submit", "db", "retry", "cancel"})
 COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "db": cmd_db,

@@ -438,7 +438,7 @@ def _refuse_missing_sqlite(cfg: config_mod.Config, args: argparse.Namespace) -> 
         if path is not None:
             raise SchemaOutOfDate(
                 f"the {what} {url}: the file {path} does not exist (nothing was created); check the URL "
-                "(ETL_DATABASE_URL, [database] url), or make it with: etl db upgrade"
+                "(ETL_DATABASE_URL, [database] url), or make the database. Run: etl db upgrade"
             )
 
 

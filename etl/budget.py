@@ -85,21 +85,24 @@ class TaskCost:
         tokens raised by the margin count_tokens last measured (when the local estimate fell short)."""
         return self.fixed + self._scaled(message_tokens) * self.input
 
-    def estimate(self, documents: int, message_tokens: int, batches: int) -> int:
-        """Documents of this task as `etl estimate` prices them: one cache write per batch."""
+    def estimate(self, documents: int, message_tokens: int, batches: int, system: int | None = None) -> int:
+        """Documents of this task as `etl estimate` prices them: one cache write per batch. `system`: the
+        system prompt's tokens when measured (count_tokens scales it as it scales the messages)."""
         if not documents:
             return 0
+        system = self.system_tokens if system is None else system
         units = message_tokens * self.input + documents * self.max_output
         if self.cached:
             writes = min(batches, documents)
-            units += self.system_tokens * (writes * self.write + (documents - writes) * self.read)
+            units += system * (writes * self.write + (documents - writes) * self.read)
         else:
-            units += documents * self.system_tokens * self.input
+            units += documents * system * self.input
         return units
 
-    def input_tokens(self, documents: int, message_tokens: int) -> int:
+    def input_tokens(self, documents: int, message_tokens: int, system: int | None = None) -> int:
         """Input tokens of these documents outside the cache (all of them without caching)."""
-        return message_tokens + (0 if self.cached else documents * self.system_tokens)
+        system = self.system_tokens if system is None else system
+        return message_tokens + (0 if self.cached else documents * system)
 
 
 class Costing:
@@ -147,7 +150,7 @@ def caps(config: Config) -> dict[str, Decimal]:
     out: dict[str, Decimal] = {}
     if config.submit.max_cost_usd_per_night > 0:
         out[ALL] = config.submit.max_cost_usd_per_night
-    for name, task in config.tasks.items():
+    for name, task in sorted(config.tasks.items()):  # tasks by name, everywhere (etl.costs.by_task)
         if task.max_cost_usd_per_night is not None:
             out[name] = task.max_cost_usd_per_night
     return out

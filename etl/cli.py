@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from etl import __version__, failpoints, logs
+from etl import __version__, failpoints, logs, moments
 from etl import config as config_mod
-from etl.errors import ConfigError, EtlError
+from etl.errors import ConfigError, EtlError, SubmissionPaused
 from etl.runtime import Runtime, build
 from etl.store.engine import denied
 
@@ -31,7 +32,8 @@ EXIT_CODES = {
     3: "the job finished but reported problems (listed on stderr)",
     65: "a bad input file or argument: nothing from it was stored",
     66: "the input file does not exist or cannot be read",
-    75: "submission is paused until `etl resume`",
+    75: "submission is paused until `etl resume`: the API refused the key, billing or spend limit",
+    141: "the reader of the output went away (`etl report | head -1`): stopped quietly",
     78: "configuration problem: config file, schema out of date, database unreachable or refusing a right "
     "(`etl db grants`), no API key",
 }
@@ -46,7 +48,7 @@ API_ENV = {
     "ANTHROPIC_API_KEY": "the API key",
     "CREDENTIALS_DIRECTORY": "credentials folder (systemd; the image: /run/secrets): anthropic_api_key, "
     "database_password, warehouse_password",
-    "ANTHROPIC_BASE_URL": "another API origin, e.g. the local emulator",
+    "ANTHROPIC_BASE_URL": "another API origin, e.g. http://127.0.0.1:8765 (the emulator; no /v1)",
 }
 
 
@@ -60,36 +62,63 @@ def _epilog(codes: Sequence[int], *, api: bool = False, config: bool = True, ext
 
 
 BASIC = (0, 1, 2, 78)
-GLOBAL_OPTIONS = (
-    "options of every command, given before it: --config FILE, --log-level LEVEL, --log-json (`etl --help`)"
-)
+GLOBAL_OPTIONS = "options of every command, before or after it: --config FILE, --log-level LEVEL, --log-json (`etl --help`)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one line on stderr naming the fix, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        where = "" if self.prog == "etl" else f"{self.prog.removeprefix('etl ')}: "
+        self.exit(2, f"etl: {where}{message} (see: {self.prog} --help)\n")
+
+
+def _global_options(p: argparse.ArgumentParser, *, default: Any) -> None:
+    """Options of every command, accepted before the command or after it (`etl status --config F`)."""
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help="config file (default: $ETL_CONFIG, ./config/etl.toml, /etc/etl/etl.toml)",
+    )
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=list(logs.LEVELS),
+        default=default,
+        help="override logging.level: debug, info, warning or error",
+    )
+    p.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else None,
+        help="JSON log lines even on a terminal",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="etl",
         description="Run a company's document LLM processing through Anthropic's Message Batches API.",
         epilog=_epilog(sorted(EXIT_CODES), api=True, extra="`etl COMMAND --help` describes each command."),
         formatter_class=fmt,
     )
     p.add_argument("--version", action="version", version=f"etl {__version__}")
+    _global_options(p, default=None)
     p.add_argument(
-        "--config", type=Path, help="config file (default: $ETL_CONFIG, ./config/etl.toml, /etc/etl/etl.toml)"
+        "--json", action="store_true", help="machine-readable output, for the commands that print a reading"
     )
-    p.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=list(logs.LEVELS),
-        help="override logging.level: debug, info, warning or error",
-    )
-    p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a terminal")
+    # The same options after the command; SUPPRESS keeps a value given before it when they are absent.
+    common = _Parser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, codes: Sequence[int] = BASIC, **kw: Any) -> argparse.ArgumentParser:
         details = kw.pop("details", "")
         return sub.add_parser(
             name,
+            parents=[common],
             help=summary,
             description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
             epilog=_epilog(codes, api=kw.pop("api", False), extra=GLOBAL_OPTIONS),
@@ -101,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser(
         "upgrade",
+        parents=[common],
         help="create or migrate the schema (queue database and warehouse)",
         description="Create or migrate the schema of the queue database and the warehouse.",
         epilog=_epilog(BASIC),
@@ -108,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     db_sub.add_parser(
         "check",
+        parents=[common],
         help="exit non-zero unless the schema is current",
         description="Exit 78 unless both databases are at the schema this version needs.",
         epilog=_epilog(BASIC),
@@ -115,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     grants = db_sub.add_parser(
         "grants",
+        parents=[common],
         help="print (or --apply) the SQL giving the producer, reader and daemon roles their rights",
         description="PostgreSQL: print the SQL that makes three roles hold exactly their rights, or apply it\n"
         "with --apply (run it as the owner, after `etl db upgrade`, and again after each upgrade):\n"
@@ -131,6 +163,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     for kind in ("producer", "reader", "daemon"):
         grants.add_argument(f"--{kind}", default=f"etl_{kind}", metavar="ROLE", help=f"default: etl_{kind}")
+    for action, summary in (
+        ("current", "the schema revision of each database and the one this version needs; changes nothing"),
+        ("history", "every migration this version knows, oldest first, marking where each database is"),
+    ):
+        reading = db_sub.add_parser(
+            action,
+            parents=[common],
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog=_epilog(BASIC),
+            formatter_class=fmt,
+        )
+        _json_option(reading, "machine-readable output")
 
     enq = command(
         "enqueue",
@@ -157,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument(
         "--dry-run", action="store_true", help="print what it would cost (as `etl estimate`); send nothing"
     )
-    sm.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    _json_option(sm, argparse.SUPPRESS)
     _estimate_arguments(sm, suppress=True)
     est = command(
         "estimate",
@@ -196,39 +241,57 @@ def _parser() -> argparse.ArgumentParser:
         details="With --check: exit 1 whenever anything is stuck or late, each cause on its own line\n"
         "(README: the status --check truth table); 78 when the schema is behind or incomplete.",
     )
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(st, "machine-readable output")
     st.add_argument(
         "--check",
         action="store_true",
         help="health check: exit 1 if anything is stuck or late (README: the status --check truth table)",
     )
     rep = command("report", "print the last morning report")
-    rep.add_argument("--json", action="store_true", help="the report as JSON")
+    _json_option(rep, "the report as JSON")
     rep.add_argument(
         "--now", action="store_true", help="build a fresh report instead of printing the last one"
     )
     rep.add_argument(
-        "--since", type=_duration, help="a fresh report over this period, e.g. 30d, 12h (implies --now)"
+        "--since",
+        type=moments.argument,
+        metavar="TIME",
+        help="a fresh report from TIME: 30d, 12h, 2w ago or an ISO date/time (implies --now)",
     )
     command("resume", "lift a submission pause after fixing its cause (spend limit, key, billing)")
+    pause = command(
+        "pause",
+        "pause submission now (the nightly submit sends nothing) until `etl resume`",
+        details="The same pause a wrong key or a spend limit sets: `etl status` shows it with its reason,\n"
+        "`etl status --check` fails, `etl submit` exits 75. Batches already sent are still collected.",
+    )
+    pause.add_argument(
+        "reason", nargs="?", default="paused by the operator", help="why (shown by etl status)"
+    )
     ret = command(
         "retry",
         "send dead and rejected documents again",
         (0, 1, 2, 65, 78),
         details="Selected rows go back to `queued` with their attempts reset; their old reason is kept after\n"
         "'retried; was dead:'. Every given selector must match. Without any selector, --all is needed.\n"
-        "Times: an ISO date/time (UTC unless it says otherwise) or a duration ago (90m, 24h, 7d).",
+        "Times, as for every --since/--until/--older-than: an ISO date/time (UTC unless it says\n"
+        "otherwise) or a duration ago (90s, 90m, 24h, 7d, 2w); a bad one is a usage error (exit 2).",
     )
     ret.add_argument("doc_keys", nargs="*", metavar="DOC_KEY", help="only these documents")
     ret.add_argument("--task", help="only rows of this task")
     ret.add_argument("--reason", metavar="TEXT", help="only rows whose reason contains TEXT (any case)")
-    ret.add_argument("--since", metavar="TIME", help="only rows that failed at or after TIME")
-    ret.add_argument("--until", metavar="TIME", help="only rows that failed before TIME")
+    ret.add_argument(
+        "--since", type=moments.argument, metavar="TIME", help="only rows that failed at or after TIME"
+    )
+    ret.add_argument(
+        "--until", type=moments.argument, metavar="TIME", help="only rows that failed before TIME"
+    )
     which = ret.add_mutually_exclusive_group()
     which.add_argument("--dead", action="store_true", help="only dead rows")
     which.add_argument("--rejected", action="store_true", help="only rejected rows")
     ret.add_argument("--all", action="store_true", help="retry every dead and rejected row")
     ret.add_argument("--dry-run", action="store_true", help="show what would be retried, change nothing")
+    _json_option(ret, "machine-readable output")
     can = command(
         "cancel",
         "cancel pending batches at the API",
@@ -241,6 +304,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     can.add_argument("batch_ids", nargs="*", metavar="BATCH_ID", help="batch ids from `etl status`")
     can.add_argument("--all-pending", action="store_true", help="cancel every pending batch")
+    can.add_argument(
+        "--dry-run", action="store_true", help="list the batches it would cancel; ask the API nothing"
+    )
+    _json_option(can, "machine-readable output (with --dry-run)")
     command(
         "config",
         "print the whole effective configuration as TOML, secrets masked",
@@ -272,13 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _duration(text: str) -> timedelta:
-    """`30d`, `12h`, `90m`: a period back from now."""
-    units = {"d": "days", "h": "hours", "m": "minutes"}
-    number, unit = text[:-1], text[-1:].lower()
-    if unit not in units or not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a period like 30d, 12h or 90m")
-    return timedelta(**{units[unit]: int(number)})
+def _json_option(p: argparse.ArgumentParser, text: str) -> None:
+    """`--json` after the command; SUPPRESS keeps `etl --json COMMAND` (the global flag) when absent."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=text)
 
 
 def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
@@ -288,7 +351,10 @@ def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -
     p.add_argument("--task", help=helped("only this task's documents"))
     p.add_argument("--min-priority", type=int, help=helped("only documents of at least this priority"))
     p.add_argument(
-        "--older-than", type=_duration, help=helped("only documents queued this long ago, e.g. 2d")
+        "--older-than",
+        type=moments.argument,
+        metavar="TIME",
+        help=helped("only documents queued before TIME: 2d, 12h ago or an ISO date/time"),
     )
     p.add_argument(
         "--count-tokens",
@@ -298,16 +364,18 @@ def _estimate_arguments(p: argparse.ArgumentParser, *, suppress: bool = False) -
         ),
     )
     if not suppress:
-        p.add_argument(
-            "--json", action="store_true", help="machine-readable output (money as decimal strings)"
-        )
+        _json_option(p, "machine-readable output (money as decimal strings)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `etl` command. Without `argv` it is the process's own command (the console script, `python -m
     etl.cli`), and the process exits once it returns."""
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a reader that left shows here, inside the handler below, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     finally:
         if argv is None:
             # Interpreter teardown runs the cyclic collector over every object still alive, most of them
@@ -316,12 +384,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.freeze()
 
 
+def _reader_gone() -> int:
+    """The reader of our output went away (`etl report | head -1`): stop quietly, as `git log | head`
+    does, with the shell's code for a SIGPIPE death. Standard output now points at /dev/null, so the
+    interpreter's last flush finds nowhere to fail. Work done before the print is committed already."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def _main(argv: list[str]) -> int:
     if argv and argv[0] == "emulator":
         from etl.emulator.cli import main as emulator_main
 
         return emulator_main(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json and (
+        args.command not in JSON_COMMANDS or getattr(args, "db_command", "current") not in READINGS
+    ):
+        name = " ".join(filter(None, (args.command, getattr(args, "db_command", None))))
+        have = sorted({*JSON_COMMANDS - {"db"}, "db current", "db history"})
+        parser.error(f"etl {name} has no --json output (these have: {', '.join(have)})")
     env = dict(os.environ)
     try:
         failpoints.configure(env)
@@ -346,6 +431,7 @@ def _main(argv: list[str]) -> int:
         logs.register_secret(password)
     handler = COMMANDS[args.command]
     try:
+        _refuse_missing_sqlite(cfg, args)
         rt = build(cfg)
     except EtlError as exc:
         print(f"etl: {exc}", file=sys.stderr)
@@ -367,6 +453,26 @@ def _main(argv: list[str]) -> int:
         rt.close()
 
 
+CREATES_DATABASE = {("db", "upgrade"), ("config", None)}  # `config` opens no database at all
+
+
+def _refuse_missing_sqlite(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    """Only `etl db upgrade` makes a SQLite file: `etl status` on a mistyped path said "no schema yet"
+    and left an empty file behind."""
+    from etl.errors import SchemaOutOfDate
+    from etl.store.engine import missing_sqlite_file
+
+    if (args.command, getattr(args, "db_command", None)) in CREATES_DATABASE:
+        return
+    for what, url in (("database", cfg.database_url), ("warehouse", cfg.warehouse_url)):
+        path = missing_sqlite_file(url)
+        if path is not None:
+            raise SchemaOutOfDate(
+                f"the {what} {url}: the file {path} does not exist (nothing was created); check the URL "
+                "(ETL_DATABASE_URL, [database] url), or make the database. Run: etl db upgrade"
+            )
+
+
 def _check_schema(rt: Runtime) -> None:
     from etl.store import migrate
 
@@ -376,6 +482,8 @@ def _check_schema(rt: Runtime) -> None:
 def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.store import migrate
 
+    if args.db_command in ("current", "history"):
+        return _db_reading(rt, args)
     if args.db_command == "check":
         migrate.check(rt.engine, rt.warehouse)
         print("schema is current")
@@ -423,6 +531,33 @@ def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_reading(rt: Runtime, args: argparse.Namespace) -> int:
+    """`etl db current` and `etl db history`: read the version tables, change nothing (no database file is
+    made: `Runtime` refuses a missing SQLite file for reading commands)."""
+    from etl.store import migrate
+
+    current = {
+        role: migrate.current_revision(eng, role) for eng, role in migrate.roles(rt.engine, rt.warehouse)
+    }
+    if args.db_command == "current":
+        body: dict[str, Any] = {"needed": migrate.HEAD, "databases": current}
+        lines = [f"{role}: {rev or 'no schema yet'}" for role, rev in current.items()]
+        lines.append(
+            f"this version of etl needs {migrate.HEAD}"
+            + ("" if set(current.values()) == {migrate.HEAD} else "; run: etl db upgrade")
+        )
+    else:
+        steps = migrate.history()
+        body = {"needed": migrate.HEAD, "databases": current, "migrations": steps}
+        lines = []
+        for step in steps:
+            here = [role for role, rev in current.items() if rev == step["revision"]]
+            mark = f"  <- {', '.join(here)}" if here else ""
+            lines.append(f"{step['revision']}  {step['description']}{mark}")
+    print(json.dumps(body, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
 def cmd_enqueue(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.enqueue import enqueue_file
     from etl.errors import InputMissing
@@ -439,7 +574,9 @@ def cmd_estimate(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import estimate
 
     _check_schema(rt)
-    selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=args.older_than)
+    now = rt.clock()
+    older_than = None if args.older_than is None else now - args.older_than.resolve(now)
+    selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=older_than)
     result = estimate.run(rt, selection, count_tokens=args.count_tokens)
     print(json.dumps(result.to_json(), indent=2) if args.json else estimate.render(result))
     return 0
@@ -459,11 +596,17 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
         + (f"; stopped: {out.stopped}" if out.stopped else "")
         + (f" ({out.idle_reason})" if out.idle_reason else "")
     )
+    if out.paused is not None:
+        print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
+        return SubmissionPaused.exit_code
+    if out.misconfigured is not None:
+        print(f"etl: {out.misconfigured}; nothing was sent, the rows are back in the queue", file=sys.stderr)
+        return ConfigError.exit_code
     return 0 if not out.stopped or out.stopped in ("stop requested",) else 3
 
 
 def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
-    from etl import collector, report
+    from etl import collector, report, submitter
 
     _check_schema(rt)
     out = collector.run(rt)
@@ -473,12 +616,16 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
     )
     for problem in out.problems:
         print(f"  problem: {problem}", file=sys.stderr)
+    if out.paused is not None:
+        print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
     if not args.no_report:
         readable = sys.stdout.isatty()
         body = report.morning(rt, log_body=not readable)
         if readable:
             print()
             print(report.render(body))
+    if out.paused is not None:
+        return SubmissionPaused.exit_code
     return 0 if not out.problems else 3
 
 
@@ -521,7 +668,7 @@ def cmd_report(rt: Runtime, args: argparse.Namespace) -> int:
     _check_schema(rt)
     if args.since is not None:
         now = rt.clock()
-        body = report.build(rt, now, now - args.since)
+        body = report.build(rt, now, args.since.resolve(now))
     elif args.now:
         body = report.build(rt, rt.clock(), None)
     else:
@@ -545,6 +692,17 @@ def cmd_resume(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pause(rt: Runtime, args: argparse.Namespace) -> int:
+    from etl.store import state
+
+    _check_schema(rt)
+    with rt.engine.begin() as conn:
+        before = state.pause_reason(conn)
+        state.pause(conn, args.reason, rt.clock())
+    print(f"submission was already paused: {before}" if before else f"submission paused: {args.reason}")
+    return 0
+
+
 def cmd_config(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import config_view
 
@@ -563,8 +721,8 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
         doc_keys=tuple(args.doc_keys),
         task=args.task,
         reason=args.reason,
-        since=retry.parse_time(args.since, now, "--since") if args.since else None,
-        until=retry.parse_time(args.until, now, "--until") if args.until else None,
+        since=args.since.resolve(now) if args.since else None,
+        until=args.until.resolve(now) if args.until else None,
     )
     if not sel.narrowed and not args.all:
         raise InputError(
@@ -573,6 +731,16 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
         )
     _check_schema(rt)
     out = retry.run(rt, sel, dry_run=args.dry_run)
+    for task, n in out.unconfigured.items():
+        print(
+            f"etl: warning: {n:,} of these row(s) name task {task!r}, which is not configured: the next submit "
+            f"rejects them again; add [tasks.{task}] to the config first",
+            file=sys.stderr,
+        )
+    if args.json:
+        body = {"dry_run": args.dry_run, "matched": out.matched, "retried": out.retried, "sample": out.sample}
+        print(json.dumps({**body, "unconfigured_tasks": out.unconfigured}, indent=2))
+        return 0
     for row in out.sample:
         print(f"  {row['status']:<8} {row['doc_key']} ({row['task']}, id {row['queue_id']}): {row['reason']}")
     if out.matched > len(out.sample):
@@ -591,6 +759,21 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
     if bool(args.batch_ids) == bool(args.all_pending):
         raise InputError("name the batches to cancel (BATCH_ID...) or pass --all-pending, not both")
     _check_schema(rt)
+    if args.json and not args.dry_run:
+        raise InputError(
+            "etl cancel prints JSON only with --dry-run (a cancel is an action); nothing was canceled"
+        )
+    if args.dry_run:
+        chosen = cancel.targets(rt, list(args.batch_ids), args.all_pending)
+        if args.json:
+            print(
+                json.dumps([{"batch_id": i.batch_id, "requests": i.request_count} for i in chosen], indent=2)
+            )
+            return 0
+        for intent in chosen:
+            print(f"  {intent.batch_id}  {intent.request_count:,} request(s)")
+        print(f"would cancel {len(chosen)} batch(es) (dry run: nothing was asked of the API)")
+        return 0
     out = cancel.run(rt, list(args.batch_ids), all_pending=args.all_pending)
     for problem in out.problems:
         print(f"  problem: {problem}", file=sys.stderr)
@@ -631,6 +814,8 @@ def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+READINGS = frozenset({"current", "history"})  # the `etl db` actions that print a reading
+JSON_COMMANDS = frozenset({"status", "report", "estimate", "submit", "db", "retry", "cancel"})
 COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "db": cmd_db,
     "enqueue": cmd_enqueue,
@@ -641,6 +826,7 @@ COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "status": cmd_status,
     "report": cmd_report,
     "resume": cmd_resume,
+    "pause": cmd_pause,
     "config": cmd_config,
     "retry": cmd_retry,
     "cancel": cmd_cancel,

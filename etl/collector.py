@@ -53,6 +53,7 @@ class CollectOutcome:
     dead: int = 0
     archived: int = 0
     problems: list[str] = field(default_factory=list)
+    paused: str | None = None  # a wrong key, billing or spend limit paused submission: exit 75
 
 
 def run(rt: Runtime) -> CollectOutcome:
@@ -70,6 +71,7 @@ def run(rt: Runtime) -> CollectOutcome:
             preloaded[first.id] = _load_expected(rt, first, packed=True)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
     reconciler.match_remote(rt, reconciled)
+    out.paused = reconciled.paused
     with rt.engine.begin() as conn:
         open_ = intents.open_intents(conn)
     for intent in open_:
@@ -84,6 +86,7 @@ def run(rt: Runtime) -> CollectOutcome:
             if exc.kind == "systemic":
                 with rt.engine.begin() as conn:
                     state.pause(conn, str(exc), rt.clock())
+                out.paused = str(exc)
                 out.problems.append(str(exc))
                 log.error("collect_stopped", error=str(exc))
                 break
@@ -131,8 +134,9 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
     with rt.engine.begin() as conn:
         if not intents.mark_archived(conn, intent.id, ARCHIVED_REASON):
             return
+        per_task = q.tasks_of(conn, intent.id, DocStatus.SUBMITTED)
         n = q.requeue_all_submitted(conn, intent.id, ARCHIVED_REASON, now)
-        events.record(conn, now, "archived", None, n, "results archived before collection", intent.id)
+        events.record_tasks(conn, now, "archived", per_task, "results archived before collection", intent.id)
     out.archived += n
     log.error("batch_results_archived", batch_id=intent.batch_id, requeued=n, paid_again=True)
 
@@ -411,8 +415,9 @@ def _disown(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
     reason = f"adopted batch {intent.batch_id} turned out not to be ours; re-queued"
     with rt.engine.begin() as conn:
         if intents.mark_archived(conn, intent.id, reason):
-            n = q.requeue_all_submitted(conn, intent.id, reason, now)
-            events.record(conn, now, "released", None, n, "wrong batch adopted", intent.id)
+            per_task = q.tasks_of(conn, intent.id, DocStatus.SUBMITTED)
+            q.requeue_all_submitted(conn, intent.id, reason, now)
+            events.record_tasks(conn, now, "released", per_task, "wrong batch adopted", intent.id)
     out.problems.append(reason)
     log.error("adoption_undone", batch_id=intent.batch_id)
 

@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError, MissingApiKey
@@ -158,7 +158,7 @@ class LiveSettings:
     backoff_seconds: float = 1.0  # first wait after a 429/529/5xx without retry-after; doubles
     max_backoff_seconds: float = 60.0
     claim_lease_seconds: float = 120.0  # a `calling` row not renewed this long belonged to a dead worker
-    daily_spend_cap_usd: float = 0.0  # live spend per UTC day; past it urgent rows go to the batch (0: none)
+    daily_spend_cap_usd: Decimal = Decimal(0)  # live spend per UTC day, calls in flight counted (0: none)
     slot_hold_minutes: float = (
         30.0  # after a submit slot fires, route as if its batch leaves now (routing.py)
     )
@@ -197,20 +197,55 @@ class Config:
 SQL_SCHEMES = ("sqlite:", "postgresql://", "postgresql+psycopg://", "postgres://", "postgres+psycopg://")
 
 
+def _url_password(url: str) -> tuple[str, str, str] | None:
+    """(scheme, user, password) of a URL that carries a password, else None. The password runs to the
+    last `@` (a password may hold `@`, `/` or `:`; the user name holds none of them)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    if not colon or "/" in user:
+        return None
+    return scheme, user, password
+
+
 def mask_url(url: str) -> str:
     """The whole URL with its password (if any) replaced by `***`, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    parts = _url_password(url)
+    if parts is None:
+        return url
+    scheme, user, _password = parts
+    rest = url.partition("://")[2]
+    return f"{scheme}://{user}:***@{rest[rest.rfind('@') + 1 :]}"
+
+
+def base_url_problem(url: str, source: str) -> str | None:
+    """Why an API base URL cannot work, or None. Checked at start, before a row is claimed: without a
+    scheme no request can leave, and a `/v1` path makes every call a 404 (the SDK adds `/v1` itself)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return (
+            f"{source} {url!r} is not an http:// or https:// URL with a host; "
+            "write it whole, e.g. https://api.anthropic.com or http://127.0.0.1:8765"
+        )
+    if parsed.path.rstrip("/").endswith("/v1"):
+        return (
+            f"{source} {url!r} ends in /v1, which the API client adds itself (every call would be a 404); "
+            f"drop it: {url.rstrip('/')[:-3]}"
+        )
+    return None
 
 
 def url_passwords(cfg: Config) -> list[str]:
-    """The database passwords inside the configured URLs, for the log redactor."""
+    """The database passwords inside the configured URLs (as written and decoded), for the log redactor."""
     from urllib.parse import unquote
 
-    found = []
+    found: list[str] = []
     for url in {cfg.database_url, cfg.warehouse_url}:
-        m = re.search(r"://[^:/@]*:([^@/]*)@", url)
-        if m and m.group(1):
-            found.append(unquote(m.group(1)))
+        parts = _url_password(url)
+        if parts and parts[2]:
+            found.extend(sorted({parts[2], unquote(parts[2])}))
     return found
 
 
@@ -383,6 +418,11 @@ def _build(
 
     api = _section(raw, "api", problems)
     base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None
+    if base_url:
+        source = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "api.base_url"
+        problem = base_url_problem(base_url, source)
+        if problem:
+            problems.append(problem)
     api_timeout = float(_typed(api, "timeout_seconds", (int, float), 60.0, "api", problems))
     _positive(api_timeout, "api.timeout_seconds", problems)
     api_key, key_sources = _api_key(env)

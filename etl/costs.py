@@ -24,6 +24,12 @@ def usd_text(value: Decimal) -> str:
     return str(Decimal(value).quantize(MONEY_UNIT))
 
 
+def by_task(values: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A per-task mapping in the one order every output uses: the whole night's cap (`*`) first, then
+    tasks by name, whatever order it was stored in (PostgreSQL's JSONB sorts keys its own way)."""
+    return sorted(values.items(), key=lambda kv: (kv[0] != budget.ALL, kv[0]))
+
+
 def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
     """The report's `costs` (per task, for the period) and `budget` (tonight) entries."""
     cfg = rt.config
@@ -68,12 +74,12 @@ def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any
         "costs": tasks,
         "budget": {
             "night": night,
-            "caps_usd": {k: usd_text(v) for k, v in caps.items()},
+            "caps_usd": {k: usd_text(v) for k, v in by_task(caps)},
             "reserved_usd": usd_text(sum(reserved.values(), Decimal(0))),
             "reserved_by_task_usd": {k: usd_text(v) for k, v in sorted(reserved.items())},
             "sent_documents": sum(t["documents"] for t in tonight.values()),
             "estimated_usd": usd_text(sum((t["estimated"] for t in tonight.values()), Decimal(0))),
-            "waiting_documents": waiting,
+            "waiting_documents": dict(by_task(waiting)),
         },
     }
 
@@ -88,7 +94,7 @@ def render_tasks(report: dict[str, Any]) -> list[str]:
         f"  {'task':<16}{'model':<28}{'docs':>8}{'charged':>14}{'standard':>14}{'saved':>14}"
         f"{'estimated':>14}{'accuracy':>10}",
     ]
-    for name, t in tasks.items():
+    for name, t in by_task(tasks):
         lines.append(
             f"  {name:<16}{t['model']!s:<28}{t['documents']:>8}{usd(t['cost_usd']):>14}"
             f"{usd(t['standard_cost_usd']):>14}{usd(t['savings_usd']):>14}"
@@ -107,7 +113,7 @@ def render_budget(report: dict[str, Any]) -> list[str]:
         return []
     caps = b["caps_usd"]
     cap_text = (
-        ", ".join(f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in caps.items())
+        ", ".join(f"${plain(v)}" + ("" if k == budget.ALL else f" for {k}") for k, v in by_task(caps))
         if caps
         else "no cap"
     )
@@ -116,7 +122,7 @@ def render_budget(report: dict[str, Any]) -> list[str]:
         f"estimated ${usd(b.get('estimated_usd', '0'))}, upper bound ${usd(b['reserved_usd'])}"
     ]
     if b["waiting_documents"]:
-        waiting = ", ".join(f"{k} {v}" for k, v in b["waiting_documents"].items())
+        waiting = ", ".join(f"{k} {v}" for k, v in by_task(b["waiting_documents"]))
         lines.append(f"  waiting for the budget: {waiting}")
     return lines
 

@@ -84,6 +84,8 @@ class ProviderError(EtlError):
       - ``not_found``: the object does not exist (or is not visible yet).
       - ``transient``: a read failed in a way that retrying later may fix.
       - ``unreachable``: no connection to the API could be made: nothing was sent, try later.
+      - ``misconfigured``: the API has no such endpoint (404 on create: a wrong base URL): nothing
+        happened; trying again cannot help until the configuration is fixed.
     """
 
     def __init__(

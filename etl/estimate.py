@@ -188,15 +188,7 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
         priced = costing.tasks.get(name)
         if priced is None or not line.documents:
             continue
-        cost = priced
-        tokens = round(line.message_tokens * ratio)
-        line.input_tokens = cost.input_tokens(line.documents, tokens)
-        if cost.cached:
-            writes = min(line.batches, line.documents)
-            line.cache_write_tokens = writes * cost.system_tokens
-            line.cache_read_tokens = (line.documents - writes) * cost.system_tokens
-        line.max_output_tokens = line.documents * cost.task.max_tokens
-        units = cost.estimate(line.documents, tokens, line.batches)
+        units = measure(line, priced, ratio)
         price = costing.usd(units)
         standard = costing.standard(units, cfg.pricing.batch_discount)
         upper = costing.usd(line._upper_units)  # what the submitter would reserve for them
@@ -248,6 +240,21 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
         sampling=sampling,
         last_calibration=json.loads(calibration) if calibration else None,
     )
+
+
+def measure(line: TaskEstimate, cost: budget.TaskCost, ratio: float) -> int:
+    """Fill a task's token columns and return its estimate in units. count_tokens' `ratio` (1 without
+    it) scales every input token it measured: the messages and the system prompt alike (the sample
+    compared both with the local estimate)."""
+    tokens = round(line.message_tokens * ratio)
+    system = round(cost.system_tokens * ratio)
+    line.input_tokens = cost.input_tokens(line.documents, tokens, system)
+    if cost.cached:
+        writes = min(line.batches, line.documents)
+        line.cache_write_tokens = writes * system
+        line.cache_read_tokens = (line.documents - writes) * system
+    line.max_output_tokens = line.documents * cost.task.max_tokens
+    return cost.estimate(line.documents, tokens, line.batches, system)
 
 
 def _count_sample(

@@ -31,8 +31,10 @@ from typing import Any
 import structlog
 
 from etl import failpoints, routing, schema
+from etl.budget import message_text, tokens_of
 from etl.clock import parse_iso
 from etl.config import Task
+from etl.costs import usd_text
 from etl.errors import EtlError, ProviderError
 from etl.pricing import Meter, Usage
 from etl.prompt import Rejection, build_params, custom_id
@@ -226,6 +228,7 @@ class LiveWorker:
         self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="etl-live")
         self.settler = _Settler(self)
         self.unsettled_spend = Decimal(0)  # answers handed to the settler, not yet committed
+        self.inflight_spend = Decimal(0)  # upper bounds of the calls in flight (the daily cap counts them)
         self._last_renew = rt.clock()
         self._last_recover: datetime | None = None
 
@@ -367,22 +370,58 @@ class LiveWorker:
         except Rejection as rej:
             self._reject(row.id, row.task, rej.reason)
             return
+        assert task is not None  # build_params rejects unknown tasks
+        bound, committed = self._reserve(task, params)
+        if bound is None:
+            return self._fall_back(row.id, row.task, self._cap_reason(committed, self._bound(task, params)))
+        try:
+            self._call(lrow, task, params)
+        finally:
+            with self._lock:
+                self.inflight_spend -= bound
+
+    def _reserve(self, task: Task, params: Mapping[str, Any]) -> tuple[Decimal | None, Decimal]:
+        """Count this call's upper bound against the daily cap before it leaves, with the calls already in
+        flight (4 calls checked at once against settled spend alone crossed the cap by a third): (the bound
+        reserved, or None when it would cross the cap; what was spent or in flight). Exact Decimals."""
         cap = self.settings.daily_spend_cap_usd
-        if cap > 0:
-            now = self.rt.clock()
+        if cap <= 0:
+            return Decimal(0), Decimal(0)
+        bound = self._bound(task, params)
+        now = self.rt.clock()
+        with self._lock:  # the read under the lock: two threads never both take the last of the cap
             with reading(self.rt.engine) as conn:
                 spent = store.spent_since(conn, now.replace(hour=0, minute=0, second=0, microsecond=0))
-            with self._lock:
-                spent += float(self.unsettled_spend)
-            if spent >= cap:
-                self._fall_back(
-                    row.id,
-                    row.task,
-                    f"daily live spend cap reached (${spent:.4f} of ${cap:.2f}, live.daily_spend_cap_usd)",
-                )
-                return
-        assert task is not None  # build_params rejects unknown tasks
-        self._call(lrow, task, params)
+            committed = spent + self.unsettled_spend + self.inflight_spend
+            if committed + bound > cap:
+                return None, committed
+            self.inflight_spend += bound
+        return bound, committed
+
+    def _bound(self, task: Task, params: Mapping[str, Any]) -> Decimal:
+        """The most a call can cost at the standard price: its input at 4 characters a token (the system
+        prompt at the cache-write price when it is cached) and `max_tokens` of output."""
+        rates = self.meter.rates(task.model)
+        if rates is None:
+            return Decimal(0)
+        system = tokens_of(task.system) if task.system else 0
+        usage = Usage(
+            input_tokens=tokens_of(message_text(params)) + (0 if task.cache_system else system),
+            output_tokens=task.max_tokens,
+            cache_write_1h=system if task.cache_system else 0,
+        )
+        return rates.usd(rates.units(usage))
+
+    def _cap_reason(self, committed: Decimal, bound: Decimal) -> str:
+        """Every amount with all its digits: a cap of $0.0005 is not printed as $0.00."""
+
+        def exact(value: Decimal) -> str:
+            return usd_text(value).rstrip("0").rstrip(".")
+
+        return (
+            f"daily live spend cap reached (${exact(committed)} spent or in flight, this call up to "
+            f"${exact(bound)}, of ${self.settings.daily_spend_cap_usd:f}, live.daily_spend_cap_usd)"
+        )
 
     def _call(self, lrow: store.LiveRow, task: Task, params: dict[str, Any]) -> None:
         row = lrow.row
@@ -503,7 +542,7 @@ class LiveWorker:
         now = self.rt.clock()
         with self.rt.engine.begin() as conn:
             if store.reject(conn, queue_id, reason, now):
-                events.record(conn, now, "rejected", task, 1, reason.split(":")[0][:80])
+                events.record(conn, now, "rejected", task, 1, events.reason_key(reason))
         self.outcome.rejected += 1
         log.warning("document_rejected", queue_id=queue_id, reason=reason, path="live")
 
@@ -511,7 +550,7 @@ class LiveWorker:
         now = self.rt.clock()
         with self.rt.engine.begin() as conn:
             if store.dead(conn, queue_id, reason, now):
-                events.record(conn, now, "dead", task, 1, reason[:200])
+                events.record(conn, now, "dead", task, 1, events.reason_key(reason))
         self.outcome.dead += 1
         log.error("live_document_dead", queue_id=queue_id, reason=reason)
 

@@ -110,7 +110,7 @@ def never_connected(exc: BaseException) -> bool:
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+        if isinstance(cur, (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.UnsupportedProtocol)):
             return True
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
@@ -167,7 +167,17 @@ class Provider:
                 },
             )
         except Exception as exc:  # translated: every failure has a kind the caller must act on
-            raise translate(exc, "create batch", mutating=True) from exc
+            error = translate(exc, "create batch", mutating=True)
+            if error.status == 404:
+                # The create endpoint always exists: a 404 is a wrong base URL, never a busy API.
+                raise ProviderError(
+                    f"create batch: HTTP 404 from {self._client.base_url}: the API has no such endpoint, so the "
+                    "base URL (ANTHROPIC_BASE_URL or api.base_url) is wrong; give the origin only, e.g. "
+                    "https://api.anthropic.com, without /v1",
+                    kind="misconfigured",
+                    status=404,
+                ) from exc
+            raise error from exc
         return _remote(batch)
 
     def create_message(self, params: Mapping[str, Any]) -> LiveReply:

@@ -21,7 +21,7 @@ from etl.errors import EtlError, ProviderError
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
-from etl.schema import BatchStatus, batches
+from etl.schema import BatchStatus, DocStatus, batches
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
@@ -45,6 +45,7 @@ class ReconcileOutcome:
     released_unknown: int = 0
     still_unknown: int = 0
     unmatched_remote: list[str] = field(default_factory=list)
+    paused: str | None = None  # a systemic answer (wrong key, billing) paused submission: its reason
 
 
 def run(rt: Runtime) -> ReconcileOutcome:
@@ -134,6 +135,7 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         if exc.kind == "systemic":
             with rt.engine.begin() as conn:
                 state.pause(conn, str(exc), now)
+            out.paused = str(exc)
         log.warning("reconcile_list_failed", error=str(exc), unknown=len(unknown))
         out.still_unknown = len(unknown)
         return out
@@ -184,8 +186,9 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
             reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
             with rt.engine.begin() as conn:
                 if intents.release(conn, intent.id, (BatchStatus.UNKNOWN,), reason):
+                    per_task = q.tasks_of(conn, intent.id, DocStatus.CLAIMED)
                     rows = q.unclaim(conn, intent.id, now, reason=reason)
-                    events.record(conn, now, "released", None, rows, reason, intent.id)
+                    events.record_tasks(conn, now, "released", per_task, reason, intent.id)
                     out.released_unknown += 1
                     log.warning("unknown_intent_released", intent=intent.id, rows=rows)
             failpoints.hit("reconcile.after_release")
@@ -225,8 +228,9 @@ def release_by_operator(rt: Runtime, intent_id: int) -> int:
             )
         if not intents.release(conn, intent_id, (BatchStatus.UNKNOWN,), reason):
             raise EtlError(f"intent {intent_id} changed while releasing it; run etl status")
+        per_task = q.tasks_of(conn, intent_id, DocStatus.CLAIMED)
         rows = q.unclaim(conn, intent_id, now, reason=reason)
-        events.record(conn, now, "released", None, rows, "released by the operator", intent_id)
+        events.record_tasks(conn, now, "released", per_task, "released by the operator", intent_id)
     log.warning("unknown_intent_released_by_operator", intent=intent_id, rows=rows)
     return rows
 
@@ -237,8 +241,9 @@ def _adopt(
     with rt.engine.begin() as conn:
         if not intents.record_submitted(conn, intent.id, r, now, adopted=True):
             return False
+        per_task = q.tasks_of(conn, intent.id, DocStatus.CLAIMED)
         rows = q.mark_submitted(conn, intent.id, now)
-        events.record(conn, now, "submitted", None, rows, "adopted after an ambiguous create", intent.id)
+        events.record_tasks(conn, now, "submitted", per_task, "adopted after an ambiguous create", intent.id)
     out.adopted += 1
     log.info("unknown_intent_adopted", intent=intent.id, batch_id=r.id, rows=rows, how=how)
     failpoints.hit("reconcile.after_adopt")

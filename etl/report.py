@@ -26,6 +26,7 @@ from etl.store.engine import reading
 
 log = structlog.get_logger("etl.report")
 
+UNRECORDED = "(task not recorded)"
 KINDS = ("submitted", "succeeded", "requeued", "dead", "rejected", "released", "archived")
 
 
@@ -60,7 +61,7 @@ def build(
     for r in rows:
         if r["kind"] in paths.LIVE_KINDS:
             continue  # the live path's own section (etl/paths.py)
-        task = r["task"] or "(all)"
+        task = r["task"] or UNRECORDED  # whole-intent events of versions before they were split per task
         per_task[task][r["kind"]] += int(r["documents"] or 0)
         if r["kind"] in ("requeued", "dead", "rejected", "released", "archived"):
             failures[f"{r['kind']}: {r['reason'] or 'unspecified'}"] += int(r["documents"] or 0)
@@ -80,7 +81,8 @@ def build(
         created = intent.remote_created_at or intent.created_at
         entry = {
             "batch_id": intent.batch_id,
-            "status": intent.status,
+            # A cancel asked of the API leaves the intent `submitted` until the batch ends: say so.
+            "status": "canceling" if intent.processing_status == "canceling" else intent.status,
             "requests": intent.request_count,
             "counts": intent.request_counts,
             "age_hours": _hours(now - created),

@@ -8,14 +8,12 @@ rejected again at the next submit, with its reason.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import structlog
 
-from etl.errors import InputError
 from etl.runtime import Runtime
 from etl.store import queue as q
 from etl.store.engine import reading
@@ -23,23 +21,6 @@ from etl.store.engine import reading
 log = structlog.get_logger("etl.retry")
 
 SAMPLE = 20
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_time(text: str, now: datetime, option: str) -> datetime:
-    """`2026-12-01`, `2026-12-01T06:00` (UTC unless it says otherwise) or a duration ago: `90m`, `24h`, `7d`."""
-    m = _DURATION.match(text.strip())
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
-    try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise InputError(
-            f"{option} {text!r} is neither an ISO date/time (2026-12-01, 2026-12-01T06:00) nor a duration "
-            "ago (90m, 24h, 7d)"
-        ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -61,6 +42,7 @@ class RetryOutcome:
     matched: int = 0
     retried: int = 0
     sample: list[dict[str, Any]] = field(default_factory=list)
+    unconfigured: dict[str, int] = field(default_factory=dict)  # rows whose task is not in the config
 
 
 def run(rt: Runtime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
@@ -79,6 +61,8 @@ def run(rt: Runtime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
             {"queue_id": r.id, "doc_key": r.doc_key, "task": r.task, "status": r.status, "reason": r.reason}
             for r in q.retry_candidates(conn, where, SAMPLE)
         ]
+        tasks = q.tasks_where(conn, where) if out.matched else {}
+    out.unconfigured = {t: n for t, n in sorted(tasks.items()) if t not in rt.config.tasks}
     if dry_run or out.matched == 0:
         return out
     with rt.engine.begin() as conn:

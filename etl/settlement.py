@@ -56,11 +56,11 @@ class Totals:
 
 
 def category(reason: str) -> str:
-    """The short form of a row's reason that the report counts by: the error type, not its message."""
+    """A row's reason as the report counts it: the whole reason (`events.reason_key`), not what comes
+    before its first colon ("errored" said nothing of why)."""
     if reason.startswith("gave up after"):
-        last = reason.partition("last: ")[2]
-        return f"max attempts reached (last: {last.split(':')[0]})"
-    return reason.split(":")[0]
+        return f"max attempts reached (last: {events.reason_key(reason.partition('last: ')[2])})"
+    return events.reason_key(reason)
 
 
 def _text_of(message: dict[str, Any]) -> str:

@@ -43,6 +43,8 @@ class SubmitOutcome:
     held_tasks: set[str] = field(default_factory=set)  # tasks not claimed again this run: at their cap
     budget_spent: bool = False  # the night's cap (of all tasks) is reached: nothing more this run
     idle_reason: str | None = None  # why nothing was sent, when nothing was
+    paused: str | None = None  # a create's systemic answer paused submission (`etl submit` exits 75)
+    misconfigured: str | None = None  # a create's 404: the base URL is wrong (`etl submit` exits 78)
 
 
 def run(rt: Runtime) -> SubmitOutcome:
@@ -50,7 +52,7 @@ def run(rt: Runtime) -> SubmitOutcome:
     with rt.engine.begin() as conn:
         paused = state.pause_reason(conn)
     if paused:
-        raise SubmissionPaused(f"submission is paused: {paused}. Fix the cause, then run: etl resume")
+        raise SubmissionPaused(paused_message(paused, already=True))
     # Everything that can be checked without sending is checked before a single row is claimed: a run
     # that stops on a missing key must not leave rows `claimed` for the lease.
     rt.config.require_api_key()
@@ -61,6 +63,12 @@ def run(rt: Runtime) -> SubmitOutcome:
     _supersede(rt)
     claim = _claim(rt)
     reconciler.match_remote(rt, reconciled)
+    if reconciled.paused is not None:
+        # The API refused our key (or billing) while listing: no create could succeed, so none is sent,
+        # whether rows are queued or not; the claim goes back at once, its attempts untouched.
+        if claim is not None:
+            _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submission paused before sending")
+        raise SubmissionPaused(paused_message(reconciled.paused))
     outcome = SubmitOutcome()
     limits = rt.config.submit
     while outcome.batches < limits.max_batches_per_run:
@@ -96,6 +104,14 @@ def run(rt: Runtime) -> SubmitOutcome:
         waiting_for_budget=outcome.waiting,
     )
     return outcome
+
+
+def paused_message(reason: str, *, already: bool = False) -> str:
+    """The one line a paused submission gives, whoever paused it and whatever was queued."""
+    return (
+        f"submission {'is' if already else 'was'} paused: {reason}. Fix the cause (the API key, billing, "
+        "spend limit), then run: etl resume"
+    )
 
 
 def _why_idle(rt: Runtime) -> str:
@@ -406,7 +422,13 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
             state.pause(conn, reason, now)
             outcome.stopped = f"paused: {reason}"
+            outcome.paused = reason
             log.error("submission_paused", intent=intent_id, reason=reason)
+        elif exc.kind == "misconfigured":  # a 404 on create: nothing happened, the URL is wrong
+            q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
+            outcome.stopped = f"configuration: {reason}"
+            outcome.misconfigured = reason
+            log.error("create_misconfigured", intent=intent_id, error=reason)
         elif exc.kind == "unreachable":  # no connection was made: the API never saw it, re-queued now
             q.unclaim(conn, intent_id, now, reason=f"not sent: {reason}")
             outcome.stopped = f"API unreachable: {reason}"

@@ -80,6 +80,16 @@ def reason_key(reason: str, limit: int = 300) -> str:
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
+def record_tasks(
+    conn: Connection, now: datetime, kind: str, per_task: dict[str, int], reason: str, batch_ref: int
+) -> None:
+    """One event per task of a whole intent's rows (`queue.tasks_of`, read before they moved)."""
+    tally = Tally()
+    for task, documents in sorted(per_task.items()):
+        tally.add(kind, task, reason, documents)
+    tally.flush(conn, now, batch_ref)
+
+
 def record(
     conn: Connection,
     now: datetime,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Text, cast, func, select, text, update
@@ -214,14 +215,12 @@ def oldest_waiting(conn: Connection, cutoff: datetime) -> datetime | None:
     return value
 
 
-def spent_since(conn: Connection, since: datetime) -> float:
+def spent_since(conn: Connection, since: datetime) -> Decimal:
     """Live spend (standard price) recorded since `since`: what the daily cap is checked against."""
     value = conn.execute(
-        select(func.coalesce(func.sum(events.c.cost_usd), 0)).where(
-            events.c.kind == "live_succeeded", events.c.at >= since
-        )
-    ).scalar_one()
-    return float(value or 0)
+        select(func.sum(events.c.cost_usd)).where(events.c.kind == "live_succeeded", events.c.at >= since)
+    ).scalar_one_or_none()
+    return Decimal(value) if value is not None else Decimal(0)
 
 
 def listen(engine: Engine, timeout: float) -> Generator[bool, None, None]:

@@ -39,6 +39,22 @@ def head_revision() -> str:
     return head
 
 
+def history() -> list[dict[str, str | None]]:
+    """Every migration of this version, oldest first: revision, what it came after, its first doc line."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config("both"))
+    steps: list[dict[str, str | None]] = []
+    for rev in reversed(list(script.walk_revisions())):
+        down = rev.down_revision
+        after = ", ".join(down) if isinstance(down, (tuple, list)) else down
+        doc = (rev.doc or "").strip()
+        steps.append(
+            {"revision": str(rev.revision), "after": after, "description": doc.splitlines()[0] if doc else ""}
+        )
+    return steps
+
+
 def roles(engine: Engine, warehouse: Engine) -> list[tuple[Engine, str]]:
     if engine.url == warehouse.url:
         return [(engine, "both")]

@@ -390,6 +390,17 @@ def requeue_all_submitted(conn: Connection, batch_ref: int, reason: str, now: da
     return int(result.rowcount)
 
 
+def tasks_of(conn: Connection, batch_ref: int, status: str) -> dict[str, int]:
+    """How many of an intent's rows in `status` each task has: the report counts what happens to a
+    whole intent (released, adopted, archived) per task, like everything else."""
+    rows = conn.execute(
+        select(queue.c.task, func.count())
+        .where(queue.c.batch_ref == batch_ref, queue.c.status == status)
+        .group_by(queue.c.task)
+    )
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 def counts(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(queue.c.status, func.count()).group_by(queue.c.status))
     out = {s.value: 0 for s in S}
@@ -511,6 +522,12 @@ def retry_candidates(conn: Connection, where: ColumnElement[bool], limit: int) -
             .limit(limit)
         )
     )
+
+
+def tasks_where(conn: Connection, where: ColumnElement[bool]) -> dict[str, int]:
+    """How many selected rows each task has."""
+    rows = conn.execute(select(queue.c.task, func.count()).where(where).group_by(queue.c.task))
+    return {str(r[0]): int(r[1]) for r in rows}
 
 
 def count_where(conn: Connection, where: ColumnElement[bool]) -> int:

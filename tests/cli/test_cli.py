@@ -157,4 +157,4 @@ def test_estimate_dry_run_and_a_months_report_through_the_cli(
     assert month.returncode == 0, month.stderr
     assert "budget for the night of" in month.stdout
     bad = run_etl(["report", "--since", "a month"], env)
-    assert bad.returncode == 2 and "not a period like 30d" in bad.stderr
+    assert bad.returncode == 2 and "'a month' is not a time" in bad.stderr

@@ -271,7 +271,7 @@ def test_retry_selects_dead_and_rejected_rows_and_dry_run_changes_nothing(
     ]
 
     one_line_error(run_etl(["retry"], env), 65, "say which documents")
-    one_line_error(run_etl(["retry", "--since", "yesterday-ish"], env), 65, "--since 'yesterday-ish'")
+    one_line_error(run_etl(["retry", "--since", "yesterday-ish"], env), 2, "--since: 'yesterday-ish'")
 
     dry = run_etl(["retry", "--reason", "NOT EXIST", "--dry-run"], env)
     assert dry.returncode == 0, dry.stderr

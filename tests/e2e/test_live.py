@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -94,9 +95,9 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
     body = report.build(rt, clock(), None)
     paths = body["paths"]
     assert paths["live"]["documents"] == 2
-    assert paths["live"]["cost_usd"] == pytest.approx(ledger["live"]["standard_cost_usd"])
-    assert paths["live"]["batch_would_cost_usd"] == pytest.approx(
-        paths["live"]["cost_usd"] * float(rt.config.pricing.batch_discount)
+    assert float(paths["live"]["cost_usd"]) == pytest.approx(ledger["live"]["standard_cost_usd"])
+    assert Decimal(paths["live"]["batch_would_cost_usd"]) == Decimal(paths["live"]["cost_usd"]) * (
+        rt.config.pricing.batch_discount
     )
     assert paths["live"]["possibly_billed_twice"] == 0
     assert "live path" in report.render(body)
@@ -211,13 +212,16 @@ def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
 def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_report_says_so(
     make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
 ) -> None:
-    rt = make_runtime(extra=FAST + "daily_spend_cap_usd = 0.0000001\nconcurrency = 1\n")
+    # A call's upper bound (10 input tokens and 200 output tokens of haiku: $0.00101) is counted before it
+    # leaves: the first call fits under $0.00103; the second, on top of the first's $0.000045, would not.
+    rt = make_runtime(extra=FAST + "daily_spend_cap_usd = 0.00103\nconcurrency = 1\n")
     insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(3)])
     out = live.run(rt, once=True)
-    assert (out.succeeded, out.fell_back) == (1, 2)  # the first call passes the cap
+    assert (out.succeeded, out.fell_back) == (1, 2)
     rows = queue_rows(rt)
     assert sorted(r["status"] for r in rows.values()) == ["done", "queued", "queued"]
     assert all("spend cap" in r["reason"] for r in rows.values() if r["status"] == "queued")
+    assert all("of $0.00103," in r["reason"] for r in rows.values() if r["status"] == "queued")
     assert control.ledger()["live"]["calls"] == 1
     body = report.build(rt, clock(), None)
     assert body["paths"]["live"]["fell_back"] == {"daily live spend cap reached": 2}

@@ -163,7 +163,7 @@ def spend_limit(sc: Scenario) -> tuple[bool, str]:
     rows = _rows(sc)
     again = sc.run("submit")
     ok = (
-        r.returncode == 3
+        r.returncode == 75  # the same code as every later run until resume (issue 22, point 4)
         and "spend limit" in r.stdout
         and again.returncode == 75
         and "paused" in again.stderr
@@ -180,7 +180,7 @@ def auth_error(sc: Scenario) -> tuple[bool, str]:
     sc.control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 401, "times": 1}])
     r = sc.run("submit")
     paused = sc.run("status").stdout
-    ok = r.returncode == 3 and "paused" in r.stdout and "submission paused" in paused
+    ok = r.returncode == 75 and "paused" in r.stdout and "submission paused" in paused
     ok = ok and all(x["attempts"] == 0 for x in _rows(sc))
     assert sc.run("resume").returncode == 0
     return ok, "401 on create: paused, reason in `etl status`, no attempt counted"

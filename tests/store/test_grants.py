@@ -218,7 +218,10 @@ def test_grants_prints_the_sql_and_applies_nothing_without_apply(
 def test_a_bad_role_name_is_refused_in_one_line(
     name: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    assert cli(f"sqlite:///{tmp_path / 'x.db'}", "db", "grants", f"--daemon={name}") == 78
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert cli(url, "db", "upgrade") == 0
+    capsys.readouterr()
+    assert cli(url, "db", "grants", f"--daemon={name}") == 78
     assert "bad role name" in capsys.readouterr().err
 
 
@@ -226,8 +229,13 @@ def test_grants_on_sqlite_says_the_file_permissions_are_the_rights(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert cli(url, "db", "grants") == 78, "only etl db upgrade makes a missing SQLite file"
+    assert not (tmp_path / "x.db").exists()
+    assert cli(url, "db", "upgrade") == 0
+    capsys.readouterr()
     assert cli(url, "db", "grants") == 0
-    assert "0600" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "0600" in captured.out and "0600" in captured.err
     assert cli(url, "db", "grants", "--apply") == 1
 
 

@@ -532,7 +532,9 @@ def result_lines(batch: Batch, seed: int) -> Iterator[bytes]:
                 forced = batch.injected[code - INJECTED]
                 if forced.type == "raw":
                     cid = json.dumps(custom_id)[1:-1]
-                    yield (forced.line.replace(CUSTOM_ID_PLACEHOLDER, cid) + "\n").encode("utf-8", "surrogatepass")
+                    yield (forced.line.replace(CUSTOM_ID_PLACEHOLDER, cid) + "\n").encode(
+                        "utf-8", "surrogatepass"
+                    )
                     continue
                 type_, message = forced.error_type, forced.message
             result = {"type": "errored", "error": error_body(type_, message, None)}

@@ -189,3 +189,25 @@ def test_any_result_line_in_any_position_settles_every_row_and_collects_every_ba
     untouched = [qid for qid, _ in sent if qid not in served]
     assert all(fates[q][0] == "done" for q in untouched)
     control.clear_faults()
+
+
+def test_status_check_fails_while_an_ended_batch_has_rows_submitted(
+    two_batches: Runtime, clock: SharedClock
+) -> None:
+    """A collect killed after it saw the batch ended (nothing recorded on the batch) still fails the check."""
+    from etl.store import batches as intents
+
+    rt = two_batches
+    sent = _send(rt, 3, 3)
+    clock.advance(3600)
+    with rt.engine.connect() as conn:
+        intent = intents.get(conn, sent[0][1])
+    assert intent is not None and intent.batch_id is not None
+    remote = rt.provider.retrieve(intent.batch_id)
+    with rt.engine.begin() as conn:
+        assert intents.update_remote(conn, intent.id, remote)
+    _, healthy, problems = status(rt)
+    assert not healthy
+    assert any(intent.batch_id in p and "3 row(s) still 'submitted'" in p for p in problems), problems
+    collector.run(rt)
+    _assert_settled(rt, sent)

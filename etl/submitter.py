@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import delete
 
 from etl import budget, failpoints, reconciler, routing
-from etl.errors import EtlError, ProviderError, SubmissionPaused
+from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
@@ -193,12 +193,18 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
         for row in q.iter_claimed(reader, intent_id):
             try:
                 params = build_params(row, rt.config.tasks, limits.max_body_bytes)
-            except Rejection as rej:
-                rejects.append((row.id, rej.reason))
-                rejects_logged.append((row.id, row.doc_key, rej.reason))
-                rejected_per_task[(row.task, events.reason_key(rej.reason))] += 1
+                encoded = encode_request(row.id, params)
+                tokens = budget.tokens_of(budget.message_text(params))
+            except Exception as exc:  # recovery loop: a row that cannot be encoded is rejected, not the batch
+                reason = (
+                    exc.reason
+                    if isinstance(exc, Rejection)
+                    else f"cannot be encoded for the API: {describe(exc)}"
+                )
+                rejects.append((row.id, clean(reason)))
+                rejects_logged.append((row.id, row.doc_key, clean(reason)))
+                rejected_per_task[(row.task, events.reason_key(clean(reason)))] += 1
                 continue
-            encoded = encode_request(row.id, params)
             if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
                 # Alone it would not fit in a batch: sending it can never work, and leaving it queued would
                 # make every night claim and put it back.
@@ -214,7 +220,6 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 overflow.append(row.id)
                 continue
             cost = costing.tasks[row.task]
-            tokens = budget.tokens_of(budget.message_text(params))
             units = cost.upper_bound(tokens)
             if not allowance.take(row.task, units):
                 held.append((row.id, budget.waiting_reason(night, caps, row.task)))

@@ -211,3 +211,26 @@ def test_status_check_fails_while_an_ended_batch_has_rows_submitted(
     assert any(intent.batch_id in p and "3 row(s) still 'submitted'" in p for p in problems), problems
     collector.run(rt)
     _assert_settled(rt, sent)
+
+
+def test_a_row_that_cannot_be_encoded_is_rejected_with_its_reason_and_the_others_are_sent(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    """Metadata nested deeper than Python's stack: once a RecursionError out of every submit."""
+    rt = make_runtime()
+    deep = '{"title": ' + "[" * 3000 + "]" * 3000 + "}"
+    insert_docs(
+        rt,
+        [
+            {"doc_key": "fine-1", "body": "a fine document"},
+            {"doc_key": "deep", "body": "numbers", "task": "classify", "metadata": deep},
+            {"doc_key": "fine-2", "body": "another fine document"},
+        ],
+    )
+    out = submitter.run(rt)
+    assert out.documents == 2 and out.rejected == 1, out
+    with rt.engine.connect() as conn:
+        rows = {r.doc_key: r for r in conn.execute(text("SELECT doc_key, status, reason FROM etl_queue"))}
+    assert rows["deep"].status == "rejected"
+    assert "RecursionError" in rows["deep"].reason, rows["deep"].reason
+    assert {rows["fine-1"].status, rows["fine-2"].status} == {"submitted"}

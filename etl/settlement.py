@@ -195,19 +195,13 @@ class Chunk:
             self.tally.add("requeued", exp.task, category(reason))
 
     def _succeeded(self, qid: int, exp: Expected, message: dict[str, Any]) -> None:
-        text = _text_of(message)
-        self._storable(text, "the output text")
+        text, usage, model, stop_reason = checked_answer(message, self.encoder.dialect)
         output_json = None
         if exp.task in self._json_tasks:
             try:
                 output_json = json.loads(text)  # not codec: exact integers of any width
             except (ValueError, RecursionError):
                 output_json = None
-        usage = _usage(message.get("usage"))
-        model = _string(message, "model") or ""
-        stop_reason = _string(message, "stop_reason")
-        self._storable(model, "the model name")
-        self._storable(stop_reason or "", "the stop_reason")
         cost, standard = self.meter.costs(model, usage)
         row = self.encoder.encode_values(
             [
@@ -246,23 +240,6 @@ class Chunk:
         sums[4] += usage.cache_read
         sums[5] += cost
         sums[6] += standard
-
-    def _storable(self, text: str, what: str) -> None:
-        """Refuse here, with a reason that says why, what no database would store: a lone surrogate (not
-        Unicode: neither driver encodes it) and, on PostgreSQL, a NUL character."""
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise Unreadable(
-                    f"unstorable result: {what} holds a lone surrogate U+{ord(text[exc.start]):04X} at character "
-                    f"{exc.start}, which is not Unicode text"
-                ) from None
-        if self.encoder.dialect == "postgresql" and "\x00" in text:
-            raise Unreadable(
-                f"unstorable result: {what} holds a NUL character at character {text.index(chr(0))}, which "
-                "PostgreSQL cannot store in text"
-            )
 
     def refuse(self, refused: list[tuple[int, str]], expected: dict[int, Expected]) -> None:
         """Results the warehouse would not store (the database's reason given): their rows end `dead`
@@ -358,6 +335,37 @@ def _usage(value: Any) -> Usage:
         return Usage.from_api(value)
     except (TypeError, ValueError) as exc:
         raise Unreadable(f"unreadable result: usage.cache_creation: {describe(exc)}") from None
+
+
+def storable(text: str, what: str, dialect: str) -> None:
+    """Refuse, with a reason that says why, what no database would store: a lone surrogate (not Unicode:
+    neither driver encodes it) and, on PostgreSQL, a NUL character. Raises `Unreadable`."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Unreadable(
+                f"unstorable result: {what} holds a lone surrogate U+{ord(text[exc.start]):04X} at character "
+                f"{exc.start}, which is not Unicode text"
+            ) from None
+    if dialect == "postgresql" and "\x00" in text:
+        raise Unreadable(
+            f"unstorable result: {what} holds a NUL character at character {text.index(chr(0))}, which "
+            "PostgreSQL cannot store in text"
+        )
+
+
+def checked_answer(message: dict[str, Any], dialect: str) -> tuple[str, Usage, str, str | None]:
+    """A succeeded answer's text, usage, model and stop_reason, checked as the batch path checks them (the
+    live path's answers too). Raises `Unreadable` with the reason its row ends `dead` with."""
+    text = _text_of(message)
+    storable(text, "the output text", dialect)
+    usage = _usage(message.get("usage"))
+    model = _string(message, "model") or ""
+    stop_reason = _string(message, "stop_reason")
+    storable(model, "the model name", dialect)
+    storable(stop_reason or "", "the stop_reason", dialect)
+    return text, usage, model, stop_reason
 
 
 def no_text_reason(message: dict[str, Any]) -> str:

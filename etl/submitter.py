@@ -18,6 +18,7 @@ import structlog
 from sqlalchemy import delete
 
 from etl import budget, failpoints, reconciler, routing
+from etl.clock import isoformat
 from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
@@ -51,6 +52,9 @@ def run(rt: Runtime) -> SubmitOutcome:
         paused = state.pause_reason(conn)
     if paused:
         raise SubmissionPaused(f"submission is paused: {paused}. Fix the cause, then run: etl resume")
+    held = _creates_held(rt)
+    if held is not None:
+        return held
     # Everything that can be checked without sending is checked before a single row is claimed: a run
     # that stops on a missing key must not leave rows `claimed` for the lease.
     rt.config.require_api_key()
@@ -96,6 +100,19 @@ def run(rt: Runtime) -> SubmitOutcome:
         waiting_for_budget=outcome.waiting,
     )
     return outcome
+
+
+def _creates_held(rt: Runtime) -> SubmitOutcome | None:
+    """The API said `retry-after` on the last create: nothing is claimed or sent before that time (the
+    daemon re-runs the slot then, if it is before `schedule.retry_until`; after it the slot is reported)."""
+    now = rt.clock()
+    with reading(rt.engine) as conn:
+        until = state.creates_held_until(conn)
+    if until is None or now >= until:
+        return None
+    out = SubmitOutcome(stopped=f"rate limited: the API asked for no batch create before {isoformat(until)}")
+    log.warning("create_held", until=isoformat(until), reason="retry-after of the last create")
+    return out
 
 
 def _why_idle(rt: Runtime) -> str:
@@ -418,6 +435,8 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             log.warning("create_not_sent", intent=intent_id, error=reason)
         elif exc.kind in ("rate_limited", "transient", "not_found"):
             q.unclaim(conn, intent_id, now, reason=f"not sent yet: {reason}")
+            if exc.retry_after:  # respected by every later submit, bounded by the night's cut-off
+                state.hold_creates(conn, now + timedelta(seconds=exc.retry_after), now)
             outcome.stopped = f"rate limited: {reason}"
             log.warning("create_rate_limited", intent=intent_id, error=reason, retry_after=exc.retry_after)
         else:

@@ -317,9 +317,8 @@ class EmulatorState:
         for i in range(processed):
             custom_id, params = batch.requests[i]
             forced = self.faults.outcome_for(custom_id) if check_outcomes else None
-            if forced is not None and forced.type == "raw":  # answered (billed), served as given
+            if forced is not None and forced.type == "raw":  # served as given, not billed (see docs)
                 codes[i] = INJECTED + injected.setdefault(forced, len(injected))
-                self._bill(custom_id, params, None)
                 continue
             if forced is not None and forced.type != "succeeded":
                 if forced.type == "errored":

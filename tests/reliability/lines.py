@@ -39,10 +39,13 @@ def good_message(text: str = "a fine answer") -> dict[str, Any]:
     }
 
 
+def line(result: Any) -> str:
+    """A results line for the request, holding `result` as given."""
+    return json.dumps({"custom_id": PLACEHOLDER, "result": result})
+
+
 def good_line(text: str = "a fine answer") -> str:
-    return json.dumps(
-        {"custom_id": PLACEHOLDER, "result": {"type": "succeeded", "message": good_message(text)}}
-    )
+    return line({"type": "succeeded", "message": good_message(text)})
 
 
 def _maybe(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:

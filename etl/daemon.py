@@ -46,7 +46,7 @@ from sqlalchemy import Connection, event
 
 from etl import collector, live, liveness, logs, reconciler, recovery, report, scheduling, submitter
 from etl import config as config_mod
-from etl.errors import ConfigError, SubmissionPaused
+from etl.errors import ConfigError, SubmissionPaused, environmental
 from etl.notify import Notifier
 from etl.runtime import Runtime
 from etl.schema import BatchStatus
@@ -446,7 +446,8 @@ class Daemon:
                 outcome, detail = "paused", str(exc)
                 log.error("submission_paused", reason=str(exc))
             except Exception as exc:  # recovery loop: record the failure and go on to the next slot
-                detail = f"{type(exc).__name__}: {exc}"
+                # a full disk or a read-only database is named as such (`etl status` shows the detail)
+                detail = str(environmental(exc) or f"{type(exc).__name__}: {exc}")
                 log.exception("job_failed", error=detail)
             finally:
                 self._leave()

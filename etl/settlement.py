@@ -437,7 +437,7 @@ def write(
         q.mark_done(conn, batch_ref, [qid for qid in chunk.done if qid not in chunk.notes], now)
         q.mark_done_noted(conn, batch_ref, noted, now)
         for qid, note in noted:
-            chunk.tally.add("noted", expected[qid].task, category(note))
+            chunk.tally.add("noted", expected[qid].task, note[:120])  # what it held: a few block types
         q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
         q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)
         q.kill(conn, batch_ref, chunk.dead, now)

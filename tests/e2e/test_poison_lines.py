@@ -234,3 +234,36 @@ def test_a_row_that_cannot_be_encoded_is_rejected_with_its_reason_and_the_others
     assert rows["deep"].status == "rejected"
     assert "RecursionError" in rows["deep"].reason, rows["deep"].reason
     assert {rows["fine-1"].status, rows["fine-2"].status} == {"submitted"}
+
+
+NO_TEXT = {
+    "no text block: tool_use": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}],
+    "no text block: thinking": [{"type": "thinking", "thinking": "hmm", "signature": "s"}],
+    "no text block: empty content": [],
+}
+
+
+def test_answers_without_text_are_stored_done_with_a_reason_the_report_counts(
+    two_batches: Runtime, control: EmulatorControl, clock: SharedClock
+) -> None:
+    """Once stored `done` with an empty text and no word: now the reason says what the answer held."""
+    from etl import report
+    from tests.reliability.lines import good_message, line
+
+    rt = two_batches
+    sent = _send(rt, 3, 3)
+    lines = {}
+    for (qid, _), content in zip(sent, NO_TEXT.values(), strict=True):
+        lines[qid] = line({"type": "succeeded", "message": {**good_message(), "content": content}})
+    _serve(control, lines)
+    clock.advance(3600)
+    collector.run(rt)
+    fates = _assert_settled(rt, sent)
+    assert [fates[qid] for qid, _ in sent] == [("done", why) for why in NO_TEXT]
+    with rt.engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM etl_results WHERE output_text = ''")).scalar_one()
+    assert stored == 3
+    body = report.build(rt, clock(), None)
+    assert {k: v for k, v in body["failures"].items() if "note" in k} == {
+        f"succeeded with a note: {why}": 1 for why in NO_TEXT
+    }

@@ -362,12 +362,9 @@ def _stream_batch(
         moved = _moved_on(rt, elsewhere)
         foreign += [cid for qid, cid in elsewhere.items() if qid not in moved]
         if unreadable:
-            problem = (
-                f"batch {intent.batch_id}: {len(unreadable)} unreadable result line(s) (no custom_id), e.g. "
-                f"{unreadable[:3]}; nothing written for them"
-            )
-            out.problems.append(problem)
-            log.error("results_unreadable", batch_id=intent.batch_id, lines=len(unreadable))
+            # A line cut by a broken stream reads the same; it is a problem only if it is still there in the
+            # pass that completes the batch, or in the last one (a retried pass usually brings it whole).
+            log.warning("results_unreadable", batch_id=intent.batch_id, lines=len(unreadable))
         if foreign or duplicates:
             problem = (
                 f"batch {intent.batch_id}: {len(foreign)} result(s) for custom_ids never sent "
@@ -386,7 +383,13 @@ def _stream_batch(
             _disown(rt, intent, out)
             return
         pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
-        if error is None and not pending and len(seen) + len(moved) == intent.request_count:
+        complete = error is None and not pending and len(seen) + len(moved) == intent.request_count
+        if unreadable and (complete or attempt == settings.stream_retries):
+            out.problems.append(
+                f"batch {intent.batch_id}: {len(unreadable)} unreadable result line(s) (no custom_id), e.g. "
+                f"{unreadable[:3]}; nothing written for them"
+            )
+        if complete:
             failpoints.hit("collect.before_mark_collected")
             with rt.engine.begin() as conn:
                 intents.mark_collected(conn, intent.id, rt.clock())

@@ -80,6 +80,8 @@ def run(rt: Runtime) -> CollectOutcome:
         try:
             if not _check_batch(rt, intent, out, expected):
                 break
+        except failpoints.FailpointHit:
+            raise  # a simulated kill: the process ends here, as a real one would
         except Exception as exc:  # recovery loop: one batch never stops the others
             _batch_failed(rt, intent, out, exc)
     log.info(

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
-from sqlalchemy.exc import DBAPIError
 
 from etl import __version__, failpoints, logs, moments
 from etl import config as config_mod
-from etl.errors import ConfigError, EtlError, SubmissionPaused
+from etl.errors import ConfigError, EtlError, SubmissionPaused, environmental
 from etl.runtime import Runtime, build
 from etl.store.engine import denied
 
@@ -32,6 +31,7 @@ EXIT_CODES = {
     3: "the job finished but reported problems (listed on stderr)",
     65: "a bad input file or argument: nothing from it was stored",
     66: "the input file does not exist or cannot be read",
+    74: "the machine stopped the work (disk full, read-only, permission, memory): fix it, run again",
     75: "submission is paused until `etl resume`: the API refused the key, billing or spend limit",
     141: "the reader of the output went away (`etl report | head -1`): stopped quietly",
     78: "configuration problem: config file, schema out of date, database unreachable or refusing a right "
@@ -61,7 +61,7 @@ def _epilog(codes: Sequence[int], *, api: bool = False, config: bool = True, ext
     return "\n\n".join(parts)
 
 
-BASIC = (0, 1, 2, 78)
+BASIC = (0, 1, 2, 74, 78)
 GLOBAL_OPTIONS = "options of every command, before or after it: --config FILE, --log-level LEVEL, --log-json (`etl --help`)"
 
 
@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     enq = command(
         "enqueue",
         "add documents from a JSONL or CSV file ('-' for stdin)",
-        (0, 1, 2, 65, 66, 78),
+        (0, 1, 2, 65, 66, 74, 78),
         details="A file goes in whole or not at all: a broken line, a row without doc_key and body, or a\n"
         "row naming a task that is not configured stops it with the line's number and nothing is kept,\n"
         "so the fixed file can simply be enqueued again. Keys other than doc_key, body, task, priority\n"
@@ -194,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     sm = command(
         "submit",
         "the nightly job, now: reconcile, claim queued rows, send batches",
-        (0, 1, 2, 3, 75, 78),
+        (0, 1, 2, 3, 74, 75, 78),
         api=True,
         details="The API key, the pause and the schema are checked before a row is claimed; rows that\n"
         "could not be sent go back to the queue at once. When nothing is sent it says why.",
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     col = command(
         "collect",
         "the morning job, now: collect ended batches, then the report",
-        (0, 1, 2, 3, 75, 78),
+        (0, 1, 2, 3, 74, 75, 78),
         api=True,
         details="On a terminal the morning report is printed readable (as `etl report` does); off a\n"
         "terminal it is one JSON log line.",
@@ -271,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     ret = command(
         "retry",
         "send dead and rejected documents again",
-        (0, 1, 2, 65, 78),
+        (0, 1, 2, 65, 74, 78),
         details="Selected rows go back to `queued` with their attempts reset; their old reason is kept after\n"
         "'retried; was dead:'. Every given selector must match. Without any selector, --all is needed.\n"
         "Times, as for every --since/--until/--older-than: an ISO date/time (UTC unless it says\n"
@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     can = command(
         "cancel",
         "cancel pending batches at the API",
-        (0, 1, 2, 3, 65, 78),
+        (0, 1, 2, 3, 65, 74, 78),
         api=True,
         details="Requests the model has not processed yet are canceled (not billed) and go back to the queue\n"
         "without using an attempt; requests already processed are collected as usual. When the batch\n"
@@ -315,12 +315,15 @@ def _parser() -> argparse.ArgumentParser:
         "overrides, after validation.",
     )
     command(
-        "run", "the daemon: scheduled submit and collect, polling, systemd notify", (0, 1, 2, 78), api=True
+        "run",
+        "the daemon: scheduled submit and collect, polling, systemd notify",
+        (0, 1, 2, 74, 78),
+        api=True,
     )
     live = command(
         "live",
         "the live path alone: urgent rows through the Messages API now",
-        (0, 1, 2, 78),
+        (0, 1, 2, 74, 78),
         api=True,
         details="Urgent rows are those with mode = 'live' or a due_by the next batch cannot meet (README,\n"
         '"Urgent documents"). `etl run` runs the same worker; this is for cron or a second worker.',
@@ -433,24 +436,41 @@ def _main(argv: list[str]) -> int:
     try:
         _refuse_missing_sqlite(cfg, args)
         rt = build(cfg)
-    except EtlError as exc:
-        print(f"etl: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except Exception as exc:  # the top of the CLI: one line, never a traceback
+        return _fail(exc)
     try:
         return handler(rt, args)
-    except EtlError as exc:
-        print(f"etl: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except DBAPIError as exc:
-        refused = denied(exc, rt.engine.url.username)
-        if refused is None:
-            raise
-        print(f"etl: {refused}", file=sys.stderr)
-        return refused.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the top of the CLI: one line, never a traceback
+        return _fail(exc, user=rt.engine.url.username)
     finally:
-        rt.close()
+        try:
+            rt.close()
+        except Exception as exc:  # closing the pool on a full disk: already said, or nothing to say
+            log.debug("close_failed", error=str(exc))
+
+
+def _fail(exc: Exception, user: str | None = None) -> int:
+    """One line on stderr and the exit code for any error that reaches the top of a command.
+
+    The project's own errors carry their message and code; a right the database user lacks is named with
+    the fix (`etl db grants`, exit 78); an environmental failure (disk full, read-only, permission,
+    memory) is named as such with exit 74, which systemd restarts; anything else is a bug: one line,
+    exit 1, its traceback in the log at debug level."""
+    if not isinstance(exc, EtlError):
+        exc = denied(exc, user) or environmental(exc) or exc
+    if isinstance(exc, EtlError):
+        print(f"etl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    print(
+        f"etl: unexpected error: {type(exc).__name__}: {first} (a bug: please report it; "
+        "--log-level debug shows the traceback)",
+        file=sys.stderr,
+    )
+    log.debug("unexpected_error", exc_info=exc)
+    return 1
 
 
 CREATES_DATABASE = {("db", "upgrade"), ("config", None)}  # `config` opens no database at all

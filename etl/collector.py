@@ -17,10 +17,9 @@ from functools import cache
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import DBAPIError
 
 from etl import codec, failpoints, reconciler, schema, settlement
-from etl.errors import ProviderError, ResultsGone, ResultsIncomplete, StoreError
+from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
 from etl.pricing import Meter
 from etl.prompt import queue_id_of
 from etl.remote import RemoteBatch
@@ -81,42 +80,12 @@ def run(rt: Runtime) -> CollectOutcome:
         out.batches_checked += 1
         expected = preloaded.pop(intent.id, None)  # dropped here if this batch has not ended
         try:
-            remote = rt.provider.retrieve(intent.batch_id)
-        except ProviderError as exc:
-            if exc.kind == "systemic":
-                with rt.engine.begin() as conn:
-                    state.pause(conn, str(exc), rt.clock())
-                out.paused = str(exc)
-                out.problems.append(str(exc))
-                log.error("collect_stopped", error=str(exc))
+            if not _check_batch(rt, intent, out, expected):
                 break
-            out.problems.append(str(exc))
-            log.warning("retrieve_failed", batch_id=intent.batch_id, error=str(exc))
-            with rt.engine.begin() as conn:
-                intents.note_error(conn, intent.id, f"retrieve failed: {exc}")
-            continue
-        with rt.engine.begin() as conn:
-            intents.update_remote(conn, intent.id, remote)
-            if not remote.ended and intent.error:
-                intents.note_error(conn, intent.id, None)
-        if not remote.ended:
-            continue
-        failpoints.hit("collect.after_retrieve")
-        # Archived only on the API's word: our clock against the API's creation time could be days off,
-        # and re-queuing results that still exist pays for them twice.
-        if remote.archived_at is not None:
-            _archive(rt, intent, out)
-            continue
-        try:
-            _collect_batch(rt, intent, remote, out, expected)
-        except (DBAPIError, StoreError) as exc:
-            # One batch that cannot be written never stops the others; `etl status` names it until a
-            # collect gets through it.
-            reason = f"collect failed: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
-            out.problems.append(f"batch {intent.batch_id}: {reason}")
-            log.error("batch_collect_failed", batch_id=intent.batch_id, error=reason)
-            with rt.engine.begin() as conn:
-                intents.note_error(conn, intent.id, reason)
+        except failpoints.FailpointHit:
+            raise  # a simulated kill: the process ends here, as a real one would
+        except Exception as exc:  # recovery loop: one batch never stops the others
+            _batch_failed(rt, intent, out, exc)
     log.info(
         "collect_finished",
         batches_checked=out.batches_checked,
@@ -127,6 +96,62 @@ def run(rt: Runtime) -> CollectOutcome:
         archived=out.archived,
     )
     return out
+
+
+def _check_batch(
+    rt: Runtime, intent: Intent, out: CollectOutcome, expected: dict[int, Expected] | None
+) -> bool:
+    """Retrieve one batch and, once it has ended, collect it. False: the run must stop (systemic)."""
+    assert intent.batch_id is not None
+    try:
+        remote = rt.provider.retrieve(intent.batch_id)
+    except ProviderError as exc:
+        if exc.kind == "systemic":
+            with rt.engine.begin() as conn:
+                state.pause(conn, str(exc), rt.clock())
+            out.paused = str(exc)
+            out.problems.append(str(exc))
+            log.error("collect_stopped", error=str(exc))
+            return False
+        out.problems.append(str(exc))
+        log.warning("retrieve_failed", batch_id=intent.batch_id, error=str(exc))
+        with rt.engine.begin() as conn:
+            intents.note_error(conn, intent.id, f"retrieve failed: {exc}")
+        return True
+    with rt.engine.begin() as conn:
+        intents.update_remote(conn, intent.id, remote)
+        if not remote.ended and intent.error:
+            intents.note_error(conn, intent.id, None)
+    if not remote.ended:
+        return True
+    failpoints.hit("collect.after_retrieve")
+    # Archived only on the API's word: our clock against the API's creation time could be days off,
+    # and re-queuing results that still exist pays for them twice.
+    if remote.archived_at is not None:
+        _archive(rt, intent, out)
+        return True
+    _collect_batch(rt, intent, remote, out, expected)
+    return True
+
+
+def _batch_failed(rt: Runtime, intent: Intent, out: CollectOutcome, exc: Exception) -> None:
+    """Whatever one batch raised ends that batch's attempt: the reason is recorded on the batch (where
+    `etl status --check` reads it) and the run goes on to the next batch. A failure of the machine (disk
+    full, read-only, out of memory) stops the run instead, named as such: every batch would fail alike."""
+    found = environmental(exc, "while collecting")
+    reason = f"collect failed: {found or describe(exc)}"
+    out.problems.append(f"batch {intent.batch_id}: {reason}")
+    log.error("batch_collect_failed", batch_id=intent.batch_id, error=reason)
+    try:
+        with rt.engine.begin() as conn:
+            intents.note_error(conn, intent.id, clean(reason))
+    except Exception as note_exc:  # recovery loop: the failure to record it is itself reported
+        if found is None:
+            found = environmental(note_exc, "while recording a failed collect")
+        if found is None:
+            raise
+    if found is not None:
+        raise found from None
 
 
 def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
@@ -289,6 +314,7 @@ def _stream_batch(
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()
         foreign: list[str] = []
+        unreadable: list[str] = []  # lines with no custom_id string: not JSON, or not an object with one
         elsewhere: dict[int, str] = {}  # rows no longer in this intent (re-queued, or in a newer batch)
         duplicates: list[str] = []
         chunk = new_chunk()
@@ -297,15 +323,13 @@ def _stream_batch(
         error: str | None = None
         try:
             for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
-                try:
-                    obj = codec.loads(line)
-                    cid = obj["custom_id"]
-                    result = obj["result"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ResultsIncomplete(f"results of {intent.batch_id}: unreadable line ({exc})") from exc
-                qid = queue_id_of(cid) if isinstance(cid, str) else None
+                cid, result = _read_line(line)
+                if cid is None:  # names no row, so settles none (a cut line leaves the batch short)
+                    unreadable.append(clean(bytes(line[:80]).decode("utf-8", "replace"), 80))
+                    continue
+                qid = queue_id_of(cid)
                 if qid is None:
-                    foreign.append(str(cid))
+                    foreign.append(cid)
                     continue
                 exp = expected.get(qid)
                 if exp is None:
@@ -320,7 +344,7 @@ def _stream_batch(
                 seen.add(qid)
                 if exp.status != DocStatus.SUBMITTED:
                     continue  # settled by an earlier pass or run
-                chunk.add(qid, exp, result if isinstance(result, dict) else {})
+                chunk.add(qid, exp, result)
                 if chunk.size >= limit:
                     writer.put(chunk)
                     chunk = new_chunk()
@@ -343,10 +367,15 @@ def _stream_batch(
         writer.finish(chunk)
         moved = _moved_on(rt, elsewhere)
         foreign += [cid for qid, cid in elsewhere.items() if qid not in moved]
+        if unreadable:
+            # A line cut by a broken stream reads the same; it is a problem only if it is still there in the
+            # pass that completes the batch, or in the last one (a retried pass usually brings it whole).
+            log.warning("results_unreadable", batch_id=intent.batch_id, lines=len(unreadable))
         if foreign or duplicates:
             problem = (
                 f"batch {intent.batch_id}: {len(foreign)} result(s) for custom_ids never sent "
-                f"{foreign[:5]}, {len(duplicates)} duplicate(s) {duplicates[:5]}; nothing written for them"
+                f"{[clean(f, 80) for f in foreign[:5]]}, {len(duplicates)} duplicate(s) {duplicates[:5]}; "
+                "nothing written for them"
             )
             out.problems.append(problem)
             log.error(
@@ -360,7 +389,13 @@ def _stream_batch(
             _disown(rt, intent, out)
             return
         pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
-        if error is None and not pending and len(seen) + len(moved) == intent.request_count:
+        complete = error is None and not pending and len(seen) + len(moved) == intent.request_count
+        if unreadable and (complete or attempt == settings.stream_retries):
+            out.problems.append(
+                f"batch {intent.batch_id}: {len(unreadable)} unreadable result line(s) (no custom_id), e.g. "
+                f"{unreadable[:3]}; nothing written for them"
+            )
+        if complete:
             failpoints.hit("collect.before_mark_collected")
             with rt.engine.begin() as conn:
                 intents.mark_collected(conn, intent.id, rt.clock())
@@ -389,6 +424,19 @@ def _stream_batch(
     )
     with rt.engine.begin() as conn:
         intents.note_error(conn, intent.id, "results incomplete; will retry on the next collect")
+
+
+def _read_line(line: bytes) -> tuple[str | None, Any]:
+    """A results line's custom_id and result; (None, None) when the line names no row: not JSON, not an
+    object, or no string custom_id. Whatever the result holds is the settlement's to judge, per row."""
+    try:
+        obj = codec.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; nesting deeper than Python's stack
+        return None, None
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    if not isinstance(cid, str):
+        return None, None
+    return cid, obj.get("result")
 
 
 def _archived_says_the_api(rt: Runtime, batch_id: str) -> bool:

@@ -46,7 +46,7 @@ from sqlalchemy import Connection, event
 
 from etl import collector, live, liveness, logs, reconciler, recovery, report, scheduling, submitter
 from etl import config as config_mod
-from etl.errors import ConfigError, SubmissionPaused
+from etl.errors import ConfigError, SubmissionPaused, environmental
 from etl.notify import Notifier
 from etl.runtime import Runtime
 from etl.schema import BatchStatus
@@ -432,7 +432,8 @@ class Daemon:
         if refused is not None:
             log.error(event_name, error=str(refused))
             return str(refused)
-        detail = f"{type(exc).__name__}: {exc}"
+        # a full disk or a read-only database is named as such (`etl status` shows the detail)
+        detail = str(environmental(exc) or f"{type(exc).__name__}: {exc}")
         log.exception(event_name, error=detail if event_name == "job_failed" else str(exc))
         return detail
 

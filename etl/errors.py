@@ -120,3 +120,93 @@ class SubmissionPaused(EtlError):
     """Submission is paused by a systemic failure until an operator runs `etl resume`."""
 
     exit_code = 75  # EX_TEMPFAIL
+
+
+class Environmental(EtlError):
+    """The machine, not the data or the configuration, stopped the work: a full disk, a read-only database
+    or file system, a permission refused, memory exhausted. Nothing was lost (every write is a transaction
+    that either happened or did not); fix the cause and run again. Its exit code (74, EX_IOERR) is one the
+    systemd unit restarts, so the daemon comes back on its own once space is freed."""
+
+    exit_code = 74
+
+
+# SQLite's own words for an environmental failure, as its error messages carry them.
+_SQLITE_WORDS = (
+    ("database or disk is full", "disk full"),
+    ("disk i/o error", "disk I/O error (often a full disk)"),
+    ("attempt to write a readonly database", "read-only database"),
+    ("readonly database", "read-only database"),
+    ("unable to open database file", "cannot open the database file"),
+    ("out of memory", "out of memory"),
+)
+# PostgreSQL SQLSTATEs of the same kind: class 53 (insufficient resources), 58030 (I/O error), 25006
+# (read-only transaction: a standby or default_transaction_read_only).
+_PG_STATES = {
+    "53100": "disk full on the database server",
+    "53200": "the database server is out of memory",
+    "53000": "the database server lacks resources",
+    "53300": "the database server has too many connections",
+    "58030": "I/O error on the database server",
+    "25006": "read-only database (a standby, or default_transaction_read_only)",
+}
+_ERRNO_WORDS = {28: "disk full", 122: "disk quota exceeded", 30: "read-only file system", 13: "permission denied", 1: "permission denied", 12: "out of memory"}  # fmt: skip
+_WHAT_TO_DO = (
+    "nothing was lost: what was being written was rolled back and is done again on the next run; "
+    "free space / fix the permission or mount, then run again (the daemon is restarted by systemd)"
+)
+
+
+def environmental(exc: BaseException, where: str = "") -> Environmental | None:
+    """The one place that says whether an exception is the machine's fault rather than the data's or the
+    configuration's, and words it: `None` when it is not. Looks through SQLAlchemy's wrapper (`orig`) and
+    `__cause__` chains; matched by errno, SQLSTATE or SQLite's own message, never by exception class alone,
+    so a driver swap does not change the answer. (Database role and grant errors are worded where they are
+    raised; a permission refused by the database can be added to `_PG_STATES` here.)"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        what = _environment_words(current)
+        if what is not None:
+            place = f" ({where})" if where else ""
+            detail = " ".join(str(current).split())[:200]
+            return Environmental(f"{what}{place}: {detail}; {_WHAT_TO_DO}")
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return None
+
+
+def _environment_words(exc: BaseException) -> str | None:
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[exc.errno]
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate in _PG_STATES:
+        return _PG_STATES[sqlstate]
+    if type(exc).__module__ == "sqlite3":
+        text = str(exc).lower()
+        for words, what in _SQLITE_WORDS:
+            if words in text:
+                return what
+    return None
+
+
+def clean(text: str, limit: int = 500) -> str:
+    """A text from outside (an API message, a driver's error) made storable and one line: lone surrogates
+    and NUL written as escapes (SQLite's driver and PostgreSQL refuse them), at most `limit` characters."""
+    text = " ".join(str(text).split())
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit]
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message` of any exception (a driver's own, not SQLAlchemy's statement dump)."""
+    inner = getattr(exc, "orig", None) or exc
+    lines = str(inner).strip().splitlines()
+    return clean(f"{type(inner).__name__}: {lines[0] if lines else ''}".rstrip(": "), 300)

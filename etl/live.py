@@ -35,11 +35,11 @@ from etl.budget import message_text, tokens_of
 from etl.clock import parse_iso
 from etl.config import Task
 from etl.costs import usd_text
-from etl.errors import EtlError, ProviderError
+from etl.errors import EtlError, ProviderError, clean, describe, environmental
 from etl.pricing import Meter, Usage
 from etl.prompt import Rejection, build_params, custom_id
 from etl.runtime import Runtime
-from etl.settlement import _text_of
+from etl.settlement import Unreadable, checked_answer
 from etl.store import events, state, warehouse
 from etl.store import live as store
 from etl.store.engine import reading
@@ -153,10 +153,37 @@ class _Settler:
                     closing = True
                     break
                 group.append(item)
+            self._settle(group)
+
+    def _settle(self, group: list[_Answer]) -> None:
+        """Write a group; if it fails, each answer alone, so one answer the database refuses ends its own
+        row `dead` (with the database's reason) instead of leaving the group to be called and paid again.
+        A failure of the machine (disk full...) leaves the rows `calling`: they are recovered later."""
+        try:
+            self._write(group)
+            return
+        except Exception as exc:  # recovery loop: the rows stay `calling` and are recovered
+            if len(group) == 1:
+                self._refused(group[0], exc)
+                return
+            if environmental(exc) is not None:
+                log.error("live_settle_failed", documents=len(group), error=describe(exc))
+                return
+        for answer in group:
             try:
-                self._write(group)
-            except Exception as exc:  # recovery loop: the rows stay `calling` and are recovered
-                log.exception("live_settle_failed", documents=len(group), error=str(exc))
+                self._write([answer])
+            except Exception as exc:  # recovery loop: this answer's row only
+                self._refused(answer, exc)
+
+    def _refused(self, answer: _Answer, exc: Exception) -> None:
+        if environmental(exc) is not None:
+            log.error("live_settle_failed", documents=1, error=describe(exc))
+            return
+        reason = f"the database refused the answer: {describe(exc)}"
+        try:
+            self.worker._dead(answer.result["queue_id"], answer.task, reason)
+        except Exception as again:  # recovery loop: the row stays `calling` and is recovered
+            log.error("live_settle_failed", documents=1, error=describe(again))
 
     def _write(self, group: list[_Answer]) -> None:
         rt = self.worker.rt
@@ -496,13 +523,15 @@ class LiveWorker:
     def _succeeded(self, lrow: store.LiveRow, task: Task, message: dict[str, Any]) -> None:
         row = lrow.row
         now = self.rt.clock()  # the answer's time; the settler commits it a moment later
-        text = _text_of(message)
+        try:
+            text, usage, model, stop_reason = checked_answer(message, self.rt.warehouse.dialect.name)
+        except Unreadable as exc:  # billed, but no database would store it: the row ends here, not re-called
+            self._dead(row.id, row.task, clean(str(exc)))
+            return
         output_json = None
         if task.output_schema is not None:
-            with suppress(ValueError):
+            with suppress(ValueError, RecursionError):
                 output_json = json.loads(text)
-        usage = Usage.from_api(message.get("usage") or {})
-        model = str(message.get("model") or "")
         batch_cost, standard = self.meter.costs(model, usage)
         result = {
             "doc_key": row.doc_key,
@@ -512,7 +541,7 @@ class LiveWorker:
             "output_text": text,
             "output_json": output_json,
             "model": model,
-            "stop_reason": message.get("stop_reason"),
+            "stop_reason": stop_reason,
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "cache_creation_input_tokens": usage.cache_write,

@@ -45,7 +45,8 @@ def queue_id_of(cid: str) -> int | None:
     if not cid.startswith(CUSTOM_ID_PREFIX):
         return None
     digits = cid[len(CUSTOM_ID_PREFIX) :]
-    return int(digits) if digits.isdigit() else None
+    # ASCII digits only: `isdigit` alone takes '²' (which int() refuses) and '٣' (which it reads as 3)
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ create that the server had already accepted would be a second, billed batch.
 
 from __future__ import annotations
 
+import email.utils
+import math
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import anthropic
@@ -58,11 +61,31 @@ def _error_code(exc: anthropic.APIStatusError) -> str | None:
 
 
 def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    """`retry-after` in seconds: a number, or an HTTP date (RFC 9110); None when absent or unreadable."""
     value = exc.response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = (_aware(when) - _answered_at(exc.response.headers)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) and seconds < 7 * 86400 else None
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _answered_at(headers: Mapping[str, str]) -> datetime:
+    """The answer's own `Date` (an HTTP-date `retry-after` is read against the API's clock, not ours)."""
+    try:
+        return _aware(email.utils.parsedate_to_datetime(headers.get("date", "")))
+    except (TypeError, ValueError, IndexError):
+        return datetime.now(UTC)
 
 
 def translate(exc: Exception, what: str, *, mutating: bool) -> ProviderError:

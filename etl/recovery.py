@@ -213,6 +213,9 @@ def due_reruns(
             at_once = last.outcome in RERUN_AT_ONCE and last.attempt < 3
             if not at_once and not rows_returned and now - ended < backoff(rt, last.attempt):
                 continue
+            held = state.creates_held_until(conn) if job == "submit" else None
+            if held is not None and now < held:  # the API's retry-after: not before (cut-off still applies)
+                continue
             todo.append(Rerun(job, last.slot, last.attempt + 1, f"attempt {last.attempt} {last.outcome}"))
     return todo
 

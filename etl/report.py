@@ -61,6 +61,9 @@ def build(
     for r in rows:
         if r["kind"] in paths.LIVE_KINDS:
             continue  # the live path's own section (etl/paths.py)
+        if r["kind"] == "noted":  # `done` with a reason (an answer without text): counted in `succeeded` too
+            failures[f"succeeded with a note: {r['reason'] or 'unspecified'}"] += int(r["documents"] or 0)
+            continue
         task = r["task"] or UNRECORDED  # whole-intent events of versions before they were split per task
         per_task[task][r["kind"]] += int(r["documents"] or 0)
         if r["kind"] in ("requeued", "dead", "rejected", "released", "archived"):

@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from etl import failpoints
 from etl.config import Config
+from etl.errors import clean, describe
 from etl.pricing import ZERO, Meter, Usage
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
@@ -124,6 +125,7 @@ class Chunk:
     free: list[tuple[int, str]] = field(default_factory=list)  # re-queued, attempt not counted
     dead: list[tuple[int, str]] = field(default_factory=list)
     tally: events.Tally = field(default_factory=events.Tally)
+    notes: dict[int, str] = field(default_factory=dict)  # done rows with a reason (an answer without text)
     systemic: str | None = None
     size: int = 0
     # per task: documents, input, output, cache write, cache read tokens, cost, standard cost
@@ -135,15 +137,33 @@ class Chunk:
             name for name, task in self.config.tasks.items() if task.output_schema is not None
         }
 
-    def add(self, qid: int, exp: Expected, result: dict[str, Any]) -> None:
+    def add(self, qid: int, exp: Expected, result: Any) -> None:
+        """Plan one row's outcome from its result. Whatever the result holds, the row gets an outcome: a
+        result that cannot be read ends the row `dead` with the reason, and the rest of the chunk goes on."""
         self.size += 1
+        try:
+            self._add(qid, exp, result)
+        except Unreadable as exc:
+            self._unreadable(qid, exp, str(exc))
+        except Exception as exc:  # recovery loop: any exception a row's content raises ends that row
+            self._unreadable(qid, exp, f"unreadable result: {describe(exc)}")
+
+    def _unreadable(self, qid: int, exp: Expected, reason: str) -> None:
+        self.dead.append((qid, clean(reason)))
+        self.tally.add("dead", exp.task, "unreadable result")
+        log.error("result_unreadable", queue_id=qid, doc_key=exp.doc_key[:200], reason=clean(reason, 200))
+
+    def _add(self, qid: int, exp: Expected, result: Any) -> None:
+        if not isinstance(result, dict):
+            raise Unreadable(f"unreadable result: `result` is {_kind(result)}, not an object")
         kind = result.get("type")
         if kind == "succeeded":
-            self._succeeded(qid, exp, result.get("message") or {})
+            self._succeeded(qid, exp, _object(result, "message"))
         elif kind == "errored":
-            err = ((result.get("error") or {}).get("error")) or {}
-            etype = str(err.get("type") or "api_error")
-            reason = f"{etype}: {err.get('message') or ''}".strip()
+            err = _object(result, "error", optional=True).get("error")
+            err = err if isinstance(err, dict) else {}
+            etype = clean(str(err.get("type") or "api_error"), 100)
+            reason = clean(f"{etype}: {err.get('message') or ''}".strip())
             if etype in PERMANENT_ERRORS:
                 self.dead.append((qid, reason))
                 self.tally.add("dead", exp.task, category(reason))
@@ -162,7 +182,7 @@ class Chunk:
         elif kind == "expired":
             self._failure(qid, exp, f"{kind} before the model processed it")
         else:
-            self._failure(qid, exp, f"unknown result type {kind!r}")
+            self._failure(qid, exp, clean(f"unknown result type {kind!r}", 200))
 
     def _failure(self, qid: int, exp: Expected, reason: str) -> None:
         """A transient failure: re-queued with the attempt counted, or dead once attempts run out."""
@@ -175,41 +195,40 @@ class Chunk:
             self.tally.add("requeued", exp.task, category(reason))
 
     def _succeeded(self, qid: int, exp: Expected, message: dict[str, Any]) -> None:
-        text = _text_of(message)
+        text, usage, model, stop_reason = checked_answer(message, self.encoder.dialect)
         output_json = None
         if exp.task in self._json_tasks:
             try:
                 output_json = json.loads(text)  # not codec: exact integers of any width
-            except ValueError:
+            except (ValueError, RecursionError):
                 output_json = None
-        usage = Usage.from_api(message.get("usage") or {})
-        model = str(message.get("model") or "")
         cost, standard = self.meter.costs(model, usage)
-        self.results.rows.append(
-            self.encoder.encode_values(
-                [
-                    exp.doc_key,
-                    exp.task,
-                    qid,
-                    f"q{qid}",
-                    text,
-                    output_json,
-                    model,
-                    message.get("stop_reason"),
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cache_write,
-                    usage.cache_read,
-                    cost,
-                    standard,
-                    self.intent.batch_id,
-                    exp.enqueued_at,
-                    self.remote.ended_at,
-                    self.collected_at,
-                    "batch",
-                ]
-            )
+        row = self.encoder.encode_values(
+            [
+                exp.doc_key,
+                exp.task,
+                qid,
+                f"q{qid}",
+                text,
+                output_json,
+                model,
+                stop_reason,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_write,
+                usage.cache_read,
+                cost,
+                standard,
+                self.intent.batch_id,
+                exp.enqueued_at,
+                self.remote.ended_at,
+                self.collected_at,
+                "batch",
+            ]
         )
+        self.results.rows.append(row)
+        if not text:
+            self.notes[qid] = no_text_reason(message)
         self.done.append(qid)
         sums = self._sums.get(exp.task)
         if sums is None:
@@ -243,6 +262,7 @@ class Chunk:
         """Take over the queue transitions and counts of `other`, whose results are written."""
         self.size += other.size
         self.done += other.done
+        self.notes.update(other.notes)
         self.counted += other.counted
         self.free += other.free
         self.dead += other.dead
@@ -266,6 +286,102 @@ class Chunk:
             )
         self._sums.clear()
         return self.tally
+
+
+class Unreadable(Exception):
+    """A result whose shape the API does not give: its row ends `dead` with this message as the reason."""
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), "a number"
+    )
+
+
+def _object(parent: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
+    value = parent.get(key)
+    if isinstance(value, dict):
+        return value
+    if optional and value is None:
+        return {}
+    raise Unreadable(f"unreadable result: `{key}` is {_kind(value)}, not an object")
+
+
+def _string(parent: dict[str, Any], key: str) -> str | None:
+    value = parent.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise Unreadable(f"unreadable result: `{key}` is {_kind(value)}, not a string")
+
+
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+TOKEN_LIMIT = 1 << 40  # far above any answer; keeps the sums inside a BIGINT
+
+
+def _usage(value: Any) -> Usage:
+    """`usage` as the API gives it: an object of non-negative integer token counts (missing or null: 0)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise Unreadable(f"unreadable result: `usage` is {_kind(value)}, not an object")
+    for key in USAGE_KEYS:
+        n = value.get(key)
+        if n is not None and (type(n) is not int or not 0 <= n < TOKEN_LIMIT):
+            raise Unreadable(f"unreadable result: usage.{key} is {clean(repr(n), 60)}, not a token count")
+    detail = value.get("cache_creation")
+    if detail is not None and not isinstance(detail, dict):
+        value = {**value, "cache_creation": None}  # the breakdown is optional: priced at the 5-minute rate
+    try:
+        return Usage.from_api(value)
+    except (TypeError, ValueError) as exc:
+        raise Unreadable(f"unreadable result: usage.cache_creation: {describe(exc)}") from None
+
+
+def storable(text: str, what: str, dialect: str) -> None:
+    """Refuse, with a reason that says why, what no database would store: a lone surrogate (not Unicode:
+    neither driver encodes it) and, on PostgreSQL, a NUL character. Raises `Unreadable`."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Unreadable(
+                f"unstorable result: {what} holds a lone surrogate U+{ord(text[exc.start]):04X} at character "
+                f"{exc.start}, which is not Unicode text"
+            ) from None
+    if dialect == "postgresql" and "\x00" in text:
+        raise Unreadable(
+            f"unstorable result: {what} holds a NUL character at character {text.index(chr(0))}, which "
+            "PostgreSQL cannot store in text"
+        )
+
+
+def checked_answer(message: dict[str, Any], dialect: str) -> tuple[str, Usage, str, str | None]:
+    """A succeeded answer's text, usage, model and stop_reason, checked as the batch path checks them (the
+    live path's answers too). Raises `Unreadable` with the reason its row ends `dead` with."""
+    text = _text_of(message)
+    storable(text, "the output text", dialect)
+    usage = _usage(message.get("usage"))
+    model = _string(message, "model") or ""
+    stop_reason = _string(message, "stop_reason")
+    storable(model, "the model name", dialect)
+    storable(stop_reason or "", "the stop_reason", dialect)
+    return text, usage, model, stop_reason
+
+
+def no_text_reason(message: dict[str, Any]) -> str:
+    """What an answer without text held: "no text block: tool_use, thinking" or "no text block: empty content"."""
+    content = message.get("content")
+    if not isinstance(content, list) or not content:
+        return "no text block: empty content" if isinstance(content, list) else "no text block: no content"
+    if any(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return "empty text: the text block(s) hold no text"
+    kinds: list[str] = []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        name = clean(kind, 40) if isinstance(kind, str) else _kind(block)
+        if name not in kinds:
+            kinds.append(name)
+    return f"no text block: {', '.join(kinds[:5])}"
 
 
 def settles_per_batch(rt: Runtime) -> bool:
@@ -317,7 +433,11 @@ def write(
     with conn.begin():
         if rt.same_database and chunk.results.rows:
             chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
-        q.mark_done(conn, batch_ref, chunk.done, now)
+        noted = [(qid, chunk.notes[qid]) for qid in chunk.done if qid in chunk.notes]
+        q.mark_done(conn, batch_ref, [qid for qid in chunk.done if qid not in chunk.notes], now)
+        q.mark_done_noted(conn, batch_ref, noted, now)
+        for qid, note in noted:
+            chunk.tally.add("noted", expected[qid].task, note[:120])  # what it held: a few block types
         q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
         q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)
         q.kill(conn, batch_ref, chunk.dead, now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from etl import budget, costs, live, recovery, report
+from etl import budget, costs, disk, live, recovery, report
 from etl.clock import isoformat
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -71,6 +71,7 @@ def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
     with reading(rt.engine) as conn:
         stranded = q.stranded(conn)
         failing = [i for i in intents.open_intents(conn) if i.error]
+        waiting = q.waiting_in_ended(conn)
     info["stranded_rows"] = stranded
     if stranded.get(DocStatus.SUBMITTED):
         problems.append(
@@ -82,8 +83,17 @@ def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
             f"{stranded[DocStatus.CLAIMED]} row(s) 'claimed' with no live intent: no submit will send them; "
             "set them back to 'queued'"
         )
+    named = set()
     for i in failing:
+        named.add(i.batch_id)
         problems.append(f"{i.batch_id}: last collect failed, {i.request_count} request(s) waiting: {i.error}")
+    for batch_id, rows, _error in waiting:
+        if batch_id not in named:  # a collect that stopped without a word (killed, or run by an older etl)
+            problems.append(
+                f"{batch_id}: ended, but {rows} row(s) still 'submitted' (billed, not yet stored): the last "
+                "collect did not finish it; run `etl collect`"
+            )
+    problems += disk.problems(rt)
     return problems
 
 

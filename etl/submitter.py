@@ -18,7 +18,8 @@ import structlog
 from sqlalchemy import delete
 
 from etl import budget, failpoints, reconciler, routing
-from etl.errors import EtlError, ProviderError, SubmissionPaused
+from etl.clock import isoformat
+from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
@@ -53,6 +54,9 @@ def run(rt: Runtime) -> SubmitOutcome:
         paused = state.pause_reason(conn)
     if paused:
         raise SubmissionPaused(paused_message(paused, already=True))
+    held = _creates_held(rt)
+    if held is not None:
+        return held
     # Everything that can be checked without sending is checked before a single row is claimed: a run
     # that stops on a missing key must not leave rows `claimed` for the lease.
     rt.config.require_api_key()
@@ -112,6 +116,19 @@ def paused_message(reason: str, *, already: bool = False) -> str:
         f"submission {'is' if already else 'was'} paused: {reason}. Fix the cause (the API key, billing, "
         "spend limit), then run: etl resume"
     )
+
+
+def _creates_held(rt: Runtime) -> SubmitOutcome | None:
+    """The API said `retry-after` on the last create: nothing is claimed or sent before that time (the
+    daemon re-runs the slot then, if it is before `schedule.retry_until`; after it the slot is reported)."""
+    now = rt.clock()
+    with reading(rt.engine) as conn:
+        until = state.creates_held_until(conn)
+    if until is None or now >= until:
+        return None
+    out = SubmitOutcome(stopped=f"rate limited: the API asked for no batch create before {isoformat(until)}")
+    log.warning("create_held", until=isoformat(until), reason="retry-after of the last create")
+    return out
 
 
 def _why_idle(rt: Runtime) -> str:
@@ -209,12 +226,18 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
         for row in q.iter_claimed(reader, intent_id):
             try:
                 params = build_params(row, rt.config.tasks, limits.max_body_bytes)
-            except Rejection as rej:
-                rejects.append((row.id, rej.reason))
-                rejects_logged.append((row.id, row.doc_key, rej.reason))
-                rejected_per_task[(row.task, events.reason_key(rej.reason))] += 1
+                encoded = encode_request(row.id, params)
+                tokens = budget.tokens_of(budget.message_text(params))
+            except Exception as exc:  # recovery loop: a row that cannot be encoded is rejected, not the batch
+                reason = (
+                    exc.reason
+                    if isinstance(exc, Rejection)
+                    else f"cannot be encoded for the API: {describe(exc)}"
+                )
+                rejects.append((row.id, clean(reason)))
+                rejects_logged.append((row.id, row.doc_key, clean(reason)))
+                rejected_per_task[(row.task, events.reason_key(clean(reason)))] += 1
                 continue
-            encoded = encode_request(row.id, params)
             if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
                 # Alone it would not fit in a batch: sending it can never work, and leaving it queued would
                 # make every night claim and put it back.
@@ -230,7 +253,6 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 overflow.append(row.id)
                 continue
             cost = costing.tasks[row.task]
-            tokens = budget.tokens_of(budget.message_text(params))
             units = cost.upper_bound(tokens)
             if not allowance.take(row.task, units):
                 held.append((row.id, budget.waiting_reason(night, caps, row.task)))
@@ -435,6 +457,8 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             log.warning("create_not_sent", intent=intent_id, error=reason)
         elif exc.kind in ("rate_limited", "transient", "not_found"):
             q.unclaim(conn, intent_id, now, reason=f"not sent yet: {reason}")
+            if exc.retry_after:  # respected by every later submit, bounded by the night's cut-off
+                state.hold_creates(conn, now + timedelta(seconds=exc.retry_after), now)
             outcome.stopped = f"rate limited: {reason}"
             log.warning("create_rate_limited", intent=intent_id, error=reason, retry_after=exc.retry_after)
         else:

@@ -35,7 +35,9 @@ ACTIONS = frozenset(
     }
 )
 STREAM_ACTIONS = frozenset({"truncate", "cut_line", "stream_reset", "stall", "break_at"})
-OUTCOMES = frozenset({"errored", "expired", "canceled", "succeeded"})
+OUTCOMES = frozenset({"errored", "expired", "canceled", "succeeded", "raw"})
+# In a "raw" outcome's line, replaced by the request's custom_id as a JSON string's content.
+CUSTOM_ID_PLACEHOLDER = "{custom_id}"
 
 
 class FaultConfigError(ValueError):
@@ -69,6 +71,7 @@ class OutcomeRule:
     error_type: str = "api_error"
     message: str | None = None
     rate: float = 1.0
+    line: str | None = None
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +85,7 @@ class OutcomeRule:
         }
         out.update({"rate": self.rate} if self.rate != 1.0 else {})
         out.update({"message": self.message} if self.message is not None else {})
+        out.update({"line": self.line} if self.line is not None else {})
         return out
 
 
@@ -152,9 +156,11 @@ def parse_outcome(raw: Any, index: int) -> OutcomeRule:
         raise FaultConfigError(
             f"{where}: outcome must be one of {sorted(OUTCOMES)}, got {raw.get('outcome')!r}"
         )
-    unknown = set(raw) - {"custom_id", "outcome", "error_type", "message", "rate"}
+    unknown = set(raw) - {"custom_id", "outcome", "error_type", "message", "rate", "line"}
     if unknown:
         raise FaultConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    if (raw["outcome"] == "raw") != isinstance(raw.get("line"), str):
+        raise FaultConfigError(f"{where}: a 'line' (text) goes with outcome 'raw', and only with it")
     try:
         return OutcomeRule(
             custom_id=raw["custom_id"],
@@ -162,6 +168,7 @@ def parse_outcome(raw: Any, index: int) -> OutcomeRule:
             error_type=str(raw.get("error_type", "api_error")),
             message=raw.get("message"),
             rate=_rate(raw, where),
+            line=raw.get("line"),
         )
     except re.error as exc:
         raise FaultConfigError(f"{where}: custom_id is not a valid regex: {exc}") from exc
@@ -174,6 +181,7 @@ class Outcome:
     type: str
     error_type: str = "api_error"
     message: str = ""
+    line: str = ""  # "raw": the results line(s) served as they are, custom_id filled in
 
 
 class Faults:
@@ -274,7 +282,7 @@ class Faults:
                 if int.from_bytes(digest[:8], "big") / 2**64 >= rule.rate:
                     continue
             message = rule.message or f"Injected {rule.error_type} for {custom_id}"
-            return Outcome(rule.outcome, rule.error_type, message)
+            return Outcome(rule.outcome, rule.error_type, message, rule.line or "")
         return None
 
     def has_outcomes(self) -> bool:

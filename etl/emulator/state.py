@@ -26,7 +26,7 @@ from typing import Any
 
 from etl.emulator import model
 from etl.emulator.clock import VirtualClock, format_time, parse_time
-from etl.emulator.faults import Faults, Outcome
+from etl.emulator.faults import CUSTOM_ID_PLACEHOLDER, Faults, Outcome
 from etl.emulator.limits import standard_cost
 
 EXPIRY = timedelta(hours=24)
@@ -121,7 +121,7 @@ class Batch:
                 if code == INVALID
                 else self.injected[code - INJECTED].type
             )
-            counts[name] += 1
+            counts["succeeded" if name == "raw" else name] += 1
         return counts
 
     def to_api(self, origin: str, now: datetime, shift: timedelta = timedelta()) -> dict[str, Any]:
@@ -162,7 +162,7 @@ class Batch:
             else format_time(self.cancel_initiated_at),
             "ended_at": None if self.ended_at is None else format_time(self.ended_at),
             "codes": None if self.codes is None else list(self.codes),
-            "injected": [[o.type, o.error_type, o.message] for o in self.injected],
+            "injected": [[o.type, o.error_type, o.message, o.line] for o in self.injected],
             "retrieves": self.retrieves,
         }
 
@@ -317,6 +317,9 @@ class EmulatorState:
         for i in range(processed):
             custom_id, params = batch.requests[i]
             forced = self.faults.outcome_for(custom_id) if check_outcomes else None
+            if forced is not None and forced.type == "raw":  # served as given, not billed (see docs)
+                codes[i] = INJECTED + injected.setdefault(forced, len(injected))
+                continue
             if forced is not None and forced.type != "succeeded":
                 if forced.type == "errored":
                     codes[i] = INJECTED + injected.setdefault(forced, len(injected))
@@ -526,6 +529,12 @@ def result_lines(batch: Batch, seed: int) -> Iterator[bytes]:
                 type_, message = problem.type, problem.message
             else:
                 forced = batch.injected[code - INJECTED]
+                if forced.type == "raw":
+                    cid = json.dumps(custom_id)[1:-1]
+                    yield (forced.line.replace(CUSTOM_ID_PLACEHOLDER, cid) + "\n").encode(
+                        "utf-8", "surrogatepass"
+                    )
+                    continue
                 type_, message = forced.error_type, forced.message
             result = {"type": "errored", "error": error_body(type_, message, None)}
         yield (dumps({"custom_id": custom_id, "result": result}) + "\n").encode()

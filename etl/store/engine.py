@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from etl.config import mask_url
-from etl.errors import DatabaseUnreachable, MissingPrivilege
+from etl.errors import DatabaseUnreachable, MissingPrivilege, environmental
 
 SQLITE_BUSY_TIMEOUT_S = 60
 # SQLite's own defaults: a checkpoint once the WAL holds 1,000 pages. The WAL file left behind after a
@@ -46,10 +46,14 @@ def reachable(engine: Engine, what: str = "database") -> Iterator[None]:
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
+        # A full disk or a read-only file is no configuration problem: said as what it is, with the exit
+        # code systemd restarts (a "cannot connect" here once kept the daemon down after space was freed).
+        found = environmental(exc, f"the {what} {_shown(engine)}")
+        if found is not None:
+            raise found from None
         detail = " ".join(str(exc.orig or exc).split("\n")[0].split())
         raise DatabaseUnreachable(
-            f"cannot connect to the {what} "
-            f"{mask_url(_written.get(engine) or engine.url.render_as_string(hide_password=False))}: "
+            f"cannot connect to the {what} {_shown(engine)}: "
             f"{detail or type(exc.orig).__name__}; check the host, port, database name and credentials in "
             f"ETL_DATABASE_URL / ETL_WAREHOUSE_URL or [database] in the config file, and that the server is running"
         ) from None
@@ -68,6 +72,10 @@ def denied(exc: BaseException, user: str | None = None) -> MissingPrivilege | No
     detail = " ".join(str(orig).split("\n")[0].split())
     who = f"the database user {user!r}" if user else "the database user"
     return MissingPrivilege(f"{who} lacks a right this needs ({detail}); {GRANTS_HINT}")
+
+
+def _shown(engine: Engine) -> str:
+    return mask_url(_written.get(engine) or engine.url.render_as_string(hide_password=False))
 
 
 def _decode_text(data: bytes) -> str:

@@ -360,6 +360,11 @@ def mark_done(conn: Connection, batch_ref: int, ids: list[int], now: datetime) -
     return _guarded(conn, ids, batch_ref, S.SUBMITTED, {"status": S.DONE, "reason": None, "updated_at": now})
 
 
+def mark_done_noted(conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime) -> int:
+    """Rows settled `done` with a reason kept: an answer stored without any text ("no text block: ...")."""
+    return _guarded_by_reason(conn, batch_ref, items, S.SUBMITTED, {"status": S.DONE, "updated_at": now})
+
+
 def requeue(
     conn: Connection, batch_ref: int, items: list[tuple[int, str]], now: datetime, *, count_attempt: bool
 ) -> int:
@@ -471,6 +476,20 @@ def stranded(conn: Connection) -> dict[str, int]:
         .group_by(queue.c.status)
     )
     return {r[0]: int(r[1]) for r in rows}
+
+
+def waiting_in_ended(conn: Connection) -> list[tuple[str, int, str | None]]:
+    """Batches the API said have ended whose rows are still `submitted`: (batch id, rows, last error).
+    A collect that got through settles every row of the batch, so any such row waits on a collect that
+    failed, stopped or was never run after the batch was seen ended."""
+    rows = conn.execute(
+        select(batches.c.batch_id, func.count(), batches.c.error)
+        .select_from(queue.join(batches, batches.c.id == queue.c.batch_ref))
+        .where(queue.c.status == S.SUBMITTED, batches.c.status == BatchStatus.ENDED.value)
+        .group_by(batches.c.id, batches.c.batch_id, batches.c.error)
+        .order_by(batches.c.id)
+    )
+    return [(str(r[0]), int(r[1]), r[2]) for r in rows]
 
 
 def batch_ref_of(conn: Connection, queue_id: int) -> int | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, RowMapping, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +34,22 @@ def set_value(conn: Connection, key: str, value: str, now: datetime) -> None:
 def pause_reason(conn: Connection) -> str | None:
     row = conn.execute(select(state.c.value).where(state.c.key == PAUSE_KEY)).first()
     return None if row is None else row.value
+
+
+CREATE_NOT_BEFORE_KEY = "create_not_before"
+
+
+def hold_creates(conn: Connection, until: datetime, now: datetime) -> None:
+    """The API answered a create with 429 and `retry-after`: no create before `until` (UTC), by any process."""
+    set_value(conn, CREATE_NOT_BEFORE_KEY, until.astimezone(UTC).isoformat(), now)
+
+
+def creates_held_until(conn: Connection) -> datetime | None:
+    value = get_value(conn, CREATE_NOT_BEFORE_KEY)
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:  # written by hand: ignored rather than holding creates forever
+        return None
 
 
 def pause(conn: Connection, reason: str, now: datetime) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from etl.clock import ensure_utc
+from etl.errors import clean, describe, environmental
 from etl.schema import UtcDateTime, results
 
 COLUMNS = [c.name for c in results.columns]
@@ -133,7 +134,7 @@ def write_isolating(conn: Connection, encoded: Encoded) -> list[tuple[int, str]]
         try:
             with conn.begin_nested():
                 write(conn, Encoded(encoded.dialect, rows, encoded.unique_keys))
-        except DBAPIError as exc:
+        except Exception as exc:  # split to find the row; re-raised when the database itself is at fault
             if not row_specific(exc):
                 raise  # the database, not a row, is at fault: the batch is retried on the next collect
             if len(rows) == 1:
@@ -153,19 +154,33 @@ def write_isolating(conn: Connection, encoded: Encoded) -> list[tuple[int, str]]
 ROW_SQLSTATE_CLASSES = ("22", "23", "54")
 
 
-def row_specific(exc: DBAPIError) -> bool:
+def row_specific(exc: BaseException) -> bool:
     """Whether this failure can be caused by the values of a row, rather than by the database itself (a
-    missing table, a lost connection, a full disk): only then is the chunk split to find the row."""
-    if isinstance(exc, (IntegrityError, DataError)):
+    missing table, a lost connection, a full disk): only then is the chunk split to find the row.
+
+    Besides the database's own refusals, a value the driver cannot send (pysqlite's encode error for a lone
+    surrogate, an integer wider than SQLite's, psycopg's refusal of a NUL in COPY) is a row's doing. The
+    machine's failures (`etl.errors.environmental`) never are."""
+    if environmental(exc) is not None:
+        return False
+    if isinstance(exc, DBAPIError):
+        if isinstance(exc, (IntegrityError, DataError)):
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in ROW_SQLSTATE_CLASSES or sqlstate == "P0001"
+    if isinstance(exc, (UnicodeError, OverflowError, ValueError, TypeError)):
         return True
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    return isinstance(sqlstate, str) and (sqlstate[:2] in ROW_SQLSTATE_CLASSES or sqlstate == "P0001")
+    return type(exc).__name__ in ("DataError", "IntegrityError")
 
 
-def _reason(exc: DBAPIError) -> str:
-    """The database's own message, first line, without SQLAlchemy's statement dump."""
-    text = str(exc.orig) if exc.orig is not None else str(exc)
-    return text.strip().splitlines()[0][:500] if text.strip() else type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """The database's (or driver's) own message, first line, without SQLAlchemy's statement dump."""
+    if isinstance(exc, DBAPIError):
+        text = str(exc.orig) if exc.orig is not None else str(exc)
+        return clean(text.strip().splitlines()[0]) if text.strip() else type(exc).__name__
+    return describe(exc)
 
 
 @cache

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,6 +31,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -39,13 +42,15 @@ from sqlalchemy import event as sa_event
 from etl import config as config_mod
 from etl import failpoints
 from etl.emulator import EmulatorControl, EmulatorServer
-from etl.errors import EtlError
+from etl.errors import EtlError, environmental
+from etl.prompt import custom_id
 from etl.runtime import Runtime
 from etl.schema import metadata, warehouse_metadata
 from etl.store import state
 from etl.store.engine import make_engine
 from tests.conftest import API_KEY, TASKS_TOML
 from tests.reliability import checker
+from tests.reliability.lines import RESULT_LINES
 
 PROCESSING_SECONDS = 60  # the `emulator` fixture's
 SUBMIT = {
@@ -301,7 +306,9 @@ class FaultModel(RuleBasedStateMachine):
 
     # --- one `etl` run, as a process would run it -----------------------------------------------------
     @contextmanager
-    def _runtime(self, crash: Any, db_kill: int | None, fired: list[str]) -> Iterator[Runtime]:
+    def _runtime(
+        self, crash: Any, db_kill: int | None, fired: list[str], disk_full: int | None = None
+    ) -> Iterator[Runtime]:
         from etl.provider import Provider
 
         engine = make_engine(self.w.url)
@@ -326,9 +333,12 @@ class FaultModel(RuleBasedStateMachine):
 
         statements = [0]
 
-        def before(conn: Any, cursor: Any, *_: Any) -> None:
+        def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
             statements[0] += 1
             n = statements[0]
+            if disk_full is not None and n >= disk_full and _writes(statement):
+                fired.append("disk_full")
+                raise _disk_full_error(self.w.db)
             if db_kill == n:
                 fired.append("db_kill")
                 self.w.kill_connections(cursor, engine)
@@ -349,7 +359,13 @@ class FaultModel(RuleBasedStateMachine):
             rt.close()
 
     def execute(
-        self, command: str, crash: Any = None, db_kill: int | None = None, *, count: bool = True
+        self,
+        command: str,
+        crash: Any = None,
+        db_kill: int | None = None,
+        *,
+        count: bool = True,
+        disk_full: int | None = None,
     ) -> str:
         from etl import collector, reconciler, submitter
 
@@ -358,7 +374,7 @@ class FaultModel(RuleBasedStateMachine):
         outcome = "ok"
         started = time.perf_counter()
         try:
-            with self._runtime(crash, db_kill, fired) as rt:
+            with self._runtime(crash, db_kill, fired, disk_full) as rt:
                 {"submit": submitter.run, "collect": collector.run, "reconcile": reconciler.run}[command](rt)
         except failpoints.FailpointHit as hit:
             fired.append(f"crash@{hit}")
@@ -368,11 +384,14 @@ class FaultModel(RuleBasedStateMachine):
         except EtlError as exc:
             outcome = f"exit {exc.exit_code}"
         except Exception as exc:  # a traceback: acceptable only as the effect of a killed connection
-            if "db_kill" not in fired:
+            if "disk_full" in fired and environmental(exc) is not None:
+                outcome = "exit 74"  # what the CLI says: the machine's fault, named, no traceback
+            elif "db_kill" not in fired:
                 raise AssertionError(
                     f"etl {command} died with a traceback and no fault to explain it"
                 ) from exc
-            outcome = f"died: {type(exc).__name__}"
+            else:
+                outcome = f"died: {type(exc).__name__}"
         self.w.runs += 1
         self.w.run_seconds += time.perf_counter() - started
         after = self._rules_left()
@@ -506,6 +525,43 @@ class FaultModel(RuleBasedStateMachine):
             self.w.control.set_faults(mode="append", clock_offset_seconds=self.api_offset)
         self.log.append(f"{side} clock {delta:+d} (host {self.host_skew:+.0f}, api {self.api_offset:+.0f})")
 
+    # --- issue 21: odd results lines and a full disk ---------------------------------------------------------
+    @rule(
+        lines=st.lists(RESULT_LINES, min_size=1, max_size=2), picks=st.lists(st.integers(0, 999), min_size=2)
+    )
+    def odd_results(self, lines: list[str], picks: list[int]) -> None:
+        """The API breaks its promise for a few rows that may yet be sent: their results line is any
+        generated line (tests/reliability/lines.py), fixed when their batch ends. Each such row must end
+        `done` or `dead` with a reason (or back in the queue with one), and its batch must be collected."""
+        with self.w.engine.connect() as conn:
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    text(
+                        "SELECT id FROM etl_queue WHERE status IN ('queued', 'claimed', 'submitted') ORDER BY id"
+                    )
+                )
+            ]
+        if not ids:
+            return
+        chosen = {ids[p % len(ids)]: line for p, line in zip(picks, lines, strict=False)}
+        self.w.control.set_faults(
+            outcomes=[
+                {"custom_id": re.escape(custom_id(qid)), "outcome": "raw", "line": line}
+                for qid, line in chosen.items()
+            ],
+            mode="append",
+        )
+        self.log.append(f"odd results for {sorted(chosen)}")
+
+    @rule(command=st.sampled_from(COMMANDS), first=st.integers(1, 30), wait=waits)
+    def disk_full(self, command: str, first: int, wait: int = 0) -> None:
+        """The disk fills during a run: from its `first`-th SQL statement on, every write fails with the
+        driver's own disk-full error. The run ends named (exit 74) or finishes before its next write; the
+        invariants then hold as after any crash, and the next run (space freed) carries on."""
+        self.wait(wait)
+        self.execute(command, disk_full=first)
+
     # --- the judge ----------------------------------------------------------------------------------------
     def verdict(self, *, final: bool) -> checker.Verdict:
         ledger = self.w.control.ledger()
@@ -575,6 +631,20 @@ class FaultModel(RuleBasedStateMachine):
             )
         finally:
             failpoints.configure({})
+
+
+WRITES = ("INSERT", "UPDATE", "DELETE", "BEGIN IMMEDIATE", "CREATE", "COPY")
+
+
+def _writes(statement: str) -> bool:
+    return statement.lstrip()[:15].upper().startswith(WRITES)
+
+
+def _disk_full_error(db: str) -> Exception:
+    """The driver's own exception for a full disk, as it raises it."""
+    if db == "sqlite":
+        return sqlite3.OperationalError("database or disk is full")
+    return psycopg.errors.DiskFull("could not extend file: No space left on device")
 
 
 def machine_for(world: World) -> type[FaultModel]:

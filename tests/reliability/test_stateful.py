@@ -175,3 +175,28 @@ def test_crash_and_connection_kill_in_one_collect_then_a_byte_broken_stream(worl
             ("collect", {"fault": {"endpoint": "results", "action": "break_at", "at_byte": 150}}),
         ],
     )
+
+
+def test_poison_lines_and_a_disk_full_collect_lose_nothing(world: World) -> None:
+    """Issue 21 as model steps: a lone surrogate, a `message` that is a list and a line that is not an
+    object for rows of the first batch; the disk fills during the collect, then the next one finishes."""
+    from tests.reliability.lines import good_line, good_message, line
+
+    bad = [
+        good_line("bad \ud800"),
+        line({"type": "succeeded", "message": [good_message()]}),
+        "[1, 2]\n" + good_line(),
+    ]
+    m = stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", f"d{i}", f"document {i}", GOOD) for i in range(8)]}),
+            ("odd_results", {"lines": bad, "picks": [0, 1, 2]}),
+            ("submit", {}),
+            ("time_passes", {"seconds": 300}),
+            ("disk_full", {"command": "collect", "first": 6}),
+            ("collect", {}),
+        ],
+    )
+    said = [entry for entry in m.log if "disk_full" in entry]
+    assert said and all("exit 74" in entry for entry in said), m.log

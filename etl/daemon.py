@@ -44,7 +44,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Connection, event
 
-from etl import collector, live, liveness, logs, reconciler, recovery, report, scheduling, submitter
+from etl import collector, live, liveness, logs, metrics, reconciler, recovery, report, scheduling, submitter
 from etl import config as config_mod
 from etl.errors import ConfigError, SubmissionPaused
 from etl.notify import Notifier
@@ -113,6 +113,7 @@ class Daemon:
         self._wake_w: socket.socket | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.live: live.Background | None = None
+        self.metrics: metrics.Server | None = None
         rt.should_stop = self._should_stop
 
     # -- time ---------------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ class Daemon:
         self.rt.config.require_api_key()
         self._hold_life_lock()
         event.listen(self.rt.engine, "commit", self._on_commit)
+        self.metrics = metrics.serve(self.rt)  # the Prometheus page, on every instance (docs/deploy.md)
         self.notifier.status("reconciling unfinished batch creates")
         with logs.run_context("reconcile"):
             found = recovery.sweep(self.rt)  # a dead predecessor's runs and intents, known at once
@@ -579,6 +581,8 @@ class Daemon:
             self.live.stop(self.stop_grace)  # the calls in flight end and are recorded
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
+        if self.metrics is not None:
+            self.metrics.stop()
         self._release_lease()
         if self._life is not None:
             with contextlib.suppress(Exception):

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from etl import failpoints, routing, schema
+from etl import counters, failpoints, routing, schema
 from etl.clock import parse_iso
 from etl.config import Task
 from etl.errors import EtlError, ProviderError
@@ -403,6 +403,7 @@ class LiveWorker:
             recorded = False
             failpoints.hit("live.before_call")
             self.outcome.calls += 1
+            counters.LIVE_CALLS.inc()
             try:
                 reply = self.rt.provider.create_message(params)
             except ProviderError as exc:
@@ -411,6 +412,9 @@ class LiveWorker:
                 reason = str(exc)
                 if exc.kind == "rate_limited" or exc.status == OVERLOADED:
                     # Refused before any work: nothing billed, no attempt counted.
+                    counters.LIVE_REFUSED.labels(
+                        code=str(OVERLOADED if exc.status == OVERLOADED else 429)
+                    ).inc()
                     saturated += 1
                     if exc.retry_after is None:
                         self.pacer.hold_until(now + timedelta(seconds=backoff))

@@ -555,8 +555,11 @@ class Daemon:
         ]
         if new.api_key != old.api_key:
             needs_restart.append("api_key")
+        if new.metrics != old.metrics:
+            needs_restart.append("metrics.listen")  # the page stays where it is served until a restart
         keep = {
-            n: getattr(old, n) for n in ("database_url", "warehouse_url", "base_url", "api_timeout_seconds")
+            n: getattr(old, n)
+            for n in ("database_url", "warehouse_url", "base_url", "api_timeout_seconds", "metrics")
         }
         self.rt.config = dataclasses.replace(new, api_key=old.api_key, **keep)
         logs.set_level(new.log_level)

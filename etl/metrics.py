@@ -145,15 +145,15 @@ def _batches(per_status: Mapping[str, int], open_: list[intents.Intent], now: da
 
 def _jobs(latest: Mapping[str, state.Run | None], succeeded_at: Mapping[str, datetime]) -> Iterator[Metric]:
     started = _gauge(
-        "etl_job_last_run_timestamp_seconds", "When the newest run of each job started.", ["job"]
+        "etl_job_last_run_timestamp_seconds", "When the newest run of each job started.", ["etl_job"]
     )
     outcome = _gauge(
         "etl_job_last_run_outcome",
         "1 for the outcome of each job's newest run, 0 for the others.",
-        ["job", "outcome"],
+        ["etl_job", "outcome"],
     )
     success = _gauge(
-        "etl_job_last_success_timestamp_seconds", "When each job last ended with outcome ok.", ["job"]
+        "etl_job_last_success_timestamp_seconds", "When each job last ended with outcome ok.", ["etl_job"]
     )
     for job in JOBS:
         run = latest.get(job)

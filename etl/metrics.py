@@ -95,7 +95,7 @@ class DatabaseCollector(Collector):
         yield from _batches(per_status, open_, now)
         yield from _jobs(latest, succeeded_at)
         yield from _events(totals, tasks)
-        yield from _budget(info["budget"])
+        yield from _budget(info["budget"], tasks)
         yield from _health(info, healthy, problems)
         g = _gauge("etl_info", "Always 1: the version of etl serving this page.", ["version"])
         g.add_metric([__version__], 1)
@@ -212,7 +212,7 @@ def _events(totals: list[dict[str, Any]], tasks: list[str]) -> Iterator[Metric]:
     yield from (charged, standard)
 
 
-def _budget(b: Mapping[str, Any]) -> Iterator[Metric]:
+def _budget(b: Mapping[str, Any], tasks: list[str]) -> Iterator[Metric]:
     """Tonight's budget (a night runs noon to noon in schedule.timezone); task `*` is the whole night's."""
     cap = _gauge("etl_budget_cap_usd", "The nightly cap in USD (absent: no cap).", ["task"])
     for task, value in b["caps_usd"].items():
@@ -228,7 +228,7 @@ def _budget(b: Mapping[str, Any]) -> Iterator[Metric]:
     waiting = _gauge(
         "etl_budget_waiting_documents", "Queued documents held back tonight by the nightly cap.", ["task"]
     )
-    for task, n in b["waiting_documents"].items():
+    for task, n in sorted({**dict.fromkeys(tasks, 0), **b["waiting_documents"]}.items()):
         waiting.add_metric([task], n)
     yield from (cap, reserved, waiting)
 

@@ -29,13 +29,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl import __version__, budget, counters, paths, report
 from etl import status as status_mod
+from etl.clock import parse_iso
 from etl.errors import EtlError
 from etl.runtime import Runtime
 from etl.schema import BatchStatus, DocStatus
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import metrics as store
-from etl.store import queue as q
 from etl.store.engine import reading
 
 log = structlog.get_logger("etl.metrics")
@@ -89,7 +89,7 @@ class DatabaseCollector(Collector):
             latest = {job: state.latest_attempt(conn, job) for job in JOBS}
             totals = events.summary_since(conn, None)
             open_ = intents.open_intents(conn)
-            oldest = q.oldest_queued(conn)
+        oldest = parse_iso(info["oldest_queued_at"]) if info.get("oldest_queued_at") else None
         tasks = sorted(rt.config.tasks)
         yield from _queue(pairs, tasks, oldest, now)
         yield from _batches(per_status, open_, now)

@@ -15,8 +15,10 @@ conventions: `_total` counters, `_seconds` for times and ages, `_timestamp_secon
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -42,6 +44,7 @@ log = structlog.get_logger("etl.metrics")
 
 JOBS = ("submit", "collect")  # the daemon's scheduled jobs (etl.daemon.JOBS)
 OUTCOMES = ("running", "ok", "partial", "failed", "paused", "interrupted", "crashed")
+DUTY = 0.05  # the served page reads the database at most this share of the time (DatabaseCollector)
 RESULTS_KEPT = timedelta(days=29)  # the API keeps a batch's results this long after its creation
 EVENTS = (*report.KINDS, *sorted(paths.LIVE_KINDS))
 PATH_OF = {"succeeded": "batch", "live_succeeded": "live"}  # the events that carry tokens and money
@@ -56,27 +59,64 @@ def _seconds(at: datetime | None) -> float:
     return 0.0 if at is None else at.timestamp()
 
 
-class DatabaseCollector(Collector):
-    """Everything the database says, read at each scrape. A failed read yields `etl_database_up 0`."""
+@dataclass(frozen=True)
+class Reading:
+    families: list[Metric]
+    up: int
+    seconds: float  # how long the read took
+    at: float  # time.monotonic() when it ended
 
-    def __init__(self, rt: Runtime) -> None:
+
+class DatabaseCollector(Collector):
+    """Everything the database says, read at scrape time. A failed read yields `etl_database_up 0`.
+
+    With `duty` (the served page: DUTY), a read is reused until it is `1/duty - 1` times its own duration
+    old, so however often it is scraped the page spends at most that share of the time reading: a 2 s read
+    is reused for 38 s at 5 %. Prometheus' usual 60 s interval sees fresh values unless a read takes
+    over 3 s (bench/RESULTS.md, "Metrics scrape"); `etl_metrics_age_seconds` says how old they are."""
+
+    def __init__(self, rt: Runtime, *, duty: float | None = None) -> None:
         self.rt = rt
+        self.duty = duty
+        self._last: Reading | None = None
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
-        started = time.perf_counter()
+        with self._lock:  # concurrent scrapes share one read
+            last = self._last
+            if (
+                last is None
+                or self.duty is None
+                or time.monotonic() - last.at >= last.seconds * (1 / self.duty - 1)
+            ):
+                last = self._last = self._fresh()
+        yield from last.families
+        for name, doc, value in (
+            ("etl_database_up", "1 when the database was read, 0 when it could not be.", last.up),
+            (
+                "etl_metrics_read_seconds",
+                "How long the read of the database behind this page took.",
+                last.seconds,
+            ),
+            (
+                "etl_metrics_age_seconds",
+                "How long ago the database was read for this page.",
+                time.monotonic() - last.at,
+            ),
+        ):
+            g = _gauge(name, doc)
+            g.add_metric([], value)
+            yield g
+
+    def _fresh(self) -> Reading:
+        started = time.monotonic()
         try:
-            families = list(self._read())
-            up = 1
+            families, up = list(self._read()), 1
         except (EtlError, SQLAlchemyError) as exc:
             log.warning("metrics_read_failed", error=str(exc).splitlines()[0])
             families, up = [], 0
-        yield from families
-        g = _gauge("etl_database_up", "1 when this scrape read the database, 0 when it could not.")
-        g.add_metric([], up)
-        yield g
-        g = _gauge("etl_metrics_read_seconds", "How long this scrape took to read the database.")
-        g.add_metric([], time.perf_counter() - started)
-        yield g
+        ended = time.monotonic()
+        return Reading(families, up, ended - started, ended)
 
     def _read(self) -> Iterator[Metric]:
         rt = self.rt
@@ -257,7 +297,7 @@ def _health(info: Mapping[str, Any], healthy: bool, problems: list[str]) -> Iter
 def registry(rt: Runtime, *, process: bool) -> CollectorRegistry:
     """The page's collectors: the database's always; the process's counters and process_* when served."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DatabaseCollector(rt))
+    reg.register(DatabaseCollector(rt, duty=DUTY if process else None))
     if process:
         for counter in counters.ALL:
             reg.register(counter)

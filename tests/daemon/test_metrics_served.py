@@ -216,7 +216,9 @@ def test_a_real_prometheus_scrapes_etl_run_and_fires_on_a_batch_28_days_old(
     alert = wait_for(lambda: firing(base, "EtlBatchResultsNearExpiry"), timeout=90, what="the alert to fire")
     assert "etl collect" in alert["annotations"]["runbook"]
     assert float(alert["value"]) == pytest.approx(DAY, abs=3600)
-    wait_for(lambda: (api(base, "query?query=etl_job_last_run_timestamp_seconds") or {}).get("result"))
+    wait_for(
+        lambda: (api(base, "query?query=etl_job_last_run_timestamp_seconds") or {}).get("result"), timeout=120
+    )
     names = set(api(base, "label/__name__/values"))
     assert names >= EXPECTED, sorted(EXPECTED - names)
     up = api(base, 'query?query=up{job="etl"}')["result"]

@@ -145,3 +145,22 @@ def test_an_unreachable_database_gives_database_up_0_not_an_error(runtime: Runti
         rt.close()
     assert value(page, "etl_database_up") == 0
     assert not any(name == "etl_health_ok" for name, _ in page)
+
+
+def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(runtime: Runtime) -> None:
+    """A scrape every second cannot make the page read the database all the time (etl.metrics.DUTY)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    def page_of(collector: metrics.DatabaseCollector) -> Samples:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(collector)
+        return samples(generate_latest(reg).decode())
+
+    throttled = metrics.DatabaseCollector(runtime, duty=1e-9)  # reuses any read for ages
+    fresh = metrics.DatabaseCollector(runtime)  # `etl metrics`: reads every time
+    first = page_of(throttled)
+    insert_docs(runtime, [{"doc_key": "new", "body": "b"}])
+    again = page_of(throttled)
+    assert value(again, "etl_queue_rows", status="queued", task="default") == 0
+    assert value(again, "etl_metrics_age_seconds") >= value(first, "etl_metrics_age_seconds")
+    assert value(page_of(fresh), "etl_queue_rows", status="queued", task="default") == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections import Counter
 from dataclasses import replace
 from decimal import Decimal
@@ -164,3 +165,24 @@ def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(ru
     assert value(again, "etl_queue_rows", status="queued", task="default") == 0
     assert value(again, "etl_metrics_age_seconds") >= value(first, "etl_metrics_age_seconds")
     assert value(page_of(fresh), "etl_queue_rows", status="queued", task="default") == 1
+
+
+def test_a_stale_read_is_served_at_once_while_the_next_one_runs_in_the_background(runtime: Runtime) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    collector = metrics.DatabaseCollector(runtime, duty=1.0)  # every read is stale at once
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+
+    def queued() -> float:
+        return value(
+            samples(generate_latest(reg).decode()), "etl_queue_rows", status="queued", task="default"
+        )
+
+    assert queued() == 0  # the first scrape waits for the first read
+    insert_docs(runtime, [{"doc_key": "new", "body": "b"}])
+    assert queued() == 0  # served the last read; a new one started behind it
+    deadline = time.monotonic() + 60
+    while queued() != 1:  # the background read lands (real work, not a timer)
+        assert time.monotonic() < deadline, "the background read never landed"
+        time.sleep(0.05)

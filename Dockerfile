@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ETL_CONFIG=/etc/etl/etl.toml \
     ETL_DATABASE_URL=sqlite:////var/lib/etl/etl.db \
-    CREDENTIALS_DIRECTORY=/run/secrets
+    CREDENTIALS_DIRECTORY=/run/secrets \
+    ETL_METRICS_LISTEN=0.0.0.0:9464
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -31,6 +32,9 @@ COPY config/etl.toml /etc/etl/etl.toml
 WORKDIR /var/lib/etl
 USER 10001:10001
 VOLUME ["/var/lib/etl"]
+# Prometheus metrics of `etl run` (docs/deploy.md "Monitoring"): publish with -p 127.0.0.1:9464:9464.
+# Inside the container it listens on every interface, since loopback there is the container's own.
+EXPOSE 9464
 
 # Unhealthy when the last runs failed, a batch deadline is near, or submission is paused.
 HEALTHCHECK --interval=5m --timeout=60s --start-period=2m --retries=2 CMD ["etl", "status", "--check"]

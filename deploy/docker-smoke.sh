@@ -43,6 +43,8 @@ echo "== etl db upgrade"
 "$etl" db upgrade
 echo "== etl status --check (the HEALTHCHECK)"
 "$etl" status --check
+echo "== etl metrics (the page etl run serves on ETL_METRICS_LISTEN, EXPOSE 9464)"
+"$etl" metrics | grep -q '^etl_health_ok 1' || { echo "docker-smoke: etl metrics shows no healthy page" >&2; exit 1; }
 echo "== etl run refuses to start without an API key, with EX_CONFIG (78)"
 set +e
 "$etl" run 2>"$work/run.err"

@@ -43,6 +43,7 @@ CONFIG_ENV = {
     "ETL_WAREHOUSE_URL": "warehouse URL (default: the queue database)",
     "ETL_TIMEZONE": "schedule time zone",
     "ETL_LOG_LEVEL": "log level (debug, info, warning, error)",
+    "ETL_METRICS_LISTEN": "where `etl run` serves its metrics page: HOST:PORT, or off",
 }
 API_ENV = {
     "ANTHROPIC_API_KEY": "the API key",
@@ -313,6 +314,12 @@ def _parser() -> argparse.ArgumentParser:
         "print the whole effective configuration as TOML, secrets masked",
         details="The output is a valid config file: the file's settings, the defaults and the environment\n"
         "overrides, after validation.",
+    )
+    command(
+        "metrics",
+        "print the Prometheus metrics page once (for node_exporter's textfile collector or cron)",
+        details="The page `etl run` serves at [metrics] listen, read from the database now; the daemon's own\n"
+        "process counters are left out. docs/deploy.md lists the metrics and the alert rules.",
     )
     command(
         "run",
@@ -815,6 +822,14 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
     return 3 if out.problems else 0
 
 
+def cmd_metrics(rt: Runtime, args: argparse.Namespace) -> int:
+    from etl import metrics
+
+    _check_schema(rt)
+    sys.stdout.write(metrics.page(rt))
+    return 0
+
+
 def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.daemon import run_daemon
 
@@ -850,6 +865,7 @@ COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
     "config": cmd_config,
     "retry": cmd_retry,
     "cancel": cmd_cancel,
+    "metrics": cmd_metrics,
     "run": cmd_run,
     "live": cmd_live,
 }

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError, MissingApiKey
 
-_S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings", "LiveSettings")
+_S = TypeVar("_S", "SubmitSettings", "CollectSettings", "ScheduleSettings", "LiveSettings", "MetricsSettings")
 
 DEFAULT_CONFIG_PATHS = (Path("config/etl.toml"), Path("/etc/etl/etl.toml"))
 CREDENTIAL_NAME = "anthropic_api_key"
@@ -165,6 +165,34 @@ class LiveSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus page `etl run` serves (etl/metrics.py); `etl metrics` prints it whatever this says."""
+
+    listen: str = "127.0.0.1:9464"  # HOST:PORT ([::1]:9464 for IPv6); "off" serves nothing
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, None when off. Valid by construction (`load` checked it)."""
+        return listen_address(self.listen)
+
+
+METRICS_OFF = ("off", "")
+
+
+def listen_address(text: str) -> tuple[str, int] | None:
+    """`127.0.0.1:9464` → ('127.0.0.1', 9464); `[::1]:9464` → ('::1', 9464); `off` → None.
+    ValueError, saying what is wrong, for anything else."""
+    if text.strip().lower() in METRICS_OFF:
+        return None
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464) or off")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     """Where each field goes in a config file: `metadata={"toml": "section.key"}`, `"skip"` for what is
     not a setting; a field without it is the table of its own name (`etl config` prints them all)."""
@@ -183,6 +211,7 @@ class Config:
     source: str = field(default="<defaults>", metadata={"toml": "skip"})
     live: LiveSettings = field(default_factory=LiveSettings)
     log_level: str = field(default="info", metadata={"toml": "logging.level"})
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def separate_warehouse(self) -> bool:
@@ -390,7 +419,18 @@ def _sqlite_url_relative_to(url: str, base_dir: Path) -> str:
 def _build(
     raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], source: str, base_dir: Path
 ) -> Config | None:
-    known = {"database", "api", "submit", "collect", "schedule", "pricing", "tasks", "logging", "live"}
+    known = {
+        "database",
+        "api",
+        "submit",
+        "collect",
+        "schedule",
+        "pricing",
+        "tasks",
+        "logging",
+        "live",
+        "metrics",
+    }
     for key in raw:
         if key not in known:
             problems.append(f"unknown section [{key}] (known: {', '.join(sorted(known))})")
@@ -486,6 +526,7 @@ def _build(
         elif name != "enabled":
             _positive(value, f"live.{name}", problems)
 
+    metrics = _metrics(_section(raw, "metrics", problems), env, problems)
     pricing = _pricing(_section(raw, "pricing", problems), problems)
     tasks = _tasks(_section(raw, "tasks", problems), problems)
     for task in tasks.values():
@@ -518,7 +559,21 @@ def _build(
         source=source,
         log_level=log_level.lower(),
         live=live,
+        metrics=metrics,
     )
+
+
+def _metrics(section: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> MetricsSettings:
+    """[metrics]; ETL_METRICS_LISTEN overrides `listen` (set to `off`, it turns the page off)."""
+    metrics = _settings(MetricsSettings, section, "metrics", problems)
+    where = "metrics.listen"
+    if "ETL_METRICS_LISTEN" in env:
+        metrics, where = MetricsSettings(listen=env["ETL_METRICS_LISTEN"]), "ETL_METRICS_LISTEN"
+    try:
+        listen_address(metrics.listen)
+    except ValueError as exc:
+        problems.append(f"{where}: {exc}")
+    return metrics
 
 
 def _settings(cls: type[_S], section: Mapping[str, Any], where: str, problems: list[str]) -> _S:

@@ -44,7 +44,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Connection, event
 
-from etl import collector, live, liveness, logs, reconciler, recovery, report, scheduling, submitter
+from etl import collector, live, liveness, logs, metrics, reconciler, recovery, report, scheduling, submitter
 from etl import config as config_mod
 from etl.errors import ConfigError, SubmissionPaused, environmental
 from etl.notify import Notifier
@@ -114,6 +114,7 @@ class Daemon:
         self._wake_w: socket.socket | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.live: live.Background | None = None
+        self.metrics: metrics.Server | None = None
         rt.should_stop = self._should_stop
 
     # -- time ---------------------------------------------------------------------------------------
@@ -179,6 +180,7 @@ class Daemon:
         self.rt.config.require_api_key()
         self._hold_life_lock()
         event.listen(self.rt.engine, "commit", self._on_commit)
+        self.metrics = metrics.serve(self.rt)  # the Prometheus page, on every instance (docs/deploy.md)
         self.notifier.status("reconciling unfinished batch creates")
         with logs.run_context("reconcile"):
             found = recovery.sweep(self.rt)  # a dead predecessor's runs and intents, known at once
@@ -568,8 +570,11 @@ class Daemon:
         ]
         if new.api_key != old.api_key:
             needs_restart.append("api_key")
+        if new.metrics != old.metrics:
+            needs_restart.append("metrics.listen")  # the page stays where it is served until a restart
         keep = {
-            n: getattr(old, n) for n in ("database_url", "warehouse_url", "base_url", "api_timeout_seconds")
+            n: getattr(old, n)
+            for n in ("database_url", "warehouse_url", "base_url", "api_timeout_seconds", "metrics")
         }
         self.rt.config = dataclasses.replace(new, api_key=old.api_key, **keep)
         logs.set_level(new.log_level)
@@ -594,6 +599,8 @@ class Daemon:
             self.live.stop(self.stop_grace)  # the calls in flight end and are recorded
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
+        if self.metrics is not None:
+            self.metrics.stop()
         self._release_lease()
         if self._life is not None:
             with contextlib.suppress(Exception):

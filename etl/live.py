@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from etl import failpoints, routing, schema
+from etl import counters, failpoints, routing, schema
 from etl.budget import message_text, tokens_of
 from etl.clock import parse_iso
 from etl.config import Task
@@ -469,6 +469,7 @@ class LiveWorker:
             recorded = False
             failpoints.hit("live.before_call")
             self.outcome.calls += 1
+            counters.LIVE_CALLS.inc()
             try:
                 reply = self.rt.provider.create_message(params)
             except ProviderError as exc:
@@ -477,6 +478,9 @@ class LiveWorker:
                 reason = str(exc)
                 if exc.kind == "rate_limited" or exc.status == OVERLOADED:
                     # Refused before any work: nothing billed, no attempt counted.
+                    counters.LIVE_REFUSED.labels(
+                        code=str(OVERLOADED if exc.status == OVERLOADED else 429)
+                    ).inc()
                     saturated += 1
                     if exc.retry_after is None:
                         self.pacer.hold_until(now + timedelta(seconds=backoff))

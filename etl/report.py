@@ -131,6 +131,7 @@ def build(
         "late": late,
         "queue": dict(_ordered(queue_counts, STATUS_ORDER)),
         "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
+        "oldest_queued_at": isoformat(oldest),  # exact, for the metrics page (etl/metrics.py)
         "submission_paused": paused,
         "paths": paths.summary(rows, cfg.pricing),
     }

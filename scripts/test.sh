@@ -37,6 +37,7 @@ if ! scripts/ensure-postgres.sh; then
   if [ -n "${CI:-}" ]; then echo "CI is set and PostgreSQL is required" >&2; exit 1; fi
   echo "warning: no PostgreSQL; its tests will be skipped" >&2
 fi
+scripts/ensure-prometheus.sh || { [ -z "${CI:-}" ] || exit 1; echo "warning: no Prometheus; its tests will be skipped" >&2; }
 
 echo "== versions under test: $("$venv/bin/python" -m pip freeze | grep -iE '^(anthropic|httpx2|sqlalchemy|psycopg|apscheduler)==' | tr '\n' ' ')"
 echo "== ruff"

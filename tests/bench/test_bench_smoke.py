@@ -92,3 +92,29 @@ def test_live_bench_prints_a_parsable_result_line(db: str, request: pytest.Fixtu
     last = proc.stdout.strip().splitlines()[-1]
     match = LIVE.match(last)
     assert match and match["db"] == db, last
+
+
+def test_metrics_bench_prints_a_parsable_result_line_with_the_submit_comparison() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "metrics.py"),
+            "--docs",
+            "500",
+            "--db",
+            "sqlite",
+            "--submit",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.match(
+        r"^RESULT db=sqlite docs=500 scrape_s=[\d.]+ status_s=[\d.]+ submit_s=[\d.]+ submit_scraped_s=[\d.]+ "
+        r"slowdown=[-+][\d.]+$",
+        last,
+    ), last

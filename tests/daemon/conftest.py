@@ -171,6 +171,9 @@ def etl_env(tmp_path: Path, emulator: EmulatorServer) -> Callable[..., dict[str,
             ANTHROPIC_API_KEY=KEY,
             ANTHROPIC_BASE_URL=emulator.base_url,
             PYTHONUNBUFFERED="1",
+            # the metrics page on, on a port of its own (its `metrics_serving` event names it): daemons of
+            # parallel tests never contend for 9464
+            ETL_METRICS_LISTEN="127.0.0.1:0",
         )
         env.update(extra)
         return env

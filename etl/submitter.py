@@ -55,12 +55,16 @@ def run(rt: Runtime) -> SubmitOutcome:
     # that stops on a missing key must not leave rows `claimed` for the lease.
     rt.config.require_api_key()
     # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
-    # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
-    rt.warm_provider()
+    # loads on a thread; the API's part of reconciliation follows it, before anything is sent. With
+    # nothing to send and nothing to reconcile the run never calls the API, so it does not load the SDK
+    # (1-3 s of CPU, most of an idle run).
+    if _may_call_api(rt):
+        rt.warm_provider()
     reconciled = reconciler.release_expired(rt)
     _supersede(rt)
     claim = _claim(rt)
-    reconciler.match_remote(rt, reconciled)
+    if claim is not None or _has_unknown(rt):
+        reconciler.match_remote(rt, reconciled)
     outcome = SubmitOutcome()
     limits = rt.config.submit
     while outcome.batches < limits.max_batches_per_run:
@@ -96,6 +100,23 @@ def run(rt: Runtime) -> SubmitOutcome:
         waiting_for_budget=outcome.waiting,
     )
     return outcome
+
+
+def _may_call_api(rt: Runtime) -> bool:
+    """Something is queued, or an intent may need the API (an unknown create, or a claim or send whose
+    lease may have run out: the reconciler turns those into queued rows or unknown creates)."""
+    with reading(rt.engine) as conn:
+        return q.any_queued(conn) or bool(
+            intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.CLAIMED, BatchStatus.SENDING)
+        )
+
+
+def _has_unknown(rt: Runtime) -> bool:
+    """An unknown create waits for the API's list (`reconciler.match_remote`). Without one, a run that
+    claimed nothing skips the list: remote batches matching no record are reported by the next collect
+    or `etl reconcile`, which list every time."""
+    with reading(rt.engine) as conn:
+        return bool(intents.with_status(conn, BatchStatus.UNKNOWN))
 
 
 def _why_idle(rt: Runtime) -> str:

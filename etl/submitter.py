@@ -19,7 +19,7 @@ from sqlalchemy import delete
 
 from etl import budget, failpoints, reconciler, routing
 from etl.errors import EtlError, ProviderError, SubmissionPaused
-from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
+from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
@@ -187,8 +187,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     intent_id = claim.intent_id
     now = claim.at
 
-    parts: list[bytes] = []
-    size = BODY_OVERHEAD
+    building = BatchBody()  # the create body, written as each request is encoded
     rejects: list[tuple[int, str]] = []
     rejects_logged: list[tuple[int, str, str]] = []
     overflow: list[int] = []
@@ -231,7 +230,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 rejects_logged.append((row.id, row.doc_key, reason))
                 rejected_per_task[(row.task, "request larger than a batch (submit.max_batch_bytes)")] += 1
                 continue
-            if size + len(encoded) + 1 > limits.max_batch_bytes:
+            if not building.fits(encoded, limits.max_batch_bytes):
                 overflow.append(row.id)
                 continue
             cost = costing.tasks[row.task]
@@ -243,10 +242,9 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 continue
             message_tokens[row.task] += tokens
             upper_units[row.task] += units
-            parts.append(encoded)
-            size += len(encoded) + 1
+            building.add(encoded)
             per_task[row.task] += 1
-            if len(parts) % 1000 == 0 and rt.clock() >= renew_at:
+            if building.count % 1000 == 0 and rt.clock() >= renew_at:
                 now = rt.clock()
                 with rt.engine.begin() as conn:
                     if not intents.renew_lease(conn, intent_id, rt.owner, now, now + lease):
@@ -266,18 +264,18 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
             q.unclaim(conn, intent_id, now, ids=overflow)
         for reason, ids in q.group_by_reason(held).items():
             q.unclaim(conn, intent_id, now, ids=ids, reason=reason)
-        if not intents.set_payload(conn, intent_id, rt.owner, len(parts), size):
+        if not intents.set_payload(conn, intent_id, rt.owner, building.count, building.size):
             outcome.stopped = "lease lost"
             return False
-        if parts:
+        if building.count:
             shares = _shares(rt, costing, per_task, message_tokens, upper_units)
             spend.lock(conn)
             if caps and not budget.fits(caps, spend.reserved(conn, night), shares):
                 # Another submitter reserved part of the budget since this batch was built: send nothing.
                 intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "nightly budget taken meanwhile")
                 q.unclaim(conn, intent_id, now, reason=f"{budget.BUDGET_REASON}: taken by another submit")
-                outcome.waiting += len(parts)
-                parts = []
+                outcome.waiting += building.count
+                building = BatchBody()
                 outcome.budget_spent = True
             else:
                 spend.reserve(conn, intent_id, night, shares, now)
@@ -291,10 +289,10 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     outcome.rejected += len(rejects)
     for row_id, doc_key, reason in rejects_logged:
         log.warning("document_rejected", queue_id=row_id, doc_key=doc_key, reason=reason)
-    if not parts:
+    if not building.count:
         return True
-    body = batch_body(parts)
-    del parts
+    body = building.finish()
+    del building
     failpoints.hit("submit.after_build")
     try:
         provider = rt.provider  # built before the fence: a client that cannot be made sends nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -63,7 +64,13 @@ def run(rt: Runtime) -> SubmitOutcome:
     reconciled = reconciler.release_expired(rt)
     _supersede(rt)
     claim = _claim(rt)
-    if claim is not None or _has_unknown(rt):
+    # The API's part of reconciliation waits for the SDK: it runs before the first create (whose fence
+    # follows it), so the first batch is read and encoded while the SDK loads, not after.
+    # With nothing claimed there is nothing to build meanwhile, and it may give rows back to claim now.
+    reconcile: list[Callable[[], object]] = []
+    if claim is not None:
+        reconcile.append(lambda: reconciler.match_remote(rt, reconciled))
+    elif _has_unknown(rt):
         reconciler.match_remote(rt, reconciled)
     outcome = SubmitOutcome()
     limits = rt.config.submit
@@ -79,9 +86,11 @@ def run(rt: Runtime) -> SubmitOutcome:
         if claim is None:
             break
         with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
-            if not _one_batch(rt, outcome, claim):
+            if not _one_batch(rt, outcome, claim, reconcile):
                 break
         claim = None
+    while reconcile:  # no batch got as far as its create
+        reconcile.pop()()
     if outcome.waiting:
         _mark_waiting(rt, outcome)
     if outcome.documents == 0 and outcome.stopped is None:
@@ -180,8 +189,11 @@ def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: s
             q.unclaim(conn, intent_id, rt.clock())
 
 
-def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
-    """Build and send the batch of one claim. False when the run must stop."""
+def _one_batch(
+    rt: Runtime, outcome: SubmitOutcome, claim: Claim, before_send: list[Callable[[], object]]
+) -> bool:
+    """Build and send the batch of one claim. False when the run must stop. `before_send` runs (once)
+    before the first fence: the reconciliation that needs the API."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
     intent_id = claim.intent_id
@@ -295,6 +307,8 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     del building
     failpoints.hit("submit.after_build")
     try:
+        while before_send:
+            before_send.pop()()
         provider = rt.provider  # built before the fence: a client that cannot be made sends nothing
     except EtlError:
         _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")

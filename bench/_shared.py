@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the task settings read from the config, and the request encoding.
 
-The baselines import only this module and the standard library (plus psycopg), never `etl`, so their
-start-up cost is an interpreter and a driver, nothing more.
+The baselines import only this module and the standard library (plus psycopg and orjson), never `etl`, so
+their start-up cost is an interpreter and a driver, nothing more.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "etl.toml"
@@ -43,7 +45,8 @@ def task_params(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def encode(qid: int, doc_key: str, task_name: str, body: str, metadata: Any, tasks: dict[str, Any]) -> bytes:
-    """The same bytes `etl.prompt.encode_request(build_params(row))` produces, without the validation."""
+    """The same bytes `etl.prompt.encode_request(build_params(row))` produces (orjson, as etl), without the
+    validation."""
     task = tasks[task_name]
     values: dict[str, Any] = {"body": body, "doc_key": doc_key, "task": task_name}
     if metadata:
@@ -55,9 +58,7 @@ def encode(qid: int, doc_key: str, task_name: str, body: str, metadata: Any, tas
         params["system"] = task["system"]
     if task["output_config"] is not None:
         params["output_config"] = task["output_config"]
-    return json.dumps(
-        {"custom_id": f"q{qid}", "params": params}, ensure_ascii=False, separators=(",", ":")
-    ).encode("utf-8")
+    return orjson.dumps({"custom_id": f"q{qid}", "params": params})
 
 
 def price_table(cfg: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:

@@ -2,8 +2,10 @@
 
 Per batch: one GET for the batch (ended_at), one query for its rows' doc_key/task/enqueued_at, then the
 results stream read over plain `http.client`, each line parsed with `orjson.loads` (as `etl` does) into the same columns
-as `etl_results` and loaded into a bare table (no key, no index) by the fastest bulk path: one COPY on
-PostgreSQL, one executemany in one transaction on SQLite. No upsert, no queue updates, no events.
+as `etl_results`, loaded into a table with `etl_results`' primary key (doc_key, task) by the fastest bulk
+path (COPY on PostgreSQL, one executemany on SQLite), and in the same transaction the batch's queue rows
+marked `done` and its batch row `collected`: the same bookkeeping as etl's end state, one transaction per
+batch. No upsert (the table starts empty), no events, no report.
 Usage: baseline_collect.py DB_URL BASE_URL CONFIG TABLE BATCH_ID...
 """
 
@@ -132,6 +134,13 @@ EXPECTED = (
     "JOIN etl_batches b ON q.batch_ref = b.id WHERE b.batch_id = {param}"
 )
 
+# Every result of the bench succeeds, so the batch's rows are all `done` (etl settles each by its result).
+SETTLE_QUEUE = (
+    "UPDATE etl_queue SET status = 'done', updated_at = {p} WHERE status = 'submitted' "
+    "AND batch_ref = (SELECT id FROM etl_batches WHERE batch_id = {p})"
+)
+SETTLE_BATCH = "UPDATE etl_batches SET status = 'collected', collected_at = {p} WHERE batch_id = {p}"
+
 
 def main() -> int:
     db_url, base_url, config_path, table, *batch_ids = sys.argv[1:]
@@ -144,8 +153,8 @@ def main() -> int:
     total = 0
     if db_url.startswith("sqlite:///"):
         conn = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
-        conn.execute("BEGIN")
         for batch_id in batch_ids:
+            conn.execute("BEGIN IMMEDIATE")
             query = EXPECTED.format(cast="", param="?")
             expected = {r[0]: r[1:] for r in conn.execute(query, (batch_id,))}
             cur = conn.executemany(
@@ -153,7 +162,9 @@ def main() -> int:
                 batch_rows(http_conn, batch_id, expected, cost, collected_at, json_tasks),
             )
             total += cur.rowcount
-        conn.execute("COMMIT")
+            conn.execute(SETTLE_QUEUE.format(p="?"), (collected_at, batch_id))
+            conn.execute(SETTLE_BATCH.format(p="?"), (collected_at, batch_id))
+            conn.execute("COMMIT")
         conn.close()
     else:
         import psycopg
@@ -166,6 +177,9 @@ def main() -> int:
                     for row in batch_rows(http_conn, batch_id, expected, cost, collected_at, json_tasks):
                         copy.write_row(row)
                         total += 1
+                pg.execute(SETTLE_QUEUE.format(p="%s"), (collected_at, batch_id))
+                pg.execute(SETTLE_BATCH.format(p="%s"), (collected_at, batch_id))
+                pg.commit()
     print(f"baseline collected {total} result(s) from {len(batch_ids)} batch(es)")
     return 0
 

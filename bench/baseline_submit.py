@@ -1,7 +1,9 @@
 """Submit baseline: the least work that produces the same batches as `etl submit`.
 
 One query streams the queued rows, each is encoded to the same request JSON, and one POST per batch
-(same caps as the config) goes to the emulator over a plain `http.client` connection. No claims, no
+(same caps as the config) goes to the emulator over a plain `http.client` connection. The same
+bookkeeping as etl's end state: per batch, one transaction writes the batch row (`etl_batches`, its
+`batch_id`, count and bytes) and marks its queue rows `submitted` with `batch_ref`. No claims, no
 intents, no validation, no SDK. Usage: baseline_submit.py DB_URL BASE_URL CONFIG
 """
 
@@ -12,6 +14,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +41,50 @@ def rows(db_url: str) -> Iterator[tuple[Any, ...]]:
         cur.itersize = 5000
         cur.execute(QUERY.format(cast="::text"))
         yield from cur
+
+
+class Book:
+    """The bookkeeping of one sent batch: its row in etl_batches and its queue rows `submitted`."""
+
+    def __init__(self, db_url: str) -> None:
+        self.sqlite = db_url.startswith("sqlite:///")
+        if self.sqlite:
+            self.conn: Any = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(db_url)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def record(self, batch_id: str, ids: list[int], size: int) -> None:
+        now = datetime.now(UTC)
+        if self.sqlite:
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            ref = c.execute(
+                "INSERT INTO etl_batches (batch_id, status, request_count, payload_bytes, created_at, "
+                "submitted_at) VALUES (?, 'submitted', ?, ?, ?, ?) RETURNING id",
+                (batch_id, len(ids), size, now.isoformat(), now.isoformat()),
+            ).fetchone()[0]
+            c.execute(
+                "UPDATE etl_queue SET status = 'submitted', batch_ref = ?, updated_at = ? "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (ref, now.isoformat(), json.dumps(ids)),
+            )
+            c.execute("COMMIT")
+            return
+        with self.conn.transaction():
+            ref = self.conn.execute(
+                "INSERT INTO etl_batches (batch_id, status, request_count, payload_bytes, created_at, "
+                "submitted_at) VALUES (%s, 'submitted', %s, %s, %s, %s) RETURNING id",
+                (batch_id, len(ids), size, now, now),
+            ).fetchone()[0]
+            self.conn.execute(
+                "UPDATE etl_queue SET status = 'submitted', batch_ref = %s, updated_at = %s WHERE id = ANY(%s)",
+                (ref, now, ids),
+            )
 
 
 def post(conn: http.client.HTTPConnection, parts: list[bytes]) -> str:
@@ -67,22 +114,30 @@ def main() -> int:
     max_bytes = int(cfg.get("submit", {}).get("max_batch_bytes", 200_000_000))
     url = urlsplit(base_url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=600)
+    book = Book(db_url)
     parts: list[bytes] = []
+    ids: list[int] = []
     size = 16
     sent = batches = 0
+
+    def flush() -> None:
+        nonlocal sent, batches
+        book.record(post(conn, parts), ids, size - 1)
+        sent += len(parts)
+        batches += 1
+
     for qid, doc_key, task, body, metadata in rows(db_url):
         encoded = encode(qid, doc_key, task, body, metadata, tasks)
         if len(parts) >= max_requests or size + len(encoded) + 1 > max_bytes:
-            post(conn, parts)
-            sent += len(parts)
-            batches += 1
-            parts, size = [], 16
+            flush()
+            parts, ids, size = [], [], 16
         parts.append(encoded)
+        ids.append(qid)
         size += len(encoded) + 1
     if parts:
-        post(conn, parts)
-        sent += len(parts)
-        batches += 1
+        flush()
+    book.close()
+    conn.close()
     print(f"baseline submitted {sent} request(s) in {batches} batch(es)")
     return 0
 

@@ -66,15 +66,16 @@ class Measured:
     rss_mb: float
     cpu_s: float
     output: str
+    emulator_cpu_s: float = 0.0  # what the emulator spent answering this step (create, or the streams)
 
 
-def measure(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Measured:
+def measure(name: str, argv: list[str], env: dict[str, str], logdir: Path, cwd: Path = ROOT) -> Measured:
     """Run one child to completion: wall time, and peak RSS and CPU time as the kernel accounted them."""
     out_path = logdir / f"{name}.out"
     err_path = logdir / f"{name}.err"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=ROOT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -115,7 +116,8 @@ BASELINE_DDL = """CREATE TABLE {table} (
     doc_key TEXT, task TEXT, queue_id BIGINT, custom_id TEXT, output_text TEXT, output_json {json},
     model TEXT, stop_reason TEXT, input_tokens INTEGER, output_tokens INTEGER,
     cache_creation_input_tokens INTEGER, cache_read_input_tokens INTEGER, cost_usd DOUBLE PRECISION,
-    standard_cost_usd DOUBLE PRECISION, batch_id TEXT, enqueued_at {ts}, batch_ended_at {ts}, collected_at {ts}
+    standard_cost_usd DOUBLE PRECISION, batch_id TEXT, enqueued_at {ts}, batch_ended_at {ts}, collected_at {ts},
+    PRIMARY KEY (doc_key, task)
 )"""
 
 
@@ -258,6 +260,11 @@ class Emulator:
         if not self.base_url:
             raise SystemExit("the emulator did not start; see emulator.err")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the emulator process has used so far (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reset(self) -> None:
         request = urllib.request.Request(
             f"{self.base_url}/_emulator/reset",
@@ -285,7 +292,8 @@ def pairs(
 
     The order alternates (baseline first, then etl first, ...; the last pair runs etl last, so the
     database and the emulator are left as etl made them): on a machine whose speed drifts, neither side
-    gets the fast minutes more often. With n = 1: baseline then etl, nothing restored.
+    gets the fast minutes more often. The baselines do etl's bookkeeping (queue rows updated), so every
+    step after the first starts from a restored copy.
     """
     out: list[tuple[Measured, Measured]] = []
     first = True
@@ -293,7 +301,7 @@ def pairs(
         order = [baseline, etl] if (n - 1 - k) % 2 == 0 else [etl, baseline]
         got: dict[Callable[[], Measured], Measured] = {}
         for step in order:
-            if not first and n > 1:
+            if not first:
                 restore()
             first = False
             got[step] = step()
@@ -301,16 +309,117 @@ def pairs(
     return out
 
 
-def summary(runs: list[tuple[Measured, Measured]]) -> tuple[float, float, float]:
-    """(median etl seconds, median of the pairs' etl/baseline ratios, highest etl peak RSS)."""
+def summary(runs: list[tuple[Measured, Measured]]) -> tuple[float, float, float, float]:
+    """(median etl seconds, median of the pairs' etl/baseline wall ratios, median of their CPU ratios,
+    highest etl peak RSS)."""
     return (
         statistics.median(e.seconds for _, e in runs),
         statistics.median(e.seconds / b.seconds for b, e in runs),
+        statistics.median(e.cpu_s / max(b.cpu_s, 0.01) for b, e in runs),
         max(e.rss_mb for _, e in runs),
     )
 
 
+class WarmChild:
+    """`bench/warm_child.py`: one process with etl's imports and API client loaded, as in `etl run`."""
+
+    def __init__(self, python: str, env: dict[str, str], logdir: Path, cwd: Path) -> None:
+        self._err = (logdir / "warm.err").open("wb")
+        self.proc = subprocess.Popen(
+            [python, str(HERE / "warm_child.py")],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            cwd=cwd,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the warm process did not start; see warm.err")
+
+    def run(self, name: str, argv: list[str] | None = None) -> Measured:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"step": name, "argv": argv or []}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the warm process died during {name}; see warm.err")
+        got = json.loads(line)
+        return Measured(name, got["seconds"], got["rss_mb"], got["cpu_s"], got["output"])
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self._err.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    python = sys.executable
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="etl-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    shape = "warm, inside one process as in `etl run`" if args.warm else "fresh processes"
+    print(f"bench: {args.docs} documents on {args.db} ({shape}); logs in {workdir}", flush=True)
+
+    db = Database(args.db, workdir, args.pg_admin)
+    emulator: Emulator | None = None
+    warm: WarmChild | None = None
+    tree = (args.etl_tree or ROOT).resolve()
+    try:
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
+        env = {
+            **base_env,
+            "ETL_CONFIG": str(args.config),
+            "ETL_DATABASE_URL": db.url,
+            "ANTHROPIC_API_KEY": "bench-key",
+        }
+        if args.etl_tree:
+            env["PYTHONPATH"] = str(tree)
+        etl = [python, "-m", "etl.cli"]
+        # An installed package carries its bytecode (pip compiles it); this source tree may not, and with
+        # PYTHONDONTWRITEBYTECODE set every process would compile `etl` again (0.25 s). Both sides get it.
+        for package in (tree / "etl", ROOT / "etl", HERE):
+            subprocess.run(
+                [python, "-m", "compileall", "-q", str(package)], check=True, stdout=subprocess.DEVNULL
+            )
+        measure("db_upgrade", [*etl, "db", "upgrade"], env, workdir, tree)
+        t = time.perf_counter()
+        db.load(args.docs)
+        print(f"bench: enqueued {args.docs} documents in {time.perf_counter() - t:.1f}s", flush=True)
+
+        emulator = Emulator(python, workdir)
+        env["ANTHROPIC_BASE_URL"] = emulator.base_url
+        em = emulator
+        if args.warm:
+            warm = WarmChild(python, env, workdir, tree)
+        steps = Steps(args, db, em, warm, env, workdir, tree)
+        db.snapshot("loaded")
+        submits = pairs(
+            max(1, args.repeat), steps.baseline_submit, steps.submit, lambda: db.restore("loaded")
+        )
+        steps.batch_ids = db.column("SELECT batch_id FROM etl_batches WHERE batch_id IS NOT NULL ORDER BY id")
+        if not args.no_vacuum:
+            db.after_submit()
+        db.snapshot("submitted")
+        collects = pairs(
+            max(1, args.repeat), steps.baseline_collect, steps.collect, lambda: db.restore("submitted")
+        )
+    finally:
+        if warm is not None:
+            warm.stop()
+        if emulator is not None:
+            emulator.stop()
+        if not args.keep:
+            db.drop()
+            if args.workdir is None and args.profile is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    _print_results(args, submits, collects, steps.batch_ids)
+    return 0
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=100_000)
     p.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
@@ -333,158 +442,155 @@ def main(argv: list[str] | None = None) -> int:
         "alternating which goes first; ratios are the median of the pairs' ratios",
     )
     p.add_argument(
+        "--warm",
+        action="store_true",
+        help="the deployed shape: every step inside one process whose imports and API client are loaded, "
+        "as in a running `etl run` (bench/warm_child.py); the baselines run warm too",
+    )
+    p.add_argument(
+        "--etl-tree",
+        type=Path,
+        help="run `etl` from another checkout (e.g. an archive of the previous commit), for before/after",
+    )
+    p.add_argument(
         "--profile",
         choices=["cprofile", "py-spy"],
         help="also write a profile of each etl process to the work folder (timings then include the profiler)",
     )
-    args = p.parse_args(argv)
-    python = sys.executable
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="etl-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"bench: {args.docs} documents on {args.db}; logs in {workdir}", flush=True)
+    return p.parse_args(argv)
 
-    db = Database(args.db, workdir, args.pg_admin)
-    emulator: Emulator | None = None
-    try:
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
-        env = {
-            **base_env,
-            "ETL_CONFIG": str(args.config),
-            "ETL_DATABASE_URL": db.url,
-            "ANTHROPIC_API_KEY": "bench-key",
-        }
-        etl = [python, "-m", "etl.cli"]
-        # An installed package carries its bytecode (pip compiles it); this source tree may not, and with
-        # PYTHONDONTWRITEBYTECODE set every process would compile `etl` again (0.25 s). Both sides get it.
-        for package in (ROOT / "etl", HERE):
-            subprocess.run(
-                [python, "-m", "compileall", "-q", str(package)], check=True, stdout=subprocess.DEVNULL
-            )
-        measure("db_upgrade", [*etl, "db", "upgrade"], env, workdir)
-        t = time.perf_counter()
-        db.load(args.docs)
-        print(f"bench: enqueued {args.docs} documents in {time.perf_counter() - t:.1f}s", flush=True)
 
-        emulator = Emulator(python, workdir)
-        env["ANTHROPIC_BASE_URL"] = emulator.base_url
+class Steps:
+    """The four measured steps, each checked for its outcome; fresh processes, or the warm one."""
 
-        def etl_cmd(command: str) -> list[str]:
-            if args.profile == "cprofile":
-                return [
-                    python,
-                    "-m",
-                    "cProfile",
-                    "-o",
-                    str(workdir / f"{command}.prof"),
-                    "-m",
-                    "etl.cli",
-                    command,
-                ]
-            if args.profile == "py-spy":
-                spy = shutil.which("py-spy") or str(Path(python).parent / "py-spy")
-                out = str(workdir / f"{command}.speedscope.json")
-                return [
-                    spy,
-                    "record",
-                    "-f",
-                    "speedscope",
-                    "-o",
-                    out,
-                    "-r",
-                    "200",
-                    "--idle",
-                    "--",
-                    *etl,
-                    command,
-                ]
-            return [*etl, command]
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        db: Database,
+        emulator: Emulator,
+        warm: WarmChild | None,
+        env: dict[str, str],
+        workdir: Path,
+        tree: Path,
+    ) -> None:
+        self.args, self.db, self.em, self.warm = args, db, emulator, warm
+        self.env, self.workdir, self.tree = env, workdir, tree
+        self.batch_ids: list[str] = []
+        self.cfg = str(args.config)
 
-        cfg = str(args.config)
-        assert emulator is not None
-        em = emulator
+    def _timed(self, run: Callable[[], Measured]) -> Measured:
+        before = self.em.cpu_s()
+        m = run()
+        m.emulator_cpu_s = self.em.cpu_s() - before
+        return m
 
-        def run_baseline_submit() -> Measured:
-            m = measure(
-                "baseline_submit",
-                [python, str(HERE / "baseline_submit.py"), db.url, em.base_url, cfg],
-                env,
-                workdir,
-            )
-            return m
+    def _etl(self, command: str) -> Measured:
+        if self.warm is not None:
+            return self.warm.run(f"etl_{command}")
+        return measure(f"etl_{command}", self._etl_argv(command), self.env, self.workdir, self.tree)
 
-        def run_submit() -> Measured:
-            em.reset()  # the emulator then holds only this submit's batches (the last pair runs etl last)
-            m = measure("etl_submit", etl_cmd("submit"), env, workdir)
-            submitted = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'submitted'")
-            if submitted != args.docs:
-                raise SystemExit(f"etl submit left {submitted} of {args.docs} rows submitted: {m.output}")
-            return m
+    def _baseline(self, name: str, argv: list[str]) -> Measured:
+        if self.warm is not None:
+            return self.warm.run(name, argv)
+        return measure(name, [sys.executable, str(HERE / f"{name}.py"), *argv], self.env, self.workdir)
 
-        def run_baseline_collect() -> Measured:
-            m = measure(
-                "baseline_collect",
-                [
-                    python,
-                    str(HERE / "baseline_collect.py"),
-                    db.url,
-                    em.base_url,
-                    cfg,
-                    BASELINE_TABLE,
-                    *batch_ids,
-                ],
-                env,
-                workdir,
-            )
-            rows = db.scalar(f"SELECT count(*) FROM {BASELINE_TABLE}")
-            if rows != args.docs:
-                raise SystemExit(f"the collect baseline loaded {rows} of {args.docs} rows")
-            return m
+    def _etl_argv(self, command: str) -> list[str]:
+        python, workdir = sys.executable, self.workdir
+        if self.args.profile == "cprofile":
+            return [
+                python,
+                "-m",
+                "cProfile",
+                "-o",
+                str(workdir / f"{command}.prof"),
+                "-m",
+                "etl.cli",
+                command,
+            ]
+        if self.args.profile == "py-spy":
+            spy = shutil.which("py-spy") or str(Path(python).parent / "py-spy")
+            out = str(workdir / f"{command}.speedscope.json")
+            return [
+                spy,
+                "record",
+                "-f",
+                "speedscope",
+                "-o",
+                out,
+                "-r",
+                "200",
+                "--idle",
+                "--",
+                python,
+                "-m",
+                "etl.cli",
+                command,
+            ]
+        return [python, "-m", "etl.cli", command]
 
-        def run_collect() -> Measured:
-            m = measure("etl_collect", etl_cmd("collect"), env, workdir)
-            done = db.scalar("SELECT count(*) FROM etl_queue WHERE status = 'done'")
-            results = db.scalar("SELECT count(*) FROM etl_results")
-            if not done == results == args.docs:
-                raise SystemExit(f"expected {args.docs} everywhere: done={done} results={results}")
-            return m
+    def baseline_submit(self) -> Measured:
+        self.em.reset()
+        m = self._timed(lambda: self._baseline("baseline_submit", [self.db.url, self.em.base_url, self.cfg]))
+        self._expect("submitted", m)
+        return m
 
-        repeat = max(1, args.repeat)
-        if repeat > 1:
-            db.snapshot("loaded")
-        submits = pairs(repeat, run_baseline_submit, run_submit, lambda: db.restore("loaded"))
-        batch_ids = db.column("SELECT batch_id FROM etl_batches WHERE batch_id IS NOT NULL ORDER BY id")
-        if not args.no_vacuum:
-            db.after_submit()
-        if repeat > 1:
-            db.snapshot("submitted")
-        collects = pairs(repeat, run_baseline_collect, run_collect, lambda: db.restore("submitted"))
-    finally:
-        if emulator is not None:
-            emulator.stop()
-        if not args.keep:
-            db.drop()
-            if args.workdir is None and args.profile is None:
-                shutil.rmtree(workdir, ignore_errors=True)
+    def submit(self) -> Measured:
+        self.em.reset()  # the emulator then holds only this submit's batches (the last pair runs etl last)
+        m = self._timed(lambda: self._etl("submit"))
+        self._expect("submitted", m)
+        return m
 
-    print(f"{'process':<18}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}{'ratio':>8}")
+    def baseline_collect(self) -> Measured:
+        argv = [self.db.url, self.em.base_url, self.cfg, BASELINE_TABLE, *self.batch_ids]
+        m = self._timed(lambda: self._baseline("baseline_collect", argv))
+        rows = self.db.scalar(f"SELECT count(*) FROM {BASELINE_TABLE}")
+        if rows != self.args.docs:
+            raise SystemExit(f"the collect baseline loaded {rows} of {self.args.docs} rows")
+        self._expect("done", m)
+        return m
+
+    def collect(self) -> Measured:
+        m = self._timed(lambda: self._etl("collect"))
+        self._expect("done", m)
+        results = self.db.scalar("SELECT count(*) FROM etl_results")
+        if results != self.args.docs:
+            raise SystemExit(f"expected {self.args.docs} results, found {results}")
+        return m
+
+    def _expect(self, status: str, m: Measured) -> None:
+        n = self.db.scalar(f"SELECT count(*) FROM etl_queue WHERE status = '{status}'")
+        if n != self.args.docs:
+            raise SystemExit(f"{m.name} left {n} of {self.args.docs} rows {status}: {m.output}")
+
+
+def _print_results(
+    args: argparse.Namespace,
+    submits: list[tuple[Measured, Measured]],
+    collects: list[tuple[Measured, Measured]],
+    batch_ids: list[str],
+) -> None:
+    print(
+        f"{'process':<18}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}{'emulator cpu s':>16}{'ratio':>8}{'cpu ratio':>11}"
+    )
     for runs in (submits, collects):
         for b, e in runs:
-            print(f"{b.name:<18}{b.seconds:>9.2f}{b.cpu_s:>9.2f}{b.rss_mb:>13.1f}")
+            print(f"{b.name:<18}{b.seconds:>9.2f}{b.cpu_s:>9.2f}{b.rss_mb:>13.1f}{b.emulator_cpu_s:>16.2f}")
             print(
-                f"{e.name:<18}{e.seconds:>9.2f}{e.cpu_s:>9.2f}{e.rss_mb:>13.1f}{e.seconds / b.seconds:>8.2f}"
+                f"{e.name:<18}{e.seconds:>9.2f}{e.cpu_s:>9.2f}{e.rss_mb:>13.1f}{e.emulator_cpu_s:>16.2f}"
+                f"{e.seconds / b.seconds:>8.2f}{e.cpu_s / max(b.cpu_s, 0.01):>11.2f}"
             )
     print(f"batches: {len(batch_ids)}; etl submit said: {submits[-1][1].output}")
-    submit_s, submit_ratio, submit_rss = summary(submits)
-    collect_s, collect_ratio, collect_rss = summary(collects)
-    if repeat > 1:
-        print(f"medians of {repeat} pairs (RSS: the highest)")
+    submit_s, submit_ratio, submit_cpu, submit_rss = summary(submits)
+    collect_s, collect_ratio, collect_cpu, collect_rss = summary(collects)
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} pairs (RSS: the highest)")
     print(
         f"RESULT db={args.db} docs={args.docs} submit_s={submit_s:.2f} submit_ratio={submit_ratio:.2f} "
         f"collect_s={collect_s:.2f} collect_ratio={collect_ratio:.2f} submit_rss_mb={submit_rss:.0f} "
-        f"collect_rss_mb={collect_rss:.0f}",
+        f"collect_rss_mb={collect_rss:.0f} submit_cpu_ratio={submit_cpu:.2f} collect_cpu_ratio={collect_cpu:.2f} "
+        f"warm={'yes' if args.warm else 'no'}",
         flush=True,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -20,7 +21,7 @@ from sqlalchemy import delete
 from etl import budget, failpoints, reconciler, routing
 from etl.clock import isoformat
 from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
-from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
+from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, build_params, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
@@ -61,18 +62,23 @@ def run(rt: Runtime) -> SubmitOutcome:
     # that stops on a missing key must not leave rows `claimed` for the lease.
     rt.config.require_api_key()
     # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
-    # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
-    rt.warm_provider()
+    # loads on a thread; the API's part of reconciliation follows it, before anything is sent. With
+    # nothing to send and nothing to reconcile the run never calls the API, so it does not load the SDK
+    # (1-3 s of CPU, most of an idle run).
+    if _may_call_api(rt):
+        rt.warm_provider()
     reconciled = reconciler.release_expired(rt)
     _supersede(rt)
     claim = _claim(rt)
-    reconciler.match_remote(rt, reconciled)
-    if reconciled.paused is not None:
-        # The API refused our key (or billing) while listing: no create could succeed, so none is sent,
-        # whether rows are queued or not; the claim goes back at once, its attempts untouched.
-        if claim is not None:
-            _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submission paused before sending")
-        raise SubmissionPaused(paused_message(reconciled.paused))
+    # The API's part of reconciliation waits for the SDK: it runs before the first create (whose fence
+    # follows it), so the first batch is read and encoded while the SDK loads, not after.
+    # With nothing claimed there is nothing to build meanwhile, and it may give rows back to claim now.
+    # A key or billing refusal on its list pauses submission: no create is sent (`_match_remote`).
+    reconcile: list[Callable[[], object]] = []
+    if claim is not None:
+        reconcile.append(lambda: _match_remote(rt, reconciled))
+    elif _has_unknown(rt):
+        _match_remote(rt, reconciled)
     outcome = SubmitOutcome()
     limits = rt.config.submit
     while outcome.batches < limits.max_batches_per_run:
@@ -87,9 +93,11 @@ def run(rt: Runtime) -> SubmitOutcome:
         if claim is None:
             break
         with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
-            if not _one_batch(rt, outcome, claim):
+            if not _one_batch(rt, outcome, claim, reconcile):
                 break
         claim = None
+    while reconcile:  # no batch got as far as its create
+        reconcile.pop()()
     if outcome.waiting:
         _mark_waiting(rt, outcome)
     if outcome.documents == 0 and outcome.stopped is None:
@@ -129,6 +137,31 @@ def _creates_held(rt: Runtime) -> SubmitOutcome | None:
     out = SubmitOutcome(stopped=f"rate limited: the API asked for no batch create before {isoformat(until)}")
     log.warning("create_held", until=isoformat(until), reason="retry-after of the last create")
     return out
+
+
+def _may_call_api(rt: Runtime) -> bool:
+    """Something is queued, or an intent may need the API (an unknown create, or a claim or send whose
+    lease may have run out: the reconciler turns those into queued rows or unknown creates)."""
+    with reading(rt.engine) as conn:
+        return q.any_queued(conn) or bool(
+            intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.CLAIMED, BatchStatus.SENDING)
+        )
+
+
+def _has_unknown(rt: Runtime) -> bool:
+    """An unknown create waits for the API's list (`reconciler.match_remote`). Without one, a run that
+    claimed nothing skips the list: remote batches matching no record are reported by the next collect
+    or `etl reconcile`, which list every time."""
+    with reading(rt.engine) as conn:
+        return bool(intents.with_status(conn, BatchStatus.UNKNOWN))
+
+
+def _match_remote(rt: Runtime, reconciled: reconciler.ReconcileOutcome) -> None:
+    """The API's part of reconciliation. The API refused our key (or billing) while listing: no create
+    could succeed, so none is sent; the caller gives its claim back, attempts untouched."""
+    reconciler.match_remote(rt, reconciled)
+    if reconciled.paused is not None:
+        raise SubmissionPaused(paused_message(reconciled.paused))
 
 
 def _why_idle(rt: Runtime) -> str:
@@ -192,15 +225,17 @@ def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: s
             q.unclaim(conn, intent_id, rt.clock())
 
 
-def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
-    """Build and send the batch of one claim. False when the run must stop."""
+def _one_batch(
+    rt: Runtime, outcome: SubmitOutcome, claim: Claim, before_send: list[Callable[[], object]]
+) -> bool:
+    """Build and send the batch of one claim. False when the run must stop. `before_send` runs (once)
+    before the first fence: the reconciliation that needs the API."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
     intent_id = claim.intent_id
     now = claim.at
 
-    parts: list[bytes] = []
-    size = BODY_OVERHEAD
+    building = BatchBody()  # the create body, written as each request is encoded
     rejects: list[tuple[int, str]] = []
     rejects_logged: list[tuple[int, str, str]] = []
     overflow: list[int] = []
@@ -249,7 +284,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 rejects_logged.append((row.id, row.doc_key, reason))
                 rejected_per_task[(row.task, "request larger than a batch (submit.max_batch_bytes)")] += 1
                 continue
-            if size + len(encoded) + 1 > limits.max_batch_bytes:
+            if not building.fits(encoded, limits.max_batch_bytes):
                 overflow.append(row.id)
                 continue
             cost = costing.tasks[row.task]
@@ -260,10 +295,9 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 continue
             message_tokens[row.task] += tokens
             upper_units[row.task] += units
-            parts.append(encoded)
-            size += len(encoded) + 1
+            building.add(encoded)
             per_task[row.task] += 1
-            if len(parts) % 1000 == 0 and rt.clock() >= renew_at:
+            if building.count % 1000 == 0 and rt.clock() >= renew_at:
                 now = rt.clock()
                 with rt.engine.begin() as conn:
                     if not intents.renew_lease(conn, intent_id, rt.owner, now, now + lease):
@@ -283,18 +317,18 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
             q.unclaim(conn, intent_id, now, ids=overflow)
         for reason, ids in q.group_by_reason(held).items():
             q.unclaim(conn, intent_id, now, ids=ids, reason=reason)
-        if not intents.set_payload(conn, intent_id, rt.owner, len(parts), size):
+        if not intents.set_payload(conn, intent_id, rt.owner, building.count, building.size):
             outcome.stopped = "lease lost"
             return False
-        if parts:
+        if building.count:
             shares = _shares(rt, costing, per_task, message_tokens, upper_units)
             spend.lock(conn)
             if caps and not budget.fits(caps, spend.reserved(conn, night), shares):
                 # Another submitter reserved part of the budget since this batch was built: send nothing.
                 intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "nightly budget taken meanwhile")
                 q.unclaim(conn, intent_id, now, reason=f"{budget.BUDGET_REASON}: taken by another submit")
-                outcome.waiting += len(parts)
-                parts = []
+                outcome.waiting += building.count
+                building = BatchBody()
                 outcome.budget_spent = True
             else:
                 spend.reserve(conn, intent_id, night, shares, now)
@@ -308,13 +342,18 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     outcome.rejected += len(rejects)
     for row_id, doc_key, reason in rejects_logged:
         log.warning("document_rejected", queue_id=row_id, doc_key=doc_key, reason=reason)
-    if not parts:
+    if not building.count:
         return True
-    body = batch_body(parts)
-    del parts
+    body = building.finish()
+    del building
     failpoints.hit("submit.after_build")
     try:
+        while before_send:
+            before_send.pop()()
         provider = rt.provider  # built before the fence: a client that cannot be made sends nothing
+    except SubmissionPaused:
+        _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "submission paused before sending")
+        raise
     except EtlError:
         _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")
         raise

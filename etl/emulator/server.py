@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from etl import codec
 from etl.emulator import model
 from etl.emulator.clock import VirtualClock, format_time
 from etl.emulator.faults import STREAM_ACTIONS, EndpointRule, FaultConfigError, Faults
@@ -291,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json_body(self, body: bytes) -> Any:
         try:
-            return json.loads(body)
+            return codec.loads(body)  # orjson (a 100,000-request create is 130 MB), else json as before
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(
                 400, "invalid_request_error", f"The request body is not valid JSON: {exc}"

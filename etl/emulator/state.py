@@ -24,6 +24,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from etl.emulator import model
 from etl.emulator.clock import VirtualClock, format_time, parse_time
 from etl.emulator.faults import CUSTOM_ID_PLACEHOLDER, Faults, Outcome
@@ -41,12 +43,18 @@ INJECTED = 6
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
+# Two base62 digits per divmod (least significant first, as one digit at a time would give them).
+_PAIRS = [BASE62[n % 62] + BASE62[n // 62] for n in range(62 * 62)]
+
+
 def _base62(data: bytes) -> str:
     number = int.from_bytes(data, "big")
     digits = []
-    for _ in range(24):
-        number, digit = divmod(number, 62)
-        digits.append(BASE62[digit])
+    for _ in range(4):  # the big number divided 4 times, then small ones: 6 digits a chunk
+        number, chunk = divmod(number, 56_800_235_584)  # 62**6
+        for _ in range(3):
+            chunk, pair = divmod(chunk, 3844)
+            digits.append(_PAIRS[pair])
     return "".join(digits)
 
 
@@ -329,15 +337,18 @@ class EmulatorState:
             if model.validate_params(params, batch.api_version, in_batch=True) is not None:
                 codes[i] = INVALID
                 continue
-            cache = self._use_cache(params, end)
+            split = model.split_prompt(params)
+            cache = self._use_cache(params, end, split)
             codes[i] = {None: SUCCEEDED, "write": CACHE_WRITE, "read": CACHE_READ}[cache]
-            self._bill(custom_id, params, cache)
+            self._bill(custom_id, params, cache, split)
         batch.injected = list(injected)
         batch.codes = codes
         batch.ended_at = end
 
-    def _use_cache(self, params: Mapping[str, Any], at: datetime) -> str | None:
-        split = model.split_prompt(params)
+    def _use_cache(
+        self, params: Mapping[str, Any], at: datetime, split: model.PromptSplit | None = None
+    ) -> str | None:
+        split = split or model.split_prompt(params)
         if split.cache_key is None:
             return None
         ttl = timedelta(hours=1) if split.cache_ttl == "1h" else timedelta(minutes=5)
@@ -345,9 +356,15 @@ class EmulatorState:
         self.cache[split.cache_key] = max(at + ttl, expiry or at)
         return "read" if expiry is not None and expiry > at else "write"
 
-    def _bill(self, custom_id: str | None, params: Mapping[str, Any], cache: str | None) -> dict[str, Any]:
+    def _bill(
+        self,
+        custom_id: str | None,
+        params: Mapping[str, Any],
+        cache: str | None,
+        split: model.PromptSplit | None = None,
+    ) -> dict[str, Any]:
         reply = model.make_reply(params)
-        usage = model.usage(params, reply, cache, "batch")
+        usage = model.usage(params, reply, cache, "batch", split)
         ledger = self.ledger
         if custom_id is not None:
             ledger["billed"][custom_id] = ledger["billed"].get(custom_id, 0) + 1
@@ -509,7 +526,16 @@ def result_lines(batch: Batch, seed: int) -> Iterator[bytes]:
     assert codes is not None
     order = list(range(len(batch.requests)))
     random.Random(f"{seed}:{batch.id}").shuffle(order)
-    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+    def dumps(line: dict[str, Any]) -> bytes:
+        """orjson: the same compact UTF-8 line as the standard library in a fifth of the time; what it
+        refuses (an integer over 64 bits) is written by the standard library, as before."""
+        try:
+            return orjson.dumps(line) + b"\n"
+        except TypeError:
+            return (slow(line) + "\n").encode()
+
     caches = {SUCCEEDED: None, CACHE_WRITE: "write", CACHE_READ: "read"}
     for i in order:
         custom_id, params = batch.requests[i]
@@ -537,4 +563,4 @@ def result_lines(batch: Batch, seed: int) -> Iterator[bytes]:
                     continue
                 type_, message = forced.error_type, forced.message
             result = {"type": "errored", "error": error_body(type_, message, None)}
-        yield (dumps({"custom_id": custom_id, "result": result}) + "\n").encode()
+        yield dumps({"custom_id": custom_id, "result": result})

@@ -413,6 +413,11 @@ def counts(conn: Connection) -> dict[str, int]:
     return out
 
 
+def any_queued(conn: Connection) -> bool:
+    """Whether any row is queued (one probe of the partial claim index)."""
+    return conn.execute(select(queue.c.id).where(queue.c.status == S.QUEUED).limit(1)).first() is not None
+
+
 def oldest_queued(conn: Connection) -> datetime | None:
     value: datetime | None = conn.execute(
         select(func.min(queue.c.enqueued_at)).where(queue.c.status == S.QUEUED)

@@ -17,15 +17,24 @@ RESULT = re.compile(
     r"^RESULT db=(?P<db>\w+) docs=(?P<docs>\d+) submit_s=(?P<submit_s>[\d.]+) "
     r"submit_ratio=(?P<submit_ratio>[\d.]+) collect_s=(?P<collect_s>[\d.]+) "
     r"collect_ratio=(?P<collect_ratio>[\d.]+) submit_rss_mb=(?P<submit_rss>\d+) "
-    r"collect_rss_mb=(?P<collect_rss>\d+)$"
+    r"collect_rss_mb=(?P<collect_rss>\d+) submit_cpu_ratio=(?P<submit_cpu>[\d.]+) "
+    r"collect_cpu_ratio=(?P<collect_cpu>[\d.]+) warm=(?P<warm>yes|no)$"
 )
 
 
 @pytest.mark.parametrize(
-    ("db", "repeat"), [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
+    ("db", "repeat", "warm"),
+    [
+        ("sqlite", 1, False),
+        ("sqlite", 2, False),
+        ("postgresql", 1, False),
+        ("postgresql", 2, False),
+        ("sqlite", 1, True),
+        ("postgresql", 1, True),
+    ],
 )
 def test_bench_run_prints_a_parsable_result_line(
-    db: str, repeat: int, request: pytest.FixtureRequest
+    db: str, repeat: int, warm: bool, request: pytest.FixtureRequest
 ) -> None:
     if db == "postgresql":
         request.getfixturevalue("pg_admin")  # skips without PostgreSQL, fails instead when CI is set
@@ -39,6 +48,7 @@ def test_bench_run_prints_a_parsable_result_line(
             db,
             "--repeat",
             str(repeat),
+            *(["--warm"] if warm else []),
         ],
         capture_output=True,
         text=True,
@@ -52,6 +62,8 @@ def test_bench_run_prints_a_parsable_result_line(
     assert (match["db"], match["docs"]) == (db, "2000")
     assert float(match["submit_s"]) > 0 and float(match["collect_s"]) > 0
     assert int(match["submit_rss"]) > 0 and int(match["collect_rss"]) > 0
+    assert float(match["submit_cpu"]) > 0 and float(match["collect_cpu"]) > 0
+    assert match["warm"] == ("yes" if warm else "no")
     measured = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("etl_")]
     assert measured == ["etl_submit"] * repeat + ["etl_collect"] * repeat
 

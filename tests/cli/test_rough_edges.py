@@ -39,27 +39,35 @@ def pause_reason(rt: Runtime) -> str | None:
 
 
 @pytest.mark.parametrize("queued", [0, 3], ids=["empty-queue", "rows-queued"])
-def test_a_wrong_key_pauses_and_exits_75_whether_or_not_rows_are_queued(
+def test_a_wrong_key_pauses_and_exits_75_at_the_first_command_that_asks_the_api(
     queued: int,
     runtime: Runtime,
     db_url: str,
     keyed_emulator: EmulatorServer,
     config_file: Callable[..., Path],
 ) -> None:
+    """One behaviour: the first command that calls the API with a wrong key pauses submission and exits
+    75 in one line, and so does every later one. A submit on an empty queue calls no API (issue 23: it
+    does not even load the SDK), so it learns nothing about the key: it exits 0 and pauses nothing."""
     insert_docs(
         runtime, [{"doc_key": f"d{i}", "body": f"document {i}", "task": "default"} for i in range(queued)]
     )
     env = {**env_for(db_url, keyed_emulator, config_file()), "ANTHROPIC_API_KEY": "sk-ant-wrong"}
-    proc = run_etl(["submit"], env)
-    assert proc.returncode == 75, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("etl: ")]
-    assert len(lines) == 1 and "401" in lines[0] and "etl resume" in lines[0], proc.stderr
+    if queued:
+        first = run_etl(["submit"], env)
+    else:
+        idle = run_etl(["submit"], env)
+        assert idle.returncode == 0 and pause_reason(runtime) is None, (idle.stdout, idle.stderr)
+        first = run_etl(["collect", "--no-report"], env)  # collect always lists the API's batches
+    assert first.returncode == 75, (first.returncode, first.stdout, first.stderr)
+    assert "Traceback" not in first.stderr
+    lines = [line for line in first.stderr.splitlines() if line.startswith("etl: ")]
+    assert len(lines) == 1 and "401" in lines[0] and "etl resume" in lines[0], first.stderr
     assert pause_reason(runtime) is not None
     # Nothing was sent, and every row is back in the queue with its attempts untouched.
     assert EmulatorControl(keyed_emulator.base_url).ledger().get("batches_created", 0) == 0
     assert all(r["status"] == "queued" and r["attempts"] == 0 for r in queue_rows(runtime).values())
-    # Paused: the next submit says so with the same code; the collect that met the key says it too.
+    # Paused: every later submit and collect says so with the same code.
     assert run_etl(["submit"], env).returncode == 75
     assert run_etl(["collect", "--no-report"], env).returncode == 75
 

@@ -417,3 +417,25 @@ def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collec
     out = collector.run(make_runtime())
     assert (out.batches_collected, out.succeeded) == (1, 6)
     assert {r["status"] for r in queue_rows(early).values()} == {"done"}
+
+
+def test_a_batch_fills_its_byte_cap_exactly_and_records_the_bytes_it_sent(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    """`etl_batches.payload_bytes` is the size of the body sent (it was one byte more), and a batch takes
+    requests up to `max_batch_bytes` exactly (it left the last one out when it fitted to the byte)."""
+    from etl.prompt import batch_body, encode_request
+
+    first = make_runtime()
+    docs = [{"doc_key": f"k{i}", "body": f"bødy {i} " + "y" * (i * 13 % 50)} for i in range(30)]
+    insert_docs(first, docs)
+    ids = {k: r["id"] for k, r in queue_rows(first).items()}
+    body = batch_body(
+        [encode_request(ids[d["doc_key"]], expected_params(first, ids[d["doc_key"]], d)) for d in docs]
+    )
+    rt = make_runtime(submit={"max_batch_bytes": len(body), "max_body_bytes": 1000})
+    out = submitter.run(rt)
+    assert (out.batches, out.documents, out.payload_bytes) == (1, 30, len(body))
+    with rt.engine.connect() as conn:
+        recorded = conn.execute(text("SELECT payload_bytes FROM etl_batches WHERE batch_id IS NOT NULL"))
+        assert recorded.scalar_one() == len(body)

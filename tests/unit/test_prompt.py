@@ -144,3 +144,22 @@ def test_a_doc_key_is_sent_only_within_its_byte_limit(key: str) -> None:
             params(doc_key=key)
     elif "\x00" not in key:
         params(doc_key=key)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=30), st.integers(14, 400))
+def test_a_batch_body_built_in_one_buffer_is_the_joined_body_and_knows_its_size(
+    parts: list[bytes], cap: int
+) -> None:
+    from etl.prompt import BatchBody
+
+    built, taken = BatchBody(), []
+    for part in parts:
+        fits = built.fits(part, cap)
+        assert fits == (len(batch_body([*taken, part])) <= cap)
+        if fits:
+            built.add(part)
+            taken.append(part)
+            assert built.size == len(batch_body(taken))
+    size = built.size
+    body = built.finish()
+    assert body == batch_body(taken) and len(body) == size and built.count == len(taken)

@@ -62,7 +62,15 @@ def build(
             continue  # the live path's own section (etl/paths.py)
         task = r["task"] or "(all)"
         per_task[task][r["kind"]] += int(r["documents"] or 0)
-        if r["kind"] in ("requeued", "dead", "rejected", "released", "archived"):
+        if r["kind"] in (
+            "requeued",
+            "dead",
+            "rejected",
+            "released",
+            "archived",
+            "extra_results",
+            "unexplained",
+        ):
             failures[f"{r['kind']}: {r['reason'] or 'unspecified'}"] += int(r["documents"] or 0)
         if r["kind"] == "succeeded":
             for key in totals:

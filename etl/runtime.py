@@ -64,6 +64,7 @@ class Runtime:
     should_stop: Callable[[], bool] = _never
     owner: str = field(default_factory=liveness.new_owner)  # host:pid:tag:boot:start (etl.liveness)
     _provider: Provider | None = None
+    _installation: str | None = None
     _warming: threading.Thread | None = None
     _provider_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,6 +98,15 @@ class Runtime:
 
             self._warming = threading.Thread(target=build, name="etl-provider-warm", daemon=True)
             self._warming.start()
+
+    def installation(self) -> str:
+        """This database's installation id (etl.store.state.installation_id), read once."""
+        if self._installation is None:
+            from etl.store import state
+
+            with self.engine.begin() as conn:
+                self._installation = state.installation_id(conn, self.clock())
+        return self._installation
 
     @property
     def same_database(self) -> bool:

@@ -19,7 +19,7 @@ from sqlalchemy import delete
 
 from etl import budget, failpoints, reconciler, routing
 from etl.errors import EtlError, ProviderError, SubmissionPaused
-from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, encode_request
+from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, custom_id, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
@@ -125,9 +125,10 @@ def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
     """Take the next batch's rows under a new intent and lease; None when nothing is queued."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
+    installation = rt.installation()
     now = rt.clock()
     with rt.engine.begin() as conn:
-        intent_id = intents.create_intent(conn, rt.owner, now + lease, now)
+        intent_id = intents.create_intent(conn, rt.owner, now + lease, now, installation)
         claimed = q.claim(
             conn,
             intent_id,
@@ -165,6 +166,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     lease = timedelta(seconds=limits.claim_lease_seconds)
     intent_id = claim.intent_id
     now = claim.at
+    installation = rt.installation()
 
     parts: list[bytes] = []
     size = BODY_OVERHEAD
@@ -198,7 +200,7 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
                 rejects_logged.append((row.id, row.doc_key, rej.reason))
                 rejected_per_task[(row.task, events.reason_key(rej.reason))] += 1
                 continue
-            encoded = encode_request(row.id, params)
+            encoded = encode_request(custom_id(row.id, installation, intent_id), params)
             if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
                 # Alone it would not fit in a batch: sending it can never work, and leaving it queued would
                 # make every night claim and put it back.

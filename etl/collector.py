@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import DBAPIError
 
-from etl import codec, failpoints, reconciler, schema, settlement
+from etl import codec, failpoints, life, reconciler, recovery, schema, settlement
 from etl.errors import ProviderError, ResultsGone, ResultsIncomplete, StoreError
 from etl.pricing import Meter
 from etl.prompt import parse_custom_id
@@ -61,6 +61,8 @@ def run(rt: Runtime) -> CollectOutcome:
     # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
     # batch, which a collect reads next anyway once that batch has ended.
     rt.warm_provider()
+    life.hold(rt)
+    recovery.sweep(rt)  # the dead-owner rules (etl.recovery), as the daemon applies them
     reconciled = reconciler.release_expired(rt)
     preloaded: dict[int, dict[int, Expected]] = {}
     if not rt.provider_ready:

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 if TYPE_CHECKING:
     from etl.provider import Provider
 
-from etl import liveness
+from etl import life, liveness
 from etl.clock import utcnow
 from etl.config import Config
 from etl.store.engine import make_engine
@@ -62,7 +62,8 @@ class Runtime:
     provider_factory: Callable[[], Provider]
     clock: Callable[[], datetime] = utcnow
     should_stop: Callable[[], bool] = _never
-    owner: str = field(default_factory=liveness.new_owner)  # host:pid:tag:boot:start (etl.liveness)
+    owner: str = field(default_factory=liveness.new_owner)  # etl.liveness: who we are
+    life: life.Life = field(default_factory=life.Life)  # etl.life: the lock that proves we are alive
     _provider: Provider | None = None
     _installation: str | None = None
     _warming: threading.Thread | None = None
@@ -113,6 +114,7 @@ class Runtime:
         return self.engine is self.warehouse
 
     def close(self) -> None:
+        self.life.release()
         if self._warming is not None:
             self._warming.join()
         if self._provider is not None:

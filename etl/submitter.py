@@ -17,7 +17,7 @@ from decimal import Decimal
 import structlog
 from sqlalchemy import delete
 
-from etl import budget, failpoints, reconciler, routing
+from etl import budget, failpoints, life, reconciler, recovery, routing
 from etl.errors import EtlError, ProviderError, SubmissionPaused
 from etl.prompt import BODY_OVERHEAD, Rejection, batch_body, build_params, custom_id, encode_request
 from etl.runtime import Runtime, gc_paused
@@ -57,6 +57,8 @@ def run(rt: Runtime) -> SubmitOutcome:
     # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
     # loads on a thread; the API's part of reconciliation follows it, before anything is sent.
     rt.warm_provider()
+    life.hold(rt)  # before anything of ours is written: our rows are recovered the moment we die
+    recovery.sweep(rt)  # rows claimed by a process proven dead go back now, not after its lease
     reconciled = reconciler.release_expired(rt)
     _supersede(rt)
     claim = _claim(rt)

@@ -26,7 +26,9 @@ depends_on = None
 KEY = "installation_id"
 
 
-def upgrade() -> None:
+def upgrade(role: str = "both") -> None:
+    if role not in ("main", "both"):
+        return
     with op.batch_alter_table("etl_batches") as batch:
         batch.add_column(sa.Column("installation", sa.Text, nullable=True))
     bind = op.get_bind()
@@ -42,7 +44,9 @@ def upgrade() -> None:
         )
 
 
-def downgrade() -> None:
+def downgrade(role: str = "both") -> None:
+    if role not in ("main", "both"):
+        return
     with op.batch_alter_table("etl_batches") as batch:
         batch.drop_column("installation")
     op.execute(sa.text(f"DELETE FROM etl_state WHERE key = '{KEY}'"))

@@ -324,8 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
         if after and before:
             raise ApiError(400, "invalid_request_error", "after_id and before_id cannot both be given")
         page, has_more = self.emulator.state.list_page(limit, after or None, before or None)
-        if rule is not None and rule.action == "unordered":  # same page, oldest first: pages stay in order
-            page = page[::-1]
+        if rule is not None and rule.action == "unordered":  # the page's newest entry listed last (a tie
+            page = page[1:] + page[:1]  # re-sorted, an API-side shuffle); the pages stay in order
         now, origin = self.emulator.clock.now(), self._origin()
         self._send_json(
             200,

@@ -168,6 +168,12 @@ def _parser() -> argparse.ArgumentParser:
         help="put the rows of this unknown intent (see etl status) back in the queue now, on your word that "
         "the API holds no batch of them. RISK: if that batch does exist, its rows are sent and billed twice",
     )
+    rec.add_argument(
+        "--acknowledge",
+        metavar="BATCH_ID",
+        help="an unexplained batch of ours (etl status names it: billed, no intent can take it) is known to "
+        "you: stop failing etl status --check on it (the morning report keeps the record)",
+    )
     st = command(
         "status",
         "queue counts, pending batches, deadlines, last runs",
@@ -424,6 +430,10 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
     if args.release is not None:
         rows = reconciler.release_by_operator(rt, args.release)
         print(f"released intent {args.release}: {rows} row(s) back in the queue")
+        return 0
+    if args.acknowledge is not None:
+        reconciler.acknowledge(rt, args.acknowledge)
+        print(f"acknowledged unexplained batch {args.acknowledge}")
         return 0
     out = reconciler.run(rt)
     print(

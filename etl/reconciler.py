@@ -251,6 +251,14 @@ def release_by_operator(rt: Runtime, intent_id: int) -> int:
     return rows
 
 
+def acknowledge(rt: Runtime, batch_id: str) -> None:
+    """`etl reconcile --acknowledge`: an unexplained batch of ours no longer fails `etl status --check`."""
+    with rt.engine.begin() as conn:
+        if not state.forget(conn, f"{UNEXPLAINED_KIND}:{batch_id}"):
+            raise EtlError(f"{batch_id} is not an unexplained batch (etl status lists them)")
+    log.warning("unexplained_batch_acknowledged", batch_id=batch_id)
+
+
 def _adopt(
     rt: Runtime, out: ReconcileOutcome, intent: Intent, r: RemoteBatch, now: datetime, how: str
 ) -> bool:

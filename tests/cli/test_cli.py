@@ -8,8 +8,8 @@ from pathlib import Path
 
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.store import migrate
-from tests.ledger import by_row
 from tests.conftest import API_KEY, SharedClock, run_etl
+from tests.ledger import by_row
 
 
 def env_for(

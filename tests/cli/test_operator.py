@@ -15,9 +15,9 @@ from sqlalchemy import text
 
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.runtime import Runtime
-from tests.ledger import by_row
 from tests.cli.test_cli import env_for
 from tests.conftest import ROOT, SharedClock, insert_docs, queue_rows, run_etl
+from tests.ledger import by_row
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:

@@ -25,8 +25,8 @@ from etl.runtime import Runtime, build
 from etl.status import status
 from etl.store import migrate
 from etl.store.engine import make_engine
-from tests.ledger import by_row
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
+from tests.ledger import by_row
 
 GRACE = 600  # the tests' reconcile_grace_seconds
 

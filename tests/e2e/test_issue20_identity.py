@@ -22,6 +22,7 @@ from etl import collector, reconciler, submitter
 from etl import config as config_mod
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.emulator.model import reply_text
+from etl.errors import EtlError
 from etl.prompt import Row, batch_body, build_params, custom_id, encode_request
 from etl.runtime import Runtime, build
 from etl.status import status
@@ -82,7 +83,9 @@ def open_batches(rt: Runtime) -> int:
     with rt.engine.connect() as conn:
         return int(
             conn.execute(
-                text("SELECT count(*) FROM etl_batches WHERE status IN ('claimed','sending','unknown','submitted','ended')")
+                text(
+                    "SELECT count(*) FROM etl_batches WHERE status IN ('claimed','sending','unknown','submitted','ended')"
+                )
             ).scalar_one()
         )
 
@@ -171,7 +174,9 @@ def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
     database): billed, and no intent can take it. `etl status --check` fails naming it."""
     rt = runtime
     params = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
-    stray = rt.provider.create_batch(batch_body([encode_request(custom_id(1, rt.installation(), 99), params)]))
+    stray = rt.provider.create_batch(
+        batch_body([encode_request(custom_id(1, rt.installation(), 99), params)])
+    )
     clock.advance(120)
     reconciler.run(rt)
     _, healthy, problems = status(rt)
@@ -180,6 +185,10 @@ def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
     with rt.engine.connect() as conn:
         events = conn.execute(text("SELECT count(*) FROM etl_events WHERE kind = 'unexplained'")).scalar_one()
     assert events == 1
+    with pytest.raises(EtlError, match="not an unexplained batch"):
+        reconciler.acknowledge(rt, "msgbatch_typo")
+    reconciler.acknowledge(rt, stray.id)
+    assert status(rt)[1]
 
 
 # -- finding 3: an extra line never keeps a batch open ------------------------------------------------------
@@ -202,13 +211,18 @@ def test_an_extra_results_line_never_keeps_a_batch_open(
         "another-installation": custom_id(first, "0123456789ab", 1),
     }[kind]
     clock.advance(120)
-    control.set_faults(rules=[{"endpoint": "results", "action": "extra_line", "custom_id": extra, "times": 1}])
+    control.set_faults(
+        rules=[{"endpoint": "results", "action": "extra_line", "custom_id": extra, "times": 1}]
+    )
     out = collector.run(rt)
     control.clear_faults()
     assert out.batches_collected == 2
     assert any("another batch's rows" in p for p in out.problems)  # reported
     with rt.engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM etl_events WHERE kind = 'extra_results'")).scalar_one() == 1
+        assert (
+            conn.execute(text("SELECT count(*) FROM etl_events WHERE kind = 'extra_results'")).scalar_one()
+            == 1
+        )
     assert_settled(rt, control, 100)
 
 

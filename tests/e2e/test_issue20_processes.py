@@ -146,7 +146,7 @@ def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
     from etl import life
 
     life.hold(other)
-    host, pid, token, boot, start, ns, machine, *_ = other.owner.split(":")
+    host, _pid, token, boot, _start, ns, machine, *_ = other.owner.split(":")
     flag = other.owner[-2:]
     assert flag in (":L", ":F")
     # the other process's name, with /proc telling a lie: same kernel and namespace, a reused pid

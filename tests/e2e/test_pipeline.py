@@ -17,8 +17,8 @@ from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_json, reply_text
 from etl.prompt import Row, build_params
 from etl.runtime import Runtime
-from tests.ledger import by_row
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.ledger import by_row
 
 DAY = 86400
 

@@ -11,8 +11,8 @@ from sqlalchemy import text
 from etl import collector, failpoints, reconciler, submitter
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
-from tests.ledger import by_row
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.ledger import by_row
 
 
 def intent_statuses(rt: Runtime) -> list[tuple[int, str]]:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from tests.ledger import by_row
 from sqlalchemy import Engine, text
+
+from tests.ledger import by_row
 
 INVARIANTS = ("lost", "billed_twice", "dup_rows", "attempts", "stale_unknown", "fault")
 TERMINAL = {"done", "dead", "rejected", "superseded"}

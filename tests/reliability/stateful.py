@@ -45,6 +45,7 @@ from etl.schema import metadata, warehouse_metadata
 from etl.store import state
 from etl.store.engine import make_engine
 from tests.conftest import API_KEY, TASKS_TOML
+from tests.ledger import by_row
 from tests.reliability import checker
 
 PROCESSING_SECONDS = 60  # the `emulator` fixture's
@@ -536,7 +537,7 @@ class FaultModel(RuleBasedStateMachine):
     def check_superseded(self, ledger: dict[str, Any]) -> None:
         """Only the newest queued row of a (doc_key, task) is ever sent: an older one still queued when a
         newer one arrived is never billed."""
-        billed = set(ledger.get("billed", {})) & self.never_bill
+        billed = set(by_row(ledger)) & self.never_bill
         assert not billed, f"superseded rows billed: {sorted(billed)[:5]}\n" + "\n".join(self.log[-12:])
 
     def complete(self) -> None:

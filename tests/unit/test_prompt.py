@@ -100,9 +100,14 @@ def test_a_custom_id_names_its_row_intent_and_installation_and_nothing_else_read
     # another installation's id, a look-alike of another shape, a typo: never read as ours
     for other in (cid.upper(), cid + "_", cid.replace("_", "-"), cid[:-1], "x" + cid, cid + "0"):
         sent = parse_custom_id(other)
-        assert sent is None or sent.installation != installation or (sent.queue_id, sent.intent) != (
-            qid,
-            intent,
+        assert (
+            sent is None
+            or sent.installation != installation
+            or (sent.queue_id, sent.intent)
+            != (
+                qid,
+                intent,
+            )
         )
 
 

@@ -11,6 +11,7 @@ session and written to `stateful-combinations-<db>.txt` in pytest's temporary di
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,9 +42,14 @@ def world(db_url: str, tmp_path: Path, emulator: EmulatorServer) -> Iterator[Wor
     )
     yield w
     w.engine.dispose()
-    if sqlite_file is not None:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{sqlite_file}{suffix}").unlink(missing_ok=True)
+    other = Path(w.other_url.removeprefix("sqlite:///"))
+    if w.other_engine is not None:
+        w.other_engine.dispose()
+    for db_file in (sqlite_file, other):
+        if db_file is not None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(f"{db_file}.owners", ignore_errors=True)
     if w.provider is not None:
         w.provider._inner.close()
 

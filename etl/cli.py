@@ -435,6 +435,10 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
         reconciler.acknowledge(rt, args.acknowledge)
         print(f"acknowledged unexplained batch {args.acknowledge}")
         return 0
+    from etl import life, recovery
+
+    life.hold(rt)
+    recovery.sweep(rt)  # the dead-owner rules, as every command applies them
     out = reconciler.run(rt)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "

@@ -68,7 +68,7 @@ def snapshot(engine: Engine, warehouse: Engine, ledger: dict[str, Any]) -> Snaps
             for r in conn.execute(text("SELECT doc_key, task, queue_id, custom_id FROM etl_results"))
         ]
     # Bills per queue row of this installation (a row sent twice is billed under two custom_ids).
-    return Snapshot(rows, intents, wh, {**ledger, "billed": by_row(ledger, installation)})
+    return Snapshot(rows, intents, wh, {**ledger, "billed": by_row(ledger, installation or "-")})
 
 
 def _as_dt(value: Any) -> datetime | None:

@@ -323,6 +323,11 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
             q.mark_submitted(conn, intent_id, now)
             for task, n in per_task.items():
                 events.record(conn, now, "submitted", task, n, batch_ref=intent_id)
+    if not recorded and _recorded_by_another(rt, intent_id, remote.id):
+        # A reconciler released this intent while we were paused, then found our batch and recorded it
+        # (etl.reconciler._explain_strays): it is collected like any other; nothing to cancel.
+        outcome.stopped = "lease lost"
+        return False
     if not recorded:
         # A reconciler released this intent while we were paused: its rows may already be in another
         # batch. Cancel ours before it is processed (unprocessed requests are not billed).
@@ -340,6 +345,12 @@ def _one_batch(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> bool:
     outcome.batch_ids.append(remote.id)
     log.info("batch_submitted", intent=intent_id, batch_id=remote.id, requests=requests, bytes=len(body))
     return True
+
+
+def _recorded_by_another(rt: Runtime, intent_id: int, batch_id: str) -> bool:
+    with reading(rt.engine) as conn:
+        intent = intents.get(conn, intent_id)
+    return intent is not None and intent.batch_id == batch_id
 
 
 def _mark_waiting(rt: Runtime, outcome: SubmitOutcome) -> None:

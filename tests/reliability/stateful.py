@@ -213,6 +213,7 @@ class World:
     provider: Any = None
     runs: int = 0  # every in-process `etl` run, completion runs included
     run_seconds: float = 0.0
+    actors: Counter[str] = field(default_factory=Counter)  # issue 20's actors and faults, as drawn
     other_url: str = ""  # a second installation on the same API account (SQLite, tmpfs when there is one)
     other_engine: Engine | None = None
 
@@ -540,6 +541,7 @@ class FaultModel(RuleBasedStateMachine):
         makes no such call (a fault left armed is how a later run's reconciler meets it)."""
         if fault is not None:
             if fault.get("action") == "extra_line":
+                self.w.actors[f"extra-line{fault['custom_id']}"] += 1
                 fault = {**fault, "custom_id": self._extra_id(fault["custom_id"])}
             self.w.control.set_faults(rules=[{**fault, "times": times}], mode="append")
             self.log.append(f"fault {fault} x{times}")
@@ -572,6 +574,7 @@ class FaultModel(RuleBasedStateMachine):
         if collect:
             self.other_run("collect")
         self.log.append(f"other installation: {n} document(s), ambiguous={ambiguous}, collect={collect}")
+        self.w.actors["other-installation" + ("-ambiguous" if ambiguous else "")] += 1
 
     def other_run(self, command: str) -> None:
         from etl import collector, submitter
@@ -615,6 +618,7 @@ class FaultModel(RuleBasedStateMachine):
             claimed = q.claim(conn, twin.intent, SUBMIT["max_requests_per_batch"], now)
         self.twin = twin
         self.log.append(f"twin claims {claimed} row(s) as intent {twin.intent}")
+        self.w.actors["twin-claims" if claimed else "twin-claims-nothing"] += 1
 
     @rule()
     def twin_dies(self) -> None:

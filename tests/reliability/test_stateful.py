@@ -82,7 +82,8 @@ def test_generated_fault_sequences_keep_every_invariant(
         line = (
             f"stateful[{world.db}]: {world.examples} examples, {sum(combos.values())} etl runs with faults drawn "
             f"({world.runs} in all, {1000 * world.run_seconds / max(world.runs, 1):.0f} ms each), "
-            f"{len(combos)} distinct fault combinations reached"
+            f"{len(combos)} distinct fault combinations reached; actors: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(world.actors.items())) or "none")
         )
         SUMMARY.append(line)
         path = tmp_path_factory.getbasetemp() / f"stateful-combinations-{world.db}.txt"

@@ -59,7 +59,9 @@ def owners_dir(rt: Runtime) -> Path | None:
     url = rt.engine.url
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return None
-    return Path(url.database + OWNERS_SUFFIX)
+    # The real file's directory: a process that reaches the database through a symlink must look in the
+    # same folder as one that does not.
+    return Path(os.path.realpath(url.database) + OWNERS_SUFFIX)
 
 
 def hold(rt: Runtime) -> None:

@@ -236,6 +236,12 @@ def _parser() -> argparse.ArgumentParser:
         help="put the rows of this unknown intent (see etl status) back in the queue now, on your word that "
         "the API holds no batch of them. RISK: if that batch does exist, its rows are sent and billed twice",
     )
+    rec.add_argument(
+        "--acknowledge",
+        metavar="BATCH_ID",
+        help="an unexplained batch of ours (etl status names it: billed, no intent can take it) is known to "
+        "you: stop failing etl status --check on it (the morning report keeps the record)",
+    )
     st = command(
         "status",
         "queue counts, pending batches, deadlines, last runs",
@@ -449,6 +455,8 @@ def _main(argv: list[str]) -> int:
         return handler(rt, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # `main` ends it quietly with 141: the reader left (`etl report | head -1`)
     except Exception as exc:  # the top of the CLI: one line, never a traceback
         return _fail(exc, user=rt.engine.url.username)
     finally:
@@ -664,6 +672,14 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
         rows = reconciler.release_by_operator(rt, args.release)
         print(f"released intent {args.release}: {rows} row(s) back in the queue")
         return 0
+    if args.acknowledge is not None:
+        reconciler.acknowledge(rt, args.acknowledge)
+        print(f"acknowledged unexplained batch {args.acknowledge}")
+        return 0
+    from etl import life, recovery
+
+    life.hold(rt)
+    recovery.sweep(rt)  # the dead-owner rules, as every command applies them
     out = reconciler.run(rt)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "

@@ -18,10 +18,10 @@ from typing import Any
 
 import structlog
 
-from etl import codec, failpoints, reconciler, schema, settlement
+from etl import codec, failpoints, life, reconciler, recovery, schema, settlement
 from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
 from etl.pricing import Meter
-from etl.prompt import queue_id_of
+from etl.prompt import parse_custom_id
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime, gc_paused
 from etl.schema import DocStatus
@@ -61,6 +61,8 @@ def run(rt: Runtime) -> CollectOutcome:
     # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
     # batch, which a collect reads next anyway once that batch has ended.
     rt.warm_provider()
+    life.hold(rt)
+    recovery.sweep(rt)  # the dead-owner rules (etl.recovery), as the daemon applies them
     reconciled = reconciler.release_expired(rt)
     preloaded: dict[int, dict[int, Expected]] = {}
     if not rt.provider_ready:
@@ -311,12 +313,13 @@ def _stream_batch(
         encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
         return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock(), unique_keys)
 
+    extras = Extras()
     for attempt in range(settings.stream_retries + 1):
         seen: set[int] = set()
-        foreign: list[str] = []
+        extras = Extras()
         unreadable: list[str] = []  # lines with no custom_id string: not JSON, or not an object with one
-        elsewhere: dict[int, str] = {}  # rows no longer in this intent (re-queued, or in a newer batch)
-        duplicates: list[str] = []
+        elsewhere: dict[int, str] = {}  # legacy ids: rows no longer in this intent (re-queued, newer batch)
+        moved: set[int] = set()  # rows this intent sent that a run before this one settled
         chunk = new_chunk()
         # The first chunk is handed over early, so the writer starts while the rest is read.
         limit = min(settings.chunk_size, max(FIRST_CHUNK_MIN, settings.chunk_size // 8))
@@ -327,19 +330,21 @@ def _stream_batch(
                 if cid is None:  # names no row, so settles none (a cut line leaves the batch short)
                     unreadable.append(clean(bytes(line[:80]).decode("utf-8", "replace"), 80))
                     continue
-                qid = queue_id_of(cid)
+                kind, qid = whose_line(intent, cid)
                 if qid is None:
-                    foreign.append(cid)
+                    extras.add(kind, cid)
                     continue
                 exp = expected.get(qid)
                 if exp is None:
-                    if qid in elsewhere:
-                        duplicates.append(cid)
-                    else:
+                    if qid in elsewhere or qid in moved:
+                        extras.add("duplicate", cid)
+                    elif kind == "legacy":
                         elsewhere[qid] = cid
+                    else:
+                        moved.add(qid)  # sent by this intent, re-queued by an earlier pass: counts, no write
                     continue
                 if qid in seen:
-                    duplicates.append(cid)
+                    extras.add("duplicate", cid)
                     continue
                 seen.add(qid)
                 if exp.status != DocStatus.SUBMITTED:
@@ -365,31 +370,20 @@ def _stream_batch(
         except ProviderError as exc:
             error = str(exc)
         writer.finish(chunk)
-        moved = _moved_on(rt, elsewhere)
-        foreign += [cid for qid, cid in elsewhere.items() if qid not in moved]
+        moved |= _moved_on(rt, elsewhere)
+        for qid, cid in elsewhere.items():
+            if qid not in moved:
+                extras.add("foreign", cid)
         if unreadable:
             # A line cut by a broken stream reads the same; it is a problem only if it is still there in the
             # pass that completes the batch, or in the last one (a retried pass usually brings it whole).
             log.warning("results_unreadable", batch_id=intent.batch_id, lines=len(unreadable))
-        if foreign or duplicates:
-            problem = (
-                f"batch {intent.batch_id}: {len(foreign)} result(s) for custom_ids never sent "
-                f"{[clean(f, 80) for f in foreign[:5]]}, {len(duplicates)} duplicate(s) {duplicates[:5]}; "
-                "nothing written for them"
-            )
-            out.problems.append(problem)
-            log.error(
-                "results_unexpected",
-                batch_id=intent.batch_id,
-                foreign=len(foreign),
-                duplicates=len(duplicates),
-                examples=(foreign + duplicates)[:5],
-            )
-        if intent.adopted and not seen and (foreign or moved):
+        if intent.adopted and intent.installation is None and not seen and (extras.foreign or moved):
             _disown(rt, intent, out)
             return
+        # Complete when every row this intent sent is answered; extra lines never keep a batch open.
         pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
-        complete = error is None and not pending and len(seen) + len(moved) == intent.request_count
+        complete = error is None and not pending
         if unreadable and (complete or attempt == settings.stream_retries):
             out.problems.append(
                 f"batch {intent.batch_id}: {len(unreadable)} unreadable result line(s) (no custom_id), e.g. "
@@ -398,18 +392,23 @@ def _stream_batch(
         if complete:
             failpoints.hit("collect.before_mark_collected")
             with rt.engine.begin() as conn:
-                intents.mark_collected(conn, intent.id, rt.clock())
+                if intents.mark_collected(conn, intent.id, rt.clock()) and extras.total:
+                    events.record(
+                        conn, rt.clock(), "extra_results", None, extras.total, extras.reason(), intent.id
+                    )
+            _report_extras(intent, extras, out)
             out.batches_collected += 1
             log.info(
                 "batch_collected",
                 batch_id=intent.batch_id,
                 results=len(seen),
+                extra_lines=extras.total,
                 seconds=round(time.perf_counter() - started, 2),
                 writing_seconds=round(writer.busy_seconds, 2),
                 waiting_for_writes_seconds=round(writer.waited_seconds, 2),
             )
             return
-        why = error or f"stream ended after {len(seen)} of {intent.request_count} results"
+        why = error or f"stream ended with {len(pending)} of the {intent.request_count} sent rows unanswered"
         log.warning(
             "results_incomplete",
             batch_id=intent.batch_id,
@@ -419,6 +418,7 @@ def _stream_batch(
         )
         if attempt < settings.stream_retries:
             _backoff_sleep(attempt, settings.stream_backoff_seconds)
+    _report_extras(intent, extras, out)
     out.problems.append(
         f"batch {intent.batch_id}: results incomplete after {settings.stream_retries + 1} tries"
     )
@@ -437,6 +437,59 @@ def _read_line(line: bytes) -> tuple[str | None, Any]:
     if not isinstance(cid, str):
         return None, None
     return cid, obj.get("result")
+
+
+@dataclass
+class Extras:
+    """Result lines that answer no row this intent sent: counted, said once, never waited for."""
+
+    foreign: list[str] = field(default_factory=list)  # not an id of this installation
+    other_batch: list[str] = field(default_factory=list)  # ours, but another intent's row
+    duplicates: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, cid: object) -> None:
+        target = {"other_batch": self.other_batch, "duplicate": self.duplicates}.get(kind, self.foreign)
+        target.append(str(cid)[:80])
+
+    @property
+    def total(self) -> int:
+        return len(self.foreign) + len(self.other_batch) + len(self.duplicates)
+
+    def reason(self) -> str:
+        return (
+            f"{len(self.other_batch)} line(s) for another batch's rows, {len(self.foreign)} for ids never "
+            f"sent by this installation, {len(self.duplicates)} duplicate(s); nothing written for them"
+        )
+
+
+def whose_line(intent: Intent, cid: object) -> tuple[str, int | None]:
+    """Whose answer a result line of `intent`'s batch is: ("row", qid) a row this intent sent;
+    ("legacy", qid) a legacy `q<row>` id (an intent sent before issue 20: its rows are looked up);
+    ("other_batch", None) a row of ours sent by another intent; ("foreign", None) anything else."""
+    sent = parse_custom_id(cid)
+    if sent is None:
+        return "foreign", None
+    if intent.installation is None:
+        return ("legacy", sent.queue_id) if sent.installation is None else ("foreign", None)
+    if sent.installation != intent.installation:
+        return "foreign", None
+    if sent.intent != intent.id:
+        return "other_batch", None
+    return "row", sent.queue_id
+
+
+def _report_extras(intent: Intent, extras: Extras, out: CollectOutcome) -> None:
+    if not extras.total:
+        return
+    out.problems.append(f"batch {intent.batch_id}: {extras.reason()}")
+    log.error(
+        "results_unexpected",
+        batch_id=intent.batch_id,
+        other_batch=len(extras.other_batch),
+        foreign=len(extras.foreign),
+        duplicates=len(extras.duplicates),
+        examples=(extras.other_batch + extras.foreign + extras.duplicates)[:5],
+    )
 
 
 def _archived_says_the_api(rt: Runtime, batch_id: str) -> bool:

@@ -42,9 +42,20 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import Connection, event
+from sqlalchemy import event
 
-from etl import collector, live, liveness, logs, metrics, reconciler, recovery, report, scheduling, submitter
+from etl import (
+    collector,
+    life,
+    live,
+    logs,
+    metrics,
+    reconciler,
+    recovery,
+    report,
+    scheduling,
+    submitter,
+)
 from etl import config as config_mod
 from etl.errors import ConfigError, SubmissionPaused, environmental
 from etl.notify import Notifier
@@ -104,7 +115,6 @@ class Daemon:
         self.slot: datetime | None = None  # the slot of the job running now
         self._recovering = True  # etl.recovery has something pending: apply its rules every tick
         self._recovery_at = 0.0
-        self._life: Connection | None = None  # PostgreSQL: holds the advisory lock that says we are alive
         self.run_now = [j for j in self.env.get(RUN_NOW_ENV, "").replace(" ", "").split(",") if j in JOBS]
         self._signals = 0
         self._idle = threading.Event()
@@ -296,27 +306,9 @@ class Daemon:
     # -- leadership -----------------------------------------------------------------------------------
 
     def _hold_life_lock(self) -> None:
-        """PostgreSQL: hold a session advisory lock named after us for as long as we live, so any host
-        knows the moment we die (etl.liveness). Re-taken on the next tick if the connection drops."""
-        if self.rt.engine.dialect.name != "postgresql":
-            return
-        if self._life is not None:
-            if not self._life.invalidated and not self._life.closed:
-                return
-            with contextlib.suppress(Exception):
-                self._life.invalidate()
-            self._life = None
-        try:
-            conn = self.rt.engine.connect()
-            owner = liveness.with_lock(self.rt.owner)
-            if state.hold_owner_lock(conn, owner):
-                conn.commit()  # the lock is the session's, not the transaction's
-                self.rt.owner = owner
-                self._life = conn
-            else:
-                conn.invalidate()
-        except Exception as exc:  # recovery loop: without the lock, leases are the fallback
-            log.warning("liveness_lock_failed", error=str(exc))
+        """Hold our proof of life for as long as we live (etl.life): PostgreSQL, a session advisory lock
+        (re-taken on the next tick if the connection drops); SQLite, a flock beside the database."""
+        life.hold(self.rt)
 
     def _lease_tick(self) -> None:
         ttl = timedelta(seconds=self.rt.config.schedule.leader_lease_seconds)
@@ -602,9 +594,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         self._release_lease()
-        if self._life is not None:
-            with contextlib.suppress(Exception):
-                self._life.invalidate()  # closes the session (and its lock) instead of pooling it
+        self.rt.life.release()
         if not finished:
             # Every step is resumable from the database (the reconciler settles an interrupted
             # create), so leaving now is safe; waiting longer would only get us SIGKILLed.

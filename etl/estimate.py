@@ -28,7 +28,7 @@ import structlog
 from etl import budget, routing
 from etl.costs import plain, usd, usd_text
 from etl.errors import ProviderError
-from etl.prompt import BODY_OVERHEAD, Rejection, build_params, request_size
+from etl.prompt import BODY_OVERHEAD, Rejection, build_params, custom_id, request_size
 from etl.runtime import Runtime
 from etl.store import queue as q
 from etl.store import spend, state
@@ -37,6 +37,9 @@ from etl.store.engine import reading
 log = structlog.get_logger("etl.estimate")
 
 CALIBRATION_KEY = budget.CALIBRATION_KEY
+
+# A custom_id's size depends on its intent, unknown before the submit: sized with a 9-digit one.
+SIZING_INSTALLATION, SIZING_INTENT = "0" * 12, 999_999_999
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
             except Rejection:
                 line.rejected += 1
                 continue
-            size = request_size(row.id, params) + 1
+            size = request_size(custom_id(row.id, SIZING_INSTALLATION, SIZING_INTENT), params) + 1
             if size - 1 + BODY_OVERHEAD > limits.max_batch_bytes:
                 line.rejected += 1
                 continue

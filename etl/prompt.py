@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,17 +38,51 @@ def has_visible_text(text: str) -> bool:
     )
 
 
-def custom_id(queue_id: int) -> str:
-    """One custom_id per queue row, stable across attempts and batches: `q<row id>`."""
-    return f"{CUSTOM_ID_PREFIX}{queue_id}"
+def custom_id(queue_id: int, installation: str | None = None, intent: int | None = None) -> str:
+    """The custom_id a queue row is sent under.
+
+    `q<row>_<intent>_<installation>` (docs/survival.md "Who is who"): the row, the intent (batch record)
+    that sends it and the installation (database) it belongs to, so that no other installation's batch
+    and no other intent's batch of ours can ever read as this intent's. Without an installation: the
+    legacy `q<row>`, written before issue 20 (batches in flight at the upgrade) and by the live path,
+    which sends no batch.
+    """
+    if installation is None or intent is None:
+        return f"{CUSTOM_ID_PREFIX}{queue_id}"
+    return f"{CUSTOM_ID_PREFIX}{queue_id}_{intent}_{installation}"
+
+
+@dataclass(frozen=True)
+class SentId:
+    """What a custom_id says about itself. `installation`/`intent` are None for a legacy `q<row>`."""
+
+    queue_id: int
+    intent: int | None = None
+    installation: str | None = None
+
+
+def parse_custom_id(cid: object) -> SentId | None:
+    """The parts of a custom_id this etl writes; None for anything else (another sender's id)."""
+    if not isinstance(cid, str) or not cid.startswith(CUSTOM_ID_PREFIX):
+        return None
+    parts = cid[len(CUSTOM_ID_PREFIX) :].split("_")
+    if len(parts) == 1 and _digits(parts[0]):
+        return SentId(int(parts[0]))
+    if len(parts) == 3 and _digits(parts[0]) and _digits(parts[1]) and _INSTALLATION.fullmatch(parts[2]):
+        return SentId(int(parts[0]), int(parts[1]), parts[2])
+    return None
 
 
 def queue_id_of(cid: str) -> int | None:
-    if not cid.startswith(CUSTOM_ID_PREFIX):
-        return None
-    digits = cid[len(CUSTOM_ID_PREFIX) :]
-    # ASCII digits only: `isdigit` alone takes '²' (which int() refuses) and '٣' (which it reads as 3)
-    return int(digits) if digits.isascii() and digits.isdigit() else None
+    sent = parse_custom_id(cid)
+    return None if sent is None else sent.queue_id
+
+
+def _digits(s: str) -> bool:
+    return s.isascii() and s.isdigit() and len(s) <= 19
+
+
+_INSTALLATION = re.compile(r"[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +185,7 @@ def build_params(row: Row, tasks: Mapping[str, Task], max_body_bytes: int) -> di
     return params
 
 
-def encode_request(queue_id: int, params: Mapping[str, Any]) -> bytes:
+def encode_request(cid: str, params: Mapping[str, Any]) -> bytes:
     """One element of the create body's `requests` array, as compact UTF-8 JSON bytes.
 
     orjson writes the same compact JSON as `json.dumps(..., ensure_ascii=False, separators=(",", ":"))`
@@ -158,16 +193,16 @@ def encode_request(queue_id: int, params: Mapping[str, Any]) -> bytes:
     bits in an output schema, a lone surrogate) is encoded by the standard library as before; the one
     difference in what it accepts is the spelling of small floats (`1e-7` for `1e-07`), the same number.
     """
-    request = {"custom_id": custom_id(queue_id), "params": params}
+    request = {"custom_id": cid, "params": params}
     try:
         return orjson.dumps(request)
     except TypeError:
         return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def request_size(queue_id: int, params: Mapping[str, Any]) -> int:
-    """`len(encode_request(queue_id, params))`: the estimator needs only the size."""
-    return len(encode_request(queue_id, params))
+def request_size(cid: str, params: Mapping[str, Any]) -> int:
+    """`len(encode_request(cid, params))`: the estimator needs only the size."""
+    return len(encode_request(cid, params))
 
 
 def batch_body(parts: list[bytes]) -> bytes:

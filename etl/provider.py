@@ -252,19 +252,26 @@ class Provider:
         except Exception as exc:
             raise translate(exc, f"cancel {batch_id}", mutating=True) from exc
 
-    def list_batches(self, page_size: int = 100) -> Iterator[RemoteBatch]:
-        """Every batch the API lists, newest first, fetched a page at a time as the caller reads on."""
+    def list_pages(self, page_size: int = 100) -> Iterator[list[RemoteBatch]]:
+        """The API's batch list a page at a time (newest first by creation, between pages; the order
+        inside a page is not relied on: etl.reconciler), fetched as the caller reads on."""
         try:
-            for batch in self._client.messages.batches.list(limit=page_size):
-                yield _remote(batch)
+            for page in self._client.messages.batches.list(limit=page_size).iter_pages():
+                yield [_remote(batch) for batch in page.data]
         except Exception as exc:
             raise translate(exc, "list batches", mutating=False) from exc
 
-    def first_result_custom_id(self, batch_id: str, stall_timeout: float) -> str | None:
-        """The custom_id on the first results line of an ended batch: who sent it."""
+    def result_custom_ids(self, batch_id: str, stall_timeout: float) -> Generator[str | None, None, None]:
+        """The custom_id of each results line of an ended batch, in stream order (None for a line without
+        a readable one). Raises what `iter_result_lines` raises; close it to stop reading early."""
         lines = self.iter_result_lines(batch_id, stall_timeout)
         try:
-            return first_custom_id(lines)
+            for line in lines:
+                try:
+                    value = codec.loads(line).get("custom_id")
+                except (ValueError, AttributeError):
+                    value = None
+                yield value if isinstance(value, str) else None
         finally:
             lines.close()
 
@@ -303,13 +310,3 @@ class Provider:
             raise ResultsIncomplete(f"results of {batch_id}: {type(exc).__name__}: {exc}") from exc
         except (httpx2.HTTPError, OSError) as exc:
             raise ResultsIncomplete(f"results of {batch_id} broke off: {type(exc).__name__}: {exc}") from exc
-
-
-def first_custom_id(lines: Iterator[bytes]) -> str | None:
-    for line in lines:
-        try:
-            value = codec.loads(line).get("custom_id")
-        except (ValueError, AttributeError):
-            return None
-        return value if isinstance(value, str) else None
-    return None

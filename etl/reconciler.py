@@ -18,7 +18,7 @@ import structlog
 
 from etl import failpoints, liveness
 from etl.errors import EtlError, ProviderError
-from etl.prompt import queue_id_of
+from etl.prompt import SentId, parse_custom_id
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import BatchStatus, DocStatus, batches
@@ -101,36 +101,8 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
     grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
     settle = timedelta(seconds=rt.config.submit.dead_owner_settle_seconds)
     since = now - ORPHAN_LOOKBACK  # remote batches this recent that match no record are reported
-    recent: list[RemoteBatch] = []
-    candidates: dict[int, list[RemoteBatch]] = {i.id: [] for i in unknown}
-    anchor_seen_at: dict[int, datetime] = {}  # intent -> the API's creation time of its anchor
-    complete: set[int] = set()  # intents whose part of the list has been read in full
     try:
-        listed = 0
-        exhausted = True
-        for r in rt.provider.list_batches():
-            listed += 1
-            if r.created_at >= since:
-                recent.append(r)
-            for i in unknown:
-                if i.id in complete:
-                    continue
-                seen = anchor_seen_at.get(i.id)
-                if seen is not None and r.created_at < seen - ANCHOR_SLACK:
-                    complete.add(i.id)
-                elif r.id == i.anchor_batch_id:
-                    anchor_seen_at[i.id] = r.created_at
-                elif r.id not in known and r.total == i.request_count:
-                    candidates[i.id].append(r)
-            if len(complete) == len(unknown) and r.created_at < since:
-                exhausted = False
-                break
-            if listed >= MAX_LISTED:
-                exhausted = False
-                log.warning("reconcile_list_capped", listed=listed)
-                break
-        if exhausted:
-            complete = {i.id for i in unknown}
+        listing = _read_list(rt, unknown, known, since)
     except ProviderError as exc:
         if exc.kind == "systemic":
             with rt.engine.begin() as conn:
@@ -140,28 +112,29 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
         out.still_unknown = len(unknown)
         return out
     failpoints.hit("reconcile.after_list")
+    candidates, complete = listing.candidates, listing.complete
 
     pending = {i.id: i for i in unknown}
     unexplained: dict[str, RemoteBatch] = {}  # candidates that could still be an unknown intent's batch
 
-    # 1. Ended candidates are read: the first custom_id names a queue row, whose batch_ref is the intent
-    #    that sent it. No guessing by time or size; a failed read leaves the batch unexplained.
+    # 1. Ended candidates are read: adopted only when their custom_ids are exactly an unknown intent's
+    #    set (etl.prompt.custom_id names the installation and the intent). A failed read proves nothing.
     ordered = list({r.id: r for rs in candidates.values() for r in rs}.values())
+    installation = rt.installation()
     for r in ordered:
         if not r.ended or r.id in known:
             continue
-        verdict, owner = _owner_of(rt, r)
-        sender = pending.get(owner) if owner is not None else None
+        verdict, owner = _proof(rt, r, pending, installation)
         if verdict == "unreadable":
             unexplained[r.id] = r
-        elif sender is not None and sender.request_count == r.total:
-            if _adopt(rt, out, sender, r, now, how="confirmed by its custom_ids"):
+        elif verdict == "ours" and owner in pending:
+            if _adopt(rt, out, pending[owner], r, now, how="its custom_ids are exactly the intent's"):
                 known.add(r.id)
-                del pending[sender.id]
+                del pending[owner]
             else:
                 unexplained[r.id] = r
         else:
-            log.warning("lookalike_batch_not_ours", batch_id=r.id, owner_intent=owner, proof=verdict)
+            log.warning("lookalike_batch_not_ours", batch_id=r.id, named_intent=owner, proof=verdict)
 
     # 2. A candidate that has not ended cannot be read: whoever it could belong to waits until it ends
     #    (the collector reconciles before it collects, so an adopted batch is collected in the same run).
@@ -198,13 +171,60 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
                 "unknown_intent_waiting", intent=intent.id, sent_at=str(sent), grace_s=grace.total_seconds()
             )
 
-    out.unmatched_remote = [r.id for r in recent if r.id not in known]
+    _explain_strays(rt, [r for r in listing.recent if r.id not in known], installation, now)
+    out.unmatched_remote = [r.id for r in listing.recent if r.id not in known]
     if out.unmatched_remote:
         # Said once per batch id: batches other tools made on the same account stay in the listing for days.
         with rt.engine.begin() as conn:
             new = state.first_seen(conn, "remote_batch_unmatched", out.unmatched_remote, now)
         if new:
             log.warning("remote_batches_unmatched", batch_ids=new[:20], count=len(new))
+    return out
+
+
+@dataclass
+class Listing:
+    recent: list[RemoteBatch] = field(default_factory=list)  # listed batches created since the lookback
+    candidates: dict[int, list[RemoteBatch]] = field(default_factory=dict)  # intent -> could be its batch
+    complete: set[int] = field(default_factory=set)  # intents whose part of the list has been read in full
+
+
+def _read_list(rt: Runtime, unknown: list[Intent], known: set[str], since: datetime) -> Listing:
+    """Read the API's list far enough for every unknown intent (see `match_remote`).
+
+    Decided on whole pages: an intent's part of the list is complete only at the end of a page, once its
+    anchor has been seen and some batch listed so far is older than the anchor by `ANCHOR_SLACK`. The
+    order inside a page is not relied on (two creates in one second, an API-side re-sort): every entry of
+    a page is looked at before the page can end the reading. What is still assumed: the pages follow each
+    other newest first (no batch created after the anchor is listed on a later page than one created more
+    than `ANCHOR_SLACK` before it)."""
+    out = Listing(candidates={i.id: [] for i in unknown})
+    anchor_seen_at: dict[int, datetime] = {}  # intent -> the API's creation time of its anchor
+    oldest: datetime | None = None
+    listed = 0
+    for page in rt.provider.list_pages():
+        for r in page:
+            listed += 1
+            oldest = r.created_at if oldest is None else min(oldest, r.created_at)
+            if r.created_at >= since:
+                out.recent.append(r)
+            for i in unknown:
+                if i.id in out.complete:
+                    continue
+                if r.id == i.anchor_batch_id:
+                    anchor_seen_at[i.id] = r.created_at
+                elif r.id not in known and r.total == i.request_count:
+                    out.candidates[i.id].append(r)
+        for i in unknown:
+            seen = anchor_seen_at.get(i.id)
+            if seen is not None and oldest is not None and oldest < seen - ANCHOR_SLACK:
+                out.complete.add(i.id)
+        if len(out.complete) == len(unknown) and oldest is not None and oldest < since:
+            return out
+        if listed >= MAX_LISTED:
+            log.warning("reconcile_list_capped", listed=listed)
+            return out
+    out.complete = {i.id for i in unknown}  # the whole list was read
     return out
 
 
@@ -235,6 +255,14 @@ def release_by_operator(rt: Runtime, intent_id: int) -> int:
     return rows
 
 
+def acknowledge(rt: Runtime, batch_id: str) -> None:
+    """`etl reconcile --acknowledge`: an unexplained batch of ours no longer fails `etl status --check`."""
+    with rt.engine.begin() as conn:
+        if not state.forget(conn, f"{UNEXPLAINED_KIND}:{batch_id}"):
+            raise EtlError(f"{batch_id} is not an unexplained batch (etl status lists them)")
+    log.warning("unexplained_batch_acknowledged", batch_id=batch_id)
+
+
 def _adopt(
     rt: Runtime, out: ReconcileOutcome, intent: Intent, r: RemoteBatch, now: datetime, how: str
 ) -> bool:
@@ -250,22 +278,136 @@ def _adopt(
     return True
 
 
-def _owner_of(rt: Runtime, r: RemoteBatch) -> tuple[str, int | None]:
-    """Who sent an ended batch, from its first result line.
+def _proof(
+    rt: Runtime, r: RemoteBatch, pending: dict[int, Intent], installation: str
+) -> tuple[str, int | None]:
+    """Whose an ended batch is, from its results' custom_ids.
 
-    ("row", intent) when the line names a queue row of ours (intent: the row's batch_ref, None if the row
-    is in no intent now); ("foreign", None) when the custom_id is not one this etl writes; ("unreadable",
-    None) when the read failed, broke or gave no line: that proves nothing either way."""
+    ("ours", intent): every custom_id is one of that unknown intent's, each once, and none is missing.
+    ("foreign", None): another installation's or another sender's ids (the first line says so).
+    ("mismatch", intent) / ("stray", intent): ids of ours naming an intent, but not exactly that unknown
+    intent's set / an intent that is not unknown (etl.reconciler._explain_strays looks at those).
+    ("unreadable", None): the read failed, broke or gave no line: that proves nothing either way."""
+    ids = rt.provider.result_custom_ids(r.id, rt.config.collect.stream_timeout_seconds)
     try:
-        cid = rt.provider.first_result_custom_id(r.id, rt.config.collect.stream_timeout_seconds)
+        first = next(ids, None)
+        if first is None:
+            log.warning("lookalike_results_unreadable", batch_id=r.id, error="no readable first line")
+            return "unreadable", None
+        kind, owner = _named_intent(rt, parse_custom_id(first), installation)
+        target = pending.get(owner) if owner is not None else None
+        if kind == "foreign" or (kind == "legacy" and (target is None or target.installation is not None)):
+            return "foreign", None
+        if target is None:
+            return "stray", owner
+        with reading(rt.engine) as conn:
+            expected = {target.custom_id(qid) for qid in q.ids_of(conn, target.id)}
+        got = {first}
+        lines = 1
+        for cid in ids:
+            lines += 1
+            if cid is None or cid not in expected:
+                return "mismatch", target.id
+            got.add(cid)
+        return ("ours" if got == expected and lines == len(expected) else "mismatch"), target.id
     except ProviderError as exc:
         log.warning("lookalike_results_unreadable", batch_id=r.id, error=str(exc))
         return "unreadable", None
-    if cid is None:
-        log.warning("lookalike_results_unreadable", batch_id=r.id, error="no readable first line")
-        return "unreadable", None
-    qid = queue_id_of(cid)
-    if qid is None:
+    finally:
+        ids.close()
+
+
+def _named_intent(rt: Runtime, sent: SentId | None, installation: str) -> tuple[str, int | None]:
+    """The intent a custom_id names: ("ours", intent) for this installation's ids; ("legacy", intent)
+    for a `q<row>` id (the row's intent now, which only a legacy intent may claim); else ("foreign", None)."""
+    if sent is None or (sent.installation is not None and sent.installation != installation):
         return "foreign", None
+    if sent.installation is None:
+        with reading(rt.engine) as conn:
+            return "legacy", q.batch_ref_of(conn, sent.queue_id)
+    return "ours", sent.intent
+
+
+def _explain_strays(rt: Runtime, unmatched: list[RemoteBatch], installation: str, now: datetime) -> None:
+    """Batches of ours that no intent explains (billed, and nobody would collect them): an ended,
+    unrecorded batch is read once; if its custom_ids carry this installation and name an intent that was
+    released (or failed), that intent records it after all: its rows still waiting in the queue go back
+    to it and are collected from it; the rows sent again meanwhile were billed twice (reported). One that
+    no intent can take is kept in `etl_state` and fails `etl status --check` (etl.status)."""
+    ended = [r for r in unmatched if r.ended]
+    if not ended:
+        return
     with reading(rt.engine) as conn:
-        return "row", q.batch_ref_of(conn, qid)
+        judged = state.remembered(conn, STRAY_KIND, [r.id for r in ended])
+    for r in ended:
+        if r.id in judged or rt.should_stop():
+            continue
+        try:
+            verdict = _stray_ids(rt, r, installation)
+        except ProviderError as exc:
+            log.warning("remote_batch_unreadable", batch_id=r.id, error=str(exc))
+            continue
+        if verdict is None:
+            continue  # no readable line: looked at again next time
+        intent_id, qids = verdict
+        if intent_id is None or _take_stray(rt, r, intent_id, qids, now):
+            with rt.engine.begin() as conn:
+                state.first_seen(conn, STRAY_KIND, [r.id], now)
+
+
+def _stray_ids(rt: Runtime, r: RemoteBatch, installation: str) -> tuple[int | None, list[int]] | None:
+    """(the intent named, every row id) for a batch of this installation's ids; (None, []) for anyone
+    else's; None when nothing could be read."""
+    ids = rt.provider.result_custom_ids(r.id, rt.config.collect.stream_timeout_seconds)
+    try:
+        first = next(ids, None)
+        if first is None:
+            return None
+        sent = parse_custom_id(first)
+        if sent is None or sent.installation != installation:
+            return None, []
+        qids = [sent.queue_id]
+        for cid in ids:
+            more = parse_custom_id(cid)
+            if more is not None and more.installation == installation and more.intent == sent.intent:
+                qids.append(more.queue_id)
+        return sent.intent, qids
+    finally:
+        ids.close()
+
+
+def _take_stray(rt: Runtime, r: RemoteBatch, intent_id: int, qids: list[int], now: datetime) -> bool:
+    """A batch of ours naming `intent_id`. True when it is settled (recorded by that intent, or kept as
+    unexplained); False when its intent is still in flight or unknown (looked at again next time)."""
+    with rt.engine.begin() as conn:
+        intent = intents.get(conn, intent_id)
+        if intent is not None and intent.status in (
+            BatchStatus.CLAIMED,
+            BatchStatus.SENDING,
+            BatchStatus.UNKNOWN,
+        ):
+            return False
+        if intent is not None and intents.revive(conn, intent_id, r, now, STRAY_REASON):
+            waiting = q.reattach_waiting(conn, intent_id, qids, now)
+            twice = len(qids) - waiting
+            why = f"{STRAY_REASON}: {waiting} row(s) still waiting are collected from it, {twice} were sent again"
+            events.record(conn, now, "unexplained", None, r.total, why, intent_id)
+            log.error(
+                "stray_batch_recorded", batch_id=r.id, intent=intent_id, waiting=waiting, billed_twice=twice
+            )
+            return True
+        what = (
+            "names no intent of this database"
+            if intent is None
+            else f"names intent {intent_id} ({intent.status})"
+        )
+        detail = f"batch {r.id} of this installation {what}: {r.total} request(s) billed, never collected"
+        state.set_value(conn, f"{UNEXPLAINED_KIND}:{r.id}", detail, now)
+        events.record(conn, now, "unexplained", None, r.total, detail, intent_id if intent else None)
+    log.error("unexplained_batch", batch_id=r.id, detail=detail)
+    return True
+
+
+STRAY_KIND = "remote_batch_judged"
+UNEXPLAINED_KIND = "unexplained_batch"  # etl_state keys of batches of ours no intent could take
+STRAY_REASON = "a batch of ours found at the API after its intent had been released"

@@ -33,7 +33,7 @@ from datetime import time as time_of_day
 import structlog
 from sqlalchemy import Connection
 
-from etl import liveness, reconciler
+from etl import life, liveness, reconciler
 from etl.clock import ensure_utc
 from etl.config import ScheduleSettings
 from etl.runtime import Runtime
@@ -57,13 +57,24 @@ def _is_postgres(rt: Runtime) -> bool:
 
 
 def owner_dead(rt: Runtime, owner: str | None) -> bool:
-    """Rule 1. True only when `owner` is known dead (never for ourselves, never on a guess)."""
+    """Rule 1. True only when `owner` is known dead (never for ourselves, never on a guess).
+
+    Its proof of life is asked first (etl.life): a held lock means alive, whatever /proc says; then
+    /proc where its pid means what it means here (etl.liveness.local_verdict); a free lock that nothing
+    local contradicts is death."""
     if not owner or owner == rt.owner:
         return False
-    verdict = liveness.local_verdict(owner)
-    if verdict is None and liveness.holds_lock(owner) and _is_postgres(rt):
+    lock_free: bool | None = None
+    if liveness.holds_lock(owner) and _is_postgres(rt):
         with rt.engine.begin() as conn:
-            verdict = not state.owner_lock_free(conn, owner)
+            lock_free = state.owner_lock_free(conn, owner)
+    elif liveness.holds_flock(owner):
+        lock_free = life.owner_flock_free(rt, owner)
+    if lock_free is False:
+        return False
+    verdict = liveness.local_verdict(owner)
+    if verdict is None and lock_free:
+        verdict = False
     if verdict is False:
         liveness.note_dead(owner, rt.clock())
         return True

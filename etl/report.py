@@ -66,7 +66,15 @@ def build(
             continue
         task = r["task"] or UNRECORDED  # whole-intent events of versions before they were split per task
         per_task[task][r["kind"]] += int(r["documents"] or 0)
-        if r["kind"] in ("requeued", "dead", "rejected", "released", "archived"):
+        if r["kind"] in (
+            "requeued",
+            "dead",
+            "rejected",
+            "released",
+            "archived",
+            "extra_results",
+            "unexplained",
+        ):
             failures[f"{r['kind']}: {r['reason'] or 'unspecified'}"] += int(r["documents"] or 0)
         if r["kind"] == "succeeded":
             for key in totals:

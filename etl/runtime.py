@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 if TYPE_CHECKING:
     from etl.provider import Provider
 
-from etl import liveness
+from etl import life, liveness
 from etl.clock import utcnow
 from etl.config import Config
 from etl.store.engine import make_engine
@@ -62,8 +62,10 @@ class Runtime:
     provider_factory: Callable[[], Provider]
     clock: Callable[[], datetime] = utcnow
     should_stop: Callable[[], bool] = _never
-    owner: str = field(default_factory=liveness.new_owner)  # host:pid:tag:boot:start (etl.liveness)
+    owner: str = field(default_factory=liveness.new_owner)  # etl.liveness: who we are
+    life: life.Life = field(default_factory=life.Life)  # etl.life: the lock that proves we are alive
     _provider: Provider | None = None
+    _installation: str | None = None
     _warming: threading.Thread | None = None
     _provider_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,11 +100,21 @@ class Runtime:
             self._warming = threading.Thread(target=build, name="etl-provider-warm", daemon=True)
             self._warming.start()
 
+    def installation(self) -> str:
+        """This database's installation id (etl.store.state.installation_id), read once."""
+        if self._installation is None:
+            from etl.store import state
+
+            with self.engine.begin() as conn:
+                self._installation = state.installation_id(conn, self.clock())
+        return self._installation
+
     @property
     def same_database(self) -> bool:
         return self.engine is self.warehouse
 
     def close(self) -> None:
+        self.life.release()
         if self._warming is not None:
             self._warming.join()
         if self._provider is not None:

@@ -230,6 +230,8 @@ batches = Table(
     Column("batch_id", Text, nullable=True, unique=True),
     Column("status", Text, nullable=False),
     Column("owner", Text, nullable=True),
+    # The installation id its custom_ids carry (etl.prompt.custom_id); NULL: the legacy `q<row>` ids.
+    Column("installation", Text, nullable=True),
     Column("lease_expires_at", UtcDateTime, nullable=True),
     Column("request_count", Integer, nullable=False, server_default=text("0")),
     Column("payload_bytes", BigInteger, nullable=False, server_default=text("0")),

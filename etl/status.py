@@ -5,8 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from etl import budget, costs, disk, live, recovery, report
+from sqlalchemy.exc import DBAPIError
+
+from etl import budget, costs, disk, live, reconciler, recovery, report
 from etl.clock import isoformat
+from etl.errors import StoreError
 from etl.runtime import Runtime
 from etl.schema import DocStatus
 from etl.store import batches as intents
@@ -17,6 +20,7 @@ from etl.store.engine import reading
 
 def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     now = rt.clock()
+    dead = dead_owners(rt)  # the dead-owner rules, applied here too: the queue below is after them
     # Money since tonight's budget began: what was charged and how close the estimates were, per task.
     info = report.build(rt, now, since=now, costs_since=budget.night_start(now, rt.config.schedule.zone))
     with reading(rt.engine) as conn:
@@ -32,6 +36,8 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
         }
         for r in runs
     ]
+    info["installation_id"] = rt.installation()
+    info["dead_owners"] = dead
     problems: list[str] = []
     latest: dict[str, str] = {}
     for r in runs:
@@ -43,7 +49,32 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
     if info["submission_paused"]:
         problems.append(f"submission paused: {info['submission_paused']}")
     problems += live.health(rt, now)
+    problems += unexplained_batches(rt, info)
     return info, not problems, problems
+
+
+def dead_owners(rt: Runtime) -> dict[str, Any]:
+    """Work of processes proven dead (etl.recovery rules 1, 3, 4): their runs become `crashed`, their claims
+    go back to the queue now. What was found is shown; a database that refuses the writes (a read-only
+    role) is said, and the daemon or the next submit applies them."""
+    try:
+        found = recovery.sweep(rt)
+        released = reconciler.release_expired(rt).released_claims if found.ended_leases else 0
+    except (DBAPIError, StoreError) as exc:
+        return {"error": f"not applied: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return {
+        "crashed_runs": found.crashed_runs,
+        "intents_of_dead_owners": found.ended_leases,
+        "claims_released": released,
+    }
+
+
+def unexplained_batches(rt: Runtime, info: dict[str, Any]) -> list[str]:
+    """Batches of ours that no intent could take (etl.reconciler._explain_strays): billed, never collected."""
+    with reading(rt.engine) as conn:
+        found = state.with_prefix(conn, reconciler.UNEXPLAINED_KIND)
+    info["unexplained_batches"] = found
+    return [f"unexplained batch {bid}: {detail}" for bid, detail in sorted(found.items())]
 
 
 def recovery_problems(rt: Runtime, runs: list[state.Run], now: datetime) -> list[str]:
@@ -71,7 +102,8 @@ def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
     with reading(rt.engine) as conn:
         stranded = q.stranded(conn)
         failing = [i for i in intents.open_intents(conn) if i.error]
-        waiting = q.waiting_in_ended(conn)
+        waiting = q.waiting_in(conn, [i.id for i in failing])
+        ended_waiting = q.waiting_in_ended(conn)
     info["stranded_rows"] = stranded
     if stranded.get(DocStatus.SUBMITTED):
         problems.append(
@@ -86,8 +118,10 @@ def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
     named = set()
     for i in failing:
         named.add(i.batch_id)
-        problems.append(f"{i.batch_id}: last collect failed, {i.request_count} request(s) waiting: {i.error}")
-    for batch_id, rows, _error in waiting:
+        problems.append(
+            f"{i.batch_id}: last collect failed, {waiting.get(i.id, 0)} row(s) waiting: {i.error}"
+        )
+    for batch_id, rows, _error in ended_waiting:
         if batch_id not in named:  # a collect that stopped without a word (killed, or run by an older etl)
             problems.append(
                 f"{batch_id}: ended, but {rows} row(s) still 'submitted' (billed, not yet stored): the last "
@@ -98,7 +132,17 @@ def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
 
 
 def render(info: dict[str, Any], problems: list[str]) -> str:
-    lines = [f"queue: {', '.join(f'{k} {v}' for k, v in info['queue'].items())}"]
+    lines = [f"installation: {info.get('installation_id')}"]
+    lines.append(f"queue: {', '.join(f'{k} {v}' for k, v in info['queue'].items())}")
+    dead = info.get("dead_owners") or {}
+    if dead.get("error"):
+        lines.append(f"dead owners: {dead['error']}")
+    elif dead.get("crashed_runs") or dead.get("intents_of_dead_owners"):
+        lines.append(
+            f"dead owners: {len(dead['crashed_runs'])} run(s) marked crashed, "
+            f"{len(dead['intents_of_dead_owners'])} intent(s) taken back, {dead['claims_released']} "
+            "claim(s) returned to the queue"
+        )
     if info["oldest_queued_age_hours"] is not None:
         lines.append(f"oldest queued: {info['oldest_queued_age_hours']} h")
     lines.append(f"pending batches: {len(info['pending_batches'])}")

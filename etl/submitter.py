@@ -18,10 +18,10 @@ from decimal import Decimal
 import structlog
 from sqlalchemy import delete
 
-from etl import budget, failpoints, reconciler, routing
+from etl import budget, failpoints, life, reconciler, recovery, routing
 from etl.clock import isoformat
 from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
-from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, build_params, encode_request
+from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, build_params, custom_id, encode_request
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
@@ -65,6 +65,8 @@ def run(rt: Runtime) -> SubmitOutcome:
     # loads on a thread; the API's part of reconciliation follows it, before anything is sent. With
     # nothing to send and nothing to reconcile the run never calls the API, so it does not load the SDK
     # (1-3 s of CPU, most of an idle run).
+    life.hold(rt)  # before anything of ours is written: our rows are recovered the moment we die
+    recovery.sweep(rt)  # rows claimed by a process proven dead go back now, not after its lease
     if _may_call_api(rt):
         rt.warm_provider()
     reconciled = reconciler.release_expired(rt)
@@ -191,9 +193,10 @@ def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
     """Take the next batch's rows under a new intent and lease; None when nothing is queued."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
+    installation = rt.installation()
     now = rt.clock()
     with rt.engine.begin() as conn:
-        intent_id = intents.create_intent(conn, rt.owner, now + lease, now)
+        intent_id = intents.create_intent(conn, rt.owner, now + lease, now, installation)
         claimed = q.claim(
             conn,
             intent_id,
@@ -234,6 +237,7 @@ def _one_batch(
     lease = timedelta(seconds=limits.claim_lease_seconds)
     intent_id = claim.intent_id
     now = claim.at
+    installation = rt.installation()
 
     building = BatchBody()  # the create body, written as each request is encoded
     rejects: list[tuple[int, str]] = []
@@ -261,7 +265,7 @@ def _one_batch(
         for row in q.iter_claimed(reader, intent_id):
             try:
                 params = build_params(row, rt.config.tasks, limits.max_body_bytes)
-                encoded = encode_request(row.id, params)
+                encoded = encode_request(custom_id(row.id, installation, intent_id), params)
                 tokens = budget.tokens_of(budget.message_text(params))
             except Exception as exc:  # recovery loop: a row that cannot be encoded is rejected, not the batch
                 reason = (
@@ -396,6 +400,11 @@ def _one_batch(
             q.mark_submitted(conn, intent_id, now)
             for task, n in per_task.items():
                 events.record(conn, now, "submitted", task, n, batch_ref=intent_id)
+    if not recorded and _recorded_by_another(rt, intent_id, remote.id):
+        # A reconciler released this intent while we were paused, then found our batch and recorded it
+        # (etl.reconciler._explain_strays): it is collected like any other; nothing to cancel.
+        outcome.stopped = "lease lost"
+        return False
     if not recorded:
         # A reconciler released this intent while we were paused: its rows may already be in another
         # batch. Cancel ours before it is processed (unprocessed requests are not billed).
@@ -413,6 +422,12 @@ def _one_batch(
     outcome.batch_ids.append(remote.id)
     log.info("batch_submitted", intent=intent_id, batch_id=remote.id, requests=requests, bytes=len(body))
     return True
+
+
+def _recorded_by_another(rt: Runtime, intent_id: int, batch_id: str) -> bool:
+    with reading(rt.engine) as conn:
+        intent = intents.get(conn, intent_id)
+    return intent is not None and intent.batch_id == batch_id
 
 
 def _mark_waiting(rt: Runtime, outcome: SubmitOutcome) -> None:

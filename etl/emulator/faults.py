@@ -32,9 +32,11 @@ ACTIONS = frozenset(
         "stream_reset",
         "stall",
         "break_at",
+        "extra_line",
+        "unordered",
     }
 )
-STREAM_ACTIONS = frozenset({"truncate", "cut_line", "stream_reset", "stall", "break_at"})
+STREAM_ACTIONS = frozenset({"truncate", "cut_line", "stream_reset", "stall", "break_at", "extra_line"})
 OUTCOMES = frozenset({"errored", "expired", "canceled", "succeeded", "raw"})
 # In a "raw" outcome's line, replaced by the request's custom_id as a JSON string's content.
 CUSTOM_ID_PLACEHOLDER = "{custom_id}"
@@ -59,6 +61,7 @@ class EndpointRule:
     first_retrieves: int | None = None
     message: str | None = None
     at_byte: int = 0
+    custom_id: str | None = None  # `extra_line`: the custom_id of the line added at the end of the results
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -119,6 +122,10 @@ def parse_rule(raw: Any, index: int) -> EndpointRule:
         raise FaultConfigError(f"{where}: action 'ambiguous' applies to endpoint 'create' only")
     if action == "not_found" and endpoint not in ("retrieve", "*"):
         raise FaultConfigError(f"{where}: action 'not_found' applies to endpoint 'retrieve' only")
+    if action == "unordered" and endpoint != "list":
+        raise FaultConfigError(f"{where}: action 'unordered' applies to endpoint 'list' only")
+    if action == "extra_line" and not isinstance(raw.get("custom_id"), str):
+        raise FaultConfigError(f"{where}: action 'extra_line' needs a custom_id (string)")
     if action in STREAM_ACTIONS and endpoint not in ("results", "*"):
         raise FaultConfigError(f"{where}: action {action!r} applies to endpoint 'results' only")
     unknown = set(raw) - {f for f in EndpointRule.__dataclass_fields__}
@@ -145,6 +152,7 @@ def parse_rule(raw: Any, index: int) -> EndpointRule:
         first_retrieves=None if first is None else int(first),
         message=raw.get("message"),
         at_byte=int(_number(raw, "at_byte", where, 0.0) or 0),
+        custom_id=raw.get("custom_id"),
     )
 
 

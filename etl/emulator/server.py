@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -56,6 +56,7 @@ ENDPOINT_ACTIONS = {
     "create": BASIC_ACTIONS | {"ambiguous"},
     "retrieve": BASIC_ACTIONS | {"not_found"},
     "results": BASIC_ACTIONS | STREAM_ACTIONS,
+    "list": BASIC_ACTIONS | {"unordered"},
 }
 
 
@@ -313,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
         batch = self.emulator.state.get(batch_id)
         self._send_json(200, batch.to_api(self._origin(), self.emulator.clock.now(), self._shift()))
 
-    def _list(self, _id: str, _body: bytes, query: dict[str, str], _rule: Any) -> None:
+    def _list(self, _id: str, _body: bytes, query: dict[str, str], rule: EndpointRule | None) -> None:
         try:
             limit = int(query.get("limit", "20"))
         except ValueError:
@@ -324,6 +325,8 @@ class _Handler(BaseHTTPRequestHandler):
         if after and before:
             raise ApiError(400, "invalid_request_error", "after_id and before_id cannot both be given")
         page, has_more = self.emulator.state.list_page(limit, after or None, before or None)
+        if rule is not None and rule.action == "unordered":  # the page's newest entry listed last (a tie
+            page = page[1:] + page[:1]  # re-sorted, an API-side shuffle); the pages stay in order
         now, origin = self.emulator.clock.now(), self._origin()
         self._send_json(
             200,
@@ -367,7 +370,10 @@ class _Handler(BaseHTTPRequestHandler):
                 buffer.clear()
                 size = 0
 
-        for sent, line in enumerate(result_lines(batch, self.emulator.config.seed)):
+        lines = result_lines(batch, self.emulator.config.seed)
+        if rule is not None and rule.action == "extra_line":
+            lines, limit = _with_extra_line(lines, rule.custom_id or ""), None
+        for sent, line in enumerate(lines):
             if limit is not None and sent >= limit:
                 if rule is not None and rule.action == "cut_line":
                     buffer.append(line[: max(1, len(line) // 2)])
@@ -593,3 +599,14 @@ class EmulatorServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _with_extra_line(lines: Iterator[bytes], custom_id: str) -> Iterator[bytes]:
+    """`extra_line`: every line, then one more: the first line's result under `custom_id` (a row of
+    another batch, a foreign id, a duplicate), as a mixed-up API would send it."""
+    first: bytes | None = None
+    for line in lines:
+        first = first or line
+        yield line
+    result = json.loads(first)["result"] if first else {"type": "canceled"}
+    yield json.dumps({"custom_id": custom_id, "result": result}, separators=(",", ":")).encode() + b"\n"

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, insert, select, update
 
+from etl import prompt
 from etl.remote import RemoteBatch
 from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, batches
 
@@ -35,6 +36,10 @@ class Intent:
     adopted: bool
     error: str | None
     anchor_batch_id: str | None = None
+    installation: str | None = None  # what its custom_ids carry; None: legacy `q<row>` ids
+
+    def custom_id(self, queue_id: int) -> str:
+        return prompt.custom_id(queue_id, self.installation, self.id)
 
     @property
     def results_expire_at(self) -> datetime | None:
@@ -59,13 +64,22 @@ def _intent(row: RowMapping) -> Intent:
         adopted=bool(row["adopted"]),
         error=row["error"],
         anchor_batch_id=row["anchor_batch_id"],
+        installation=row["installation"],
     )
 
 
-def create_intent(conn: Connection, owner: str, lease_until: datetime, now: datetime) -> int:
+def create_intent(
+    conn: Connection, owner: str, lease_until: datetime, now: datetime, installation: str | None = None
+) -> int:
     result = conn.execute(
         insert(batches)
-        .values(status=B.CLAIMED, owner=owner, lease_expires_at=lease_until, created_at=now)
+        .values(
+            status=B.CLAIMED,
+            owner=owner,
+            lease_expires_at=lease_until,
+            created_at=now,
+            installation=installation,
+        )
         .returning(batches.c.id)
     )
     return int(result.scalar_one())
@@ -158,6 +172,25 @@ def record_submitted(
         request_counts=remote.request_counts,
         adopted=1 if adopted else 0,
         error=None,
+        lease_expires_at=None,
+    )
+
+
+def revive(conn: Connection, intent_id: int, remote: RemoteBatch, now: datetime, error: str) -> bool:
+    """A batch of ours found at the API after its intent was released (or failed): the intent records it
+    after all, so it is collected like any other (etl.reconciler, "unexplained batches")."""
+    return _transition(
+        conn,
+        intent_id,
+        (B.RELEASED, B.FAILED),
+        batch_id=remote.id,
+        status=B.SUBMITTED,
+        submitted_at=now,
+        remote_created_at=remote.created_at,
+        processing_status=remote.processing_status,
+        request_counts=remote.request_counts,
+        adopted=1,
+        error=error,
         lease_expires_at=None,
     )
 

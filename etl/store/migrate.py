@@ -18,7 +18,7 @@ from etl.store.engine import reachable
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-HEAD = "0008"  # the newest migration of the chain (0003 -> 0005 -> 0004 -> 0006 -> 0008 after the merges)
+HEAD = "0008"  # the newest migration of the chain (0003 -> 0005 -> 0004 -> 0006 -> 0007 -> 0008 after the merges)
 
 
 def _alembic_config(role: str) -> AlembicConfig:

@@ -505,6 +505,37 @@ def batch_ref_of(conn: Connection, queue_id: int) -> int | None:
     return value
 
 
+def waiting_in(conn: Connection, batch_refs: list[int]) -> dict[int, int]:
+    """Per intent, how many of its rows still wait for their result (`submitted`)."""
+    if not batch_refs:
+        return {}
+    rows = conn.execute(
+        select(queue.c.batch_ref, func.count())
+        .where(queue.c.batch_ref.in_(batch_refs), queue.c.status == S.SUBMITTED)
+        .group_by(queue.c.batch_ref)
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def ids_of(conn: Connection, batch_ref: int) -> set[int]:
+    """The queue rows an intent holds now (an unknown intent's: exactly the rows its create sent)."""
+    return {r[0] for r in conn.execute(select(queue.c.id).where(queue.c.batch_ref == batch_ref))}
+
+
+def reattach_waiting(conn: Connection, batch_ref: int, ids: list[int], now: datetime) -> int:
+    """Rows of a batch of ours found after its intent was released, still waiting in the queue (never
+    sent again): they go back to that intent as `submitted`, to be collected from the batch that holds
+    them. Guarded on `queued` with no batch, so a row claimed meanwhile by a submit is left alone."""
+    if not ids:
+        return 0
+    result = conn.execute(
+        update(queue)
+        .where(_id_in(conn, ids), queue.c.status == S.QUEUED, queue.c.batch_ref.is_(None))
+        .values(status=S.SUBMITTED, batch_ref=batch_ref, updated_at=now, reason=None)
+    )
+    return int(result.rowcount)
+
+
 RETRYABLE = (S.DEAD.value, S.REJECTED.value)
 
 

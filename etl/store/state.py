@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -86,6 +87,24 @@ def first_seen(conn: Connection, kind: str, names: list[str], now: datetime) -> 
         except IntegrityError:  # another process remembered it first: it says it
             new.remove(name)
     return new
+
+
+def remembered(conn: Connection, kind: str, names: list[str]) -> set[str]:
+    """Which of `names` are remembered under `kind` (by `first_seen`)."""
+    if not names:
+        return set()
+    keys = [f"{kind}:{n}" for n in names]
+    return {r[0].split(":", 1)[1] for r in conn.execute(select(state.c.key).where(state.c.key.in_(keys)))}
+
+
+def with_prefix(conn: Connection, kind: str) -> dict[str, str | None]:
+    """Every fact stored under `kind:<name>`: name -> value."""
+    rows = conn.execute(select(state.c.key, state.c.value).where(state.c.key.startswith(f"{kind}:")))
+    return {r.key.split(":", 1)[1]: r.value for r in rows}
+
+
+def forget(conn: Connection, key: str) -> bool:
+    return conn.execute(delete(state).where(state.c.key == key)).rowcount == 1
 
 
 def acquire_lease(conn: Connection, key: str, holder: str, now: datetime, ttl: timedelta) -> bool:
@@ -235,3 +254,24 @@ def last_slot(conn: Connection, job: str) -> datetime | None:
         select(runs.c.slot).where(runs.c.job == job).order_by(runs.c.slot.desc()).limit(1)
     ).first()
     return None if row is None else row.slot
+
+
+INSTALLATION_KEY = "installation_id"
+
+
+def installation_id(conn: Connection, now: datetime) -> str:
+    """This database's installation id (created by `etl db upgrade`, or here on first use): 12 random hex
+    digits that every custom_id of ours carries (etl.prompt.custom_id)."""
+    value = get_value(conn, INSTALLATION_KEY)
+    if value is not None:
+        return value
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(state).values(key=INSTALLATION_KEY, value=secrets.token_hex(6), updated_at=now)
+            )
+    except IntegrityError:  # another process created it first: theirs is the one
+        pass
+    value = get_value(conn, INSTALLATION_KEY)
+    assert value is not None
+    return value

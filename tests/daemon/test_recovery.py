@@ -61,11 +61,13 @@ def test_a_process_knows_who_is_alive_on_its_own_host() -> None:
     assert liveness.local_verdict(me) is True
     assert liveness.local_verdict(parent) is True
     assert liveness.local_verdict(dead_owner()) is False
-    host, pid, tag, boot, start = me.split(":")
-    assert liveness.local_verdict(f"{host}:{pid}:{tag}:000000000000:{start}") is False  # another boot
-    assert liveness.local_verdict(f"{host}:{pid}:{tag}:{boot}:1") is False  # pid reused by another program
-    assert liveness.local_verdict(f"elsewhere:{pid}:{tag}:{boot}:{start}") is None  # another host
-    assert liveness.local_verdict(f"{host}:{pid}:{tag}") is None  # a name from before this release
+    host, pid, tag, boot, start, ns, machine = me.split(":")
+    # another boot: a reboot, or a cloned VM with the same hostname and machine id: not for /proc to say
+    assert liveness.local_verdict(f"{host}:{pid}:{tag}:000000000000:{start}:{ns}:{machine}") is None
+    assert liveness.local_verdict(f"{host}:{pid}:{tag}:{boot}:1:{ns}:{machine}") is False  # pid reused
+    assert liveness.local_verdict(f"{host}:{pid}:{tag}:{boot}:{start}:1:{machine}") is None  # another PID ns
+    assert liveness.local_verdict(f"{host}:{pid}:{tag}:{boot}:{start}") is None  # a name from before issue 20
+    assert liveness.local_verdict(f"{host}:{pid}:{tag}") is None
 
 
 def test_postgresql_knows_a_dead_owner_of_any_host_by_its_session_lock(

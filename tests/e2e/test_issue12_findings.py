@@ -26,12 +26,13 @@ from etl.status import status
 from etl.store import migrate
 from etl.store.engine import make_engine
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
+from tests.ledger import by_row
 
 GRACE = 600  # the tests' reconcile_grace_seconds
 
 
 def billed_twice(control: EmulatorControl) -> int:
-    return sum(1 for n in control.ledger()["billed"].values() if n > 1)
+    return sum(1 for n in by_row(control.ledger()).values() if n > 1)
 
 
 def open_batches(rt: Runtime) -> int:
@@ -142,7 +143,7 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     assert anchor == first
     # Someone else's batch of the same size, made after ours with the same API key.
     foreign = [
-        encode_request(0, {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []}).replace(
+        encode_request("q0", {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []}).replace(
             b'"q0"', f'"other-{i}"'.encode()
         )
         for i in range(50)
@@ -160,7 +161,7 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     submitter.run(rt)
     clock.advance(120)
     collector.run(rt)
-    ours = {k: v for k, v in control.ledger()["billed"].items() if k.startswith("q")}
+    ours = {k: v for k, v in by_row(control.ledger()).items() if k.startswith("q")}
     assert len(ours) == 100 and set(ours.values()) == {1}
     assert_settled(rt, control, 100)
 
@@ -180,7 +181,7 @@ def test_a_doc_key_longer_than_its_limit_is_rejected_before_anything_is_sent(
     assert "doc_key is 3,000 bytes; the limit is 1,024" in long_row["reason"]
     clock.advance(120)
     collector.run(rt)
-    assert len(control.ledger()["billed"]) == 100
+    assert len(by_row(control.ledger())) == 100
     assert_settled(rt, control, 100)
 
 
@@ -322,7 +323,7 @@ def test_only_the_newest_queued_row_of_a_document_is_sent_the_older_are_supersed
     with rt.engine.connect() as conn:
         old = conn.execute(text("SELECT id, status, reason FROM etl_queue WHERE body LIKE 'old %'")).all()
     assert {r.status for r in old} == {"superseded"} and len(old) == 25
-    billed = control.ledger()["billed"]
+    billed = by_row(control.ledger())
     assert not {f"q{r.id}" for r in old} & set(billed)
     clock.advance(120)
     collector.run(rt)

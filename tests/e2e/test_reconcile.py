@@ -12,6 +12,7 @@ from etl import collector, failpoints, reconciler, submitter
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.ledger import by_row
 
 
 def intent_statuses(rt: Runtime) -> list[tuple[int, str]]:
@@ -48,7 +49,7 @@ def test_lookalike_unknown_intents_wait_for_custom_id_proof_and_nothing_is_paid_
     collector.run(rt)
     rows = queue_rows(rt)
     assert {r["status"] for r in rows.values()} == {"done"}
-    billed = control.ledger()["billed"]
+    billed = by_row(control.ledger())
     assert sorted(billed) == sorted(f"q{r['id']}" for r in rows.values())
     assert set(billed.values()) == {1}
 
@@ -68,7 +69,7 @@ def test_an_unknown_create_whose_batch_exists_is_adopted_not_resent(
     assert intent_statuses(runtime) == [(1, "collected")]
     assert col.succeeded == 4
     assert control.ledger()["batches_created"] == 1
-    assert set(control.ledger()["billed"].values()) == {1}
+    assert set(by_row(control.ledger()).values()) == {1}
 
 
 def test_an_unknown_create_that_never_reached_the_api_is_released_after_the_grace_period(
@@ -111,7 +112,7 @@ def test_a_batch_another_tool_made_is_reported_once_not_every_run(runtime: Runti
     from etl.prompt import batch_body, encode_request
 
     params = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
-    foreign = runtime.provider.create_batch(batch_body([encode_request(999_999, params)]))
+    foreign = runtime.provider.create_batch(batch_body([encode_request("other-tool-1", params)]))
     seen = []
     for _ in range(3):
         with capture_logs() as logs:

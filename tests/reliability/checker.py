@@ -14,6 +14,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from tests.ledger import by_row
+
 INVARIANTS = ("lost", "billed_twice", "dup_rows", "attempts", "stale_unknown", "fault")
 TERMINAL = {"done", "dead", "rejected", "superseded"}
 OPEN_INTENT = {"submitted", "ended"}
@@ -57,12 +59,16 @@ def snapshot(engine: Engine, warehouse: Engine, ledger: dict[str, Any]) -> Snaps
                 text("SELECT id, status, batch_id, created_at, sent_at, request_count FROM etl_batches")
             )
         ]
+        installation = conn.execute(
+            text("SELECT value FROM etl_state WHERE key = 'installation_id'")
+        ).scalar_one_or_none()
     with warehouse.connect() as conn:
         wh = [
             dict(r._mapping)
             for r in conn.execute(text("SELECT doc_key, task, queue_id, custom_id FROM etl_results"))
         ]
-    return Snapshot(rows, intents, wh, ledger)
+    # Bills per queue row of this installation (a row sent twice is billed under two custom_ids).
+    return Snapshot(rows, intents, wh, {**ledger, "billed": by_row(ledger, installation or "-")})
 
 
 def _as_dt(value: Any) -> datetime | None:

@@ -18,6 +18,7 @@ and disposes of the pool (SQLite), and the run goes on to see what a real proces
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import re
@@ -40,15 +41,17 @@ from sqlalchemy import Engine, text
 from sqlalchemy import event as sa_event
 
 from etl import config as config_mod
-from etl import failpoints
+from etl import failpoints, life, liveness
 from etl.emulator import EmulatorControl, EmulatorServer
+from etl.emulator.model import reply_text
 from etl.errors import EtlError, environmental
-from etl.prompt import custom_id
+from etl.prompt import Row, build_params, custom_id
 from etl.runtime import Runtime
 from etl.schema import metadata, warehouse_metadata
 from etl.store import state
 from etl.store.engine import make_engine
 from tests.conftest import API_KEY, TASKS_TOML
+from tests.ledger import by_row
 from tests.reliability import checker
 from tests.reliability.lines import RESULT_LINES
 
@@ -120,6 +123,12 @@ crashes = st.one_of(
 db_kills = st.one_of(st.none(), st.integers(1, 40))
 
 
+# `extra_line` ids, resolved when armed (FaultModel.arm): row 1 of intent 1 of ours (a duplicate in
+# intent 1's batch, another batch's row in any other), row 1 of intent 1 of the other installation, and
+# an id nobody of ours writes.
+EXTRA_LINE_IDS = ("@ours", "@other_installation", "@stranger")
+
+
 def _faults(*endpoints: str) -> st.SearchStrategy[dict[str, Any]]:
     """API faults at the given endpoints: error statuses, connection resets, ambiguous creates, and for
     results streams that end early, cut a line, reset after some lines or break at any byte."""
@@ -141,6 +150,8 @@ def _faults(*endpoints: str) -> st.SearchStrategy[dict[str, Any]]:
         ]
     if "retrieve" in endpoints:
         out.append(st.just({"endpoint": "retrieve", "action": "not_found"}))
+    if "list" in endpoints:
+        out.append(st.just({"endpoint": "list", "action": "unordered"}))  # a page's newest entry last
     if "results" in endpoints:
         out += [
             st.fixed_dictionaries(
@@ -156,6 +167,14 @@ def _faults(*endpoints: str) -> st.SearchStrategy[dict[str, Any]]:
                     "action": st.sampled_from(["truncate", "cut_line", "stream_reset", "break_at"]),
                     "after_lines": st.integers(0, 5),
                     "at_byte": st.integers(0, 400),
+                }
+            ),
+            # one more line: another of our batches' row, a duplicate, another installation's, a stranger's
+            st.fixed_dictionaries(
+                {
+                    "endpoint": st.just("results"),
+                    "action": st.just("extra_line"),
+                    "custom_id": st.sampled_from(EXTRA_LINE_IDS),
                 }
             ),
         ]
@@ -198,6 +217,9 @@ class World:
     provider: Any = None
     runs: int = 0  # every in-process `etl` run, completion runs included
     run_seconds: float = 0.0
+    actors: Counter[str] = field(default_factory=Counter)  # issue 20's actors and faults, as drawn
+    other_url: str = ""  # a second installation on the same API account (SQLite, tmpfs when there is one)
+    other_engine: Engine | None = None
 
     def reset(self) -> None:
         tables = [t.name for t in reversed(metadata.sorted_tables)] + [
@@ -207,6 +229,12 @@ class World:
             if self.db == "postgresql":
                 conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
             else:
+                for name in tables:
+                    conn.execute(text(f"DELETE FROM {name}"))
+                with suppress(Exception):
+                    conn.execute(text("DELETE FROM sqlite_sequence"))
+        if self.other_engine is not None:
+            with self.other_engine.begin() as conn:
                 for name in tables:
                     conn.execute(text(f"DELETE FROM {name}"))
                 with suppress(Exception):
@@ -263,9 +291,33 @@ def make_world(db: str, url: str, tmp: Path, emulator: EmulatorServer) -> World:
             conn.commit()
         engine.dispose()
     migrate.upgrade(engine, engine)
-    return World(
+    world = World(
         db, url, engine, write_config(tmp / "etl-stateful.toml"), emulator, EmulatorControl(emulator.base_url)
     )
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp
+    world.other_url = f"sqlite:///{folder / f'etl-other-installation-{os.getpid()}-{id(world)}.db'}"
+    world.other_engine = make_engine(world.other_url)
+    migrate.upgrade(world.other_engine, world.other_engine)
+    return world
+
+
+@dataclass
+class Twin:
+    """A live process of the same hostname (etl.liveness): its name, its proof of life and its claim."""
+
+    name: str
+    owner: str = ""
+    conn: Any = None  # PostgreSQL: the session holding its advisory lock
+    fd: int | None = None  # SQLite: its flocked file
+    intent: int = 0
+    lease_until: datetime = datetime.min
+
+    def die(self) -> None:
+        """As the kernel and the database do at a process's death: the lock is dropped, nothing cleaned."""
+        if self.conn is not None:
+            self.conn.invalidate()
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 # --- the machine -----------------------------------------------------------------------------------------
@@ -295,6 +347,8 @@ class FaultModel(RuleBasedStateMachine):
         self.never_bill: set[str] = set()  # rows a newer queued row of their (doc_key, task) superseded
         self.clean_run = False  # the last run met no fault
         self.host_jumped = False
+        self.other_docs = 0
+        self.twin: Twin | None = None
 
     # --- clocks ---------------------------------------------------------------------------------------
     def host_now(self) -> datetime:
@@ -307,11 +361,16 @@ class FaultModel(RuleBasedStateMachine):
     # --- one `etl` run, as a process would run it -----------------------------------------------------
     @contextmanager
     def _runtime(
-        self, crash: Any, db_kill: int | None, fired: list[str], disk_full: int | None = None
+        self,
+        crash: Any,
+        db_kill: int | None,
+        fired: list[str],
+        disk_full: int | None = None,
+        url: str | None = None,
     ) -> Iterator[Runtime]:
         from etl.provider import Provider
 
-        engine = make_engine(self.w.url)
+        engine = make_engine(url or self.w.url)
         cfg = self.cfg
         if self.w.provider is None:
             # read_retries=0: every injected fault reaches etl's own code instead of being retried away.
@@ -502,8 +561,119 @@ class FaultModel(RuleBasedStateMachine):
         """An API fault for the next `times` matching calls: this run's, or a later run's if this one
         makes no such call (a fault left armed is how a later run's reconciler meets it)."""
         if fault is not None:
+            if fault.get("action") == "extra_line":
+                self.w.actors[f"extra-line{fault['custom_id']}"] += 1
+                fault = {**fault, "custom_id": self._extra_id(fault["custom_id"])}
             self.w.control.set_faults(rules=[{**fault, "times": times}], mode="append")
             self.log.append(f"fault {fault} x{times}")
+
+    def _extra_id(self, which: str) -> str:
+        if which == "@stranger":
+            return "someone-elses-7"
+        engine = self.w.engine if which == "@ours" else self.w.other_engine
+        assert engine is not None
+        with engine.begin() as conn:
+            return custom_id(1, state.installation_id(conn, self.host_now()), 1)
+
+    # --- the other actors on the same account and the same host ----------------------------------------
+    @rule(n=st.integers(1, 4), ambiguous=st.booleans(), collect=st.booleans())
+    def other_installation_sends(self, n: int, ambiguous: bool, collect: bool) -> None:
+        """A second installation on the same API account sends documents of its own, whose row ids look
+        like ours (its rows are numbered from 1 too); its create ambiguous when drawn."""
+        assert self.w.other_engine is not None
+        with self.w.other_engine.begin() as conn:
+            for _ in range(n):
+                self.other_docs += 1
+                conn.execute(
+                    text("INSERT INTO etl_queue (doc_key, body, task) VALUES (:k, :b, 'default')"),
+                    {"k": f"k{self.other_docs}", "b": f"the other installation's document {self.other_docs}"},
+                )
+        if ambiguous:
+            fault = {"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}
+            self.w.control.set_faults(rules=[fault], mode="append")
+        self.other_run("submit")
+        if collect:
+            self.other_run("collect")
+        self.log.append(f"other installation: {n} document(s), ambiguous={ambiguous}, collect={collect}")
+        self.w.actors["other-installation" + ("-ambiguous" if ambiguous else "")] += 1
+
+    def other_run(self, command: str) -> None:
+        from etl import collector, submitter
+
+        try:
+            with self._runtime(None, None, [], url=self.w.other_url) as rt:
+                {"submit": submitter.run, "collect": collector.run}[command](rt)
+        except EtlError:  # a fault of ours still armed met it: the account is shared
+            pass
+
+    @rule()
+    def twin_claims(self) -> None:
+        """A live process of the same hostname whose pid our /proc cannot vouch for (another PID namespace,
+        a cloned VM: its name says pid = ours, start time 1) holds its proof of life and claims rows."""
+        if self.twin is not None:
+            return
+        from etl.store import batches as intents
+        from etl.store import queue as q
+
+        host, _pid, _token, boot, _start, ns, machine = liveness.new_owner().split(":")
+        token = os.urandom(8).hex()
+        name = f"{host}:{os.getpid()}:{token}:{boot}:1:{ns}:{machine}"
+        twin = Twin(name)
+        if self.w.db == "postgresql":
+            twin.owner = liveness.with_lock(name)
+            twin.conn = self.w.engine.connect()
+            assert state.hold_owner_lock(twin.conn, twin.owner)
+            twin.conn.commit()
+        else:
+            twin.owner = liveness.with_flock(name)
+            folder = Path(self.w.url.removeprefix("sqlite:///") + life.OWNERS_SUFFIX)
+            folder.mkdir(exist_ok=True)
+            twin.fd = os.open(folder / f"{token}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(twin.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now = self.host_now()
+        twin.lease_until = now + timedelta(seconds=SUBMIT["claim_lease_seconds"])
+        with self.w.engine.begin() as conn:
+            twin.intent = intents.create_intent(
+                conn, twin.owner, twin.lease_until, now, state.installation_id(conn, now)
+            )
+            claimed = q.claim(conn, twin.intent, SUBMIT["max_requests_per_batch"], now)
+        self.twin = twin
+        self.log.append(f"twin claims {claimed} row(s) as intent {twin.intent}")
+        self.w.actors["twin-claims" if claimed else "twin-claims-nothing"] += 1
+
+    @rule()
+    def twin_dies(self) -> None:
+        if self.twin is not None:
+            self.twin.die()
+            self.twin = None
+            self.log.append("twin dies")
+
+    def check_twin(self) -> None:
+        """A live twin's claim is never taken from it while its lease runs, whatever /proc says."""
+        if self.twin is None or self.host_now() >= self.twin.lease_until:
+            return
+        with self.w.engine.connect() as conn:
+            status = conn.execute(
+                text("SELECT status FROM etl_batches WHERE id = :i"), {"i": self.twin.intent}
+            ).scalar_one()
+        assert status == "claimed", f"a live twin's claim became {status}\n" + "\n".join(self.log[-12:])
+
+    def check_answers(self, engine: Engine) -> None:
+        """No warehouse row holds an answer to another document (another installation's above all): each
+        is the emulator's answer to the document of the row it landed in."""
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT q.id, q.doc_key, q.task, q.body, q.metadata, r.output_text FROM etl_results r "
+                    "JOIN etl_queue q ON q.id = r.queue_id"
+                )
+            ).all()
+        for r in rows:
+            params = build_params(Row(r.id, r.doc_key, r.task, r.body, r.metadata), self.cfg.tasks, 10**7)
+            assert r.output_text == reply_text(params), (
+                f"warehouse row of {r.doc_key!r} holds another document's answer: {r.output_text!r}\n"
+                + "\n".join(self.log[-12:])
+            )
 
     @rule(seconds=st.sampled_from(STEPS))
     def time_passes(self, seconds: int) -> None:
@@ -566,6 +736,8 @@ class FaultModel(RuleBasedStateMachine):
     def verdict(self, *, final: bool) -> checker.Verdict:
         ledger = self.w.control.ledger()
         self.check_superseded(ledger)
+        self.check_answers(self.w.engine)
+        self.check_twin()
         snap = checker.snapshot(self.w.engine, self.w.engine, ledger)
         return checker.check(
             snap,
@@ -592,13 +764,16 @@ class FaultModel(RuleBasedStateMachine):
     def check_superseded(self, ledger: dict[str, Any]) -> None:
         """Only the newest queued row of a (doc_key, task) is ever sent: an older one still queued when a
         newer one arrived is never billed."""
-        billed = set(ledger.get("billed", {})) & self.never_bill
+        with self.w.engine.connect() as conn:
+            ours = state.get_value(conn, state.INSTALLATION_KEY)
+        billed = set(by_row(ledger, ours or "-")) & self.never_bill  # "-": none of ours sent yet
         assert not billed, f"superseded rows billed: {sorted(billed)[:5]}\n" + "\n".join(self.log[-12:])
 
     def complete(self) -> None:
         """Lift the API faults (the clocks stay as they are) and resume, as an operator would; then nights
         and mornings until everything is settled."""
         self.w.control.set_faults(clock_offset_seconds=self.api_offset)
+        self.twin_dies()
         with self.w.engine.begin() as conn:
             state.resume(conn)
         step = CYCLE.total_seconds() + 60
@@ -607,8 +782,12 @@ class FaultModel(RuleBasedStateMachine):
             if self.settled():
                 return
             self.execute("submit", count=False)
+            if self.other_docs:
+                self.other_run("submit")
             self._advance(PROCESSING_SECONDS + 60)
             self.execute("collect", count=False)
+            if self.other_docs:
+                self.other_run("collect")
             self._advance(step)
 
     def settled(self) -> bool:
@@ -625,6 +804,8 @@ class FaultModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.complete()
+            if self.w.other_engine is not None:
+                self.check_answers(self.w.other_engine)
             v = self.verdict(final=True)
             assert v.ok, (
                 "after the completion run: " + " | ".join(v.failures()) + "\n" + "\n".join(self.log[-20:])

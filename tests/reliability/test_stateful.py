@@ -11,6 +11,7 @@ session and written to `stateful-combinations-<db>.txt` in pytest's temporary di
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,9 +42,14 @@ def world(db_url: str, tmp_path: Path, emulator: EmulatorServer) -> Iterator[Wor
     )
     yield w
     w.engine.dispose()
-    if sqlite_file is not None:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{sqlite_file}{suffix}").unlink(missing_ok=True)
+    other = Path(w.other_url.removeprefix("sqlite:///"))
+    if w.other_engine is not None:
+        w.other_engine.dispose()
+    for db_file in (sqlite_file, other):
+        if db_file is not None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(f"{db_file}.owners", ignore_errors=True)
     if w.provider is not None:
         w.provider._inner.close()
 
@@ -76,7 +82,8 @@ def test_generated_fault_sequences_keep_every_invariant(
         line = (
             f"stateful[{world.db}]: {world.examples} examples, {sum(combos.values())} etl runs with faults drawn "
             f"({world.runs} in all, {1000 * world.run_seconds / max(world.runs, 1):.0f} ms each), "
-            f"{len(combos)} distinct fault combinations reached"
+            f"{len(combos)} distinct fault combinations reached; actors: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(world.actors.items())) or "none")
         )
         SUMMARY.append(line)
         path = tmp_path_factory.getbasetemp() / f"stateful-combinations-{world.db}.txt"

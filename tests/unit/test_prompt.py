@@ -73,12 +73,42 @@ def test_rows_that_can_never_be_sent_are_rejected_with_a_readable_reason(
 
 
 def test_custom_ids_map_back_to_exactly_one_row_and_fit_the_api_pattern() -> None:
-    assert custom_id(42) == "q42" and queue_id_of("q42") == 42
+    assert custom_id(42) == "q42" and queue_id_of("q42") == 42  # legacy, batches sent before issue 20
+    assert custom_id(42, "0123456789ab", 7) == "q42_7_0123456789ab"
     assert queue_id_of("x42") is None and queue_id_of("q4x") is None
-    body = batch_body([encode_request(7, {"a": "é"}), encode_request(8, {"b": 1})])
+    body = batch_body([encode_request(custom_id(7), {"a": "é"}), encode_request(custom_id(8), {"b": 1})])
     decoded = json.loads(body)
     assert [r["custom_id"] for r in decoded["requests"]] == ["q7", "q8"]
     assert decoded["requests"][0]["params"] == {"a": "é"}
+
+
+@given(
+    st.integers(1, 2**63 - 1),
+    st.integers(1, 2**63 - 1),
+    st.text("0123456789abcdef", min_size=12, max_size=12),
+)
+def test_a_custom_id_names_its_row_intent_and_installation_and_nothing_else_reads_as_one(
+    qid: int, intent: int, installation: str
+) -> None:
+    import re
+
+    from etl.prompt import SentId, parse_custom_id
+
+    cid = custom_id(qid, installation, intent)
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", cid)
+    assert parse_custom_id(cid) == SentId(qid, intent, installation)
+    # another installation's id, a look-alike of another shape, a typo: never read as ours
+    for other in (cid.upper(), cid + "_", cid.replace("_", "-"), cid[:-1], "x" + cid, cid + "0"):
+        sent = parse_custom_id(other)
+        assert (
+            sent is None
+            or sent.installation != installation
+            or (sent.queue_id, sent.intent)
+            != (
+                qid,
+                intent,
+            )
+        )
 
 
 @settings(deadline=None)
@@ -91,7 +121,8 @@ def test_the_estimators_request_size_is_the_encoded_requests_length(body: str, q
         params = build_params(Row(qid, "k", "t", body, None), {"t": task}, 10_000)
     except Rejection:
         return
-    assert request_size(qid, params) == len(encode_request(qid, params))
+    cid = custom_id(qid, "0123456789ab", qid)
+    assert request_size(cid, params) == len(encode_request(cid, params))
 
 
 INVISIBLE = st.sampled_from(

@@ -314,6 +314,13 @@ def _health(info: Mapping[str, Any], healthy: bool, problems: list[str]) -> Iter
     for s in (DocStatus.SUBMITTED, DocStatus.CLAIMED):
         g.add_metric([s.value], stranded.get(s, 0))
     yield g
+    g = _gauge(
+        "etl_unexplained_batches",
+        "Batches of this installation that no intent explains: billed, never to be collected "
+        "(etl reconcile --acknowledge BATCH_ID once dealt with).",
+    )
+    g.add_metric([], len(info.get("unexplained_batches") or {}))
+    yield g
 
 
 def registry(rt: Runtime, *, process: bool) -> CollectorRegistry:

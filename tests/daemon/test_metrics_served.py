@@ -45,6 +45,7 @@ EXPECTED = {
     "etl_live_refused_total",
     "etl_intents_unknown",
     "etl_stranded_rows",
+    "etl_unexplained_batches",
     "etl_health_ok",
     "etl_health_problems",
     "etl_submission_paused",

@@ -54,7 +54,9 @@ def test_page_after_a_night_counts_documents_tokens_and_money_as_the_report_does
     docs = [{"doc_key": f"d{i}", "body": f"Invoice {i} for {i * 3} crates"} for i in range(7)]
     docs.append({"doc_key": "c1", "body": "Revenue grew", "task": "classify", "metadata": '{"title": "Q3"}'})
     insert_docs(runtime, docs)
-    insert_docs(runtime, [{"doc_key": "gone", "body": "given up", "status": "dead", "reason": "test"}])
+    insert_docs(runtime, [{"doc_key": "gone", "body": "given up"}])
+    with runtime.engine.begin() as conn:  # rows are inserted queued only (migration 0008)
+        conn.execute(text("UPDATE etl_queue SET status = 'dead', reason = 'test' WHERE doc_key = 'gone'"))
     submitter.run(runtime)
     clock.advance(3600)
     collector.run(runtime)
@@ -121,9 +123,12 @@ def test_queue_rows_by_status_and_task_match_the_table_whatever_it_holds(
     with runtime.engine.begin() as conn:
         conn.execute(text("DELETE FROM etl_queue"))
         for i, (status, task) in enumerate(rows):
+            conn.execute(  # inserted queued (migration 0008 refuses any other state), then moved
+                text("INSERT INTO etl_queue (doc_key, body, task) VALUES (:k, 'b', :t)"),
+                {"k": f"k{i}", "t": task},
+            )
             conn.execute(
-                text("INSERT INTO etl_queue (doc_key, body, task, status) VALUES (:k, 'b', :t, :s)"),
-                {"k": f"k{i}", "t": task, "s": status},
+                text("UPDATE etl_queue SET status = :s WHERE doc_key = :k"), {"k": f"k{i}", "s": status}
             )
     page = samples(metrics.page(runtime))
     seen = {labels: v for (name, labels), v in page.items() if name == "etl_queue_rows"}
@@ -135,6 +140,23 @@ def test_queue_rows_by_status_and_task_match_the_table_whatever_it_holds(
         assert seen[(("status", status), ("task", task))] == n
     # every status of every configured task is there, 0 included, so a rule never sees a gap
     assert {dict(k)["status"] for k in seen if dict(k)["task"] == "default"} == set(DOC_STATUSES)
+
+
+def test_a_batch_of_ours_that_nothing_explains_is_counted_until_acknowledged(runtime: Runtime) -> None:
+    """The reconciler keeps each batch of this installation that no intent could take (billed, never to
+    be collected) under `unexplained_batch:<id>`; the page counts them and the health gauge fails."""
+    from etl import reconciler
+    from etl.clock import utcnow
+    from etl.store import state
+
+    assert value(samples(metrics.page(runtime)), "etl_unexplained_batches") == 0
+    with runtime.engine.begin() as conn:
+        state.set_value(conn, f"{reconciler.UNEXPLAINED_KIND}:msgbatch_x", "50 request(s) billed", utcnow())
+    page = samples(metrics.page(runtime))
+    assert value(page, "etl_unexplained_batches") == 1 and value(page, "etl_health_ok") == 0
+    with runtime.engine.begin() as conn:
+        state.forget(conn, f"{reconciler.UNEXPLAINED_KIND}:msgbatch_x")
+    assert value(samples(metrics.page(runtime)), "etl_unexplained_batches") == 0
 
 
 def test_an_unreachable_database_gives_database_up_0_not_an_error(runtime: Runtime) -> None:

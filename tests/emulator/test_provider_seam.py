@@ -116,8 +116,8 @@ def test_a_broken_results_stream_is_results_incomplete(
     control.set_faults(rules=[{"endpoint": "results", **rule}])
     with pytest.raises(ResultsIncomplete):
         list(provider.iter_result_lines(batch_id, stall_timeout=0.3))
-    with pytest.raises(ResultsIncomplete):
-        provider.first_result_custom_id(batch_id, stall_timeout=0.3)
+    with pytest.raises(ResultsIncomplete):  # the reconciler's first-line read of a batch: who sent it
+        next(provider.result_custom_ids(batch_id, stall_timeout=0.3))
     control.clear_faults()
     assert len(list(provider.iter_result_lines(batch_id, stall_timeout=5.0))) == 6
 

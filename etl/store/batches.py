@@ -157,42 +157,33 @@ def fence_sending(conn: Connection, intent_id: int, owner: str, now: datetime) -
     )
 
 
+def _submitted(remote: RemoteBatch, now: datetime, *, adopted: bool, error: str | None) -> dict[str, Any]:
+    """The columns of an intent that records its batch at the API."""
+    return {
+        "batch_id": remote.id,
+        "status": B.SUBMITTED,
+        "submitted_at": now,
+        "remote_created_at": remote.created_at,
+        "processing_status": remote.processing_status,
+        "request_counts": remote.request_counts,
+        "adopted": 1 if adopted else 0,
+        "error": error,
+        "lease_expires_at": None,
+    }
+
+
 def record_submitted(
     conn: Connection, intent_id: int, remote: RemoteBatch, now: datetime, *, adopted: bool = False
 ) -> bool:
-    return _transition(
-        conn,
-        intent_id,
-        (B.SENDING, B.UNKNOWN),
-        batch_id=remote.id,
-        status=B.SUBMITTED,
-        submitted_at=now,
-        remote_created_at=remote.created_at,
-        processing_status=remote.processing_status,
-        request_counts=remote.request_counts,
-        adopted=1 if adopted else 0,
-        error=None,
-        lease_expires_at=None,
-    )
+    fields = _submitted(remote, now, adopted=adopted, error=None)
+    return _transition(conn, intent_id, (B.SENDING, B.UNKNOWN), **fields)
 
 
 def revive(conn: Connection, intent_id: int, remote: RemoteBatch, now: datetime, error: str) -> bool:
     """A batch of ours found at the API after its intent was released (or failed): the intent records it
     after all, so it is collected like any other (etl.reconciler, "unexplained batches")."""
-    return _transition(
-        conn,
-        intent_id,
-        (B.RELEASED, B.FAILED),
-        batch_id=remote.id,
-        status=B.SUBMITTED,
-        submitted_at=now,
-        remote_created_at=remote.created_at,
-        processing_status=remote.processing_status,
-        request_counts=remote.request_counts,
-        adopted=1,
-        error=error,
-        lease_expires_at=None,
-    )
+    fields = _submitted(remote, now, adopted=True, error=error)
+    return _transition(conn, intent_id, (B.RELEASED, B.FAILED), **fields)
 
 
 def mark_unknown(conn: Connection, intent_id: int, error: str) -> bool:

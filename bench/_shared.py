@@ -58,7 +58,11 @@ def encode(qid: int, doc_key: str, task_name: str, body: str, metadata: Any, tas
         params["system"] = task["system"]
     if task["output_config"] is not None:
         params["output_config"] = task["output_config"]
-    return orjson.dumps({"custom_id": f"q{qid}", "params": params})
+    # custom_ids of etl's shape (row, intent, installation: etl.prompt.custom_id), so both bodies weigh alike
+    return orjson.dumps({"custom_id": f"q{qid}{CUSTOM_ID_TAIL}", "params": params})
+
+
+CUSTOM_ID_TAIL = "_1_0123456789ab"  # etl's `_<intent>_<installation>` after the row id
 
 
 def price_table(cfg: dict[str, Any]) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:

@@ -100,7 +100,7 @@ def batch_rows(
         if result["type"] != "succeeded":
             continue
         cid = obj["custom_id"]
-        qid = int(cid[1:])
+        qid = int(cid[1:].split("_", 1)[0])  # q<row>_<intent>_<installation>
         doc_key, task, enqueued_at = expected[qid]
         message = result["message"]
         text = "".join(b["text"] for b in message["content"] if b["type"] == "text")

@@ -54,6 +54,7 @@ def main() -> int:
             report.morning(rt)
             return f"collected {col.succeeded} succeeded"
         finally:
+            rt.life.release()  # the proof-of-life session (etl.life) would hold the database open
             rt.engine.dispose()
             if not rt.same_database:
                 rt.warehouse.dispose()

@@ -107,7 +107,7 @@ def test_two_daemons_with_one_hostname_in_separate_pid_namespaces_never_bury_the
         leader = leader_lease(db_url)
         assert leader is not None and leader.split(":")[1] == "1", leader  # PID 1 of its own namespace
         b = daemon_in_own_pid_namespace(env, tmp_path, "follower")  # its start-up sweep runs now, in flight
-        wait_for(lambda: b.logged("standby"), 30, "B to stand by")
+        wait_for(lambda: b.logged("standby") or b.logged("leadership_acquired"), 30, "B to decide")
         finished = "SELECT 1 FROM etl_runs WHERE job = 'submit' AND outcome <> 'running'"
         while not query(db_url, finished):  # the 40 s window: B watches A's create in flight
             check_nobody_declared_dead(db_url, leader, control, b)
@@ -130,3 +130,5 @@ def test_two_daemons_with_one_hostname_in_separate_pid_namespaces_never_bury_the
     assert (ledger["batches_created"], ledger["requests_created"]) == (1, DOCS)
     billed = by_row(ledger)
     assert len(billed) == DOCS and [k for k, n in billed.items() if n > 1] == []  # 0 documents sent twice
+    check = run_etl(env, "status", "--check")
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,6 +1,6 @@
 """Issue 20: identity, not coincidence. Each finding reproduced as the issue describes it, on SQLite and
 PostgreSQL: two installations on one API account, an extra results line, a SIGKILLed `etl submit`, a list
-page out of order, and (in tests/e2e/test_issue20_processes.py) two processes in separate PID
+page out of order, and (in tests/e2e/test_owner_liveness.py) two processes in separate PID
 namespaces under one hostname.
 
 Every test ends with the same judgement: every document `done`, no answer in the wrong warehouse (each

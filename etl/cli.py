@@ -452,13 +452,20 @@ def _main(argv: list[str]) -> int:
     except Exception as exc:  # the top of the CLI: one line, never a traceback
         return _fail(exc)
     try:
-        return handler(rt, args)
+        try:
+            code, cause = handler(rt, args), getattr(args, "failure", None)
+        except Exception as exc:  # the top of the CLI: one line, never a traceback
+            code, cause = _failure(exc, user=rt.engine.url.username)
+            print(f"etl: {cause}", file=sys.stderr)
+        if args.command in ("submit", "collect") and not getattr(args, "dry_run", False):
+            from etl import failures
+
+            failures.note(rt, args.command, code, cause)  # where `etl status --check` reads it
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         raise  # `main` ends it quietly with 141: the reader left (`etl report | head -1`)
-    except Exception as exc:  # the top of the CLI: one line, never a traceback
-        return _fail(exc, user=rt.engine.url.username)
     finally:
         try:
             rt.close()
@@ -467,7 +474,14 @@ def _main(argv: list[str]) -> int:
 
 
 def _fail(exc: Exception, user: str | None = None) -> int:
-    """One line on stderr and the exit code for any error that reaches the top of a command.
+    """One line on stderr and the exit code for any error that reaches the top of a command."""
+    code, line = _failure(exc, user)
+    print(f"etl: {line}", file=sys.stderr)
+    return code
+
+
+def _failure(exc: Exception, user: str | None = None) -> tuple[int, str]:
+    """The exit code and the one line (without "etl: ") for any error that reaches the top of a command.
 
     The project's own errors carry their message and code; a right the database user lacks is named with
     the fix (`etl db grants`, exit 78); an environmental failure (disk full, read-only, permission,
@@ -476,16 +490,13 @@ def _fail(exc: Exception, user: str | None = None) -> int:
     if not isinstance(exc, EtlError):
         exc = denied(exc, user) or environmental(exc) or exc
     if isinstance(exc, EtlError):
-        print(f"etl: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_code, str(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    print(
-        f"etl: unexpected error: {type(exc).__name__}: {first} (a bug: please report it; "
-        "--log-level debug shows the traceback)",
-        file=sys.stderr,
-    )
     log.debug("unexpected_error", exc_info=exc)
-    return 1
+    return 1, (
+        f"unexpected error: {type(exc).__name__}: {first} (a bug: please report it; "
+        "--log-level debug shows the traceback)"
+    )
 
 
 CREATES_DATABASE = {("db", "upgrade"), ("config", None)}  # `config` opens no database at all
@@ -635,9 +646,13 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
         print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
         return SubmissionPaused.exit_code
     if out.misconfigured is not None:
-        print(f"etl: {out.misconfigured}; nothing was sent, the rows are back in the queue", file=sys.stderr)
+        args.failure = f"{out.misconfigured}; nothing was sent, the rows are back in the queue"
+        print(f"etl: {args.failure}", file=sys.stderr)
         return ConfigError.exit_code
-    return 0 if not out.stopped or out.stopped in ("stop requested",) else 3
+    if not out.stopped or out.stopped in ("stop requested",):
+        return 0
+    args.failure = f"stopped: {out.stopped}"  # recorded for `etl status --check` (etl.failures)
+    return 3
 
 
 def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
@@ -661,7 +676,11 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
             print(report.render(body))
     if out.paused is not None:
         return SubmissionPaused.exit_code
-    return 0 if not out.problems else 3
+    if not out.problems:
+        return 0
+    more = f" (and {len(out.problems) - 1} more)" if len(out.problems) > 1 else ""
+    args.failure = f"{out.problems[0]}{more}"  # recorded for `etl status --check` (etl.failures)
+    return 3
 
 
 def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from etl import budget, costs, disk, live, reconciler, recovery, report
+from etl import budget, costs, disk, failures, live, reconciler, recovery, report
 from etl.clock import isoformat
 from etl.errors import StoreError
 from etl.runtime import Runtime
@@ -50,6 +50,8 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
         problems.append(f"submission paused: {info['submission_paused']}")
     problems += live.health(rt, now)
     problems += unexplained_batches(rt, info)
+    with reading(rt.engine) as conn:
+        problems += failures.problems(conn)  # a one-shot submit or collect that failed outside the daemon
     return info, not problems, problems
 
 

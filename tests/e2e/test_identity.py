@@ -304,10 +304,9 @@ def test_an_unordered_list_page_does_not_release_a_batch_that_exists(
     assert_settled(rt, control, 20)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL's proof is a session lock
 def test_the_lock_file_of_a_finished_command_is_removed(db_url: str, runtime: Runtime) -> None:
     """SQLite: proof of life is a flock on `<db>.owners/<token>.lock`; a clean exit leaves no file."""
-    if not db_url.startswith("sqlite"):
-        pytest.skip("SQLite only")
     from etl import life
 
     life.hold(runtime)

@@ -454,6 +454,8 @@ def _main(argv: list[str]) -> int:
     try:
         try:
             code, cause = handler(rt, args), getattr(args, "failure", None)
+        except BrokenPipeError:
+            raise  # not a failure of the command: the reader left (below)
         except Exception as exc:  # the top of the CLI: one line, never a traceback
             code, cause = _failure(exc, user=rt.engine.url.username)
             print(f"etl: {cause}", file=sys.stderr)

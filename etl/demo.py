@@ -92,11 +92,12 @@ def _enqueue(rt: Runtime, docs: list[dict[str, Any]], max_attempts: int) -> dict
 
 
 def _faults(ids: dict[str, int]) -> dict[str, Any]:
-    overloaded = "|".join(f"q{ids[k]}" for k in (*OVERLOADED, LAST_CHANCE))
+    # custom_ids are q<row>_<intent>_<installation> (etl.prompt.custom_id): the rules match on the row
+    overloaded = "(" + "|".join(f"q{ids[k]}" for k in (*OVERLOADED, LAST_CHANCE)) + ")_.*"
     return {
         "outcomes": [
             {
-                "custom_id": f"q{ids[INVALID]}",
+                "custom_id": f"q{ids[INVALID]}_.*",
                 "outcome": "errored",
                 "error_type": "invalid_request_error",
                 "message": "messages.0.content: the document could not be parsed",

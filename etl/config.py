@@ -459,8 +459,8 @@ def _build(
     api = _section(raw, "api", problems)
     base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None
     if base_url:
-        source = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "api.base_url"
-        problem = base_url_problem(base_url, source)
+        given_by = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "api.base_url"
+        problem = base_url_problem(base_url, given_by)
         if problem:
             problems.append(problem)
     api_timeout = float(_typed(api, "timeout_seconds", (int, float), 60.0, "api", problems))

@@ -36,6 +36,8 @@ def test_environment_overrides_the_file() -> None:
     assert cfg.schedule.timezone == "Europe/Berlin"
     assert cfg.require_api_key() == "sk-ant-secret-value-123456"
     assert "sk-ant-secret" not in repr(cfg)
+    # the file it came from, which a SIGHUP reads again (the base URL check once overwrote it)
+    assert cfg.source == str(ROOT / "config" / "etl.toml")
 
 
 def test_bad_config_lists_every_problem_at_once(tmp_path: Path) -> None:

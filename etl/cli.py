@@ -680,9 +680,7 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
         return SubmissionPaused.exit_code
     if not out.problems:
         return 0
-    more = f" (and {len(out.problems) - 1} more)" if len(out.problems) > 1 else ""
-    args.failure = f"{out.problems[0]}{more}"  # recorded for `etl status --check` (etl.failures)
-    return 3
+    return 3  # finished with problems: each batch that needs action says so itself (etl.failures)
 
 
 def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:

@@ -28,6 +28,11 @@ def note(rt: Runtime, command: str, code: int, cause: str | None) -> None:
     """After `etl <command>` ended with `code`: record its failure, or clear the last one on success."""
     if command not in COMMANDS or code in NOT_A_VERDICT:
         return
+    if command == "collect" and code == 3:
+        # The collect finished; what it reported needs no second record: a batch that could not be
+        # collected carries its reason itself (etl_batches.error, which status reads), and a line that
+        # named no row or another batch's row needs nothing more (status stays OK, as issue 21 promised).
+        code = 0
     key = f"{KIND}:{command}"
     try:
         now = rt.clock()

@@ -425,14 +425,20 @@ def test_a_batch_fills_its_byte_cap_exactly_and_records_the_bytes_it_sent(
 ) -> None:
     """`etl_batches.payload_bytes` is the size of the body sent (it was one byte more), and a batch takes
     requests up to `max_batch_bytes` exactly (it left the last one out when it fitted to the byte)."""
-    from etl.prompt import batch_body, encode_request
+    from etl.prompt import batch_body, custom_id, encode_request
 
     first = make_runtime()
     docs = [{"doc_key": f"k{i}", "body": f"bødy {i} " + "y" * (i * 13 % 50)} for i in range(30)]
     insert_docs(first, docs)
     ids = {k: r["id"] for k, r in queue_rows(first).items()}
+    installation = first.installation()  # the batch will be the database's first intent: id 1
     body = batch_body(
-        [encode_request(ids[d["doc_key"]], expected_params(first, ids[d["doc_key"]], d)) for d in docs]
+        [
+            encode_request(
+                custom_id(ids[d["doc_key"]], installation, 1), expected_params(first, ids[d["doc_key"]], d)
+            )
+            for d in docs
+        ]
     )
     rt = make_runtime(submit={"max_batch_bytes": len(body), "max_body_bytes": 1000})
     out = submitter.run(rt)

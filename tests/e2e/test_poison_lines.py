@@ -44,7 +44,8 @@ def _send(rt: Runtime, n: int, per_batch: int) -> list[tuple[int, int]]:
 def _serve(control: EmulatorControl, lines: dict[int, str]) -> None:
     control.set_faults(
         outcomes=[
-            {"custom_id": prompt.custom_id(qid).replace(".", r"\."), "outcome": "raw", "line": line}
+            # q<row>_<intent>_<installation> (etl.prompt.custom_id): the rule matches on the row
+            {"custom_id": prompt.custom_id(qid) + "_.*", "outcome": "raw", "line": line}
             for qid, line in lines.items()
         ]
     )

@@ -11,7 +11,7 @@ from etl.failpoints import POINTS
 from tests.reliability.harness import PROCESSING_SECONDS, Scenario
 
 DOCS = 12  # 5 per batch: three batches, so a second run always has a next batch to die on
-OVERLOADED = r"q\d*[27]"  # a fifth of the documents fail once with a transient error
+OVERLOADED = r"q\d*[27](_.*)?"  # a fifth of the documents fail once with a transient error
 
 
 def _kill_submit(sc: Scenario, point: str, times: int) -> tuple[bool, str]:

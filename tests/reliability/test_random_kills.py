@@ -58,7 +58,7 @@ def test_random_sigkill_schedule_then_restart_keeps_every_invariant(
     sc.insert_plain(rng.randint(3, 11), prefix=f"s{seed}-")
     if rng.random() < 0.3:
         sc.control.set_faults(
-            outcomes=[{"custom_id": r"q\d*[3]", "outcome": "errored", "error_type": "overloaded_error"}]
+            outcomes=[{"custom_id": r"q\d*[3](_.*)?", "outcome": "errored", "error_type": "overloaded_error"}]
         )
     log: list[str] = []
     first_point = rng.choice([p for p in SUBMIT_POINTS if p.startswith("submit.")])

@@ -13,16 +13,15 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from etl.runtime import Runtime
+from etl.store.dialect import database_file
 
 LOW_DISK_BYTES = 64 << 20
 
 
 def sqlite_folder(engine: Engine) -> Path | None:
     """The folder of a SQLite database file (None for PostgreSQL or an in-memory database)."""
-    if engine.dialect.name != "sqlite":
-        return None
-    database = engine.url.database or ""
-    return None if database in ("", ":memory:") else Path(database).resolve().parent
+    database = database_file(engine)
+    return None if database is None else database.resolve().parent
 
 
 def free_bytes(folder: Path) -> int | None:

@@ -22,6 +22,7 @@ from sqlalchemy import Connection
 
 from etl import liveness
 from etl.store import state
+from etl.store.dialect import capabilities, database_file
 
 if TYPE_CHECKING:
     from etl.runtime import Runtime
@@ -56,12 +57,12 @@ class Life:
 
 def owners_dir(rt: Runtime) -> Path | None:
     """`<database file>.owners`, beside the SQLite database; None for PostgreSQL or an in-memory one."""
-    url = rt.engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+    database = database_file(rt.engine)
+    if database is None:
         return None
     # The real file's directory: a process that reaches the database through a symlink must look in the
     # same folder as one that does not.
-    return Path(os.path.realpath(url.database) + OWNERS_SUFFIX)
+    return Path(os.path.realpath(database) + OWNERS_SUFFIX)
 
 
 def hold(rt: Runtime) -> None:
@@ -69,7 +70,7 @@ def hold(rt: Runtime) -> None:
     without it, this process's work is recovered when its leases run out, as before."""
     life = rt.life
     try:
-        if rt.engine.dialect.name == "postgresql":
+        if capabilities(rt.engine).advisory_locks:
             _hold_advisory(rt, life)
         elif life.fd is None:
             _hold_flock(rt, life)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, RowMapping, insert, select, update
 
 from etl import prompt
 from etl.remote import RemoteBatch
-from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, batches
+from etl.store.schema import OPEN_BATCH_STATUSES, BatchStatus, batches
 
 B = BatchStatus
 

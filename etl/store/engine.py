@@ -17,6 +17,7 @@ from sqlalchemy.pool import QueuePool
 
 from etl.config import mask_url
 from etl.errors import DatabaseUnreachable, MissingPrivilege, environmental
+from etl.store.dialect import capabilities
 
 SQLITE_BUSY_TIMEOUT_S = 60
 # SQLite's own defaults: a checkpoint once the WAL holds 1,000 pages. The WAL file left behind after a
@@ -187,7 +188,7 @@ def bulk_writes(engine: Engine) -> Iterator[Connection]:
     its own. Elsewhere a plain connection: PostgreSQL checkpoints on its own schedule.
     """
     with engine.connect() as conn:
-        if conn.dialect.name != "sqlite":
+        if not capabilities(conn).own_checkpoints:
             yield conn
             return
         driver: Any = conn.connection.driver_connection

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from etl.schema import events, reports
+from etl.store.schema import events, reports
 
 
 @dataclass

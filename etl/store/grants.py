@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
 
-from etl import schema
 from etl.errors import ConfigError, MissingPrivilege
+from etl.store import schema
+from etl.store.dialect import capabilities
 from etl.store.engine import GRANTS_HINT
 
 PRODUCER_COLUMNS = ("doc_key", "body", "task", "metadata", "priority", "due_by", "mode")
@@ -197,7 +198,7 @@ def check(engine: Engine, warehouse: Engine, kind: str = "daemon") -> None:
     from etl.store.migrate import roles
 
     for eng, db_role in roles(engine, warehouse):
-        if eng.dialect.name != "postgresql":
+        if not capabilities(eng).roles:
             continue
         with eng.connect() as conn:
             lacking = missing(conn, db_role, kind)

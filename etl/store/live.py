@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Text, cast, func, select, text, update
 
 from etl.prompt import Row
-from etl.schema import LIVE_CANDIDATE, DocStatus, Mode, events, instant, queue
 from etl.store.queue import _id_in, _once, live_routed
+from etl.store.schema import LIVE_CANDIDATE, DocStatus, Mode, events, instant, queue
 
 S = DocStatus
 CHANNEL = "etl_live"  # the migration's trigger NOTIFYs here on an urgent INSERT (PostgreSQL)

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, func, select
 
-from etl.schema import batches, queue, runs
+from etl.store.schema import batches, queue, runs
 
 
 def queue_by_status_and_task(conn: Connection) -> list[tuple[str, str, int]]:

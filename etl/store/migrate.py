@@ -11,21 +11,24 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, inspect, text
 
-from etl import schema
 from etl.errors import SchemaIncomplete, SchemaOutOfDate
+from etl.store import schema
 from etl.store.engine import reachable
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-HEAD = "0008"  # the newest migration of the chain (0003 -> 0005 -> 0004 -> 0006 -> 0007 -> 0008 after the merges)
+# The newest migration of the chain. Revision ids are what databases store, so they stay as they were
+# made: 0001 -> 0002 -> 0003 -> 0005 -> 0004 -> 0006 -> 0007 -> 0008 (two branches merged). The files in
+# etl/store/migrations/versions/ are numbered in that run order (04_ holds revision 0005, 05_ 0004).
+HEAD = "0008"
 
 
 def _alembic_config(role: str) -> AlembicConfig:
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", "etl:migrations")
+    cfg.set_main_option("script_location", "etl.store:migrations")
     cfg.attributes["role"] = role
     return cfg
 

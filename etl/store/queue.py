@@ -28,7 +28,8 @@ from sqlalchemy.types import NullType
 
 from etl import codec
 from etl.prompt import Row
-from etl.schema import OPEN_BATCH_STATUSES, BatchStatus, DocStatus, Mode, batches, instant, queue
+from etl.store.dialect import capabilities
+from etl.store.schema import OPEN_BATCH_STATUSES, BatchStatus, DocStatus, Mode, batches, instant, queue
 
 S = DocStatus
 
@@ -73,7 +74,7 @@ def claim(
 def _once(conn: Connection, picked: Select[tuple[int]]) -> Any:
     """The locking pick as a CTE on PostgreSQL (run once; see `claim`). SQLite keeps the subquery: it
     does not re-run it, and pysqlite reports no row count for a statement that begins with WITH."""
-    if conn.dialect.name == "postgresql":
+    if capabilities(conn).skip_locked:
         cte = picked.cte("picked")
         return select(cte.c.id)
     return picked.scalar_subquery()
@@ -124,7 +125,7 @@ def supersede(conn: Connection, now: datetime) -> int:
     if not newest:
         return 0
     keys = sorted({k for k, _ in newest})
-    if conn.dialect.name == "postgresql":
+    if capabilities(conn).array_params:
         key_in = queue.c.doc_key == any_(bindparam("keys", keys, type_=ARRAY(Text)))
     else:
         values = func.json_each(bindparam("keys", json.dumps(keys))).table_valued("value")
@@ -237,7 +238,7 @@ def _id_in(conn: Connection, ids: list[int]) -> ColumnElement[bool]:
     json_each(:ids))`). The statement text stays the same for every chunk, so neither SQLAlchemy nor
     psycopg re-parses thousands of placeholders per statement, and PostgreSQL can reuse its plan.
     """
-    if conn.dialect.name == "postgresql":
+    if capabilities(conn).array_params:
         return queue.c.id == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
     values = func.json_each(bindparam("ids", json.dumps(ids))).table_valued("value")
     return queue.c.id.in_(select(values.c.value))
@@ -252,7 +253,7 @@ def _is(conn: Connection, column: Any, value: Any) -> ColumnElement[bool]:
     it scanned ix_etl_queue_claim instead: every row of the intent per chunk, quadratic (2.4 s per
     2,000-row chunk at 100,000 rows, measured; see bench/RESULTS.md).
     """
-    if conn.dialect.name == "postgresql":
+    if capabilities(conn).server:
         result: ColumnElement[bool] = column.is_not_distinct_from(value)
         return result
     result = column == value
@@ -339,7 +340,7 @@ def sent_rows(conn: Connection, batch_ref: int, *, packed: bool = False) -> Sequ
         type_coerce(queue.c.enqueued_at, NullType()),
     )
     where = queue.c.batch_ref == batch_ref
-    if packed and conn.dialect.name == "sqlite":
+    if packed and not capabilities(conn).server:
         one_array = select(func.json_group_array(func.json_array(*columns))).where(where)
         try:
             rows: list[list[Any]] = codec.loads(conn.execute(one_array).scalar_one())

@@ -16,7 +16,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, text
 
-from etl.schema import BatchStatus, DocStatus, batches, events, queue, spend
+from etl.store.dialect import capabilities
+from etl.store.schema import BatchStatus, DocStatus, batches, events, queue, spend
 
 NOT_SENT = (BatchStatus.RELEASED.value, BatchStatus.FAILED.value)
 LOCK_KEY = 0x6574_6C5F_7370  # "etl_sp": the advisory lock of budget reservations
@@ -37,7 +38,7 @@ class Reservation:
 
 def lock(conn: Connection) -> None:
     """Hold the budget until this transaction ends (PostgreSQL; SQLite is serialised already)."""
-    if conn.dialect.name == "postgresql":
+    if capabilities(conn).advisory_locks:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, RowMapping, delete, insert, select, text, upd
 from sqlalchemy.exc import IntegrityError
 
 from etl import liveness
-from etl.schema import runs, state
+from etl.store.schema import runs, state
 
 PAUSE_KEY = "submission_paused"
 LEADER_KEY = "leader"

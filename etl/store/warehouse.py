@@ -23,7 +23,8 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from etl.clock import ensure_utc
 from etl.errors import clean, describe, environmental
-from etl.schema import UtcDateTime, results
+from etl.store.dialect import Capabilities, capabilities, insert_for
+from etl.store.schema import UtcDateTime, results
 
 COLUMNS = [c.name for c in results.columns]
 UPDATABLE = [c.name for c in results.columns if c.name not in ("doc_key", "task")]
@@ -45,10 +46,11 @@ class Encoder:
     """Converts result rows for one dialect, remembering repeated timestamps."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self.dialect = dialect.name
+        self.caps = capabilities(dialect)
+        self.dialect = self.caps.name  # what `Encoded` carries, checked against the connection by `write`
         self._values = operator.itemgetter(*COLUMNS)
         steps: list[Callable[[Any], Any] | None]
-        if dialect.name == "postgresql":  # COPY text format: None is NULL, datetimes and JSON as text
+        if self.caps.bulk_copy:  # COPY text format: None is NULL, datetimes and JSON as text
             steps = [
                 _memo(ensure_utc) if name in TIMESTAMPS else json.dumps if name == "output_json" else None
                 for name in COLUMNS
@@ -92,12 +94,12 @@ def upsert_few(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """`upsert` for a handful of rows (the live path: one result per call): one plain
     `INSERT ... ON CONFLICT` under the same `queue_id` guard, without the bulk path's temp table and COPY."""
     if rows:
-        conn.execute(_few_statement(conn.dialect.name), [{"mode": "batch", **row} for row in rows])
+        conn.execute(_few_statement(capabilities(conn)), [{"mode": "batch", **row} for row in rows])
 
 
 @cache
-def _few_statement(dialect: str) -> Any:
-    ins = postgresql.insert(results) if dialect == "postgresql" else sqlite.insert(results)
+def _few_statement(caps: Capabilities) -> Any:
+    ins = insert_for(caps, results)
     return ins.on_conflict_do_update(
         index_elements=[results.c.doc_key, results.c.task],
         set_={name: ins.excluded[name] for name in UPDATABLE},
@@ -107,11 +109,12 @@ def _few_statement(dialect: str) -> Any:
 
 def write(conn: Connection, encoded: Encoded) -> None:
     """`upsert` of rows already encoded for this connection's dialect."""
-    if encoded.dialect != conn.dialect.name:
-        raise ValueError(f"rows encoded for {encoded.dialect} cannot be written to {conn.dialect.name}")
+    caps = capabilities(conn)
+    if encoded.dialect != caps.name:
+        raise ValueError(f"rows encoded for {encoded.dialect} cannot be written to {caps.name}")
     if not encoded.rows:
         return
-    if conn.dialect.name == "postgresql":
+    if caps.bulk_copy:
         _upsert_postgresql(conn, encoded.rows, encoded.unique_keys)
     else:
         _upsert_sqlite(conn, encoded.rows)

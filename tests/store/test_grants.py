@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
-from etl import schema
-from etl.schema import DocStatus
-from etl.store import grants
+import etl
+from etl.store import grants, schema
 from etl.store.engine import make_engine
+from etl.store.schema import DocStatus
 from tests.pg_roles import Granted, cli, granted
 
 # Every column of the queue that is not in the SQL contract: the bookkeeping the daemon alone writes.
@@ -266,7 +266,7 @@ def test_the_daemon_may_delete_exactly_where_the_code_deletes() -> None:
     from sqlalchemy import Table
 
     deleted = set()
-    for path in (Path(schema.__file__).parent).rglob("*.py"):
+    for path in Path(etl.__file__).parent.rglob("*.py"):
         if "emulator" in path.parts or "migrations" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -275,7 +275,7 @@ def test_the_daemon_may_delete_exactly_where_the_code_deletes() -> None:
                 name = arg.id if isinstance(arg, ast.Name) else getattr(arg, "attr", "")
                 table = getattr(schema, name, None)
                 assert isinstance(table, Table), (
-                    f"{path}: delete({name}) of a table etl.schema does not declare"
+                    f"{path}: delete({name}) of a table etl.store.schema does not declare"
                 )
                 deleted.add(table.name)
     assert deleted == set(grants.DAEMON_DELETES)

@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, func, select, text
 
-from etl import schema
-from etl.store import events, migrate, warehouse
+from etl.store import events, migrate, schema, warehouse
 from etl.store.engine import make_engine
 
 NOW = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)

@@ -14,10 +14,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, select, text
 
-from etl import schema
 from etl.errors import SchemaOutOfDate
 from etl.store import batches as intents
-from etl.store import migrate, state, warehouse
+from etl.store import migrate, schema, state, warehouse
 from etl.store import queue as q
 from etl.store.engine import (
     SQLITE_BULK_WAL_BYTES,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from etl.config import DEFAULT_PRICES, ModelPrice, Pricing, decimal_of
 from etl.pricing import Meter, Usage, costs
-from etl.schema import MONEY_UNIT
+from etl.store.schema import MONEY_UNIT
 
 PRICING = Pricing(models=DEFAULT_PRICES)
 

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from etl.schema import UtcDateTime
+from etl.store.dialect import capabilities
+from etl.store.schema import UtcDateTime
 
 revision = "0005"
 down_revision = "0003"
@@ -32,7 +33,7 @@ Json = sa.JSON().with_variant(JSONB(), "postgresql")
 
 def _to_exact(table: str) -> None:
     bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
+    if capabilities(bind).exact_numeric:
         for name in MONEY_COLUMNS:
             # float8 -> numeric goes through the shortest decimal that reads back as the same double
             op.execute(
@@ -70,7 +71,7 @@ def _units(value: object) -> int:
 
 def _back_to_float(table: str) -> None:
     bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
+    if capabilities(bind).exact_numeric:
         for name in MONEY_COLUMNS:
             op.execute(f"ALTER TABLE {table} ALTER COLUMN {name} TYPE DOUBLE PRECISION USING {name}::float8")
         return

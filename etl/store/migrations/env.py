@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from etl import schema
+from etl.store import schema
+from etl.store.dialect import capabilities
 
 config = context.config
 connection = config.attributes["connection"]
@@ -18,7 +19,7 @@ context.configure(
     connection=connection,
     target_metadata=target,
     version_table=version_table,
-    render_as_batch=connection.dialect.name == "sqlite",
+    render_as_batch=not capabilities(connection).alter_in_place,
     compare_type=True,
 )
 with context.begin_transaction():

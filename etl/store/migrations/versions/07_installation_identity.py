@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-from etl.schema import UtcDateTime
+from etl.store.schema import UtcDateTime
 
 revision = "0007"
 down_revision = "0006"

@@ -12,7 +12,8 @@ Create Date: 2026-12-02
 import sqlalchemy as sa
 from alembic import op
 
-from etl.schema import UtcDateTime
+from etl.store.dialect import capabilities
+from etl.store.schema import UtcDateTime
 
 revision = "0006"
 down_revision = "0004"
@@ -71,7 +72,7 @@ def _main() -> None:
     _claim_index()
     where = sa.text(LIVE_CANDIDATE)
     op.create_index("ix_etl_queue_live", "etl_queue", ["due_by"], postgresql_where=where, sqlite_where=where)
-    if op.get_bind().dialect.name == "postgresql":
+    if capabilities(op.get_bind()).plpgsql:
         for statement in TRIGGER_SQL:
             op.execute(statement)
 
@@ -93,7 +94,7 @@ def downgrade(role: str = "both") -> None:
         with op.batch_alter_table("etl_results") as batch:
             batch.drop_column("mode")
     if role in ("main", "both"):
-        if op.get_bind().dialect.name == "postgresql":
+        if capabilities(op.get_bind()).plpgsql:
             op.execute("DROP TRIGGER IF EXISTS etl_queue_live_insert ON etl_queue")
             op.execute("DROP TRIGGER IF EXISTS etl_queue_live_update ON etl_queue")
             op.execute("DROP FUNCTION IF EXISTS etl_queue_notify_live()")

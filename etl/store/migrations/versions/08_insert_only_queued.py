@@ -7,11 +7,13 @@ The WHEN clause keeps ordinary inserts from calling the function at all. SQLite 
 write the file can do anything (docs/deploy.md), so nothing is added there.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-05
 """
 
 from alembic import op
+
+from etl.store.dialect import capabilities
 
 revision = "0008"
 down_revision = "0007"
@@ -38,12 +40,12 @@ UPGRADE = [
 
 
 def upgrade(role: str = "both") -> None:
-    if role in ("main", "both") and op.get_bind().dialect.name == "postgresql":
+    if role in ("main", "both") and capabilities(op.get_bind()).plpgsql:
         for statement in UPGRADE:
             op.execute(statement)
 
 
 def downgrade(role: str = "both") -> None:
-    if role in ("main", "both") and op.get_bind().dialect.name == "postgresql":
+    if role in ("main", "both") and capabilities(op.get_bind()).plpgsql:
         op.execute("DROP TRIGGER IF EXISTS etl_queue_insert_queued ON etl_queue")
         op.execute("DROP FUNCTION IF EXISTS etl_queue_insert_queued()")

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from etl.schema import UtcDateTime
+from etl.store.schema import UtcDateTime
 
 revision = "0001"
 down_revision = None

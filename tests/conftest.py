@@ -6,8 +6,9 @@ the `CI` environment variable is set, an unreachable PostgreSQL is an error, nev
 
 from __future__ import annotations
 
+import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -153,17 +154,52 @@ enum = ["finance", "legal", "other"]
 TEST_TOML += TASKS_TOML
 
 
+SHIPPED_CONFIG = ROOT / "config" / "etl.toml"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (str, list)) else repr(value)
+
+
+def write_config(where: Path, base: str | None = None, **settings: Any) -> Path:
+    """A config file: `base` (the shipped config/etl.toml by default) with each `section.key` of `settings`
+    set, its line replaced where `base` has one, else added at the top of its section (made if missing).
+
+    `where` is the file, or a folder to write `config/etl.toml` into.
+    """
+    path = where if where.suffix == ".toml" else where / "config" / "etl.toml"
+    text_ = SHIPPED_CONFIG.read_text(encoding="utf-8") if base is None else base
+    pending = {tuple(k.rsplit(".", 1)): v for k, v in settings.items()}
+    lines: list[str] = []
+    section = ""
+    for line in text_.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+        key = stripped.split("=", 1)[0].strip()
+        if "=" in stripped and not stripped.startswith("#") and (section, key) in pending:
+            line = f"{key} = {_toml(pending.pop((section, key)))}"
+        lines.append(line)
+    for (section, key), value in pending.items():  # settings the base does not name
+        header = f"[{section}]"
+        at = next((i + 1 for i, line in enumerate(lines) if line.strip() == header), None)
+        if at is None:
+            lines += ["", header]
+            at = len(lines)
+        lines.insert(at, f"{key} = {_toml(value)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def config_file(tmp_path: Path) -> Callable[..., Path]:
     def write(extra: str = "", submit: dict[str, Any] | None = None) -> Path:
-        body = TEST_TOML
-        if submit:
-            for key in submit:
-                body = re.sub(rf"(?m)^{key} = .*\n", "", body)
-            lines = "".join(f"{k} = {v!r}\n" for k, v in submit.items())
-            body = body.replace("[submit]\n", "[submit]\n" + lines)
-        path = tmp_path / f"etl-{uuid.uuid4().hex[:6]}.toml"
-        path.write_text(body + extra, encoding="utf-8")
+        settings = {f"submit.{k}": v for k, v in (submit or {}).items()}
+        path = write_config(tmp_path / f"etl-{uuid.uuid4().hex[:6]}.toml", TEST_TOML, **settings)
+        path.write_text(path.read_text(encoding="utf-8") + extra, encoding="utf-8")
         return path
 
     return write
@@ -173,11 +209,14 @@ def config_file(tmp_path: Path) -> Callable[..., Path]:
 def make_runtime(
     db_url: str, emulator: EmulatorServer, clock: SharedClock, config_file: Callable[..., Path]
 ) -> Iterator[Callable[..., Runtime]]:
+    """Runtimes on `db_url` (or, with `url`, another database: a second installation), migrated."""
     made: list[Runtime] = []
 
-    def make(*, extra: str = "", submit: dict[str, Any] | None = None, warehouse_url: str = "") -> Runtime:
+    def make(
+        *, extra: str = "", submit: dict[str, Any] | None = None, warehouse_url: str = "", url: str = ""
+    ) -> Runtime:
         env = {
-            "ETL_DATABASE_URL": db_url,
+            "ETL_DATABASE_URL": url or db_url,
             "ANTHROPIC_BASE_URL": emulator.base_url,
             "ANTHROPIC_API_KEY": API_KEY,
         }
@@ -216,9 +255,26 @@ def queue_rows(rt: Runtime) -> dict[str, dict[str, Any]]:
         return {r.doc_key: dict(r._mapping) for r in rows}
 
 
+def prometheus_tool(name: str) -> str:
+    """The path of Debian's `prometheus` or `promtool`; a skip without it (a failure under CI)."""
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {name} is missing: scripts/ensure-prometheus.sh installs it")
+        pytest.skip(
+            f"{name} not installed (scripts/ensure-prometheus.sh installs Debian's prometheus package)"
+        )
+    return found
+
+
+# Variables of the host that a command under test must not inherit: its own settings, and systemd's
+# (a test run under a service manager would otherwise hand etl its notify socket or credentials).
+HOST_ONLY = ("ETL_", "ANTHROPIC_", "NOTIFY_", "WATCHDOG_", "CREDENTIALS_")
+
+
 def run_etl(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a real process."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}
+    """The real CLI in a real process: `env` over the host's environment without its `HOST_ONLY` variables."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(HOST_ONLY)}
     full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "etl.cli", *args],

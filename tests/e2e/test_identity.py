@@ -11,7 +11,7 @@ left open, `etl status --check` healthy.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,12 @@ import pytest
 from sqlalchemy import text
 
 from etl import collector, reconciler, submitter
-from etl import config as config_mod
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.emulator.model import reply_text
 from etl.errors import EtlError
 from etl.prompt import Row, batch_body, build_params, custom_id, encode_request
-from etl.runtime import Runtime, build
+from etl.runtime import Runtime
 from etl.status import status
-from etl.store import migrate
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
 from tests.ledger import by_row
 
@@ -35,27 +33,15 @@ GRACE = 600  # the tests' reconcile_grace_seconds
 
 @pytest.fixture
 def other_installation(
-    db_url: str,
-    make_pg_database: Callable[[], str],
-    tmp_path: Path,
-    emulator: EmulatorServer,
-    clock: SharedClock,
-    config_file: Callable[..., Path],
-) -> Iterator[Callable[..., Runtime]]:
+    db_url: str, make_pg_database: Callable[[], str], tmp_path: Path, make_runtime: Callable[..., Runtime]
+) -> Callable[..., Runtime]:
     """A second installation (its own database of the same kind) on the same API account."""
-    made: list[Runtime] = []
 
     def make(**submit: Any) -> Runtime:
         url = f"sqlite:///{tmp_path / 'production.db'}" if db_url.startswith("sqlite") else make_pg_database()
-        env = {"ETL_DATABASE_URL": url, "ANTHROPIC_BASE_URL": emulator.base_url, "ANTHROPIC_API_KEY": API_KEY}
-        rt = build(config_mod.load(env, config_file("", submit or None)), clock=clock)
-        migrate.upgrade(rt.engine, rt.warehouse)
-        made.append(rt)
-        return rt
+        return make_runtime(submit=submit or None, url=url)
 
-    yield make
-    for rt in made:
-        rt.close()
+    return make
 
 
 def docs(n: int, who: str) -> list[dict[str, Any]]:

@@ -3,15 +3,12 @@ is tested firing, and every runbook names the etl command to run."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from etl import metrics
+from tests.conftest import prometheus_tool
 
 HERE = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = HERE / "etl.rules.yml"
@@ -19,12 +16,7 @@ RULE_TESTS = HERE / "etl.rules.test.yml"
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but promtool is missing: scripts/ensure-prometheus.sh installs it")
-        pytest.skip("promtool not installed (scripts/ensure-prometheus.sh installs Debian's prometheus)")
-    return found
+    return prometheus_tool("promtool")
 
 
 def alerts(text: str) -> list[str]:

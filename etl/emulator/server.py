@@ -15,28 +15,29 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BufferedIOBase
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from etl import codec
-from etl.emulator import model
-from etl.emulator.clock import VirtualClock, format_time
-from etl.emulator.faults import STREAM_ACTIONS, EndpointRule, FaultConfigError, Faults
+from etl.emulator import control_api, model
+from etl.emulator.clock import VirtualClock
+from etl.emulator.control_api import json_body
+from etl.emulator.faults import STREAM_ACTIONS, EndpointRule, Faults
 from etl.emulator.limits import Limits, LiveSettings
-from etl.emulator.state import ApiError, EmulatorState, error_body, new_id, result_lines
+from etl.emulator.state import ApiError, EmulatorState, error_body, new_id
+from etl.emulator.streaming import CHUNK_BYTES, chunks, first_bytes
 
 log = logging.getLogger("etl.emulator")
 
 MAX_REQUESTS = 100_000
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024 * 1024
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-CHUNK_BYTES = 1 << 20
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -163,19 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         """The request body, or None after answering 413 for one over ``max_request_bytes``."""
         limit = self.emulator.config.max_request_bytes
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            parts, size = [], 0
-            while True:
-                length = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if length == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                size += length
-                chunk = self.rfile.read(length)
-                self.rfile.readline()
-                if size <= limit:
-                    parts.append(chunk)
-            body = b"".join(parts)
+            body, size = read_chunked(self.rfile, limit)
         else:
             size = int(self.headers.get("Content-Length") or 0)
             if size > limit:
@@ -200,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body is None:
                 return
             if path.startswith("/_emulator/"):
-                self._control(method, path, body)
+                self._send_json(200, control_api.answer(self.emulator, method, path, body))
                 return
             route = self._route(method, path)
             if route is None:
@@ -291,16 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- endpoints ---------------------------------------------------------------------------------
 
-    def _json_body(self, body: bytes) -> Any:
-        try:
-            return codec.loads(body)  # orjson (a 100,000-request create is 130 MB), else json as before
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(
-                400, "invalid_request_error", f"The request body is not valid JSON: {exc}"
-            ) from exc
-
     def _create(self, _id: str, body: bytes, _query: dict[str, str], rule: EndpointRule | None) -> None:
-        requests = parse_create_body(self._json_body(body))
+        requests = parse_create_body(json_body(body))
         batch = self.emulator.state.create(requests, self.headers.get("anthropic-version"))
         answer = batch.to_api(self._origin(), self.emulator.clock.now(), self._shift())
         if rule is not None and rule.action == "ambiguous":
@@ -315,16 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, batch.to_api(self._origin(), self.emulator.clock.now(), self._shift()))
 
     def _list(self, _id: str, _body: bytes, query: dict[str, str], rule: EndpointRule | None) -> None:
-        try:
-            limit = int(query.get("limit", "20"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 1000:
-            raise ApiError(400, "invalid_request_error", "limit: Input should be between 1 and 1000")
-        after, before = query.get("after_id"), query.get("before_id")
-        if after and before:
-            raise ApiError(400, "invalid_request_error", "after_id and before_id cannot both be given")
-        page, has_more = self.emulator.state.list_page(limit, after or None, before or None)
+        limit, after, before = list_query(query)
+        page, has_more = self.emulator.state.list_page(limit, after, before)
         if rule is not None and rule.action == "unordered":  # the page's newest entry listed last (a tie
             page = page[1:] + page[:1]  # re-sorted, an API-side shuffle); the pages stay in order
         now, origin = self.emulator.clock.now(), self._origin()
@@ -355,35 +328,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self.send_header("request-id", self.request_id)
         self.end_headers()
-        limit = rule.after_lines if rule is not None else None
-        if rule is not None and rule.action == "break_at":
-            self._break_at(batch, rule.at_byte)
-            return
-        buffer: list[bytes] = []
-        size = 0
-
-        def flush() -> None:
-            nonlocal size
-            if buffer:
-                data = b"".join(buffer)
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                buffer.clear()
-                size = 0
-
-        lines = result_lines(batch, self.emulator.config.seed)
-        if rule is not None and rule.action == "extra_line":
-            lines, limit = _with_extra_line(lines, rule.custom_id or ""), None
-        for sent, line in enumerate(lines):
-            if limit is not None and sent >= limit:
-                if rule is not None and rule.action == "cut_line":
-                    buffer.append(line[: max(1, len(line) // 2)])
-                break
-            buffer.append(line)
-            size += len(line)
-            if size >= CHUNK_BYTES:
-                flush()
-        flush()
-        if rule is not None and rule.action == "stream_reset":
+        seed = self.emulator.config.seed
+        breaks = rule is not None and rule.action == "break_at"
+        for data in first_bytes(batch, seed, rule.at_byte) if rule and breaks else chunks(batch, seed, rule):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if breaks:
+            # FIN, not RST, so the bytes sent reach the client; the chunked body is incomplete, which the
+            # client reports as a protocol error (even when every line arrived).
+            self.wfile.flush()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)
+        elif rule is not None and rule.action == "stream_reset":
             self._abort()
         elif rule is not None and rule.action == "stall":
             time.sleep(rule.stall_seconds)
@@ -391,26 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(b"0\r\n\r\n")
 
-    def _break_at(self, batch: Any, at_byte: int) -> None:
-        """`break_at`: send exactly the first `at_byte` bytes of the results body (0: none, only the
-        headers), then close the connection (FIN, not RST, so those bytes reach the client; the chunked body
-        is incomplete, which the client reports as a protocol error). Past the end, the whole body is sent
-        and the connection closed instead of the last chunk: every line arrives, the stream still fails."""
-        sent = 0
-        for line in result_lines(batch, self.emulator.config.seed):
-            part = line[: at_byte - sent]
-            if part:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-                sent += len(part)
-            if sent >= at_byte:
-                break
-        self.wfile.flush()
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_WR)
-
     def _messages(self, _id: str, body: bytes, *_: Any) -> None:
-        params = self._json_body(body)
+        params = json_body(body)
         problem = model.validate_params(params, self.headers.get("anthropic-version"), in_batch=False)
         if problem is not None:
             raise ApiError(404 if problem.type == "not_found_error" else 400, problem.type, problem.message)
@@ -436,7 +374,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, message, emulator.limits.spent(emulator.clock.now(), tokens))
 
     def _count_tokens(self, _id: str, body: bytes, *_: Any) -> None:
-        params = self._json_body(body)
+        params = json_body(body)
         problem = model.validate_params(
             params, self.headers.get("anthropic-version"), in_batch=False, require_max_tokens=False
         )
@@ -444,46 +382,36 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(404 if problem.type == "not_found_error" else 400, problem.type, problem.message)
         self._send_json(200, {"input_tokens": model.count_tokens(params)})
 
-    # -- control -----------------------------------------------------------------------------------
 
-    def _control(self, method: str, path: str, body: bytes) -> None:
-        emulator = self.emulator
-        state = emulator.state
-        if path == "/_emulator/clock" and method in ("GET", "POST"):
-            if method == "POST":
-                doc = self._json_body(body) if body else {}
-                seconds = doc.get("advance_seconds", 0) if isinstance(doc, dict) else None
-                if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
-                    raise ApiError(400, "invalid_request_error", "advance_seconds must be a number >= 0")
-                emulator.clock.advance(float(seconds))
-            self._send_json(200, {"now": format_time(state.settle())})
-        elif path == "/_emulator/faults":
-            if method == "POST":
-                doc = self._json_body(body)
-                try:
-                    emulator.faults.configure(doc, "replace")
-                except FaultConfigError as exc:
-                    raise ApiError(400, "invalid_request_error", str(exc)) from exc
-            elif method == "DELETE":
-                emulator.faults.clear()
-            self._send_json(200, emulator.faults.to_json())
-        elif path == "/_emulator/ledger" and method == "GET":
-            self._send_json(200, state.ledger_json())
-        elif path == "/_emulator/live":
-            if method == "POST":
-                doc = self._json_body(body) if body else {}
-                try:
-                    settings = LiveSettings.from_json(doc if isinstance(doc, dict) else {"?": doc})
-                except ValueError as exc:
-                    raise ApiError(400, "invalid_request_error", str(exc)) from exc
-                emulator.limits.configure(settings)
-            self._send_json(200, emulator.limits.settings.to_json())
-        elif path == "/_emulator/reset" and method == "POST":
-            state.reset()
-            emulator.limits.reset()
-            self._send_json(200, {"reset": True})
-        else:
-            raise ApiError(404, "not_found_error", f"Not found: {method} {path}")
+def read_chunked(rfile: BufferedIOBase, limit: int) -> tuple[bytes, int]:
+    """A chunked request body (only its first `limit` bytes kept) and its whole size."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        length = int(rfile.readline().split(b";")[0].strip() or b"0", 16)
+        if length == 0:
+            while rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts), size
+        size += length
+        chunk = rfile.read(length)
+        rfile.readline()
+        if size <= limit:
+            parts.append(chunk)
+
+
+def list_query(query: dict[str, str]) -> tuple[int, str | None, str | None]:
+    """The list endpoint's `limit`, `after_id` and `before_id`, checked as the API checks them."""
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "invalid_request_error", "limit: Input should be between 1 and 1000")
+    after, before = query.get("after_id"), query.get("before_id")
+    if after and before:
+        raise ApiError(400, "invalid_request_error", "after_id and before_id cannot both be given")
+    return limit, after or None, before or None
 
 
 def parse_create_body(document: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -599,14 +527,3 @@ class EmulatorServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _with_extra_line(lines: Iterator[bytes], custom_id: str) -> Iterator[bytes]:
-    """`extra_line`: every line, then one more: the first line's result under `custom_id` (a row of
-    another batch, a foreign id, a duplicate), as a mixed-up API would send it."""
-    first: bytes | None = None
-    for line in lines:
-        first = first or line
-        yield line
-    result = json.loads(first)["result"] if first else {"type": "canceled"}
-    yield json.dumps({"custom_id": custom_id, "result": result}, separators=(",", ":")).encode() + b"\n"

@@ -1,1 +1,1 @@
-"""The only package that writes SQL. Dialect differences live in `engine`."""
+"""The only package that writes SQL. Dialect differences are answered by `dialect.capabilities`."""

@@ -1,8 +1,10 @@
-"""What each database can do, in one place: the only module that looks at a dialect's name.
+"""What each database can do, in one place: code outside this module never tests a dialect's name.
 
 Code that behaves differently on SQLite and PostgreSQL asks `capabilities(engine)` a question about the
 database (does it hold advisory locks? can it store a NUL?) rather than testing which one it is. Two
-databases are supported; each is one frozen `Capabilities` below.
+databases are supported; each is one frozen `Capabilities` below. Declarations keyed by dialect stay
+where they are declared (a column type's `with_variant`, a `@compiles` for SQLite), and `engine` reads
+the URL to open a SQLite file the way it must be opened, before any engine exists.
 """
 
 from __future__ import annotations

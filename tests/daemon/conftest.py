@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.store import migrate
 from etl.store.engine import make_engine
+from tests.conftest import HOST_ONLY, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -89,24 +90,23 @@ def control(emulator: EmulatorServer) -> EmulatorControl:
     return EmulatorControl(emulator.base_url)
 
 
-def write_config(tmp_path: Path, **overrides: Any) -> Path:
-    """The shipped config/etl.toml with some `section.key = value` settings replaced."""
-    lines = (ROOT / "config" / "etl.toml").read_text(encoding="utf-8").splitlines()
-    section = ""
-    out = []
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("["):
-            section = stripped.strip("[]")
-        key = stripped.split("=", 1)[0].strip()
-        if "=" in stripped and not stripped.startswith("#") and f"{section}.{key}" in overrides:
-            value = overrides[f"{section}.{key}"]
-            line = f"{key} = {value!r}".replace("'", '"')
-        out.append(line)
-    (tmp_path / "config").mkdir(exist_ok=True)
-    path = tmp_path / "config" / "etl.toml"
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return path
+QUEUE_INSERT = "INSERT INTO etl_queue (doc_key, body) VALUES (:k, :b)"
+
+
+def nightly(n: int) -> list[dict[str, str]]:
+    """`n` documents for `QUEUE_INSERT`: doc-0, doc-1, ..."""
+    return [{"k": f"doc-{i}", "b": f"Document {i} about quarterly logistics."} for i in range(n)]
+
+
+def execute(url: str, sql: str, params: list[dict[str, Any]] | dict[str, Any] | None = None) -> None:
+    """One statement in a transaction of its own, logged in as `url` (a role's URL, say), the way any
+    other system writes: its own connection, closed after."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql), params or {})
+    finally:
+        engine.dispose()
 
 
 def prepare_db(url: str, docs: int) -> None:
@@ -114,15 +114,10 @@ def prepare_db(url: str, docs: int) -> None:
     engine = make_engine(url)
     try:
         migrate.upgrade(engine, engine)
-        if not docs:
-            return
-        with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO etl_queue (doc_key, body) VALUES (:k, :b)"),
-                [{"k": f"doc-{i}", "b": f"Document {i} about quarterly logistics."} for i in range(docs)],
-            )
     finally:
         engine.dispose()
+    if docs:
+        execute(url, QUEUE_INSERT, nightly(docs))
 
 
 @dataclass
@@ -160,11 +155,7 @@ class EtlProcess:
 @pytest.fixture
 def etl_env(tmp_path: Path, emulator: EmulatorServer) -> Callable[..., dict[str, str]]:
     def make(db_url: str, **extra: str) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("ETL_", "ANTHROPIC_", "NOTIFY_", "WATCHDOG_", "CREDENTIALS_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(HOST_ONLY)}
         env.update(
             ETL_DATABASE_URL=db_url,
             ETL_CONFIG=str(extra.pop("config", None) or write_config(tmp_path)),
@@ -204,10 +195,4 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., EtlProcess]]:
         p.kill()
 
 
-def run_etl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "etl.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-__all__ = ["KEY", "ROOT", "create_engine", "prepare_db", "query", "run_etl", "wait_for", "write_config"]
+__all__ = ["KEY", "ROOT", "create_engine", "execute", "nightly", "prepare_db", "query", "wait_for"]

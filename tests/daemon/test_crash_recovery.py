@@ -43,15 +43,8 @@ from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime, build
 from etl.schema import runs as runs_table
 from etl.store.engine import make_engine
-from tests.daemon.conftest import (
-    KEY,
-    EtlProcess,
-    pg_database,
-    prepare_db,
-    query,
-    wait_for,
-    write_config,
-)
+from tests.conftest import write_config
+from tests.daemon.conftest import KEY, EtlProcess, pg_database, prepare_db, query, wait_for
 from tests.reliability import checker
 
 SEEDS = int(os.environ.get("ETL_DAEMON_KILLS", "3"))

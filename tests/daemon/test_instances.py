@@ -13,7 +13,8 @@ from etl.emulator import EmulatorControl
 from etl.notify import Notifier
 from etl.runtime import build
 from etl.store import state
-from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for, write_config
+from tests.conftest import write_config
+from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for
 
 
 def test_two_daemons_on_one_database_run_each_slot_once_and_take_over(

@@ -9,24 +9,14 @@ from pathlib import Path
 import pytest
 
 from etl.emulator import EmulatorControl
-from tests.daemon.conftest import EtlProcess, prepare_db, query, run_etl, wait_for, write_config
+from tests.conftest import run_etl, write_config
+from tests.daemon.conftest import EtlProcess, execute, prepare_db, query, wait_for
 
 URGENT = "INSERT INTO etl_queue (doc_key, body, mode) VALUES (:k, :b, 'live')"
 
 
 def insert_urgent(url: str, n: int, prefix: str = "urgent") -> None:
-    from sqlalchemy import text
-
-    from etl.store.engine import make_engine
-
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                text(URGENT), [{"k": f"{prefix}-{i}", "b": f"{prefix} document {i}"} for i in range(n)]
-            )
-    finally:
-        engine.dispose()
+    execute(url, URGENT, [{"k": f"{prefix}-{i}", "b": f"{prefix} document {i}"} for i in range(n)])
 
 
 def statuses(url: str) -> dict[str, str]:
@@ -85,7 +75,7 @@ def test_sigkill_mid_call_leaves_every_row_valid_and_the_double_bills_equal_the_
     control.set_live()  # answers at once from now on
     control.advance(61)  # past the lease, on both clocks
     later = {**env, "ETL_CLOCK_OFFSET_SECONDS": "61"}
-    out = run_etl(later, "live", "--once")
+    out = run_etl(["live", "--once"], later)
     assert out.returncode == 0, out.stderr
     assert "4 recovered after a crash (4 possibly billed twice)" in out.stdout
 
@@ -94,7 +84,7 @@ def test_sigkill_mid_call_leaves_every_row_valid_and_the_double_bills_equal_the_
     billed = control.ledger()["live"]["billed"]
     double = sum(1 for n in billed.values() if n == 2)
     assert double == 4 and max(billed.values()) == 2  # at most one repeat per crash per document
-    report = json.loads(run_etl(later, "report", "--now", "--json").stdout)
+    report = json.loads(run_etl(["report", "--now", "--json"], later).stdout)
     assert report["paths"]["live"]["possibly_billed_twice"] == double
     assert report["paths"]["live"]["documents"] == 4
 

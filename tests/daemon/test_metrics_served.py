@@ -7,7 +7,6 @@ skipped, with the reason, only when it is missing outside CI.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -21,7 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from etl.emulator import EmulatorControl
-from tests.daemon.conftest import ROOT, EtlProcess, prepare_db, run_etl, wait_for, write_config
+from tests.conftest import prometheus_tool, run_etl, write_config
+from tests.daemon.conftest import ROOT, EtlProcess, prepare_db, wait_for
 
 DAY = 86400
 RULES = ROOT / "deploy" / "prometheus" / "etl.rules.yml"
@@ -131,12 +131,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def prometheus_bin() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but prometheus is missing: scripts/ensure-prometheus.sh installs it")
-        pytest.skip("prometheus not installed (scripts/ensure-prometheus.sh installs Debian's package)")
-    return found
+    return prometheus_tool("prometheus")
 
 
 @pytest.fixture
@@ -204,7 +199,7 @@ def test_a_real_prometheus_scrapes_etl_run_and_fires_on_a_batch_28_days_old(
 ) -> None:
     prepare_db(sqlite_url, 3)
     cfg = str(write_config(tmp_path, **{"submit.max_cost_usd_per_night": 100}))
-    sent = run_etl(etl_env(sqlite_url, config=cfg), "submit")
+    sent = run_etl(["submit"], etl_env(sqlite_url, config=cfg))
     assert sent.returncode == 0, sent.stdout + sent.stderr
     # 28 days on, on both clocks; the API answers no retrieve, so nothing collects the batch
     control.advance(28 * DAY)

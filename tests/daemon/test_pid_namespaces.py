@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from etl.emulator import EmulatorControl
-from tests.daemon.conftest import EtlProcess, prepare_db, query, run_etl, wait_for, write_config
+from tests.conftest import run_etl, write_config
+from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for
 from tests.ledger import by_row
 
 IN_FLIGHT_SECONDS = 40.0  # the window: the leader's create is answered this long after it was sent
@@ -125,10 +126,10 @@ def test_two_daemons_with_one_hostname_in_separate_pid_namespaces_never_bury_the
                 p.kill()
     control.clear_faults()
     done = "SELECT count(*) FROM etl_queue WHERE status = 'done'"
-    wait_for(lambda: run_etl(env, "collect") and query(db_url, done)[0][0] == DOCS, 30, "collect")
+    wait_for(lambda: run_etl(["collect"], env) and query(db_url, done)[0][0] == DOCS, 30, "collect")
     ledger = control.ledger()
     assert (ledger["batches_created"], ledger["requests_created"]) == (1, DOCS)
     billed = by_row(ledger)
     assert len(billed) == DOCS and [k for k, n in billed.items() if n > 1] == []  # 0 documents sent twice
-    check = run_etl(env, "status", "--check")
+    check = run_etl(["status", "--check"], env)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -29,7 +29,8 @@ from etl.runtime import Runtime, build
 from etl.store import batches as intents
 from etl.store import queue as q
 from etl.store import state
-from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for, write_config
+from tests.conftest import write_config
+from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for
 from tests.daemon.test_crash_recovery import midnight_offset
 
 T0 = datetime(2026, 6, 4, 0, 0, 20, tzinfo=UTC)

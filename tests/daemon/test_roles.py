@@ -7,11 +7,9 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import text
-
 from etl.emulator import EmulatorControl
-from etl.store.engine import make_engine
-from tests.daemon.conftest import EtlProcess, query, run_etl, wait_for, write_config
+from tests.conftest import run_etl, write_config
+from tests.daemon.conftest import QUEUE_INSERT, EtlProcess, execute, nightly, query, wait_for
 from tests.pg_roles import granted
 
 NIGHTLY = 6
@@ -25,13 +23,7 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
     tmp_path: Path,
 ) -> None:
     with granted(pg_url) as g:
-        producer = make_engine(g.url("producer"))
-        with producer.begin() as conn:
-            conn.execute(
-                text("INSERT INTO etl_queue (doc_key, body) VALUES (:k, :b)"),
-                [{"k": f"doc-{i}", "b": f"Document {i} about quarterly logistics."} for i in range(NIGHTLY)],
-            )
-        producer.dispose()
+        execute(g.url("producer"), QUEUE_INSERT, nightly(NIGHTLY))
         daemon_url = g.url("daemon")
         cfg = str(write_config(tmp_path, **{"live.poll_seconds": 0.5}))
 
@@ -50,12 +42,10 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
         # The restart adopts that batch (recovery, reconcile) and answers an urgent row live.
         second = spawn(etl_env(daemon_url, config=cfg), "--log-json", "run")
         wait_for(lambda: second.logged("live_worker_started"), 60, "the live worker to start")
-        producer = make_engine(g.url("producer"))
-        with producer.begin() as conn:
-            conn.execute(
-                text("INSERT INTO etl_queue (doc_key, body, mode) VALUES ('urgent', 'now please', 'live')")
-            )
-        producer.dispose()
+        execute(
+            g.url("producer"),
+            "INSERT INTO etl_queue (doc_key, body, mode) VALUES ('urgent', 'now please', 'live')",
+        )
         wait_for(lambda: statuses().get("urgent") == "done", 30, "the urgent row to be answered live")
         wait_for(
             lambda: sorted(set(statuses().values())) in (["done", "submitted"], ["done"]),
@@ -66,12 +56,12 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
         # The morning: collect as the daemon role, until the batch has ended and is in.
         env = etl_env(daemon_url, config=cfg)
         wait_for(
-            lambda: run_etl(env, "collect").returncode == 0 and set(statuses().values()) == {"done"},
+            lambda: run_etl(["collect"], env).returncode == 0 and set(statuses().values()) == {"done"},
             60,
             "the batch to be collected",
         )
-        assert run_etl(env, "reconcile").returncode == 0
-        check = run_etl(env, "status", "--check")
+        assert run_etl(["reconcile"], env).returncode == 0
+        check = run_etl(["status", "--check"], env)
         assert check.returncode == 0, check.stdout + check.stderr
         for p in (first, second):
             assert "permission denied" not in p.output()

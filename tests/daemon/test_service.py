@@ -13,7 +13,8 @@ import pytest
 
 from etl.emulator import EmulatorControl
 from etl.notify import Notifier
-from tests.daemon.conftest import KEY, EtlProcess, prepare_db, query, run_etl, wait_for, write_config
+from tests.conftest import run_etl, write_config
+from tests.daemon.conftest import KEY, EtlProcess, prepare_db, query, wait_for
 
 
 @pytest.fixture
@@ -93,13 +94,13 @@ def test_a_config_error_exits_78_so_systemd_does_not_restart(
     tmp_path: Path, sqlite_url: str, etl_env: Callable[..., dict[str, str]]
 ) -> None:
     bad = write_config(tmp_path, **{"schedule.submit_cron": "every night"})
-    result = run_etl(etl_env(sqlite_url, config=str(bad)), "run")
+    result = run_etl(["run"], etl_env(sqlite_url, config=str(bad)))
     assert result.returncode == 78
     assert "submit_cron" in result.stderr
 
 
 def test_an_unmigrated_database_exits_78(sqlite_url: str, etl_env: Callable[..., dict[str, str]]) -> None:
-    result = run_etl(etl_env(sqlite_url), "run")
+    result = run_etl(["run"], etl_env(sqlite_url))
     assert result.returncode == 78
     assert "etl db upgrade" in result.stderr
 
@@ -125,7 +126,7 @@ def test_sigterm_during_submit_finishes_the_batch_and_loses_nothing(
     assert runs(sqlite_url) == [("submit", "interrupted")]
     assert p.logged("daemon_stopped")
     # The rest goes out with the next submit.
-    assert run_etl(etl_env(sqlite_url, config=str(cfg)), "submit").returncode == 0
+    assert run_etl(["submit"], etl_env(sqlite_url, config=str(cfg))).returncode == 0
     assert statuses(sqlite_url) == {"submitted": 20}
 
 
@@ -138,7 +139,7 @@ def test_sigterm_during_collect_finishes_the_batch_and_loses_nothing(
 ) -> None:
     prepare_db(sqlite_url, 15)
     cfg = write_config(tmp_path, **{"submit.max_requests_per_batch": 5})
-    assert run_etl(etl_env(sqlite_url, config=str(cfg)), "submit").returncode == 0
+    assert run_etl(["submit"], etl_env(sqlite_url, config=str(cfg))).returncode == 0
     control.advance(3600)
     env = etl_env(
         sqlite_url,
@@ -153,7 +154,7 @@ def test_sigterm_during_collect_finishes_the_batch_and_loses_nothing(
     assert statuses(sqlite_url) == {"done": 10, "submitted": 5}
     assert runs(sqlite_url)[-1] == ("collect", "interrupted")
     assert not p.logged("morning_report")  # the report waits for a complete collect
-    result = run_etl(etl_env(sqlite_url, config=str(cfg), ETL_CLOCK_OFFSET_SECONDS="3600"), "collect")
+    result = run_etl(["collect"], etl_env(sqlite_url, config=str(cfg), ETL_CLOCK_OFFSET_SECONDS="3600"))
     assert result.returncode == 0, result.stderr
     assert statuses(sqlite_url) == {"done": 15}
     assert query(sqlite_url, "SELECT count(*) FROM etl_results")[0][0] == 15

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.store import migrate
 from etl.store.engine import make_engine
-from tests.conftest import API_KEY, TASKS_TOML, SharedClock
+from tests.conftest import API_KEY, TASKS_TOML, SharedClock, write_config
 from tests.reliability import checker
 from tests.reliability.launcher import Child, Finished, Launcher
 
@@ -35,10 +35,9 @@ CONFIG = """
 timeout_seconds = 5
 
 [submit]
-{submit}
 
 [collect]
-chunk_size = {chunk_size}
+chunk_size = 3
 stream_retries = 2
 stream_backoff_seconds = 0.05
 stream_timeout_seconds = 1
@@ -183,14 +182,6 @@ class Scenario:
 ScenarioFactory = Callable[..., Scenario]
 
 
-def write_config(path: Path, settings: dict[str, Any]) -> Path:
-    settings = dict(settings)
-    chunk_size = settings.pop("chunk_size", 3)
-    submit = "\n".join(f"{k} = {v!r}" for k, v in settings.items())
-    path.write_text(CONFIG.format(submit=submit, chunk_size=chunk_size) + TASKS_TOML, encoding="utf-8")
-    return path
-
-
 def build_scenario(
     *,
     name: str,
@@ -204,7 +195,11 @@ def build_scenario(
     clock: SharedClock,
     settings: dict[str, Any],
 ) -> Scenario:
-    config = write_config(tmp / "etl-reliability.toml", settings)
+    config = write_config(
+        tmp / "etl-reliability.toml",
+        CONFIG + TASKS_TOML,
+        **{("collect." if k == "chunk_size" else "submit.") + k: v for k, v in settings.items()},
+    )
     engine = make_engine(url)
     warehouse = engine if warehouse_url == url else make_engine(warehouse_url)
     migrate.upgrade(engine, warehouse)

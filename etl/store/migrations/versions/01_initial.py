@@ -27,6 +27,13 @@ BATCH = (
 
 
 def _main() -> None:
+    _batches()
+    _queue()
+    _events()
+    _bookkeeping()
+
+
+def _batches() -> None:
     op.create_table(
         "etl_batches",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
@@ -49,6 +56,9 @@ def _main() -> None:
         sa.CheckConstraint(BATCH, name="ck_etl_batches_status"),
     )
     op.create_index("ix_etl_batches_status", "etl_batches", ["status"])
+
+
+def _queue() -> None:
     op.create_table(
         "etl_queue",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
@@ -67,6 +77,9 @@ def _main() -> None:
     )
     op.create_index("ix_etl_queue_claim", "etl_queue", ["status", "priority", "id"])
     op.create_index("ix_etl_queue_batch", "etl_queue", ["batch_ref"])
+
+
+def _events() -> None:
     op.create_table(
         "etl_events",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
@@ -84,6 +97,10 @@ def _main() -> None:
         sa.Column("batch_ref", Id, nullable=True),
     )
     op.create_index("ix_etl_events_at", "etl_events", ["at"])
+
+
+def _bookkeeping() -> None:
+    """Runs, reports and the key-value state."""
     op.create_table(
         "etl_runs",
         sa.Column("id", Id, primary_key=True, autoincrement=True),

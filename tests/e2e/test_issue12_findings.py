@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from etl import collector, reconciler, submitter
 from etl import config as config_mod
+from etl import pipeline, reconciler
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.errors import SchemaIncomplete
 from etl.prompt import encode_request
@@ -77,7 +77,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, docs(100))
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     assert any("create outcome unknown" in p for p in problems(rt))
 
@@ -85,7 +85,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     control.set_faults(
         rules=[{"endpoint": "results", "action": "stream_reset", "after_lines": 0, "times": 1}]
     )
-    out = submitter.run(rt)  # reconciles first: the read breaks, so intent 1 waits; the other 50 go out
+    out = pipeline.submit(rt)  # reconciles first: the read breaks, so intent 1 waits; the other 50 go out
     control.clear_faults()
     assert out.documents == 50
     with rt.engine.connect() as conn:
@@ -95,7 +95,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
 
     assert reconciler.run(rt).adopted == 1  # readable now: its custom_ids prove it ours
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert control.ledger()["batches_created"] == 2
     assert_settled(rt, control, 100)
 
@@ -111,12 +111,12 @@ def test_an_ambiguous_create_is_adopted_whatever_the_host_clock_says(
     clock.offset += timedelta(seconds=skew)  # the host's clock only
     insert_docs(rt, docs(100))
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     clock.advance(GRACE + 120)
-    submitter.run(rt)  # adopts intent 1 (proved by its results), sends the other 50
+    pipeline.submit(rt)  # adopts intent 1 (proved by its results), sends the other 50
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert control.ledger()["batches_created"] == 2
     assert_settled(rt, control, 100)
 
@@ -130,10 +130,10 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     clock.offset += timedelta(seconds=skew)
     insert_docs(rt, docs(50, "a"))
-    assert submitter.run(rt).batches == 1  # the anchor of the next intent
+    assert pipeline.submit(rt).batches == 1  # the anchor of the next intent
     insert_docs(rt, docs(50, "b"))
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 529, "times": 1}])
-    assert submitter.run(rt).unknown == 1  # no batch was made
+    assert pipeline.submit(rt).unknown == 1  # no batch was made
     control.clear_faults()
     with rt.engine.connect() as conn:
         anchor = conn.execute(
@@ -158,9 +158,9 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     clock.advance(120)  # it ends; its first custom_id is not one of ours: proven absent
     out = reconciler.run(rt)
     assert out.released_unknown == 1
-    submitter.run(rt)
+    pipeline.submit(rt)
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     ours = {k: v for k, v in by_row(control.ledger()).items() if k.startswith("q")}
     assert len(ours) == 100 and set(ours.values()) == {1}
     assert_settled(rt, control, 100)
@@ -174,13 +174,13 @@ def test_a_doc_key_longer_than_its_limit_is_rejected_before_anything_is_sent(
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, [{"doc_key": "k" * 3000, "body": "a document with a very long key"}, *docs(100)])
-    out = submitter.run(rt)
+    out = pipeline.submit(rt)
     assert (out.documents, out.rejected) == (100, 1)
     long_row = queue_rows(rt)["k" * 3000]
     assert long_row["status"] == "rejected"
     assert "doc_key is 3,000 bytes; the limit is 1,024" in long_row["reason"]
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert len(by_row(control.ledger())) == 100
     assert_settled(rt, control, 100)
 
@@ -224,9 +224,9 @@ def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_
         rt, [{"doc_key": "poison-1", "body": "refused"}, *docs(99), {"doc_key": "poison-2", "body": "x"}]
     )
     _refuse_poison_rows(rt)
-    assert submitter.run(rt).batches == 3
+    assert pipeline.submit(rt).batches == 3
     clock.advance(120)
-    out = collector.run(rt)
+    out = pipeline.collect(rt)
     assert (out.batches_collected, out.succeeded, out.dead) == (3, 99, 2)
     rows = queue_rows(rt)
     for key in ("poison-1", "poison-2"):
@@ -251,9 +251,9 @@ def test_postgresql_index_limit_isolates_a_long_key_that_got_past_validation(
     pick = random.Random(12)
     long_key = "".join(pick.choice(string.ascii_letters + string.digits) for _ in range(3000))
     insert_docs(rt, [{"doc_key": long_key, "body": "long key"}, *docs(100)])
-    assert submitter.run(rt).batches == 3
+    assert pipeline.submit(rt).batches == 3
     clock.advance(120)
-    out = collector.run(rt)
+    out = pipeline.collect(rt)
     assert (out.batches_collected, out.succeeded, out.dead) == (3, 100, 1)
     reason = queue_rows(rt)[long_key]["reason"]
     assert "index row size" in reason and "etl_results_pkey" in reason, reason
@@ -265,17 +265,17 @@ def test_a_batch_that_cannot_be_collected_is_named_by_status_and_does_not_stop_t
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 5})
     insert_docs(rt, docs(10))
-    assert submitter.run(rt).batches == 2
+    assert pipeline.submit(rt).batches == 2
     clock.advance(120)
     with rt.warehouse.begin() as conn:  # the warehouse cannot be written at all for a while
         conn.exec_driver_sql("ALTER TABLE etl_results RENAME TO etl_results_away")
-    out = collector.run(rt)
+    out = pipeline.collect(rt)
     assert out.batches_collected == 0 and len(out.problems) == 2  # both tried, neither stopped the run
     stuck = problems(rt)
     assert sum("last collect failed" in p for p in stuck) == 2, stuck
     with rt.warehouse.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE etl_results_away RENAME TO etl_results")
-    assert collector.run(rt).batches_collected == 2
+    assert pipeline.collect(rt).batches_collected == 2
     assert_settled(rt, control, 10)
 
 
@@ -319,14 +319,14 @@ def test_only_the_newest_queued_row_of_a_document_is_sent_the_older_are_supersed
     insert_docs(rt, [{"doc_key": f"pair{i}", "body": f"old {i}"} for i in range(25)])
     insert_docs(rt, docs(50))
     insert_docs(rt, [{"doc_key": f"pair{i}", "body": f"new {i}"} for i in range(25)])
-    assert submitter.run(rt).documents == 75
+    assert pipeline.submit(rt).documents == 75
     with rt.engine.connect() as conn:
         old = conn.execute(text("SELECT id, status, reason FROM etl_queue WHERE body LIKE 'old %'")).all()
     assert {r.status for r in old} == {"superseded"} and len(old) == 25
     billed = by_row(control.ledger())
     assert not {f"q{r.id}" for r in old} & set(billed)
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     with rt.warehouse.connect() as conn:
         texts = conn.execute(text("SELECT output_text FROM etl_results WHERE doc_key LIKE 'pair%'")).scalars()
         assert all("new" in t for t in texts)
@@ -341,11 +341,11 @@ def test_a_body_of_invisible_characters_is_rejected_like_a_blank_one(
 ) -> None:
     rt = make_runtime()
     insert_docs(rt, [{"doc_key": "invisible", "body": body}, *docs(3)])
-    assert submitter.run(rt).rejected == 1
+    assert pipeline.submit(rt).rejected == 1
     row = queue_rows(rt)["invisible"]
     assert row["status"] == "rejected" and "only invisible characters" in row["reason"]
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert_settled(rt, control, 3)
 
 
@@ -362,9 +362,9 @@ def test_rows_set_to_submitted_or_claimed_by_hand_are_reported_as_stuck(
     assert any("1 row(s) 'claimed' with no live intent" in p for p in stuck), stuck
     with rt.engine.begin() as conn:  # the operator's fix, as the line says
         conn.execute(text("UPDATE etl_queue SET status = 'queued' WHERE doc_key IN ('d0000', 'd0001')"))
-    submitter.run(rt)
+    pipeline.submit(rt)
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert_settled(rt, control, 3)
 
 
@@ -387,15 +387,15 @@ def test_a_refused_connection_sends_nothing_and_the_rows_go_back_at_once(
     rt = build(config_mod.load(env, config_file()), clock=clock)
     try:
         insert_docs(rt, docs(4))
-        out = submitter.run(rt)
+        out = pipeline.submit(rt)
         assert out.unknown == 0 and out.stopped is not None and out.stopped.startswith("API unreachable")
         assert {r["status"] for r in queue_rows(rt).values()} == {"queued"}
         assert problems(rt) == []
     finally:
         rt.close()
-    assert submitter.run(good).documents == 4  # at once: no grace to wait out
+    assert pipeline.submit(good).documents == 4  # at once: no grace to wait out
     clock.advance(120)
-    collector.run(good)
+    pipeline.collect(good)
     assert_settled(good, control, 4)
 
 
@@ -405,16 +405,16 @@ def test_an_unknown_intent_says_when_it_is_released_and_the_operator_can_release
     rt = make_runtime()
     insert_docs(rt, docs(4))
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 504, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     stuck = problems(rt)
     assert any("released at the first reconcile after" in p and "--release 1" in p for p in stuck), stuck
     assert reconciler.release_by_operator(rt, 1) == 4
     with pytest.raises(Exception, match="intent 1 is released, not unknown"):
         reconciler.release_by_operator(rt, 1)
-    submitter.run(rt)
+    pipeline.submit(rt)
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert_settled(rt, control, 4)
 
 
@@ -429,13 +429,13 @@ def test_results_are_treated_as_archived_only_on_the_apis_word(
     batch whose results still existed: all of them paid for twice."""
     rt = make_runtime()
     insert_docs(rt, docs(6))
-    assert submitter.run(rt).documents == 6
+    assert pipeline.submit(rt).documents == 6
     clock.advance(120)
     clock.offset += timedelta(days=skew_days)
     control.set_faults(rules=[{"endpoint": "results", "action": "status", "status": 404, "times": 1}])
-    out = collector.run(rt)
+    out = pipeline.collect(rt)
     control.clear_faults()
     assert (out.archived, out.batches_collected) == (0, 0)
     assert any("last collect failed" in p or "results unavailable" in p for p in problems(rt))
-    assert collector.run(rt).batches_collected == 1
+    assert pipeline.collect(rt).batches_collected == 1
     assert_settled(rt, control, 6)

@@ -4,7 +4,7 @@ are loaded once at start-up and whose nightly submit and morning collect then ru
 It loads what `etl run` loads (etl, SQLAlchemy, structlog, the SDK, an API client built), then reads one
 JSON request per line on stdin, runs that step in this process and answers one JSON line: wall seconds
 and CPU seconds (user + system of the whole process, every thread) of the step alone. The steps call the
-functions the daemon's jobs call (`submitter.run`; `collector.run` then `report.morning`), each on a
+functions the daemon's jobs call (`pipeline.submit`; `pipeline.collect` then `report.morning`), each on a
 fresh engine (the harness replaces the database between steps) sharing the one API client. The baselines
 run here too, warm, through their `main`, so both sides pay no start-up.
 """
@@ -33,8 +33,8 @@ def main() -> int:
     import baseline_collect
     import baseline_submit
 
-    from etl import collector, logs, report, submitter
     from etl import config as config_mod
+    from etl import logs, pipeline, report
     from etl.runtime import build
 
     cfg = config_mod.load(dict(os.environ), None)
@@ -48,9 +48,9 @@ def main() -> int:
         rt.provider_factory = lambda: client
         try:
             if name == "etl_submit":
-                out: Any = submitter.run(rt)
+                out: Any = pipeline.submit(rt)
                 return f"submitted {out.documents} document(s) in {out.batches} batch(es)"
-            col = collector.run(rt)
+            col = pipeline.collect(rt)
             report.morning(rt)
             return f"collected {col.succeeded} succeeded"
         finally:

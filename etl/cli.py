@@ -631,12 +631,12 @@ def cmd_estimate(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
-    from etl import submitter
+    from etl import pipeline, submitter
 
     if args.dry_run:
         return cmd_estimate(rt, args)
     _check_schema(rt)
-    out = submitter.run(rt)
+    out = pipeline.submit(rt)
     print(
         f"submitted {out.documents} document(s) in {out.batches} batch(es); rejected {out.rejected}"
         + (f"; {out.waiting} wait for the nightly budget" if out.waiting else "")
@@ -658,10 +658,10 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
-    from etl import collector, report, submitter
+    from etl import pipeline, report, submitter
 
     _check_schema(rt)
-    out = collector.run(rt)
+    out = pipeline.collect(rt)
     print(
         f"checked {out.batches_checked} batch(es), collected {out.batches_collected}: {out.succeeded} succeeded, "
         f"{out.requeued} re-queued, {out.dead} dead, {out.archived} re-queued from archived batches"
@@ -815,7 +815,7 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
-    from etl import cancel, collector
+    from etl import cancel, pipeline
     from etl.errors import InputError
 
     if bool(args.batch_ids) == bool(args.all_pending):
@@ -844,7 +844,7 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
         return 3 if out.problems else 0
     print(f"canceled {len(out.canceled)} batch(es): {', '.join(out.canceled)}")
     if out.ended:
-        done = collector.run(rt)
+        done = pipeline.collect(rt)
         print(
             f"settled now: {done.succeeded} succeeded, {done.requeued} re-queued "
             f"(canceled requests go back to the queue without using an attempt), {done.dead} dead"

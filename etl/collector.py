@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from etl import codec, failpoints, life, reconciler, recovery, schema, settlement
+from etl import codec, failpoints, schema, settlement
 from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
 from etl.pricing import Meter
 from etl.prompt import parse_custom_id
@@ -55,24 +56,24 @@ class CollectOutcome:
     paused: str | None = None  # a wrong key, billing or spend limit paused submission: exit 75
 
 
-def run(rt: Runtime) -> CollectOutcome:
-    out = CollectOutcome()
-    # The SDK loads on a thread (1-3 s of CPU) while the database works: reconciliation's own part and,
-    # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
-    # batch, which a collect reads next anyway once that batch has ended.
-    rt.warm_provider()
-    life.hold(rt)
-    recovery.sweep(rt)  # the dead-owner rules (etl.recovery), as the daemon applies them
-    reconciled = reconciler.release_expired(rt)
-    preloaded: dict[int, dict[int, Expected]] = {}
-    if not rt.provider_ready:
-        with reading(rt.engine) as conn:
-            first = next(iter(intents.open_intents(conn)), None)
-        if first is not None:
-            preloaded[first.id] = _load_expected(rt, first, packed=True)
-    # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
-    reconciler.match_remote(rt, reconciled)
-    out.paused = reconciled.paused
+def preload(rt: Runtime) -> dict[int, dict[int, Expected]]:
+    """While the SDK loads (`etl collect`, not the daemon): the sent rows of the first open batch, which a
+    collect reads next anyway once that batch has ended. Empty when the SDK is already loaded."""
+    if rt.provider_ready:
+        return {}
+    with reading(rt.engine) as conn:
+        first = next(iter(intents.open_intents(conn)), None)
+    return {} if first is None else {first.id: _load_expected(rt, first, packed=True)}
+
+
+def run(
+    rt: Runtime, preloaded: dict[int, dict[int, Expected]] | None = None, paused: str | None = None
+) -> CollectOutcome:
+    """Collect every open batch that has ended, after reconciliation (etl.pipeline runs it first).
+    `preloaded`: sent rows already read (`preload`), consumed batch by batch; `paused`: the reason
+    reconciliation paused submission, if it did."""
+    out = CollectOutcome(paused=paused)
+    preloaded = {} if preloaded is None else preloaded
     with rt.engine.begin() as conn:
         open_ = intents.open_intents(conn)
     for intent in open_:
@@ -300,96 +301,20 @@ def _stream_batch(
 ) -> None:
     assert intent.batch_id is not None
     settings = rt.config.collect
-    expected = writer.expected
     started = time.perf_counter()
-
-    meter = Meter(rt.config.pricing)
-
-    unique_keys = rt.warehouse.dialect.name == "postgresql" and len(
-        {(e.doc_key, e.task) for e in expected.values()}
-    ) == len(expected)
-
-    def new_chunk() -> settlement.Chunk:
-        encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
-        return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock(), unique_keys)
-
+    new_chunk = _chunk_maker(rt, intent, remote, writer.expected)
     extras = Extras()
     for attempt in range(settings.stream_retries + 1):
-        seen: set[int] = set()
-        extras = Extras()
-        unreadable: list[str] = []  # lines with no custom_id string: not JSON, or not an object with one
-        elsewhere: dict[int, str] = {}  # legacy ids: rows no longer in this intent (re-queued, newer batch)
-        moved: set[int] = set()  # rows this intent sent that a run before this one settled
-        chunk = new_chunk()
-        # The first chunk is handed over early, so the writer starts while the rest is read.
-        limit = min(settings.chunk_size, max(FIRST_CHUNK_MIN, settings.chunk_size // 8))
-        error: str | None = None
         try:
-            for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
-                cid, result = _read_line(line)
-                if cid is None:  # names no row, so settles none (a cut line leaves the batch short)
-                    unreadable.append(clean(bytes(line[:80]).decode("utf-8", "replace"), 80))
-                    continue
-                kind, qid = whose_line(intent, cid)
-                if qid is None:
-                    extras.add(kind, cid)
-                    continue
-                exp = expected.get(qid)
-                if exp is None:
-                    if qid in elsewhere or qid in moved:
-                        extras.add("duplicate", cid)
-                    elif kind == "legacy":
-                        elsewhere[qid] = cid
-                    else:
-                        moved.add(qid)  # sent by this intent, re-queued by an earlier pass: counts, no write
-                    continue
-                if qid in seen:
-                    extras.add("duplicate", cid)
-                    continue
-                seen.add(qid)
-                if exp.status != DocStatus.SUBMITTED:
-                    continue  # settled by an earlier pass or run
-                chunk.add(qid, exp, result)
-                if chunk.size >= limit:
-                    writer.put(chunk)
-                    chunk = new_chunk()
-                    limit = settings.chunk_size
+            read = _read_pass(rt, intent, writer, new_chunk)
         except ResultsGone as exc:
-            writer.finish(chunk)
-            log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
-            if _archived_says_the_api(rt, intent.batch_id):
-                _archive(rt, intent, out)
-            else:  # a refused read is not proof that the results are gone: try again next run
-                problem = (
-                    f"batch {intent.batch_id}: results unavailable ({exc}); the API does not say archived"
-                )
-                out.problems.append(problem)
-                with rt.engine.begin() as conn:
-                    intents.note_error(conn, intent.id, problem)
+            _results_gone(rt, intent, out, exc)
             return
-        except ProviderError as exc:
-            error = str(exc)
-        writer.finish(chunk)
-        moved |= _moved_on(rt, elsewhere)
-        for qid, cid in elsewhere.items():
-            if qid not in moved:
-                extras.add("foreign", cid)
-        if unreadable:
-            # A line cut by a broken stream reads the same; it is a problem only if it is still there in the
-            # pass that completes the batch, or in the last one (a retried pass usually brings it whole).
-            log.warning("results_unreadable", batch_id=intent.batch_id, lines=len(unreadable))
-        if intent.adopted and intent.installation is None and not seen and (extras.foreign or moved):
-            _disown(rt, intent, out)
-            return
-        # Complete when every row this intent sent is answered; extra lines never keep a batch open.
-        pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
-        complete = error is None and not pending
-        if unreadable and (complete or attempt == settings.stream_retries):
-            out.problems.append(
-                f"batch {intent.batch_id}: {len(unreadable)} unreadable result line(s) (no custom_id), e.g. "
-                f"{unreadable[:3]}; nothing written for them"
-            )
-        if complete:
+        extras = read.extras
+        pending = _judge_pass(rt, intent, out, read, writer.expected, attempt == settings.stream_retries)
+        if pending is None:
+            return  # an adoption undone
+        if read.error is None and not pending:
             failpoints.hit("collect.before_mark_collected")
             with rt.engine.begin() as conn:
                 if intents.mark_collected(conn, intent.id, rt.clock()) and extras.total:
@@ -401,14 +326,17 @@ def _stream_batch(
             log.info(
                 "batch_collected",
                 batch_id=intent.batch_id,
-                results=len(seen),
+                results=len(read.seen),
                 extra_lines=extras.total,
                 seconds=round(time.perf_counter() - started, 2),
                 writing_seconds=round(writer.busy_seconds, 2),
                 waiting_for_writes_seconds=round(writer.waited_seconds, 2),
             )
             return
-        why = error or f"stream ended with {len(pending)} of the {intent.request_count} sent rows unanswered"
+        why = (
+            read.error
+            or f"stream ended with {len(pending)} of the {intent.request_count} sent rows unanswered"
+        )
         log.warning(
             "results_incomplete",
             batch_id=intent.batch_id,
@@ -424,6 +352,136 @@ def _stream_batch(
     )
     with rt.engine.begin() as conn:
         intents.note_error(conn, intent.id, "results incomplete; will retry on the next collect")
+
+
+def _chunk_maker(
+    rt: Runtime, intent: Intent, remote: RemoteBatch, expected: dict[int, Expected]
+) -> Callable[[], settlement.Chunk]:
+    """A new empty chunk for each part of the stream, all sharing one meter."""
+    meter = Meter(rt.config.pricing)
+
+    unique_keys = rt.warehouse.dialect.name == "postgresql" and len(
+        {(e.doc_key, e.task) for e in expected.values()}
+    ) == len(expected)
+
+    def new_chunk() -> settlement.Chunk:
+        encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
+        return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock(), unique_keys)
+
+    return new_chunk
+
+
+@dataclass
+class _Pass:
+    """One read of a batch's results stream: what its lines were."""
+
+    seen: set[int] = field(default_factory=set)  # rows answered
+    extras: Extras = field(default_factory=lambda: Extras())
+    unreadable: list[str] = field(default_factory=list)  # lines with no custom_id string
+    elsewhere: dict[int, str] = field(default_factory=dict)  # legacy ids: rows no longer in this intent
+    moved: set[int] = field(default_factory=set)  # rows this intent sent that a run before this one settled
+    error: str | None = None  # the stream broke
+
+    def sort(
+        self, intent: Intent, expected: dict[int, Expected], line: bytes
+    ) -> tuple[int, Expected, Any] | None:
+        """Pure: what one result line is; (row, its expectation, result) when it is a result to write."""
+        cid, result = _read_line(line)
+        if cid is None:  # names no row, so settles none (a cut line leaves the batch short)
+            self.unreadable.append(clean(bytes(line[:80]).decode("utf-8", "replace"), 80))
+            return None
+        kind, qid = whose_line(intent, cid)
+        if qid is None:
+            self.extras.add(kind, cid)
+            return None
+        exp = expected.get(qid)
+        if exp is None:
+            if qid in self.elsewhere or qid in self.moved:
+                self.extras.add("duplicate", cid)
+            elif kind == "legacy":
+                self.elsewhere[qid] = cid
+            else:
+                self.moved.add(qid)  # sent by this intent, re-queued by an earlier pass: counts, no write
+            return None
+        if qid in self.seen:
+            self.extras.add("duplicate", cid)
+            return None
+        self.seen.add(qid)
+        if exp.status != DocStatus.SUBMITTED:
+            return None  # settled by an earlier pass or run
+        return qid, exp, result
+
+
+def _read_pass(
+    rt: Runtime, intent: Intent, writer: _Writer, new_chunk: Callable[[], settlement.Chunk]
+) -> _Pass:
+    """Read the stream once, handing the results to the writer chunk by chunk. Raises `ResultsGone`."""
+    assert intent.batch_id is not None
+    settings = rt.config.collect
+    read = _Pass()
+    chunk = new_chunk()
+    # The first chunk is handed over early, so the writer starts while the rest is read.
+    limit = min(settings.chunk_size, max(FIRST_CHUNK_MIN, settings.chunk_size // 8))
+    try:
+        for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
+            answer = read.sort(intent, writer.expected, line)
+            if answer is None:
+                continue
+            chunk.add(*answer)
+            if chunk.size >= limit:
+                writer.put(chunk)
+                chunk = new_chunk()
+                limit = settings.chunk_size
+    except ResultsGone:
+        writer.finish(chunk)
+        raise
+    except ProviderError as exc:
+        read.error = str(exc)
+    writer.finish(chunk)
+    return read
+
+
+def _results_gone(rt: Runtime, intent: Intent, out: CollectOutcome, exc: ResultsGone) -> None:
+    assert intent.batch_id is not None
+    log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
+    if _archived_says_the_api(rt, intent.batch_id):
+        _archive(rt, intent, out)
+        return
+    # a refused read is not proof that the results are gone: try again next run
+    problem = f"batch {intent.batch_id}: results unavailable ({exc}); the API does not say archived"
+    out.problems.append(problem)
+    with rt.engine.begin() as conn:
+        intents.note_error(conn, intent.id, problem)
+
+
+def _judge_pass(
+    rt: Runtime, intent: Intent, out: CollectOutcome, read: _Pass, expected: dict[int, Expected], last: bool
+) -> list[int] | None:
+    """After a pass: the rows this intent sent still unanswered (complete when none and the stream did not
+    break; extra lines never keep a batch open), or None when an adoption was undone."""
+    read.moved |= _moved_on(rt, read.elsewhere)
+    for qid, cid in read.elsewhere.items():
+        if qid not in read.moved:
+            read.extras.add("foreign", cid)
+    if read.unreadable:
+        # A line cut by a broken stream reads the same; it is a problem only if it is still there in the
+        # pass that completes the batch, or in the last one (a retried pass usually brings it whole).
+        log.warning("results_unreadable", batch_id=intent.batch_id, lines=len(read.unreadable))
+    if (
+        intent.adopted
+        and intent.installation is None
+        and not read.seen
+        and (read.extras.foreign or read.moved)
+    ):
+        _disown(rt, intent, out)
+        return None
+    pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
+    if read.unreadable and ((read.error is None and not pending) or last):
+        out.problems.append(
+            f"batch {intent.batch_id}: {len(read.unreadable)} unreadable result line(s) (no custom_id), e.g. "
+            f"{read.unreadable[:3]}; nothing written for them"
+        )
+    return pending
 
 
 def _read_line(line: bytes) -> tuple[str | None, Any]:

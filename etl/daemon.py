@@ -44,19 +44,18 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import event
 
+from etl import config as config_mod
 from etl import (
-    collector,
     life,
     live,
     logs,
     metrics,
+    pipeline,
     reconciler,
     recovery,
     report,
     scheduling,
-    submitter,
 )
-from etl import config as config_mod
 from etl.errors import ConfigError, SubmissionPaused, environmental
 from etl.notify import Notifier
 from etl.runtime import Runtime
@@ -478,7 +477,7 @@ class Daemon:
 
     def _job_body(self, job: str) -> tuple[str, str]:
         if job == "submit":
-            out = submitter.run(self.rt)
+            out = pipeline.submit(self.rt)
             detail = f"{out.documents} document(s) in {out.batches} batch(es), {out.rejected} rejected"
             if out.unknown:
                 detail += f", {out.unknown} create(s) left for reconciliation"
@@ -497,7 +496,7 @@ class Daemon:
             if out.stopped == "stop requested":
                 return "interrupted", detail
             return ("paused" if out.stopped.startswith("paused") else "partial"), detail
-        col = collector.run(self.rt)
+        col = pipeline.collect(self.rt)
         detail = (
             f"{col.batches_collected} batch(es) collected: {col.succeeded} succeeded, {col.requeued} re-queued, "
             f"{col.dead} dead"
@@ -529,7 +528,7 @@ class Daemon:
                 if pending:
                     self._enter("poll")
                     try:
-                        out = collector.run(self.rt)
+                        out = pipeline.collect(self.rt)
                         log.info("poll_finished", collected=out.batches_collected, succeeded=out.succeeded)
                     except Exception as exc:  # recovery loop: the next poll tries again
                         self._failed("poll_failed", exc)

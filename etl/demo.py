@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from etl import collector, live, report, submitter
 from etl import config as config_mod
+from etl import live, pipeline, report
 from etl.clock import utcnow
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime, build
@@ -182,7 +182,7 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         print(f"   the other {len(docs)} documents wait for the night")
 
         say("3. Night: the submit job")
-        out = submitter.run(rt)
+        out = pipeline.submit(rt)
         print(
             f"   {out.documents} documents sent in {out.batches} batches (one create call each, never retried)"
         )
@@ -195,7 +195,7 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         print(f"   it is now {clock():%Y-%m-%d %H:%M} UTC for the pipeline")
 
         say("5. Morning: the collect job, then the report")
-        col = collector.run(rt)
+        col = pipeline.collect(rt)
         print(
             f"   {col.batches_collected} batches collected: {s.green(str(col.succeeded) + ' succeeded')}, "
             f"{s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
@@ -207,10 +207,10 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
 
         say("6. The next night: the overload has passed, the re-queued documents go again")
         control.clear_faults()
-        again = submitter.run(rt)
+        again = pipeline.submit(rt)
         control.advance(NIGHT.total_seconds())
         offset[0] += NIGHT
-        col2 = collector.run(rt)
+        col2 = pipeline.collect(rt)
         print(f"   {again.documents} re-sent; {col2.succeeded} succeeded")
         with rt.engine.connect() as conn:
             counts: dict[str, int] = {

@@ -97,12 +97,38 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
     with reading(rt.engine) as conn:
         unknown = intents.with_status(conn, BatchStatus.UNKNOWN)
         known = intents.known_batch_ids(conn)
+    listing = _list_or_pause(rt, out, unknown, known, now)
+    if listing is None:
+        return out
+    failpoints.hit("reconcile.after_list")
+    installation = rt.installation()
+    pending = {i.id: i for i in unknown}
+    unexplained = _read_candidates(rt, out, listing, pending, known, installation, now)
+    # 3. Release only what is proven absent: list read far enough, nothing unexplained, grace over.
+    for intent in pending.values():
+        waiting_for = [
+            c.id for c in listing.candidates[intent.id] if c.id in unexplained and c.id not in known
+        ]
+        _settle_unknown(rt, out, intent, intent.id in listing.complete, waiting_for, now)
 
-    grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
-    settle = timedelta(seconds=rt.config.submit.dead_owner_settle_seconds)
+    _explain_strays(rt, [r for r in listing.recent if r.id not in known], installation, now)
+    out.unmatched_remote = [r.id for r in listing.recent if r.id not in known]
+    if out.unmatched_remote:
+        # Said once per batch id: batches other tools made on the same account stay in the listing for days.
+        with rt.engine.begin() as conn:
+            new = state.first_seen(conn, "remote_batch_unmatched", out.unmatched_remote, now)
+        if new:
+            log.warning("remote_batches_unmatched", batch_ids=new[:20], count=len(new))
+    return out
+
+
+def _list_or_pause(
+    rt: Runtime, out: ReconcileOutcome, unknown: list[Intent], known: set[str], now: datetime
+) -> Listing | None:
+    """The API's list, read far enough; None when the read failed (a systemic answer pauses submission)."""
     since = now - ORPHAN_LOOKBACK  # remote batches this recent that match no record are reported
     try:
-        listing = _read_list(rt, unknown, known, since)
+        return _read_list(rt, unknown, known, since)
     except ProviderError as exc:
         if exc.kind == "systemic":
             with rt.engine.begin() as conn:
@@ -110,17 +136,24 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
             out.paused = str(exc)
         log.warning("reconcile_list_failed", error=str(exc), unknown=len(unknown))
         out.still_unknown = len(unknown)
-        return out
-    failpoints.hit("reconcile.after_list")
-    candidates, complete = listing.candidates, listing.complete
+        return None
 
-    pending = {i.id: i for i in unknown}
-    unexplained: dict[str, RemoteBatch] = {}  # candidates that could still be an unknown intent's batch
 
+def _read_candidates(
+    rt: Runtime,
+    out: ReconcileOutcome,
+    listing: Listing,
+    pending: dict[int, Intent],
+    known: set[str],
+    installation: str,
+    now: datetime,
+) -> dict[str, RemoteBatch]:
+    """Steps 1 and 2 of `match_remote`: adopt what is proven ours (taken out of `pending`, added to
+    `known`); returns the candidates that could still be an unknown intent's batch."""
+    unexplained: dict[str, RemoteBatch] = {}
     # 1. Ended candidates are read: adopted only when their custom_ids are exactly an unknown intent's
     #    set (etl.prompt.custom_id names the installation and the intent). A failed read proves nothing.
-    ordered = list({r.id: r for rs in candidates.values() for r in rs}.values())
-    installation = rt.installation()
+    ordered = list({r.id: r for rs in listing.candidates.values() for r in rs}.values())
     for r in ordered:
         if not r.ended or r.id in known:
             continue
@@ -143,43 +176,37 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
     for r in ordered:
         if not r.ended and r.id not in known:
             unexplained[r.id] = r
+    return unexplained
 
-    # 3. Release only what is proven absent: list read far enough, nothing unexplained, grace over.
-    for intent in pending.values():
-        sent = intent.sent_at or intent.created_at
-        waiting_for = [c.id for c in candidates[intent.id] if c.id in unexplained and c.id not in known]
-        if intent.id not in complete:
-            out.still_unknown += 1
-            log.info("unknown_intent_waiting_for_list", intent=intent.id, anchor=intent.anchor_batch_id)
-        elif waiting_for:
-            out.still_unknown += 1
-            log.info("unknown_intent_waiting_for_lookalike", intent=intent.id, batch_ids=waiting_for)
-        elif now - sent > grace or liveness.settled_after_death(intent.owner, now, settle):
-            # (a process known dead for `settle` has nothing in flight: see etl.liveness)
-            reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
-            with rt.engine.begin() as conn:
-                if intents.release(conn, intent.id, (BatchStatus.UNKNOWN,), reason):
-                    per_task = q.tasks_of(conn, intent.id, DocStatus.CLAIMED)
-                    rows = q.unclaim(conn, intent.id, now, reason=reason)
-                    events.record_tasks(conn, now, "released", per_task, reason, intent.id)
-                    out.released_unknown += 1
-                    log.warning("unknown_intent_released", intent=intent.id, rows=rows)
-            failpoints.hit("reconcile.after_release")
-        else:
-            out.still_unknown += 1
-            log.info(
-                "unknown_intent_waiting", intent=intent.id, sent_at=str(sent), grace_s=grace.total_seconds()
-            )
 
-    _explain_strays(rt, [r for r in listing.recent if r.id not in known], installation, now)
-    out.unmatched_remote = [r.id for r in listing.recent if r.id not in known]
-    if out.unmatched_remote:
-        # Said once per batch id: batches other tools made on the same account stay in the listing for days.
+def _settle_unknown(
+    rt: Runtime, out: ReconcileOutcome, intent: Intent, listed: bool, waiting_for: list[str], now: datetime
+) -> None:
+    """Step 3 of `match_remote` for one unknown intent not adopted: released once proven absent (`listed`:
+    its part of the list read in full; `waiting_for`: candidates not explained yet), else left waiting."""
+    grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
+    settle = timedelta(seconds=rt.config.submit.dead_owner_settle_seconds)
+    sent = intent.sent_at or intent.created_at
+    if not listed:
+        out.still_unknown += 1
+        log.info("unknown_intent_waiting_for_list", intent=intent.id, anchor=intent.anchor_batch_id)
+    elif waiting_for:
+        out.still_unknown += 1
+        log.info("unknown_intent_waiting_for_lookalike", intent=intent.id, batch_ids=waiting_for)
+    elif now - sent > grace or liveness.settled_after_death(intent.owner, now, settle):
+        # (a process known dead for `settle` has nothing in flight: see etl.liveness)
+        reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
         with rt.engine.begin() as conn:
-            new = state.first_seen(conn, "remote_batch_unmatched", out.unmatched_remote, now)
-        if new:
-            log.warning("remote_batches_unmatched", batch_ids=new[:20], count=len(new))
-    return out
+            if intents.release(conn, intent.id, (BatchStatus.UNKNOWN,), reason):
+                per_task = q.tasks_of(conn, intent.id, DocStatus.CLAIMED)
+                rows = q.unclaim(conn, intent.id, now, reason=reason)
+                events.record_tasks(conn, now, "released", per_task, reason, intent.id)
+                out.released_unknown += 1
+                log.warning("unknown_intent_released", intent=intent.id, rows=rows)
+        failpoints.hit("reconcile.after_release")
+    else:
+        out.still_unknown += 1
+        log.info("unknown_intent_waiting", intent=intent.id, sent_at=str(sent), grace_s=grace.total_seconds())
 
 
 @dataclass

@@ -418,7 +418,6 @@ def write(
     if chunk.size == 0:
         return
     now = rt.clock()
-    batch_ref = chunk.intent.id
     if not rt.same_database and chunk.results.rows:
         with rt.warehouse.begin() as wconn:
             chunk.refuse(warehouse.write_isolating(wconn, chunk.results), expected)
@@ -433,21 +432,34 @@ def write(
     with conn.begin():
         if rt.same_database and chunk.results.rows:
             chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
-        noted = [(qid, chunk.notes[qid]) for qid in chunk.done if qid in chunk.notes]
-        q.mark_done(conn, batch_ref, [qid for qid in chunk.done if qid not in chunk.notes], now)
-        q.mark_done_noted(conn, batch_ref, noted, now)
-        for qid, note in noted:
-            chunk.tally.add("noted", expected[qid].task, note[:120])  # what it held: a few block types
-        q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
-        q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)
-        q.kill(conn, batch_ref, chunk.dead, now)
-        chunk.events().flush(conn, now, batch_ref)
-        if chunk.systemic:
-            state.pause(conn, f"results carry {chunk.systemic}", now)
+        _settle_rows(conn, chunk, expected, now)
     if rt.same_database and chunk.results.rows:
         failpoints.hit("collect.after_warehouse")
     if chunk.counted or chunk.free:
         failpoints.hit("requeue.after_requeue")
+    _count_settled(chunk, expected, totals)
+    if chunk.systemic:
+        log.error("submission_paused", reason=chunk.systemic)
+
+
+def _settle_rows(conn: Connection, chunk: Chunk, expected: dict[int, Expected], now: datetime) -> None:
+    """The chunk's queue transitions and events, inside the caller's transaction."""
+    batch_ref = chunk.intent.id
+    noted = [(qid, chunk.notes[qid]) for qid in chunk.done if qid in chunk.notes]
+    q.mark_done(conn, batch_ref, [qid for qid in chunk.done if qid not in chunk.notes], now)
+    q.mark_done_noted(conn, batch_ref, noted, now)
+    for qid, note in noted:
+        chunk.tally.add("noted", expected[qid].task, note[:120])  # what it held: a few block types
+    q.requeue(conn, batch_ref, chunk.counted, now, count_attempt=True)
+    q.requeue(conn, batch_ref, chunk.free, now, count_attempt=False)
+    q.kill(conn, batch_ref, chunk.dead, now)
+    chunk.events().flush(conn, now, batch_ref)
+    if chunk.systemic:
+        state.pause(conn, f"results carry {chunk.systemic}", now)
+
+
+def _count_settled(chunk: Chunk, expected: dict[int, Expected], totals: Totals) -> None:
+    """Pure: the settled rows' new states in `expected` (what the stream's later passes compare), counted."""
     for qid in chunk.done:
         expected[qid].status = DocStatus.DONE
     for qid, _ in chunk.counted + chunk.free:
@@ -457,5 +469,3 @@ def write(
     totals.succeeded += len(chunk.done)
     totals.requeued += len(chunk.counted) + len(chunk.free)
     totals.dead += len(chunk.dead)
-    if chunk.systemic:
-        log.error("submission_paused", reason=chunk.systemic)

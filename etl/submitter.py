@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import delete
+from sqlalchemy import Connection, delete
 
-from etl import budget, failpoints, life, reconciler, recovery, routing
+from etl import budget, failpoints, routing
 from etl.clock import isoformat
+from etl.config import SubmitSettings, Task
 from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
-from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, build_params, custom_id, encode_request
+from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, Row, build_params, custom_id, encode_request
+from etl.remote import RemoteBatch
 from etl.runtime import Runtime, gc_paused
 from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
 from etl.store import events, spend, state
 from etl.store import queue as q
 from etl.store.engine import reading
+
+if TYPE_CHECKING:
+    from etl.provider import Provider
 
 log = structlog.get_logger("etl.submit")
 
@@ -49,8 +55,14 @@ class SubmitOutcome:
     misconfigured: str | None = None  # a create's 404: the base URL is wrong (`etl submit` exits 78)
 
 
-def run(rt: Runtime) -> SubmitOutcome:
-    """Submit everything queued (up to `submit.max_batches_per_run` batches)."""
+# The API's part of reconciliation, handed in by the caller (etl.pipeline): the reason submission was
+# paused (the API refused our key or billing while listing), else None.
+MatchRemote = Callable[[], str | None]
+
+
+def preflight(rt: Runtime) -> SubmitOutcome | None:
+    """What is checked before a single row is claimed: a run that stops on a missing key must not leave
+    rows `claimed` for the lease. Raises when paused or without a key; an outcome when creates are held."""
     with rt.engine.begin() as conn:
         paused = state.pause_reason(conn)
     if paused:
@@ -58,46 +70,27 @@ def run(rt: Runtime) -> SubmitOutcome:
     held = _creates_held(rt)
     if held is not None:
         return held
-    # Everything that can be checked without sending is checked before a single row is claimed: a run
-    # that stops on a missing key must not leave rows `claimed` for the lease.
     rt.config.require_api_key()
-    # The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK
-    # loads on a thread; the API's part of reconciliation follows it, before anything is sent. With
-    # nothing to send and nothing to reconcile the run never calls the API, so it does not load the SDK
-    # (1-3 s of CPU, most of an idle run).
-    life.hold(rt)  # before anything of ours is written: our rows are recovered the moment we die
-    recovery.sweep(rt)  # rows claimed by a process proven dead go back now, not after its lease
-    if _may_call_api(rt):
-        rt.warm_provider()
-    reconciled = reconciler.release_expired(rt)
+    return None
+
+
+def run(rt: Runtime, match_remote: MatchRemote) -> SubmitOutcome:
+    """Claim, build and send batches, after `preflight` and the database's part of reconciliation.
+
+    The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK loads
+    on a thread; `match_remote` (the API's part of reconciliation) waits for the SDK: it runs before the
+    first create (whose fence follows it), so the first batch is read and encoded while the SDK loads.
+    With nothing claimed there is nothing to build meanwhile, and it may give rows back to claim now.
+    With nothing to send and nothing to reconcile the run never calls the API (nor loads the SDK)."""
     _supersede(rt)
     claim = _claim(rt)
-    # The API's part of reconciliation waits for the SDK: it runs before the first create (whose fence
-    # follows it), so the first batch is read and encoded while the SDK loads, not after.
-    # With nothing claimed there is nothing to build meanwhile, and it may give rows back to claim now.
-    # A key or billing refusal on its list pauses submission: no create is sent (`_match_remote`).
     reconcile: list[Callable[[], object]] = []
     if claim is not None:
-        reconcile.append(lambda: _match_remote(rt, reconciled))
+        reconcile.append(lambda: _match_remote(match_remote))
     elif _has_unknown(rt):
-        _match_remote(rt, reconciled)
+        _match_remote(match_remote)
     outcome = SubmitOutcome()
-    limits = rt.config.submit
-    while outcome.batches < limits.max_batches_per_run:
-        if rt.should_stop():
-            outcome.stopped = "stop requested"
-            if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
-                _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
-            break
-        if outcome.budget_spent:
-            break
-        claim = claim or _claim(rt, outcome.held_tasks)
-        if claim is None:
-            break
-        with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
-            if not _one_batch(rt, outcome, claim, reconcile):
-                break
-        claim = None
+    _send_claims(rt, outcome, claim, reconcile)
     while reconcile:  # no batch got as far as its create
         reconcile.pop()()
     if outcome.waiting:
@@ -118,6 +111,27 @@ def run(rt: Runtime) -> SubmitOutcome:
         waiting_for_budget=outcome.waiting,
     )
     return outcome
+
+
+def _send_claims(
+    rt: Runtime, outcome: SubmitOutcome, claim: Claim | None, reconcile: list[Callable[[], object]]
+) -> None:
+    """One batch per claim, up to `submit.max_batches_per_run`, until a stop, the budget or the queue ends."""
+    while outcome.batches < rt.config.submit.max_batches_per_run:
+        if rt.should_stop():
+            outcome.stopped = "stop requested"
+            if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
+                _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
+            return
+        if outcome.budget_spent:
+            return
+        claim = claim or _claim(rt, outcome.held_tasks)
+        if claim is None:
+            return
+        with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
+            if not _one_batch(rt, outcome, claim, reconcile):
+                return
+        claim = None
 
 
 def paused_message(reason: str, *, already: bool = False) -> str:
@@ -141,7 +155,7 @@ def _creates_held(rt: Runtime) -> SubmitOutcome | None:
     return out
 
 
-def _may_call_api(rt: Runtime) -> bool:
+def may_call_api(rt: Runtime) -> bool:
     """Something is queued, or an intent may need the API (an unknown create, or a claim or send whose
     lease may have run out: the reconciler turns those into queued rows or unknown creates)."""
     with reading(rt.engine) as conn:
@@ -151,19 +165,19 @@ def _may_call_api(rt: Runtime) -> bool:
 
 
 def _has_unknown(rt: Runtime) -> bool:
-    """An unknown create waits for the API's list (`reconciler.match_remote`). Without one, a run that
+    """An unknown create waits for the API's list (the API's part of reconciliation). Without one, a run that
     claimed nothing skips the list: remote batches matching no record are reported by the next collect
     or `etl reconcile`, which list every time."""
     with reading(rt.engine) as conn:
         return bool(intents.with_status(conn, BatchStatus.UNKNOWN))
 
 
-def _match_remote(rt: Runtime, reconciled: reconciler.ReconcileOutcome) -> None:
+def _match_remote(match_remote: MatchRemote) -> None:
     """The API's part of reconciliation. The API refused our key (or billing) while listing: no create
     could succeed, so none is sent; the caller gives its claim back, attempts untouched."""
-    reconciler.match_remote(rt, reconciled)
-    if reconciled.paused is not None:
-        raise SubmissionPaused(paused_message(reconciled.paused))
+    paused = match_remote()
+    if paused is not None:
+        raise SubmissionPaused(paused_message(paused))
 
 
 def _why_idle(rt: Runtime) -> str:
@@ -228,29 +242,72 @@ def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: s
             q.unclaim(conn, intent_id, rt.clock())
 
 
+@dataclass
+class _Packing:
+    """What building one claim's batch decided, row by row: the create body and every row left out."""
+
+    costing: budget.Costing
+    allowance: budget.Allowance
+    caps: dict[str, Decimal]
+    night: str
+    held_tasks: set[str]  # the run's own set: tasks at their cap are not claimed again this run
+    lease_until: datetime
+    body: BatchBody = field(default_factory=BatchBody)  # the create body, written as each row is encoded
+    rejects: list[tuple[int, str]] = field(default_factory=list)
+    rejects_logged: list[tuple[int, str, str]] = field(default_factory=list)
+    rejected_per_task: Counter[tuple[str, str]] = field(default_factory=Counter)
+    overflow: list[int] = field(default_factory=list)  # rows that did not fit: back to the queue
+    held: list[tuple[int, str]] = field(default_factory=list)  # rows a nightly cap holds back, with why
+    per_task: Counter[str] = field(default_factory=Counter)
+    message_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    upper_units: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def reject(self, row: Row, reason: str, key: str) -> None:
+        self.rejects.append((row.id, reason))
+        self.rejects_logged.append((row.id, row.doc_key, reason))
+        self.rejected_per_task[(row.task, key)] += 1
+
+
 def _one_batch(
     rt: Runtime, outcome: SubmitOutcome, claim: Claim, before_send: list[Callable[[], object]]
 ) -> bool:
     """Build and send the batch of one claim. False when the run must stop. `before_send` runs (once)
     before the first fence: the reconciliation that needs the API."""
+    intent_id = claim.intent_id
+    packing = _pack_claim(rt, outcome, claim)
+    if packing is None or not _record_build(rt, outcome, intent_id, packing):
+        return False
+    if not packing.body.count:
+        return True
+    requests = sum(packing.per_task.values())
+    body = packing.body.finish()
+    del packing.body
+    failpoints.hit("submit.after_build")
+    provider = _ready_to_send(rt, intent_id, before_send)
+    if not _fence(rt, outcome, intent_id, packing.lease_until):
+        return False
+    remote = _create(rt, outcome, provider, intent_id, body)
+    if remote is None or not _record_sent(rt, outcome, intent_id, remote, packing.per_task):
+        return False
+    failpoints.hit("submit.after_record")
+    outcome.batches += 1
+    outcome.documents += requests
+    outcome.payload_bytes += len(body)
+    outcome.batch_ids.append(remote.id)
+    log.info("batch_submitted", intent=intent_id, batch_id=remote.id, requests=requests, bytes=len(body))
+    return True
+
+
+def _pack_claim(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> _Packing | None:
+    """Read the claim's rows and pack them (`_pack`), renewing the lease as it goes; None: lease lost.
+
+    The nightly budget: every document's upper-bound cost is counted as it is added, and one that would
+    cross a cap stays queued. The sum is checked again under the budget lock before anything is sent."""
     limits = rt.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
-    intent_id = claim.intent_id
-    now = claim.at
     installation = rt.installation()
-
-    building = BatchBody()  # the create body, written as each request is encoded
-    rejects: list[tuple[int, str]] = []
-    rejects_logged: list[tuple[int, str, str]] = []
-    overflow: list[int] = []
-    per_task: Counter[str] = Counter()
-    rejected_per_task: Counter[tuple[str, str]] = Counter()
-    renew_at = now + lease / 3
-    lease_until = now + lease
-    # The nightly budget: every document's upper-bound cost is counted as it is added, and one that would
-    # cross a cap stays queued. The sum is checked again under the budget lock before anything is sent.
     caps = budget.caps(rt.config)
-    night = budget.night_of(now, rt.config.schedule.zone)
+    night = budget.night_of(claim.at, rt.config.schedule.zone)
     spent: dict[str, Decimal] = {}
     with reading(rt.engine) as reader:
         # input tokens of the upper bound raised by what count_tokens last measured (etl estimate)
@@ -258,103 +315,116 @@ def _one_batch(
         if caps:
             spent = spend.reserved(reader, night)
     allowance = budget.Allowance(costing, caps, spent)
-    held: list[tuple[int, str]] = []
-    message_tokens: defaultdict[str, int] = defaultdict(int)
-    upper_units: defaultdict[str, int] = defaultdict(int)
+    packing = _Packing(costing, allowance, caps, night, outcome.held_tasks, claim.at + lease)
+    renew_at = claim.at + lease / 3
     with reading(rt.engine) as reader:
-        for row in q.iter_claimed(reader, intent_id):
-            try:
-                params = build_params(row, rt.config.tasks, limits.max_body_bytes)
-                encoded = encode_request(custom_id(row.id, installation, intent_id), params)
-                tokens = budget.tokens_of(budget.message_text(params))
-            except Exception as exc:  # recovery loop: a row that cannot be encoded is rejected, not the batch
-                reason = (
-                    exc.reason
-                    if isinstance(exc, Rejection)
-                    else f"cannot be encoded for the API: {describe(exc)}"
-                )
-                rejects.append((row.id, clean(reason)))
-                rejects_logged.append((row.id, row.doc_key, clean(reason)))
-                rejected_per_task[(row.task, events.reason_key(clean(reason)))] += 1
-                continue
-            if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
-                # Alone it would not fit in a batch: sending it can never work, and leaving it queued would
-                # make every night claim and put it back.
-                reason = (
-                    f"request is {len(encoded):,} bytes with its prompt; a batch may hold "
-                    f"{limits.max_batch_bytes:,} (submit.max_batch_bytes)"
-                )
-                rejects.append((row.id, reason))
-                rejects_logged.append((row.id, row.doc_key, reason))
-                rejected_per_task[(row.task, "request larger than a batch (submit.max_batch_bytes)")] += 1
-                continue
-            if not building.fits(encoded, limits.max_batch_bytes):
-                overflow.append(row.id)
-                continue
-            cost = costing.tasks[row.task]
-            units = cost.upper_bound(tokens)
-            if not allowance.take(row.task, units):
-                held.append((row.id, budget.waiting_reason(night, caps, row.task)))
-                outcome.held_tasks.add(row.task)
-                continue
-            message_tokens[row.task] += tokens
-            upper_units[row.task] += units
-            building.add(encoded)
-            per_task[row.task] += 1
-            if building.count % 1000 == 0 and rt.clock() >= renew_at:
+        for row in q.iter_claimed(reader, claim.intent_id):
+            added = _pack(
+                packing, row, rt.config.tasks, limits, custom_id(row.id, installation, claim.intent_id)
+            )
+            if added and packing.body.count % 1000 == 0 and rt.clock() >= renew_at:
                 now = rt.clock()
                 with rt.engine.begin() as conn:
-                    if not intents.renew_lease(conn, intent_id, rt.owner, now, now + lease):
-                        log.warning("claim_lost", intent=intent_id, reason="lease expired while building")
+                    if not intents.renew_lease(conn, claim.intent_id, rt.owner, now, now + lease):
+                        log.warning(
+                            "claim_lost", intent=claim.intent_id, reason="lease expired while building"
+                        )
                         outcome.stopped = "lease lost"
-                        return False
+                        return None
                 renew_at = now + lease / 3
-                lease_until = now + lease
+                packing.lease_until = now + lease
+    return packing
 
+
+def _pack(p: _Packing, row: Row, tasks: Mapping[str, Task], limits: SubmitSettings, cid: str) -> bool:
+    """Pure: one row into the batch, or into the rejected, overflowing or budget-held rows. True: added."""
+    try:
+        params = build_params(row, tasks, limits.max_body_bytes)
+        encoded = encode_request(cid, params)
+        tokens = budget.tokens_of(budget.message_text(params))
+    except Exception as exc:  # recovery loop: a row that cannot be encoded is rejected, not the batch
+        reason = (
+            exc.reason if isinstance(exc, Rejection) else f"cannot be encoded for the API: {describe(exc)}"
+        )
+        p.reject(row, clean(reason), events.reason_key(clean(reason)))
+        return False
+    if BODY_OVERHEAD + len(encoded) > limits.max_batch_bytes:
+        # Alone it would not fit in a batch: sending it can never work, and leaving it queued would
+        # make every night claim and put it back.
+        reason = (
+            f"request is {len(encoded):,} bytes with its prompt; a batch may hold "
+            f"{limits.max_batch_bytes:,} (submit.max_batch_bytes)"
+        )
+        p.reject(row, reason, "request larger than a batch (submit.max_batch_bytes)")
+        return False
+    if not p.body.fits(encoded, limits.max_batch_bytes):
+        p.overflow.append(row.id)
+        return False
+    units = p.costing.tasks[row.task].upper_bound(tokens)
+    if not p.allowance.take(row.task, units):
+        p.held.append((row.id, budget.waiting_reason(p.night, p.caps, row.task)))
+        p.held_tasks.add(row.task)
+        return False
+    p.message_tokens[row.task] += tokens
+    p.upper_units[row.task] += units
+    p.body.add(encoded)
+    p.per_task[row.task] += 1
+    return True
+
+
+def _record_build(rt: Runtime, outcome: SubmitOutcome, intent_id: int, p: _Packing) -> bool:
+    """What the build decided, durable before anything is sent: rejects written, rows that did not fit or
+    wait for the budget back in the queue, the payload and its spend reserved. False: lease lost."""
     now = rt.clock()
     with rt.engine.begin() as conn:
-        if rejects:
-            q.reject(conn, intent_id, rejects, now)
-            for (task, reason), n in rejected_per_task.items():
+        if p.rejects:
+            q.reject(conn, intent_id, p.rejects, now)
+            for (task, reason), n in p.rejected_per_task.items():
                 events.record(conn, now, "rejected", task, n, reason)
-        if overflow:
-            q.unclaim(conn, intent_id, now, ids=overflow)
-        for reason, ids in q.group_by_reason(held).items():
+        if p.overflow:
+            q.unclaim(conn, intent_id, now, ids=p.overflow)
+        for reason, ids in q.group_by_reason(p.held).items():
             q.unclaim(conn, intent_id, now, ids=ids, reason=reason)
-        if not intents.set_payload(conn, intent_id, rt.owner, building.count, building.size):
+        if not intents.set_payload(conn, intent_id, rt.owner, p.body.count, p.body.size):
             outcome.stopped = "lease lost"
             return False
-        if building.count:
-            shares = _shares(rt, costing, per_task, message_tokens, upper_units)
-            spend.lock(conn)
-            if caps and not budget.fits(caps, spend.reserved(conn, night), shares):
-                # Another submitter reserved part of the budget since this batch was built: send nothing.
-                intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "nightly budget taken meanwhile")
-                q.unclaim(conn, intent_id, now, reason=f"{budget.BUDGET_REASON}: taken by another submit")
-                outcome.waiting += building.count
-                building = BatchBody()
-                outcome.budget_spent = True
-            else:
-                spend.reserve(conn, intent_id, night, shares, now)
+        if p.body.count:
+            _reserve(conn, outcome, intent_id, p, now)
         else:
             intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "no sendable rows")
-    outcome.waiting += len(held)
-    if held:
-        if budget.ALL in caps:
+    outcome.waiting += len(p.held)
+    if p.held:
+        if budget.ALL in p.caps:
             outcome.budget_spent = True
-        log.info("budget_cap_reached", intent=intent_id, waiting=len(held), night=night)
-    outcome.rejected += len(rejects)
-    for row_id, doc_key, reason in rejects_logged:
+        log.info("budget_cap_reached", intent=intent_id, waiting=len(p.held), night=p.night)
+    outcome.rejected += len(p.rejects)
+    for row_id, doc_key, reason in p.rejects_logged:
         log.warning("document_rejected", queue_id=row_id, doc_key=doc_key, reason=reason)
-    if not building.count:
-        return True
-    body = building.finish()
-    del building
-    failpoints.hit("submit.after_build")
+    return True
+
+
+def _reserve(conn: Connection, outcome: SubmitOutcome, intent_id: int, p: _Packing, now: datetime) -> None:
+    """The batch's spend, reserved under the budget lock; if another submitter took the budget since this
+    batch was built, nothing is sent (its rows wait, `p.body` is emptied)."""
+    shares = _shares(p.costing, p.per_task, p.message_tokens, p.upper_units)
+    spend.lock(conn)
+    if p.caps and not budget.fits(p.caps, spend.reserved(conn, p.night), shares):
+        intents.release(conn, intent_id, (BatchStatus.CLAIMED,), "nightly budget taken meanwhile")
+        q.unclaim(conn, intent_id, now, reason=f"{budget.BUDGET_REASON}: taken by another submit")
+        outcome.waiting += p.body.count
+        p.body = BatchBody()
+        outcome.budget_spent = True
+    else:
+        spend.reserve(conn, intent_id, p.night, shares, now)
+
+
+def _ready_to_send(rt: Runtime, intent_id: int, before_send: list[Callable[[], object]]) -> Provider:
+    """Run what must precede the first create (the API's part of reconciliation), then build the client
+    before the fence: a client that cannot be made sends nothing. On failure the claim is given back."""
     try:
         while before_send:
             before_send.pop()()
-        provider = rt.provider  # built before the fence: a client that cannot be made sends nothing
+        return rt.provider
     except SubmissionPaused:
         _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "submission paused before sending")
         raise
@@ -362,6 +432,9 @@ def _one_batch(
         _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")
         raise
 
+
+def _fence(rt: Runtime, outcome: SubmitOutcome, intent_id: int, lease_until: datetime) -> bool:
+    """The intent `sending`, durable before the create; False (nothing sent) when the lease is lost."""
     with rt.engine.begin() as conn:
         if not intents.fence_sending(conn, intent_id, rt.owner, rt.clock()):
             log.warning("claim_lost", intent=intent_id, reason="another process took these rows over")
@@ -380,19 +453,30 @@ def _one_batch(
         log.warning("claim_lost", intent=intent_id, reason="lease ran out between fence and create; not sent")
         outcome.stopped = "lease lost"
         return False
+    return True
 
-    requests = sum(per_task.values())
+
+def _create(
+    rt: Runtime, outcome: SubmitOutcome, provider: Provider, intent_id: int, body: bytes
+) -> RemoteBatch | None:
+    """The create, sent once (max_retries=0); None when it failed (`_create_failed` settled the intent)."""
     timer = _arm_during_create()
     try:
         remote = provider.create_batch(body)
     except ProviderError as exc:
         _create_failed(rt, intent_id, exc, outcome)
-        return False
+        return None
     finally:
         if timer is not None:
             timer.cancel()
     failpoints.hit("submit.after_create")
+    return remote
 
+
+def _record_sent(
+    rt: Runtime, outcome: SubmitOutcome, intent_id: int, remote: RemoteBatch, per_task: Counter[str]
+) -> bool:
+    """The batch id recorded and the rows `submitted`. False when the intent was released meanwhile."""
     now = rt.clock()
     with rt.engine.begin() as conn:
         recorded = intents.record_submitted(conn, intent_id, remote, now)
@@ -400,28 +484,21 @@ def _one_batch(
             q.mark_submitted(conn, intent_id, now)
             for task, n in per_task.items():
                 events.record(conn, now, "submitted", task, n, batch_ref=intent_id)
-    if not recorded and _recorded_by_another(rt, intent_id, remote.id):
+    if recorded:
+        return True
+    outcome.stopped = "lease lost"
+    if _recorded_by_another(rt, intent_id, remote.id):
         # A reconciler released this intent while we were paused, then found our batch and recorded it
         # (etl.reconciler._explain_strays): it is collected like any other; nothing to cancel.
-        outcome.stopped = "lease lost"
         return False
-    if not recorded:
-        # A reconciler released this intent while we were paused: its rows may already be in another
-        # batch. Cancel ours before it is processed (unprocessed requests are not billed).
-        log.error("orphan_batch_canceled", intent=intent_id, batch_id=remote.id)
-        try:
-            rt.provider.cancel(remote.id)
-        except ProviderError as exc:
-            log.error("orphan_cancel_failed", batch_id=remote.id, error=str(exc))
-        outcome.stopped = "lease lost"
-        return False
-    failpoints.hit("submit.after_record")
-    outcome.batches += 1
-    outcome.documents += requests
-    outcome.payload_bytes += len(body)
-    outcome.batch_ids.append(remote.id)
-    log.info("batch_submitted", intent=intent_id, batch_id=remote.id, requests=requests, bytes=len(body))
-    return True
+    # A reconciler released this intent while we were paused: its rows may already be in another
+    # batch. Cancel ours before it is processed (unprocessed requests are not billed).
+    log.error("orphan_batch_canceled", intent=intent_id, batch_id=remote.id)
+    try:
+        rt.provider.cancel(remote.id)
+    except ProviderError as exc:
+        log.error("orphan_cancel_failed", batch_id=remote.id, error=str(exc))
+    return False
 
 
 def _recorded_by_another(rt: Runtime, intent_id: int, batch_id: str) -> bool:
@@ -449,7 +526,6 @@ def _mark_waiting(rt: Runtime, outcome: SubmitOutcome) -> None:
 
 
 def _shares(
-    rt: Runtime,
     costing: budget.Costing,
     documents: Counter[str],
     message_tokens: dict[str, int],

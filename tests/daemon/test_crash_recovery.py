@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy import insert
 
-from etl import collector, submitter
 from etl import config as config_mod
+from etl import pipeline
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime, build
 from etl.schema import runs as runs_table
@@ -209,7 +209,7 @@ class Schedule:
             points = SUBMIT_POINTS
         else:
             # The night's submit ran after midnight (set up in this process: only the daemon is under test).
-            sub = self.in_process(offset, submitter.run)
+            sub = self.in_process(offset, pipeline.submit)
             assert sub.documents == DOCS and not sub.stopped, sub
             later = timedelta(hours=7 if job == "collect" else 3)
             control.advance(later.total_seconds())
@@ -279,7 +279,7 @@ class Schedule:
         if job == "submit":  # completion: the batches end, their results are collected (in this process)
             control.advance(600)
             offset += 600
-            self.in_process(offset, collector.run)
+            self.in_process(offset, pipeline.collect)
 
         engine = make_engine(url)
         try:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 
-from etl import live, report, routing, schema, submitter
+from etl import live, pipeline, report, routing, schema
 from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_text
 from etl.prompt import Row, build_params
@@ -85,7 +85,7 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
     )
 
     # The night: the batch takes only what the live path left.
-    sub = submitter.run(rt)
+    sub = pipeline.submit(rt)
     assert sub.documents == 5
     assert {k: r["status"] for k, r in queue_rows(rt).items() if r["status"] == "submitted"}.keys() == {
         *(f"night-{i}" for i in range(4)),
@@ -206,7 +206,7 @@ def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
     assert (out.fell_back, out.rejected, out.calls) == (1, 3, 0)
     assert control.ledger()["live"]["calls"] == 0
     # The fallen-back row is the batch's now.
-    assert submitter.run(rt).documents == 1
+    assert pipeline.submit(rt).documents == 1
 
 
 def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_report_says_so(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from etl import collector, metrics, report, submitter
+from etl import metrics, pipeline, report
 from etl.runtime import Runtime, build
 from etl.schema import DOC_STATUSES
 from tests.conftest import SharedClock, insert_docs
@@ -57,9 +57,9 @@ def test_page_after_a_night_counts_documents_tokens_and_money_as_the_report_does
     insert_docs(runtime, [{"doc_key": "gone", "body": "given up"}])
     with runtime.engine.begin() as conn:  # rows are inserted queued only (migration 0008)
         conn.execute(text("UPDATE etl_queue SET status = 'dead', reason = 'test' WHERE doc_key = 'gone'"))
-    submitter.run(runtime)
+    pipeline.submit(runtime)
     clock.advance(3600)
-    collector.run(runtime)
+    pipeline.collect(runtime)
     insert_docs(runtime, [{"doc_key": "next", "body": "for tomorrow"}])
 
     text_page = metrics.page(runtime)
@@ -98,7 +98,7 @@ def test_a_batch_aged_28_days_shows_its_expiry_within_a_day_and_fails_the_health
     runtime: Runtime, clock: SharedClock
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"d{i}", "body": "x"} for i in range(3)])
-    submitter.run(runtime)
+    pipeline.submit(runtime)
     page = samples(metrics.page(runtime))
     assert value(page, "etl_batch_results_expiry_seconds") == pytest.approx(29 * DAY, abs=600)
     assert value(page, "etl_batches", status="submitted") == 1

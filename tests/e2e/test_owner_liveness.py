@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from etl import collector, liveness, recovery
+from etl import liveness, pipeline, recovery
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.runtime import Runtime
 from etl.store import state
@@ -37,11 +37,11 @@ needs_unshare = pytest.mark.skipif(
 DAEMON_TICK = """
 import os
 from pathlib import Path
-from etl import config, recovery, submitter
+from etl import config, pipeline, recovery, submitter
 from etl.runtime import build
 rt = build(config.load(dict(os.environ), Path(os.environ["ETL_CONFIG"])))
 recovery.settle(rt)
-print("sent", submitter.run(rt).documents)
+print("sent", pipeline.submit(rt).documents)
 rt.close()
 """
 
@@ -116,7 +116,7 @@ def test_a_live_process_in_another_pid_namespace_with_the_same_hostname_is_not_d
             a.kill()
     control.clear_faults()
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
     assert control.ledger()["batches_created"] == 1
     assert [k for k, n in by_row(control.ledger()).items() if n > 1] == []

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from etl import collector, failpoints, reconciler, submitter
+from etl import failpoints, pipeline, reconciler
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
 from tests.conftest import SharedClock, insert_docs, queue_rows
@@ -28,9 +28,9 @@ def test_lookalike_unknown_intents_wait_for_custom_id_proof_and_nothing_is_paid_
     rt = make_runtime(submit={"max_requests_per_batch": 5, "reconcile_grace_seconds": 20})
     insert_docs(rt, [{"doc_key": f"a{i}", "body": f"look-alike {i}"} for i in range(10)])
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 500, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     assert intent_statuses(rt) == [(1, "unknown"), (2, "unknown")]
     assert control.ledger()["batches_created"] == 1
@@ -44,9 +44,9 @@ def test_lookalike_unknown_intents_wait_for_custom_id_proof_and_nothing_is_paid_
     assert (out.adopted, out.released_unknown) == (1, 1)
     assert intent_statuses(rt) == [(1, "released"), (2, "submitted")]
 
-    submitter.run(rt)  # intent 1's rows, which the API never had, go out now
+    pipeline.submit(rt)  # intent 1's rows, which the API never had, go out now
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     rows = queue_rows(rt)
     assert {r["status"] for r in rows.values()} == {"done"}
     billed = by_row(control.ledger())
@@ -59,13 +59,13 @@ def test_an_unknown_create_whose_batch_exists_is_adopted_not_resent(
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"u{i}", "body": f"unknown {i}"} for i in range(4)])
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert submitter.run(runtime).unknown == 1
+    assert pipeline.submit(runtime).unknown == 1
     control.clear_faults()
-    out = submitter.run(runtime)  # reconciles first: the look-alike has not ended, so its rows wait
+    out = pipeline.submit(runtime)  # reconciles first: the look-alike has not ended, so its rows wait
     assert out.documents == 0
     assert intent_statuses(runtime) == [(1, "unknown")]
     clock.advance(120)
-    col = collector.run(runtime)  # reconciles first: ended, its custom_ids prove it ours; collected now
+    col = pipeline.collect(runtime)  # reconciles first: ended, its custom_ids prove it ours; collected now
     assert intent_statuses(runtime) == [(1, "collected")]
     assert col.succeeded == 4
     assert control.ledger()["batches_created"] == 1
@@ -77,11 +77,11 @@ def test_an_unknown_create_that_never_reached_the_api_is_released_after_the_grac
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"n{i}", "body": f"never sent {i}"} for i in range(3)])
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 529, "times": 1}])
-    assert submitter.run(runtime).unknown == 1
+    assert pipeline.submit(runtime).unknown == 1
     control.clear_faults()
     assert reconciler.run(runtime).still_unknown == 1  # inside the grace period: wait
     clock.advance(runtime.config.submit.reconcile_grace_seconds + 1)
-    out = submitter.run(runtime)
+    out = pipeline.submit(runtime)
     assert out.documents == 3
     assert {r["attempts"] for r in queue_rows(runtime).values()} == {0}
     assert control.ledger()["batches_created"] == 1
@@ -99,7 +99,7 @@ def test_a_process_stalled_between_fence_and_create_past_its_lease_does_not_send
         real_hit(name)
 
     monkeypatch.setattr(failpoints, "hit", stall)
-    out = submitter.run(runtime)
+    out = pipeline.submit(runtime)
     assert (out.batches, out.stopped) == (0, "lease lost")
     assert control.ledger()["batches_created"] == 0
     assert intent_statuses(runtime) == [(1, "released")]

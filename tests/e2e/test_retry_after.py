@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from etl import recovery, submitter
+from etl import pipeline, recovery
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
 from etl.store import state
@@ -25,12 +25,12 @@ def test_a_create_refused_with_retry_after_is_not_tried_again_before_it(
     control.set_faults(
         rules=[{"endpoint": "create", "action": "status", "status": 429, "retry_after": 3600, "times": 1}]
     )
-    first = submitter.run(rt)
+    first = pipeline.submit(rt)
     assert first.documents == 0 and first.stopped and "rate limited" in first.stopped
     created = control.ledger()
     control.clear_faults()
 
-    again = submitter.run(rt)  # the API would accept now, but it asked for an hour
+    again = pipeline.submit(rt)  # the API would accept now, but it asked for an hour
     assert again.documents == 0 and again.stopped and "no batch create before" in again.stopped
     assert control.ledger() == created
     assert {r["status"] for r in queue_rows(rt).values()} == {"queued"}
@@ -48,5 +48,5 @@ def test_a_create_refused_with_retry_after_is_not_tried_again_before_it(
     rerun = recovery.due_reruns(rt, clock(), ("submit",))
     in_time = clock() < recovery.cutoff(rt.config.schedule, slot)
     assert len(rerun) == (1 if in_time else 0)  # past schedule.retry_until the slot is given up instead
-    done = submitter.run(rt)
+    done = pipeline.submit(rt)
     assert done.documents == 3, done

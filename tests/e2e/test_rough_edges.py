@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
-from etl import collector, estimate, live, reconciler, report, status, submitter
+from etl import estimate, live, pipeline, reconciler, report, status
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
 from etl.schema import BatchStatus
@@ -75,9 +75,9 @@ def test_every_amount_of_report_status_and_estimate_json_is_a_decimal_string(
     insert_docs(rt, [{"doc_key": "now", "body": "urgent", "task": "tiny", "mode": "live"}])
     insert_docs(rt, [{"doc_key": f"b{i}", "body": f"nightly {i}", "task": "default"} for i in range(3)])
     assert live.run(rt, once=True).succeeded == 1
-    assert submitter.run(rt).documents == 3
+    assert pipeline.submit(rt).documents == 3
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     insert_docs(rt, [{"doc_key": "later", "body": "queued", "task": "default"}])
     info, _, _ = status.status(rt)
     bodies = {
@@ -106,7 +106,7 @@ def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_it
     rt = make_runtime()
     insert_docs(rt, [{"doc_key": f"r{i}", "body": f"released {i}", "task": "default"} for i in range(2)])
     control.set_faults(rules=[{"endpoint": "create", "action": "reset", "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     with rt.engine.connect() as conn:
         (intent,) = intents.with_status(conn, BatchStatus.UNKNOWN)
     reconciler.release_by_operator(rt, intent.id)
@@ -120,9 +120,9 @@ def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_it
             }
         ]
     )
-    assert submitter.run(rt).documents == 2
+    assert pipeline.submit(rt).documents == 2
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     body = report.build(rt, clock(), None)
     assert set(body["tasks"]) == {"default"}, body["tasks"]  # no "(all)" beside the real tasks
     assert body["tasks"]["default"]["released"] == 2

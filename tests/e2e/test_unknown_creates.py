@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from etl import collector, reconciler, submitter
 from etl import config as config_mod
+from etl import pipeline, reconciler
 from etl.emulator import EmulatorControl
 from etl.prompt import encode_request
 from etl.runtime import Runtime, build
@@ -35,7 +35,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, docs(100))
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     assert any("create outcome unknown" in p for p in problems(rt))
 
@@ -43,7 +43,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     control.set_faults(
         rules=[{"endpoint": "results", "action": "stream_reset", "after_lines": 0, "times": 1}]
     )
-    out = submitter.run(rt)  # reconciles first: the read breaks, so intent 1 waits; the other 50 go out
+    out = pipeline.submit(rt)  # reconciles first: the read breaks, so intent 1 waits; the other 50 go out
     control.clear_faults()
     assert out.documents == 50
     with rt.engine.connect() as conn:
@@ -53,7 +53,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
 
     assert reconciler.run(rt).adopted == 1  # readable now: its custom_ids prove it ours
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert control.ledger()["batches_created"] == 2
     assert_settled(rt, control, 100)
 
@@ -69,12 +69,12 @@ def test_an_ambiguous_create_is_adopted_whatever_the_host_clock_says(
     clock.offset += timedelta(seconds=skew)  # the host's clock only
     insert_docs(rt, docs(100))
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     clock.advance(GRACE + 120)
-    submitter.run(rt)  # adopts intent 1 (proved by its results), sends the other 50
+    pipeline.submit(rt)  # adopts intent 1 (proved by its results), sends the other 50
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert control.ledger()["batches_created"] == 2
     assert_settled(rt, control, 100)
 
@@ -88,10 +88,10 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     clock.offset += timedelta(seconds=skew)
     insert_docs(rt, docs(50, "a"))
-    assert submitter.run(rt).batches == 1  # the anchor of the next intent
+    assert pipeline.submit(rt).batches == 1  # the anchor of the next intent
     insert_docs(rt, docs(50, "b"))
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 529, "times": 1}])
-    assert submitter.run(rt).unknown == 1  # no batch was made
+    assert pipeline.submit(rt).unknown == 1  # no batch was made
     control.clear_faults()
     with rt.engine.connect() as conn:
         anchor = conn.execute(
@@ -116,9 +116,9 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     clock.advance(120)  # it ends; its first custom_id is not one of ours: proven absent
     out = reconciler.run(rt)
     assert out.released_unknown == 1
-    submitter.run(rt)
+    pipeline.submit(rt)
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     ours = {k: v for k, v in by_row(control.ledger()).items() if k.startswith("q")}
     assert len(ours) == 100 and set(ours.values()) == {1}
     assert_settled(rt, control, 100)
@@ -143,15 +143,15 @@ def test_a_refused_connection_sends_nothing_and_the_rows_go_back_at_once(
     rt = build(config_mod.load(env, config_file()), clock=clock)
     try:
         insert_docs(rt, docs(4))
-        out = submitter.run(rt)
+        out = pipeline.submit(rt)
         assert out.unknown == 0 and out.stopped is not None and out.stopped.startswith("API unreachable")
         assert {r["status"] for r in queue_rows(rt).values()} == {"queued"}
         assert problems(rt) == []
     finally:
         rt.close()
-    assert submitter.run(good).documents == 4  # at once: no grace to wait out
+    assert pipeline.submit(good).documents == 4  # at once: no grace to wait out
     clock.advance(120)
-    collector.run(good)
+    pipeline.collect(good)
     assert_settled(good, control, 4)
 
 
@@ -161,16 +161,16 @@ def test_an_unknown_intent_says_when_it_is_released_and_the_operator_can_release
     rt = make_runtime()
     insert_docs(rt, docs(4))
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 504, "times": 1}])
-    assert submitter.run(rt).unknown == 1
+    assert pipeline.submit(rt).unknown == 1
     control.clear_faults()
     stuck = problems(rt)
     assert any("released at the first reconcile after" in p and "--release 1" in p for p in stuck), stuck
     assert reconciler.release_by_operator(rt, 1) == 4
     with pytest.raises(Exception, match="intent 1 is released, not unknown"):
         reconciler.release_by_operator(rt, 1)
-    submitter.run(rt)
+    pipeline.submit(rt)
     clock.advance(120)
-    collector.run(rt)
+    pipeline.collect(rt)
     assert_settled(rt, control, 4)
 
 
@@ -185,13 +185,13 @@ def test_results_are_treated_as_archived_only_on_the_apis_word(
     batch whose results still existed: all of them paid for twice."""
     rt = make_runtime()
     insert_docs(rt, docs(6))
-    assert submitter.run(rt).documents == 6
+    assert pipeline.submit(rt).documents == 6
     clock.advance(120)
     clock.offset += timedelta(days=skew_days)
     control.set_faults(rules=[{"endpoint": "results", "action": "status", "status": 404, "times": 1}])
-    out = collector.run(rt)
+    out = pipeline.collect(rt)
     control.clear_faults()
     assert (out.archived, out.batches_collected) == (0, 0)
     assert any("last collect failed" in p or "results unavailable" in p for p in problems(rt))
-    assert collector.run(rt).batches_collected == 1
+    assert pipeline.collect(rt).batches_collected == 1
     assert_settled(rt, control, 6)

@@ -427,7 +427,7 @@ class FaultModel(RuleBasedStateMachine):
         count: bool = True,
         disk_full: int | None = None,
     ) -> str:
-        from etl import collector, reconciler, submitter
+        from etl import pipeline, reconciler
 
         fired: list[str] = []
         before = self._rules_left()
@@ -435,7 +435,9 @@ class FaultModel(RuleBasedStateMachine):
         started = time.perf_counter()
         try:
             with self._runtime(crash, db_kill, fired, disk_full) as rt:
-                {"submit": submitter.run, "collect": collector.run, "reconcile": reconciler.run}[command](rt)
+                {"submit": pipeline.submit, "collect": pipeline.collect, "reconcile": reconciler.run}[
+                    command
+                ](rt)
         except failpoints.FailpointHit as hit:
             fired.append(f"crash@{hit}")
             outcome = "crashed"
@@ -599,11 +601,11 @@ class FaultModel(RuleBasedStateMachine):
         self.w.actors["other-installation" + ("-ambiguous" if ambiguous else "")] += 1
 
     def other_run(self, command: str) -> None:
-        from etl import collector, submitter
+        from etl import pipeline
 
         try:
             with self._runtime(None, None, [], url=self.w.other_url) as rt:
-                {"submit": submitter.run, "collect": collector.run}[command](rt)
+                {"submit": pipeline.submit, "collect": pipeline.collect}[command](rt)
         except EtlError:  # a fault of ours still armed met it: the account is shared
             pass
 

@@ -12,6 +12,10 @@ The Messages API takes no idempotency key. A process that dies with a call in fl
 `calling` with `call_started_at` set; after `live.claim_lease_seconds` without renewal any worker puts it
 back and calls once more, and the report counts it as "possibly billed twice" (docs/survival.md). An
 ambiguous failure (timeout, reset, 5xx other than 529) is retried the same way, and counted the same way.
+
+Its parts: the pace (etl/pacer.py), the daily spend cap (etl/spend.py), the writer of the answers
+(etl/settler.py, with the warehouse row from etl/answer.py, as the batch path builds it), and the worker
+here, which claims, calls and records.
 """
 
 from __future__ import annotations

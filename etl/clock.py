@@ -34,3 +34,8 @@ def isoformat(value: datetime | None) -> str | None:
 
 def parse_iso(value: str) -> datetime:
     return ensure_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+
+def wall() -> datetime:
+    """The wall clock itself, unshifted: the time APScheduler keeps (the daemon converts between them)."""
+    return datetime.now(UTC)

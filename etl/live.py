@@ -12,233 +12,53 @@ The Messages API takes no idempotency key. A process that dies with a call in fl
 `calling` with `call_started_at` set; after `live.claim_lease_seconds` without renewal any worker puts it
 back and calls once more, and the report counts it as "possibly billed twice" (docs/survival.md). An
 ambiguous failure (timeout, reset, 5xx other than 529) is retried the same way, and counted the same way.
+
+Its parts: the pace (etl/pacer.py), the daily spend cap (etl/spend.py), the writer of the answers
+(etl/settler.py, with the warehouse row from etl/answer.py, as the batch path builds it), and the worker
+here, which claims, calls and records.
 """
 
 from __future__ import annotations
 
-import json
-import queue
 import signal
 import threading
-from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import structlog
 
 from etl import counters, failpoints, routing, schema
-from etl.budget import message_text, tokens_of
-from etl.clock import parse_iso
+from etl.answer import RESULT_COLUMNS, Unreadable, checked_answer, parsed_json, result_row
 from etl.config import Task
-from etl.costs import usd_text
-from etl.errors import EtlError, ProviderError, clean, describe, environmental
-from etl.pricing import Meter, Usage
-from etl.prompt import Rejection, build_params, custom_id
+from etl.errors import EtlError, ProviderError, clean
+from etl.pacer import Pacer
+from etl.pricing import Meter
+from etl.prompt import Rejection, Row, build_params
 from etl.runtime import Runtime
-from etl.settlement import Unreadable, checked_answer
-from etl.store import events, state, warehouse
+from etl.settler import Answer, LiveOutcome, Settler
+from etl.spend import Spend
+from etl.store import events, state
 from etl.store import live as store
 from etl.store.engine import reading
 
 log = structlog.get_logger("etl.live")
 
-WINDOW = timedelta(seconds=60)
-PACING_SLICE = 0.25  # waits re-read the clock this often (tests move the clock instead of sleeping)
 LISTEN_TIMEOUT = 0.5  # the listener checks for a stop this often
 SATURATED_RETRIES = 20  # 429/529 answers for one document before it goes back to the queue
 OVERLOADED = 529
 
 
-class Pacer:
-    """Never more than `rpm` calls in any 60 s, and none before a time the API asked us to wait for.
-
-    Shared by the worker's threads. Time comes from `clock`; waiting is done in slices of
-    `PACING_SLICE` real seconds on `stop`, so a stop ends a wait at once.
-    """
-
-    def __init__(self, rpm: int, clock: Callable[[], datetime], stop: threading.Event) -> None:
-        self.rpm = rpm
-        self.clock = clock
-        self.stop = stop
-        self.sent: list[datetime] = []
-        self.not_before: datetime | None = None
-        self._lock = threading.Lock()
-
-    def _ready_at(self, now: datetime) -> datetime:
-        self.sent = [t for t in self.sent if t > now - WINDOW]
-        ready = now
-        if len(self.sent) >= self.rpm:
-            ready = self.sent[len(self.sent) - self.rpm] + WINDOW
-        if self.not_before is not None and self.not_before > ready:
-            ready = self.not_before
-        return ready
-
-    def acquire(self) -> bool:
-        """Wait for a turn; False when stopped first."""
-        while True:
-            with self._lock:
-                now = self.clock()
-                ready = self._ready_at(now)
-                if ready <= now:
-                    self.sent.append(now)
-                    return True
-            if self.stop.wait(min((ready - now).total_seconds(), PACING_SLICE)):
-                return False
-
-    def hold_until(self, when: datetime) -> None:
-        with self._lock:
-            if self.not_before is None or when > self.not_before:
-                self.not_before = when
-                log.info("live_paced", until=when.isoformat())
-
-    def observe(self, headers: Mapping[str, str], now: datetime) -> None:
-        """Honour the API's word: `retry-after`, and a `*-remaining: 0` until its `*-reset`."""
-        retry_after = headers.get("retry-after")
-        if retry_after:
-            with suppress(ValueError):
-                self.hold_until(now + timedelta(seconds=float(retry_after)))
-        for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
-            if headers.get(f"anthropic-ratelimit-{kind}-remaining") == "0":
-                reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
-                with suppress(ValueError):
-                    self.hold_until(parse_iso(reset) if reset else now + timedelta(seconds=1))
-
-
-@dataclass(frozen=True)
-class _Answer:
-    result: dict[str, Any]  # the etl_results row
-    task: str
-    usage: Usage
-    standard: Decimal
-    batch_cost: Decimal
-
-
-class _Settler:
-    """Writes answers on one thread, as many as have arrived in one transaction: results, rows `done`,
-    events. A commit per answer (an fsync each on SQLite, one round trip more each on PostgreSQL) was
-    the worker's bottleneck at 16 calls in flight (bench/RESULTS.md). An answer not yet committed when
-    the process dies is an in-flight call like any other: called again, counted as possibly billed twice.
-    """
-
-    def __init__(self, worker: LiveWorker) -> None:
-        self.worker = worker
-        self._queue: queue.SimpleQueue[_Answer | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="etl-live-settle", daemon=True)
-        self._thread.start()
-
-    def put(self, answer: _Answer) -> None:
-        self._queue.put(answer)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        closing = False
-        while not closing:
-            first = self._queue.get()
-            if first is None:
-                return
-            group = [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    closing = True
-                    break
-                group.append(item)
-            self._settle(group)
-
-    def _settle(self, group: list[_Answer]) -> None:
-        """Write a group; if it fails, each answer alone, so one answer the database refuses ends its own
-        row `dead` (with the database's reason) instead of leaving the group to be called and paid again.
-        A failure of the machine (disk full...) leaves the rows `calling`: they are recovered later."""
-        try:
-            self._write(group)
-            return
-        except Exception as exc:  # recovery loop: the rows stay `calling` and are recovered
-            if len(group) == 1:
-                self._refused(group[0], exc)
-                return
-            if environmental(exc) is not None:
-                log.error("live_settle_failed", documents=len(group), error=describe(exc))
-                return
-        for answer in group:
-            try:
-                self._write([answer])
-            except Exception as exc:  # recovery loop: this answer's row only
-                self._refused(answer, exc)
-
-    def _refused(self, answer: _Answer, exc: Exception) -> None:
-        if environmental(exc) is not None:
-            log.error("live_settle_failed", documents=1, error=describe(exc))
-            return
-        reason = f"the database refused the answer: {describe(exc)}"
-        try:
-            self.worker._dead(answer.result["queue_id"], answer.task, reason)
-        except Exception as again:  # recovery loop: the row stays `calling` and is recovered
-            log.error("live_settle_failed", documents=1, error=describe(again))
-
-    def _write(self, group: list[_Answer]) -> None:
-        rt = self.worker.rt
-        now = rt.clock()
-        tally = events.Tally()
-        results = [a.result for a in group]
-        if not rt.same_database:
-            with rt.warehouse.begin() as wconn:
-                warehouse.upsert_few(wconn, results)
-        with rt.engine.begin() as conn:
-            if rt.same_database:
-                warehouse.upsert_few(conn, results)
-            settled = []
-            for a in group:
-                if store.done(conn, a.result["queue_id"], now):
-                    settled.append(a)
-                    tally.add(
-                        "live_succeeded",
-                        a.task,
-                        input_tokens=a.usage.input_tokens,
-                        output_tokens=a.usage.output_tokens,
-                        cache_write_tokens=a.usage.cache_write,
-                        cache_read_tokens=a.usage.cache_read,
-                        cost_usd=a.standard,
-                        standard_cost_usd=a.standard,
-                    )
-                else:
-                    log.warning(
-                        "live_claim_lost", queue_id=a.result["queue_id"], note="taken over; result stored"
-                    )
-            tally.flush(conn, now, None)
-        with self.worker._lock:
-            self.worker.unsettled_spend -= sum((a.standard for a in group), Decimal(0))
-        self.worker.outcome.succeeded += len(settled)
-        for a in settled:
-            log.info(
-                "live_document_done",
-                queue_id=a.result["queue_id"],
-                doc_key=a.result["doc_key"],
-                cost_usd=round(a.standard, 6),
-                batch_would_cost_usd=round(a.batch_cost, 6),
-            )
-
-
 @dataclass
-class LiveOutcome:
-    succeeded: int = 0
-    dead: int = 0
-    rejected: int = 0
-    fell_back: int = 0
-    given_back: int = 0
-    recovered: int = 0
-    possibly_billed_twice: int = 0
-    calls: int = 0
-    reasons: list[str] = field(default_factory=list)
+class _Tries:
+    """One row's calls so far: attempts counted, 429/529 refusals, the next backoff."""
+
+    attempts: int
+    backoff: float
+    saturated: int = 0
+    recorded: bool = True  # the claim put the first call on record
 
 
 class LiveWorker:
@@ -248,14 +68,13 @@ class LiveWorker:
         self.settings = rt.config.live
         self.pacer = Pacer(self.settings.requests_per_minute, rt.clock, self.stop)
         self.meter = Meter(rt.config.pricing)
+        self.spend = Spend(self.settings.daily_spend_cap_usd, self.meter, rt.engine, rt.clock)
         self.outcome = LiveOutcome()
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[None]] = {}
         self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="etl-live")
-        self.settler = _Settler(self)
-        self.unsettled_spend = Decimal(0)  # answers handed to the settler, not yet committed
-        self.inflight_spend = Decimal(0)  # upper bounds of the calls in flight (the daily cap counts them)
+        self.settler = Settler(rt, self.spend, self.outcome, self._dead)
         self._last_renew = rt.clock()
         self._last_recover: datetime | None = None
 
@@ -398,129 +217,87 @@ class LiveWorker:
             self._reject(row.id, row.task, rej.reason)
             return
         assert task is not None  # build_params rejects unknown tasks
-        bound, committed = self._reserve(task, params)
+        bound, committed = self.spend.reserve(task, params)
         if bound is None:
-            return self._fall_back(row.id, row.task, self._cap_reason(committed, self._bound(task, params)))
+            reason = self.spend.cap_reason(committed, self.spend.bound(task, params))
+            return self._fall_back(row.id, row.task, reason)
         try:
             self._call(lrow, task, params)
         finally:
-            with self._lock:
-                self.inflight_spend -= bound
-
-    def _reserve(self, task: Task, params: Mapping[str, Any]) -> tuple[Decimal | None, Decimal]:
-        """Count this call's upper bound against the daily cap before it leaves, with the calls already in
-        flight (4 calls checked at once against settled spend alone crossed the cap by a third): (the bound
-        reserved, or None when it would cross the cap; what was spent or in flight). Exact Decimals."""
-        cap = self.settings.daily_spend_cap_usd
-        if cap <= 0:
-            return Decimal(0), Decimal(0)
-        bound = self._bound(task, params)
-        now = self.rt.clock()
-        with self._lock:  # the read under the lock: two threads never both take the last of the cap
-            with reading(self.rt.engine) as conn:
-                spent = store.spent_since(conn, now.replace(hour=0, minute=0, second=0, microsecond=0))
-            committed = spent + self.unsettled_spend + self.inflight_spend
-            if committed + bound > cap:
-                return None, committed
-            self.inflight_spend += bound
-        return bound, committed
-
-    def _bound(self, task: Task, params: Mapping[str, Any]) -> Decimal:
-        """The most a call can cost at the standard price: its input at 4 characters a token (the system
-        prompt at the cache-write price when it is cached) and `max_tokens` of output."""
-        rates = self.meter.rates(task.model)
-        if rates is None:
-            return Decimal(0)
-        system = tokens_of(task.system) if task.system else 0
-        usage = Usage(
-            input_tokens=tokens_of(message_text(params)) + (0 if task.cache_system else system),
-            output_tokens=task.max_tokens,
-            cache_write_1h=system if task.cache_system else 0,
-        )
-        return rates.usd(rates.units(usage))
-
-    def _cap_reason(self, committed: Decimal, bound: Decimal) -> str:
-        """Every amount with all its digits: a cap of $0.0005 is not printed as $0.00."""
-
-        def exact(value: Decimal) -> str:
-            return usd_text(value).rstrip("0").rstrip(".")
-
-        return (
-            f"daily live spend cap reached (${exact(committed)} spent or in flight, this call up to "
-            f"${exact(bound)}, of ${self.settings.daily_spend_cap_usd:f}, live.daily_spend_cap_usd)"
-        )
+            self.spend.release(bound)
 
     def _call(self, lrow: store.LiveRow, task: Task, params: dict[str, Any]) -> None:
         row = lrow.row
-        attempts = lrow.attempts
-        saturated = 0
-        retried_ambiguous = 0
-        backoff = self.settings.backoff_seconds
-        recorded = True  # the claim put the first call on record
+        tries = _Tries(attempts=lrow.attempts, backoff=self.settings.backoff_seconds)
         while True:
             if not self.pacer.acquire():
-                self._give_back(row.id, "stopped before the live call", uncalled=recorded)
+                self._give_back(row.id, "stopped before the live call", uncalled=tries.recorded)
                 return
-            if not recorded:
+            if not tries.recorded:
                 with self.rt.engine.begin() as conn:
                     if not store.record_call(conn, row.id, self.rt.clock()):
                         log.warning("live_claim_lost", queue_id=row.id)
                         return
-            recorded = False
+            tries.recorded = False
             failpoints.hit("live.before_call")
             self.outcome.calls += 1
             counters.LIVE_CALLS.inc()
             try:
                 reply = self.rt.provider.create_message(params)
             except ProviderError as exc:
-                now = self.rt.clock()
-                self.pacer.observe(exc.headers, now)
-                reason = str(exc)
-                if exc.kind == "rate_limited" or exc.status == OVERLOADED:
-                    # Refused before any work: nothing billed, no attempt counted.
-                    counters.LIVE_REFUSED.labels(
-                        code=str(OVERLOADED if exc.status == OVERLOADED else 429)
-                    ).inc()
-                    saturated += 1
-                    if exc.retry_after is None:
-                        self.pacer.hold_until(now + timedelta(seconds=backoff))
-                        backoff = min(backoff * 2, self.settings.max_backoff_seconds)
-                    with self.rt.engine.begin() as conn:
-                        store.call_ended(conn, row.id, now, count_attempt=False)
-                    if saturated >= SATURATED_RETRIES:
-                        self._give_back(row.id, f"live API saturated, will try again: {reason}")
-                        return
+                if self._call_failed(row, exc, tries):
                     continue
-                if exc.kind == "systemic":
-                    with self.rt.engine.begin() as conn:
-                        store.give_back(conn, [row.id], f"not sent: {reason}", now)
-                        state.pause(conn, reason, now)
-                    log.error("live_paused", queue_id=row.id, reason=reason)
-                    self.outcome.given_back += 1
-                    return
-                if exc.kind in ("ambiguous", "transient") and attempts + 1 < self.settings.max_attempts:
-                    attempts += 1
-                    retried_ambiguous += 1
-                    with self.rt.engine.begin() as conn:
-                        store.call_ended(conn, row.id, now, count_attempt=True)
-                        events.record(
-                            conn, now, "live_billed_twice", row.task, 1, "retried after an ambiguous failure"
-                        )
-                    self.outcome.possibly_billed_twice += 1
-                    self.pacer.hold_until(now + timedelta(seconds=exc.retry_after or backoff))
-                    backoff = min(backoff * 2, self.settings.max_backoff_seconds)
-                    log.warning("live_call_retried", queue_id=row.id, error=reason, attempt=attempts)
-                    continue
-                self._dead(
-                    row.id,
-                    row.task,
-                    reason if exc.kind != "ambiguous" else f"{reason} (after {attempts + 1} attempts)",
-                )
                 return
             self.pacer.observe(reply.headers, self.rt.clock())
             failpoints.hit("live.after_call")
             self._succeeded(lrow, task, reply.message)
             return
+
+    def _call_failed(self, row: Row, exc: ProviderError, tries: _Tries) -> bool:
+        """A refused or failed call: True to call again, False when the row's outcome is settled."""
+        now = self.rt.clock()
+        self.pacer.observe(exc.headers, now)
+        reason = str(exc)
+        if exc.kind == "rate_limited" or exc.status == OVERLOADED:
+            return self._saturated(row, exc, tries, now)
+        if exc.kind == "systemic":
+            with self.rt.engine.begin() as conn:
+                store.give_back(conn, [row.id], f"not sent: {reason}", now)
+                state.pause(conn, reason, now)
+            log.error("live_paused", queue_id=row.id, reason=reason)
+            self.outcome.given_back += 1
+            return False
+        if exc.kind in ("ambiguous", "transient") and tries.attempts + 1 < self.settings.max_attempts:
+            tries.attempts += 1
+            with self.rt.engine.begin() as conn:
+                store.call_ended(conn, row.id, now, count_attempt=True)
+                events.record(
+                    conn, now, "live_billed_twice", row.task, 1, "retried after an ambiguous failure"
+                )
+            self.outcome.possibly_billed_twice += 1
+            self.pacer.hold_until(now + timedelta(seconds=exc.retry_after or tries.backoff))
+            tries.backoff = min(tries.backoff * 2, self.settings.max_backoff_seconds)
+            log.warning("live_call_retried", queue_id=row.id, error=reason, attempt=tries.attempts)
+            return True
+        if exc.kind == "ambiguous":
+            reason = f"{reason} (after {tries.attempts + 1} attempts)"
+        self._dead(row.id, row.task, reason)
+        return False
+
+    def _saturated(self, row: Row, exc: ProviderError, tries: _Tries, now: datetime) -> bool:
+        """429 or 529: refused before any work, so nothing billed and no attempt counted. True to call
+        again; after `SATURATED_RETRIES` the row goes back to the queue."""
+        counters.LIVE_REFUSED.labels(code=str(OVERLOADED if exc.status == OVERLOADED else 429)).inc()
+        tries.saturated += 1
+        if exc.retry_after is None:
+            self.pacer.hold_until(now + timedelta(seconds=tries.backoff))
+            tries.backoff = min(tries.backoff * 2, self.settings.max_backoff_seconds)
+        with self.rt.engine.begin() as conn:
+            store.call_ended(conn, row.id, now, count_attempt=False)
+        if tries.saturated >= SATURATED_RETRIES:
+            self._give_back(row.id, f"live API saturated, will try again: {exc}")
+            return False
+        return True
 
     # -- outcomes -------------------------------------------------------------------------------------
 
@@ -528,39 +305,30 @@ class LiveWorker:
         row = lrow.row
         now = self.rt.clock()  # the answer's time; the settler commits it a moment later
         try:
-            text, usage, model, stop_reason = checked_answer(message, self.rt.warehouse.dialect.name)
+            answer = checked_answer(message, self.rt.warehouse.dialect.name)
         except Unreadable as exc:  # billed, but no database would store it: the row ends here, not re-called
             self._dead(row.id, row.task, clean(str(exc)))
             return
-        output_json = None
-        if task.output_schema is not None:
-            with suppress(ValueError, RecursionError):
-                output_json = json.loads(text)
+        text, usage, model, _ = answer
         batch_cost, standard = self.meter.costs(model, usage)
-        result = {
-            "doc_key": row.doc_key,
-            "task": row.task,
-            "queue_id": row.id,
-            "custom_id": custom_id(row.id),
-            "output_text": text,
-            "output_json": output_json,
-            "model": model,
-            "stop_reason": stop_reason,
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "cache_creation_input_tokens": usage.cache_write,
-            "cache_read_input_tokens": usage.cache_read,
-            "cost_usd": standard,  # the live path pays the standard price
-            "standard_cost_usd": standard,
-            "batch_id": str(message.get("id") or ""),  # the Message id: where the answer came from
-            "enqueued_at": lrow.enqueued_at,
-            "batch_ended_at": now,
-            "collected_at": now,
-            "mode": "live",
-        }
-        with self._lock:
-            self.unsettled_spend += standard  # counted against the cap before the settler commits it
-        self.settler.put(_Answer(result, row.task, usage, standard, batch_cost))
+        values = result_row(
+            doc_key=row.doc_key,
+            task=row.task,
+            queue_id=row.id,
+            answer=answer,
+            output_json=parsed_json(text) if task.output_schema is not None else None,
+            cost=standard,  # the live path pays the standard price
+            standard=standard,
+            source_id=str(message.get("id") or ""),  # the Message id: where the answer came from
+            enqueued_at=lrow.enqueued_at,
+            ended_at=now,
+            collected_at=now,
+            mode="live",
+        )
+        self.spend.answered(standard)  # counted against the cap before the settler commits it
+        self.settler.put(
+            Answer(dict(zip(RESULT_COLUMNS, values, strict=True)), row.task, usage, standard, batch_cost)
+        )
 
     def _fall_back(self, queue_id: int, task: str, reason: str) -> None:
         now = self.rt.clock()

@@ -13,7 +13,6 @@ warehouse.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,9 +21,12 @@ import structlog
 from sqlalchemy import Connection
 
 from etl import failpoints
+from etl.answer import Unreadable, checked_answer, no_text_reason, parsed_json, result_row
+from etl.answer import kind_of as _kind
+from etl.answer import object_in as _object
 from etl.config import Config
 from etl.errors import clean, describe
-from etl.pricing import ZERO, Meter, Usage
+from etl.pricing import ZERO, Meter
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
 from etl.schema import DocStatus
@@ -62,50 +64,6 @@ def category(reason: str) -> str:
     if reason.startswith("gave up after"):
         return f"max attempts reached (last: {events.reason_key(reason.partition('last: ')[2])})"
     return events.reason_key(reason)
-
-
-def _text_of(message: dict[str, Any]) -> str:
-    """The message's text blocks, joined; anything else in `content` (or a malformed one) adds nothing."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return ""
-    if len(content) == 1:  # nearly every message: one text block
-        block = content[0]
-        text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
-        return text if isinstance(text, str) else ""
-    return "".join(
-        text
-        for block in content
-        if isinstance(block, dict)
-        and block.get("type") == "text"
-        and isinstance(text := block.get("text"), str)
-    )
-
-
-# The order of `Chunk._succeeded`'s values, which must be the warehouse's (checked at import).
-RESULT_COLUMNS = [
-    "doc_key",
-    "task",
-    "queue_id",
-    "custom_id",
-    "output_text",
-    "output_json",
-    "model",
-    "stop_reason",
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-    "cost_usd",
-    "standard_cost_usd",
-    "batch_id",
-    "enqueued_at",
-    "batch_ended_at",
-    "collected_at",
-    "mode",
-]
-if RESULT_COLUMNS != warehouse.COLUMNS:
-    raise ImportError(f"etl_results columns changed: {warehouse.COLUMNS}; update settlement.RESULT_COLUMNS")
 
 
 @dataclass
@@ -195,36 +153,25 @@ class Chunk:
             self.tally.add("requeued", exp.task, category(reason))
 
     def _succeeded(self, qid: int, exp: Expected, message: dict[str, Any]) -> None:
-        text, usage, model, stop_reason = checked_answer(message, self.encoder.dialect)
-        output_json = None
-        if exp.task in self._json_tasks:
-            try:
-                output_json = json.loads(text)  # not codec: exact integers of any width
-            except (ValueError, RecursionError):
-                output_json = None
+        answer = checked_answer(message, self.encoder.dialect)
+        text, usage, model, _ = answer
+        output_json = parsed_json(text) if exp.task in self._json_tasks else None
         cost, standard = self.meter.costs(model, usage)
         row = self.encoder.encode_values(
-            [
-                exp.doc_key,
-                exp.task,
-                qid,
-                f"q{qid}",
-                text,
-                output_json,
-                model,
-                stop_reason,
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cache_write,
-                usage.cache_read,
-                cost,
-                standard,
-                self.intent.batch_id,
-                exp.enqueued_at,
-                self.remote.ended_at,
-                self.collected_at,
-                "batch",
-            ]
+            result_row(
+                doc_key=exp.doc_key,
+                task=exp.task,
+                queue_id=qid,
+                answer=answer,
+                output_json=output_json,
+                cost=cost,
+                standard=standard,
+                source_id=self.intent.batch_id,
+                enqueued_at=exp.enqueued_at,
+                ended_at=self.remote.ended_at,
+                collected_at=self.collected_at,
+                mode="batch",
+            )
         )
         self.results.rows.append(row)
         if not text:
@@ -286,102 +233,6 @@ class Chunk:
             )
         self._sums.clear()
         return self.tally
-
-
-class Unreadable(Exception):
-    """A result whose shape the API does not give: its row ends `dead` with this message as the reason."""
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
-        type(value), "a number"
-    )
-
-
-def _object(parent: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
-    value = parent.get(key)
-    if isinstance(value, dict):
-        return value
-    if optional and value is None:
-        return {}
-    raise Unreadable(f"unreadable result: `{key}` is {_kind(value)}, not an object")
-
-
-def _string(parent: dict[str, Any], key: str) -> str | None:
-    value = parent.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise Unreadable(f"unreadable result: `{key}` is {_kind(value)}, not a string")
-
-
-USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-TOKEN_LIMIT = 1 << 40  # far above any answer; keeps the sums inside a BIGINT
-
-
-def _usage(value: Any) -> Usage:
-    """`usage` as the API gives it: an object of non-negative integer token counts (missing or null: 0)."""
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise Unreadable(f"unreadable result: `usage` is {_kind(value)}, not an object")
-    for key in USAGE_KEYS:
-        n = value.get(key)
-        if n is not None and (type(n) is not int or not 0 <= n < TOKEN_LIMIT):
-            raise Unreadable(f"unreadable result: usage.{key} is {clean(repr(n), 60)}, not a token count")
-    detail = value.get("cache_creation")
-    if detail is not None and not isinstance(detail, dict):
-        value = {**value, "cache_creation": None}  # the breakdown is optional: priced at the 5-minute rate
-    try:
-        return Usage.from_api(value)
-    except (TypeError, ValueError) as exc:
-        raise Unreadable(f"unreadable result: usage.cache_creation: {describe(exc)}") from None
-
-
-def storable(text: str, what: str, dialect: str) -> None:
-    """Refuse, with a reason that says why, what no database would store: a lone surrogate (not Unicode:
-    neither driver encodes it) and, on PostgreSQL, a NUL character. Raises `Unreadable`."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise Unreadable(
-                f"unstorable result: {what} holds a lone surrogate U+{ord(text[exc.start]):04X} at character "
-                f"{exc.start}, which is not Unicode text"
-            ) from None
-    if dialect == "postgresql" and "\x00" in text:
-        raise Unreadable(
-            f"unstorable result: {what} holds a NUL character at character {text.index(chr(0))}, which "
-            "PostgreSQL cannot store in text"
-        )
-
-
-def checked_answer(message: dict[str, Any], dialect: str) -> tuple[str, Usage, str, str | None]:
-    """A succeeded answer's text, usage, model and stop_reason, checked as the batch path checks them (the
-    live path's answers too). Raises `Unreadable` with the reason its row ends `dead` with."""
-    text = _text_of(message)
-    storable(text, "the output text", dialect)
-    usage = _usage(message.get("usage"))
-    model = _string(message, "model") or ""
-    stop_reason = _string(message, "stop_reason")
-    storable(model, "the model name", dialect)
-    storable(stop_reason or "", "the stop_reason", dialect)
-    return text, usage, model, stop_reason
-
-
-def no_text_reason(message: dict[str, Any]) -> str:
-    """What an answer without text held: "no text block: tool_use, thinking" or "no text block: empty content"."""
-    content = message.get("content")
-    if not isinstance(content, list) or not content:
-        return "no text block: empty content" if isinstance(content, list) else "no text block: no content"
-    if any(isinstance(b, dict) and b.get("type") == "text" for b in content):
-        return "empty text: the text block(s) hold no text"
-    kinds: list[str] = []
-    for block in content:
-        kind = block.get("type") if isinstance(block, dict) else None
-        name = clean(kind, 40) if isinstance(kind, str) else _kind(block)
-        if name not in kinds:
-            kinds.append(name)
-    return f"no text block: {', '.join(kinds[:5])}"
 
 
 def settles_per_batch(rt: Runtime) -> bool:

@@ -46,6 +46,7 @@ class SubmitOutcome:
     payload_bytes: int = 0
     unknown: int = 0
     stopped: str | None = None
+    interrupted: bool = False  # stopped because a stop was asked (typed: the daemon records it as such)
     batch_ids: list[str] = field(default_factory=list)
     waiting: int = 0  # documents a nightly cap held back (queued, with the reason on the row)
     held_tasks: set[str] = field(default_factory=set)  # tasks not claimed again this run: at their cap
@@ -120,6 +121,7 @@ def _send_claims(
     while outcome.batches < rt.config.submit.max_batches_per_run:
         if rt.should_stop():
             outcome.stopped = "stop requested"
+            outcome.interrupted = True
             if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
                 _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
             return

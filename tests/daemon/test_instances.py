@@ -10,6 +10,7 @@ from pathlib import Path
 from etl import config as config_mod
 from etl.daemon import Daemon
 from etl.emulator import EmulatorControl
+from etl.jobs import RunOutcome
 from etl.notify import Notifier
 from etl.runtime import build
 from etl.store import state
@@ -54,12 +55,13 @@ def test_catch_up_after_downtime_runs_the_missed_slot_once(sqlite_url: str, tmp_
         state.start_run(conn, "collect", datetime(2025, 6, 1, 7, tzinfo=UTC), "old-c", "h", now[0])
     ran: list[tuple[str, datetime]] = []
 
-    class Recording(Daemon):
-        def _job_body(self, job: str) -> tuple[str, str]:
-            ran.append((job, self.now()))
-            return "ok", "recorded"
+    daemon = Daemon(rt, Notifier(None), env={})
 
-    daemon = Recording(rt, Notifier(None), env={})
+    def recording(job: str) -> tuple[RunOutcome, str]:
+        ran.append((job, daemon.now()))
+        return RunOutcome.OK, "recorded"
+
+    daemon.jobs.body = recording  # type: ignore[method-assign]
     daemon.leader = True
     daemon._catch_up()
     daemon._catch_up()  # a second start-up the same morning finds nothing to do

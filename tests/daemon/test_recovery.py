@@ -22,15 +22,15 @@ from sqlalchemy import text
 
 from etl import config as config_mod
 from etl import liveness, recovery
-from etl.daemon import STALL_ENV, Daemon, default_stall
+from etl.daemon import Daemon
 from etl.emulator import EmulatorControl
 from etl.notify import Notifier
 from etl.runtime import Runtime, build
 from etl.store import batches as intents
 from etl.store import queue as q
 from etl.store import state
-from tests.conftest import write_config
-from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for
+from etl.watchdog import STALL_ENV, default_stall
+from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for, write_config
 from tests.daemon.test_crash_recovery import midnight_offset
 
 T0 = datetime(2026, 6, 4, 0, 0, 20, tzinfo=UTC)
@@ -170,21 +170,21 @@ def test_a_silent_job_stops_the_watchdog_pings_and_any_commit_is_progress(rt: Ru
     daemon = Daemon(rt, Notifier(None), env={STALL_ENV: "0.2"})
     from sqlalchemy import event
 
-    event.listen(rt.engine, "commit", daemon._on_commit)
-    daemon.current = "submit"
-    daemon.progress_at = time.monotonic() - 1
-    assert not daemon._making_progress()  # hung on a socket: no ping, systemd kills after WatchdogSec
+    event.listen(rt.engine, "commit", daemon.watchdog.on_commit)
+    daemon.watchdog.current = "submit"
+    daemon.watchdog.progress_at = time.monotonic() - 1
+    assert not daemon.watchdog.making_progress()  # hung on a socket: no ping, systemd kills after WatchdogSec
 
     def commit() -> None:
         with rt.engine.begin() as conn:
             conn.execute(text("SELECT 1"))
 
     commit()  # the main loop renewing the leader lease: not the job's progress
-    assert not daemon._making_progress()
+    assert not daemon.watchdog.making_progress()
     job = threading.Thread(target=commit)  # a commit on the job's thread is
     job.start()
     job.join()
-    assert daemon._making_progress()
+    assert daemon.watchdog.making_progress()
 
 
 @pytest.fixture

@@ -284,17 +284,15 @@ def test_the_daemon_may_delete_exactly_where_the_code_deletes() -> None:
 def test_a_daemon_loop_logs_a_refused_right_in_one_line_without_a_traceback(
     roles: Granted, login: Callable[[str], Engine]
 ) -> None:
-    from types import SimpleNamespace
-
     from structlog.testing import capture_logs
 
-    from etl.daemon import Daemon
+    from etl.jobs import log_failure
 
     reader = login("reader")
     with pytest.raises(ProgrammingError) as info:
         run(reader, "UPDATE etl_queue SET priority = 1")
     with capture_logs() as logs:
-        detail = Daemon._failed(SimpleNamespace(rt=SimpleNamespace(engine=reader)), "job_failed", info.value)  # type: ignore[arg-type]
+        detail = log_failure("job_failed", info.value, reader.url.username)
     assert logs == [{"event": "job_failed", "error": detail, "log_level": "error"}]  # no exc_info
     assert detail.startswith(
         f"the database user '{roles.roles.reader}' lacks a right this needs (permission denied"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from etl import config, routing
 from etl.clock import utcnow
 from etl.errors import ConfigError
-from etl.live import Pacer
+from etl.pacer import Pacer
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 12, 2, 13, 0, tzinfo=UTC)

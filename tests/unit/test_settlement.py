@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from etl import settlement
+from etl import answer
 from etl.store import events
 
 
@@ -25,7 +25,7 @@ from etl.store import events
     ],
 )
 def test_text_of_joins_text_blocks_and_ignores_anything_malformed(content: Any, text: str) -> None:
-    assert settlement._text_of({"content": content}) == text
+    assert answer.text_of({"content": content}) == text
 
 
 def test_a_tally_absorbs_another_ones_counts_and_amounts() -> None:

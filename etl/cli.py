@@ -530,6 +530,8 @@ def _configure(args: argparse.Namespace, env: dict[str, str]) -> config_mod.Conf
         logs.register_secret(cfg.api_key.value)
     for password in config_mod.url_passwords(cfg):
         logs.register_secret(password)
+    for warning in cfg.warnings:  # settings an older version read: loaded, ignored, said once
+        log.warning("config_setting_ignored", config=cfg.source, warning=warning)
     return cfg
 
 

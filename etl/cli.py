@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,12 +99,12 @@ def _global_options(p: argparse.ArgumentParser, *, default: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    """The whole command line: the global options, then each command's own part (in `etl --help` order)."""
     p = _Parser(
         prog="etl",
         description="Run a company's document LLM processing through Anthropic's Message Batches API.",
         epilog=_epilog(sorted(EXIT_CODES), api=True, extra="`etl COMMAND --help` describes each command."),
-        formatter_class=fmt,
+        formatter_class=FORMATTER,
     )
     p.add_argument("--version", action="version", version=f"etl {__version__}")
     _global_options(p, default=None)
@@ -113,72 +114,95 @@ def _parser() -> argparse.ArgumentParser:
     # The same options after the command; SUPPRESS keeps a value given before it when they are absent.
     common = _Parser(add_help=False)
     _global_options(common, default=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = _Commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
+    for add in COMMAND_PARSERS:
+        add(commands)
+    commands.sub.add_parser(
+        "emulator", help="run the local Batches API emulator (see: etl emulator --help)", add_help=False
+    )
+    return p
 
-    def command(name: str, summary: str, codes: Sequence[int] = BASIC, **kw: Any) -> argparse.ArgumentParser:
-        details = kw.pop("details", "")
-        return sub.add_parser(
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+@dataclass(frozen=True)
+class _Commands:
+    """Where each command's part of the parser is added, with the project's help layout."""
+
+    sub: argparse._SubParsersAction[Any]
+    common: argparse.ArgumentParser
+
+    def add(
+        self,
+        name: str,
+        summary: str,
+        codes: Sequence[int] = BASIC,
+        *,
+        details: str = "",
+        api: bool = False,
+        epilog: str | None = None,
+        description: str | None = None,
+        sub: argparse._SubParsersAction[Any] | None = None,
+    ) -> argparse.ArgumentParser:
+        """A command (or, with `sub`, an action of one): its summary is its help and its description's
+        first line unless `description` is given; `epilog` replaces the usual exit codes, global options
+        and environment."""
+        if description is None:
+            description = summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else "")
+        parser: argparse.ArgumentParser = (sub or self.sub).add_parser(
             name,
-            parents=[common],
+            parents=[self.common],
             help=summary,
-            description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
-            epilog=_epilog(codes, api=kw.pop("api", False), extra=GLOBAL_OPTIONS),
-            formatter_class=fmt,
-            **kw,
+            description=description,
+            epilog=_epilog(codes, api=api, extra=GLOBAL_OPTIONS) if epilog is None else epilog,
+            formatter_class=FORMATTER,
         )
+        return parser
 
-    db = command("db", "database schema: create, migrate or check it; the roles' grants")
+
+def _db_parser(c: _Commands) -> None:
+    db = c.add("db", "database schema: create, migrate or check it; the roles' grants")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    db_sub.add_parser(
+
+    def action(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+        return c.add(name, summary, description=description, epilog=_epilog(BASIC), sub=db_sub)
+
+    action(
         "upgrade",
-        parents=[common],
-        help="create or migrate the schema (queue database and warehouse)",
-        description="Create or migrate the schema of the queue database and the warehouse.",
-        epilog=_epilog(BASIC),
-        formatter_class=fmt,
+        "create or migrate the schema (queue database and warehouse)",
+        "Create or migrate the schema of the queue database and the warehouse.",
     )
-    db_sub.add_parser(
+    action(
         "check",
-        parents=[common],
-        help="exit non-zero unless the schema is current",
-        description="Exit 78 unless both databases are at the schema this version needs.",
-        epilog=_epilog(BASIC),
-        formatter_class=fmt,
+        "exit non-zero unless the schema is current",
+        "Exit 78 unless both databases are at the schema this version needs.",
     )
-    grants = db_sub.add_parser(
+    grants = action(
         "grants",
-        parents=[common],
-        help="print (or --apply) the SQL giving the producer, reader and daemon roles their rights",
-        description="PostgreSQL: print the SQL that makes three roles hold exactly their rights, or apply it\n"
+        "print (or --apply) the SQL giving the producer, reader and daemon roles their rights",
+        "PostgreSQL: print the SQL that makes three roles hold exactly their rights, or apply it\n"
         "with --apply (run it as the owner, after `etl db upgrade`, and again after each upgrade):\n"
         "  producer  INSERT of doc_key, body, task, metadata, priority, due_by, mode on etl_queue\n"
         "  reader    SELECT on etl_results, etl_reports, etl_events\n"
         "  daemon    what `etl run` needs and no more: no DDL, no TRUNCATE, not the owner\n"
         "Missing roles are made NOLOGIN; log in as a member (CREATE ROLE app LOGIN IN ROLE etl_producer).\n"
         "docs/deploy.md has a worked example. SQLite has no roles: its file's permissions are the rights.",
-        epilog=_epilog(BASIC),
-        formatter_class=fmt,
     )
     grants.add_argument(
         "--apply", action="store_true", help="run the SQL (as the owner) instead of printing it"
     )
     for kind in ("producer", "reader", "daemon"):
         grants.add_argument(f"--{kind}", default=f"etl_{kind}", metavar="ROLE", help=f"default: etl_{kind}")
-    for action, summary in (
+    for name, summary in (
         ("current", "the schema revision of each database and the one this version needs; changes nothing"),
         ("history", "every migration this version knows, oldest first, marking where each database is"),
     ):
-        reading = db_sub.add_parser(
-            action,
-            parents=[common],
-            help=summary,
-            description=summary[0].upper() + summary[1:] + ".",
-            epilog=_epilog(BASIC),
-            formatter_class=fmt,
-        )
-        _json_option(reading, "machine-readable output")
+        _json_option(action(name, summary), "machine-readable output")
 
-    enq = command(
+
+def _enqueue_parser(c: _Commands) -> None:
+    enq = c.add(
         "enqueue",
         "add documents from a JSONL or CSV file ('-' for stdin)",
         (0, 1, 2, 65, 66, 74, 78),
@@ -192,7 +216,10 @@ def _parser() -> argparse.ArgumentParser:
     enq.add_argument("--task", help="task for rows that name none (default: 'default'); must be configured")
     enq.add_argument("--batch-rows", type=int, default=5000, help=argparse.SUPPRESS)
 
-    sm = command(
+
+def _submit_parsers(c: _Commands) -> None:
+    """`submit` and `estimate`, which share the selection of what to price."""
+    sm = c.add(
         "submit",
         "the nightly job, now: reconcile, claim queued rows, send batches",
         (0, 1, 2, 3, 74, 75, 78),
@@ -205,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _json_option(sm, argparse.SUPPRESS)
     _estimate_arguments(sm, suppress=True)
-    est = command(
+    est = c.add(
         "estimate",
         "what the queue would cost, per task and model; nothing is claimed or sent",
         details="Input tokens are estimated locally (4 characters a token) or, with --count-tokens, from a\n"
@@ -213,7 +240,11 @@ def _parser() -> argparse.ArgumentParser:
         "nightly cap, what is reserved tonight and how many documents fit under it are shown too.",
     )
     _estimate_arguments(est)
-    col = command(
+
+
+def _collect_parsers(c: _Commands) -> None:
+    """`collect` and `reconcile`."""
+    col = c.add(
         "collect",
         "the morning job, now: collect ended batches, then the report",
         (0, 1, 2, 3, 74, 75, 78),
@@ -222,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
         "terminal it is one JSON log line.",
     )
     col.add_argument("--no-report", action="store_true", help="do not produce the morning report")
-    rec = command(
+    rec = c.add(
         "reconcile",
         "settle batch creates whose outcome is unknown",
         api=True,
@@ -242,7 +273,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an unexplained batch of ours (etl status names it: billed, no intent can take it) is known to "
         "you: stop failing etl status --check on it (the morning report keeps the record)",
     )
-    st = command(
+
+
+def _status_parsers(c: _Commands) -> None:
+    """`status` and `report`: the readings."""
+    st = c.add(
         "status",
         "queue counts, pending batches, deadlines, last runs",
         details="With --check: exit 1 whenever anything is stuck or late, each cause on its own line\n"
@@ -254,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="health check: exit 1 if anything is stuck or late (README: the status --check truth table)",
     )
-    rep = command("report", "print the last morning report")
+    rep = c.add("report", "print the last morning report")
     _json_option(rep, "the report as JSON")
     rep.add_argument(
         "--now", action="store_true", help="build a fresh report instead of printing the last one"
@@ -265,8 +300,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TIME",
         help="a fresh report from TIME: 30d, 12h, 2w ago or an ISO date/time (implies --now)",
     )
-    command("resume", "lift a submission pause after fixing its cause (spend limit, key, billing)")
-    pause = command(
+
+
+def _pause_parsers(c: _Commands) -> None:
+    """`resume` and `pause`."""
+    c.add("resume", "lift a submission pause after fixing its cause (spend limit, key, billing)")
+    pause = c.add(
         "pause",
         "pause submission now (the nightly submit sends nothing) until `etl resume`",
         details="The same pause a wrong key or a spend limit sets: `etl status` shows it with its reason,\n"
@@ -275,7 +314,10 @@ def _parser() -> argparse.ArgumentParser:
     pause.add_argument(
         "reason", nargs="?", default="paused by the operator", help="why (shown by etl status)"
     )
-    ret = command(
+
+
+def _retry_parser(c: _Commands) -> None:
+    ret = c.add(
         "retry",
         "send dead and rejected documents again",
         (0, 1, 2, 65, 74, 78),
@@ -299,7 +341,10 @@ def _parser() -> argparse.ArgumentParser:
     ret.add_argument("--all", action="store_true", help="retry every dead and rejected row")
     ret.add_argument("--dry-run", action="store_true", help="show what would be retried, change nothing")
     _json_option(ret, "machine-readable output")
-    can = command(
+
+
+def _cancel_parser(c: _Commands) -> None:
+    can = c.add(
         "cancel",
         "cancel pending batches at the API",
         (0, 1, 2, 3, 65, 74, 78),
@@ -315,25 +360,29 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the batches it would cancel; ask the API nothing"
     )
     _json_option(can, "machine-readable output (with --dry-run)")
-    command(
+
+
+def _service_parsers(c: _Commands) -> None:
+    """`config`, `metrics`, `run`, `live` and `demo`."""
+    c.add(
         "config",
         "print the whole effective configuration as TOML, secrets masked",
         details="The output is a valid config file: the file's settings, the defaults and the environment\n"
         "overrides, after validation.",
     )
-    command(
+    c.add(
         "metrics",
         "print the Prometheus metrics page once (for node_exporter's textfile collector or cron)",
         details="The page `etl run` serves at [metrics] listen, read from the database now; the daemon's own\n"
         "process counters are left out. docs/deploy.md lists the metrics and the alert rules.",
     )
-    command(
+    c.add(
         "run",
         "the daemon: scheduled submit and collect, polling, systemd notify",
         (0, 1, 2, 74, 78),
         api=True,
     )
-    live = command(
+    live = c.add(
         "live",
         "the live path alone: urgent rows through the Messages API now",
         (0, 1, 2, 74, 78),
@@ -342,17 +391,24 @@ def _parser() -> argparse.ArgumentParser:
         '"Urgent documents"). `etl run` runs the same worker; this is for cron or a second worker.',
     )
     live.add_argument("--once", action="store_true", help="process the urgent rows waiting now, then exit")
-    demo = command(
-        "demo",
-        "the whole cycle in under a minute on a fresh SQLite file, no API key needed",
-        (0, 1, 2),
+    demo = c.add(
+        "demo", "the whole cycle in under a minute on a fresh SQLite file, no API key needed", (0, 1, 2)
     )
     demo.add_argument("--dir", type=Path, help="where to put the demo database (default: a temporary folder)")
     demo.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
-    sub.add_parser(
-        "emulator", help="run the local Batches API emulator (see: etl emulator --help)", add_help=False
-    )
-    return p
+
+
+COMMAND_PARSERS: tuple[Callable[[_Commands], None], ...] = (
+    _db_parser,
+    _enqueue_parser,
+    _submit_parsers,
+    _collect_parsers,
+    _status_parsers,
+    _pause_parsers,
+    _retry_parser,
+    _cancel_parser,
+    _service_parsers,
+)
 
 
 def _json_option(p: argparse.ArgumentParser, text: str) -> None:
@@ -415,14 +471,7 @@ def _main(argv: list[str]) -> int:
         from etl.emulator.cli import main as emulator_main
 
         return emulator_main(argv[1:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.json and (
-        args.command not in JSON_COMMANDS or getattr(args, "db_command", "current") not in READINGS
-    ):
-        name = " ".join(filter(None, (args.command, getattr(args, "db_command", None))))
-        have = sorted({*JSON_COMMANDS - {"db"}, "db current", "db history"})
-        parser.error(f"etl {name} has no --json output (these have: {', '.join(have)})")
+    args = _parse(argv)
     env = dict(os.environ)
     try:
         failpoints.configure(env)
@@ -434,17 +483,9 @@ def _main(argv: list[str]) -> int:
         from etl.demo import run_demo
 
         return run_demo(directory=args.dir, keep=args.keep)
-    try:
-        cfg = config_mod.load(env, args.config)
-    except ConfigError as exc:
-        logs.configure("info", json=args.log_json)
-        print(f"etl: {exc}", file=sys.stderr)
-        return exc.exit_code
-    logs.configure(args.log_level or cfg.log_level, json=args.log_json)
-    if cfg.api_key:
-        logs.register_secret(cfg.api_key.value)
-    for password in config_mod.url_passwords(cfg):
-        logs.register_secret(password)
+    cfg = _configure(args, env)
+    if isinstance(cfg, int):
+        return cfg
     handler = COMMANDS[args.command]
     try:
         _refuse_missing_sqlite(cfg, args)
@@ -473,6 +514,38 @@ def _main(argv: list[str]) -> int:
             rt.close()
         except Exception as exc:  # closing the pool on a full disk: already said, or nothing to say
             log.debug("close_failed", error=str(exc))
+
+
+def _configure(args: argparse.Namespace, env: dict[str, str]) -> config_mod.Config | int:
+    """The configuration, with logging set up from it and its secrets kept out of the log; or the exit
+    code after saying what is wrong with it."""
+    try:
+        cfg = config_mod.load(env, args.config)
+    except ConfigError as exc:
+        logs.configure("info", json=args.log_json)
+        print(f"etl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    logs.configure(args.log_level or cfg.log_level, json=args.log_json)
+    if cfg.api_key:
+        logs.register_secret(cfg.api_key.value)
+    for password in config_mod.url_passwords(cfg):
+        logs.register_secret(password)
+    for warning in cfg.warnings:  # settings an older version read: loaded, ignored, said once
+        log.warning("config_setting_ignored", config=cfg.source, warning=warning)
+    return cfg
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, or exit 2 with one line: `--json` only where a command prints a reading."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json and (
+        args.command not in JSON_COMMANDS or getattr(args, "db_command", "current") not in READINGS
+    ):
+        name = " ".join(filter(None, (args.command, getattr(args, "db_command", None))))
+        have = sorted({*JSON_COMMANDS - {"db"}, "db current", "db history"})
+        parser.error(f"etl {name} has no --json output (these have: {', '.join(have)})")
+    return args
 
 
 def _fail(exc: Exception, user: str | None = None) -> int:
@@ -651,7 +724,7 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
         args.failure = f"{out.misconfigured}; nothing was sent, the rows are back in the queue"
         print(f"etl: {args.failure}", file=sys.stderr)
         return ConfigError.exit_code
-    if not out.stopped or out.stopped in ("stop requested",):
+    if not out.stopped or out.interrupted:
         return 0
     args.failure = f"stopped: {out.stopped}"  # recorded for `etl status --check` (etl.failures)
     return 3

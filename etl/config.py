@@ -101,9 +101,6 @@ class SubmitSettings:
     claim_lease_seconds: int = 600
     create_timeout_seconds: float = 300.0
     reconcile_grace_seconds: int = 1800
-    reconcile_window_seconds: int = (
-        900  # unused since ownership needs no clock window; accepted for old configs
-    )
     max_batches_per_run: int = 1000
     # An unknown create whose process is known dead (etl.liveness) is released this long after the death
     # was first seen, instead of after reconcile_grace_seconds: nothing it sent can still be in flight.
@@ -212,6 +209,8 @@ class Config:
     live: LiveSettings = field(default_factory=LiveSettings)
     log_level: str = field(default="info", metadata={"toml": "logging.level"})
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    # What the file says that is accepted but ignored (IGNORED): `etl` logs each as a warning.
+    warnings: tuple[str, ...] = field(default=(), metadata={"toml": "skip"})
 
     @property
     def separate_warehouse(self) -> bool:
@@ -222,6 +221,11 @@ class Config:
             raise MissingApiKey(list(self.api_key_sources))
         return self.api_key.value
 
+
+# Settings an older version read: a config that still sets one loads, with a warning that it is ignored.
+IGNORED = {
+    "submit.reconcile_window_seconds": "unused since a batch's owner is proved without a clock window",
+}
 
 SQL_SCHEMES = ("sqlite:", "postgresql://", "postgresql+psycopg://", "postgres://", "postgres+psycopg://")
 
@@ -416,26 +420,81 @@ def _sqlite_url_relative_to(url: str, base_dir: Path) -> str:
     return url
 
 
+KNOWN_SECTIONS = (
+    "database",
+    "api",
+    "submit",
+    "collect",
+    "schedule",
+    "pricing",
+    "tasks",
+    "logging",
+    "live",
+    "metrics",
+)
+
+
 def _build(
     raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str], source: str, base_dir: Path
 ) -> Config | None:
-    known = {
-        "database",
-        "api",
-        "submit",
-        "collect",
-        "schedule",
-        "pricing",
-        "tasks",
-        "logging",
-        "live",
-        "metrics",
-    }
     for key in raw:
-        if key not in known:
-            problems.append(f"unknown section [{key}] (known: {', '.join(sorted(known))})")
+        if key not in KNOWN_SECTIONS:
+            problems.append(f"unknown section [{key}] (known: {', '.join(sorted(KNOWN_SECTIONS))})")
+    warnings: list[str] = []
+    database_url, warehouse_url = _database_urls(_section(raw, "database", problems), env, base_dir, problems)
+    base_url, api_timeout = _api(_section(raw, "api", problems), env, problems)
+    api_key, key_sources = _api_key(env)
+    submit = _submit(_ignoring(_section(raw, "submit", problems), "submit", warnings), problems)
+    collect = _collect(_section(raw, "collect", problems), problems)
+    schedule = _schedule(_section(raw, "schedule", problems), env, problems)
+    live = _live(_section(raw, "live", problems), problems)
+    metrics = _metrics(_section(raw, "metrics", problems), env, problems)
+    pricing = _pricing(_section(raw, "pricing", problems), problems)
+    tasks = _tasks(_section(raw, "tasks", problems), problems)
+    for task in tasks.values():
+        if pricing.for_model(task.model) is None:
+            problems.append(
+                f"task {task.name!r}: no price configured for model {task.model!r} in [pricing.models]"
+            )
+    log_level = _log_level(_section(raw, "logging", problems), env, problems)
+    if problems:
+        return None
+    return Config(
+        database_url=database_url,
+        warehouse_url=warehouse_url,
+        api_key=api_key,
+        api_key_sources=key_sources,
+        base_url=base_url,
+        api_timeout_seconds=api_timeout,
+        tasks=tasks,
+        pricing=pricing,
+        submit=submit,
+        collect=collect,
+        schedule=schedule,
+        source=source,
+        log_level=log_level,
+        live=live,
+        metrics=metrics,
+        warnings=tuple(warnings),
+    )
 
-    db = _section(raw, "database", problems)
+
+def _ignoring(section: Mapping[str, Any], where: str, warnings: list[str]) -> Mapping[str, Any]:
+    """The section without the settings an older version read (IGNORED), each named in `warnings`."""
+    kept = {}
+    for key, value in section.items():
+        why = IGNORED.get(f"{where}.{key}")
+        if why is None:
+            kept[key] = value
+        else:
+            warnings.append(f"{where}.{key} is ignored ({why}); it can be removed from the file")
+    return kept
+
+
+def _database_urls(
+    db: Mapping[str, Any], env: Mapping[str, str], base_dir: Path, problems: list[str]
+) -> tuple[str, str]:
+    """[database]: the queue database's and the warehouse's URLs, each with its password."""
     database_url = env.get("ETL_DATABASE_URL") or _typed(
         db, "url", str, "sqlite:///var/etl.db", "database", problems
     )
@@ -455,8 +514,11 @@ def _build(
             problems.append(
                 f"{label} {mask_url(url)!r} is neither sqlite:///PATH nor postgresql:// (or postgres://)"
             )
+    return database_url, warehouse_url
 
-    api = _section(raw, "api", problems)
+
+def _api(api: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> tuple[str | None, float]:
+    """[api]: the base URL (None: the SDK's own) and the timeout."""
     base_url = env.get("ANTHROPIC_BASE_URL") or _typed(api, "base_url", str, "", "api", problems) or None
     if base_url:
         given_by = "ANTHROPIC_BASE_URL" if env.get("ANTHROPIC_BASE_URL") else "api.base_url"
@@ -465,9 +527,11 @@ def _build(
             problems.append(problem)
     api_timeout = float(_typed(api, "timeout_seconds", (int, float), 60.0, "api", problems))
     _positive(api_timeout, "api.timeout_seconds", problems)
-    api_key, key_sources = _api_key(env)
+    return base_url, api_timeout
 
-    submit = _settings(SubmitSettings, _section(raw, "submit", problems), "submit", problems)
+
+def _submit(section: Mapping[str, Any], problems: list[str]) -> SubmitSettings:
+    submit = _settings(SubmitSettings, section, "submit", problems)
     for name, value in submit.__dict__.items():
         if name != "max_cost_usd_per_night":
             _positive(value, f"submit.{name}", problems)
@@ -487,8 +551,11 @@ def _build(
         problems.append(
             "submit.max_body_bytes is larger than submit.max_batch_bytes: no such document could be sent"
         )
+    return submit
 
-    collect = _settings(CollectSettings, _section(raw, "collect", problems), "collect", problems)
+
+def _collect(section: Mapping[str, Any], problems: list[str]) -> CollectSettings:
+    collect = _settings(CollectSettings, section, "collect", problems)
     for name, value in collect.__dict__.items():
         if name != "stream_retries":
             _positive(value, f"collect.{name}", problems)
@@ -496,8 +563,12 @@ def _build(
         problems.append(
             "collect.late_after_days must be under 29: results are archived 29 days after creation"
         )
+    return collect
 
-    schedule = _settings(ScheduleSettings, _section(raw, "schedule", problems), "schedule", problems)
+
+def _schedule(section: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> ScheduleSettings:
+    """[schedule]; ETL_TIMEZONE overrides `timezone`."""
+    schedule = _settings(ScheduleSettings, section, "schedule", problems)
     if env.get("ETL_TIMEZONE"):
         schedule = ScheduleSettings(**{**schedule.__dict__, "timezone": env["ETL_TIMEZONE"]})
     try:
@@ -516,8 +587,11 @@ def _build(
         problems.append(f"schedule.retry_until {schedule.retry_until!r} is not a time of day like 06:00")
     for name in ("retry_backoff_seconds", "retry_backoff_max_seconds"):
         _positive(getattr(schedule, name), f"schedule.{name}", problems)
+    return schedule
 
-    live = _settings(LiveSettings, _section(raw, "live", problems), "live", problems)
+
+def _live(section: Mapping[str, Any], problems: list[str]) -> LiveSettings:
+    live = _settings(LiveSettings, section, "live", problems)
     for name, value in live.__dict__.items():
         if name in ("daily_spend_cap_usd", "slot_hold_minutes"):
             if value < 0:
@@ -525,42 +599,15 @@ def _build(
                 problems.append(f"live.{name} must be 0 ({none}) or positive, got {value!r}")
         elif name != "enabled":
             _positive(value, f"live.{name}", problems)
+    return live
 
-    metrics = _metrics(_section(raw, "metrics", problems), env, problems)
-    pricing = _pricing(_section(raw, "pricing", problems), problems)
-    tasks = _tasks(_section(raw, "tasks", problems), problems)
-    for task in tasks.values():
-        if pricing.for_model(task.model) is None:
-            problems.append(
-                f"task {task.name!r}: no price configured for model {task.model!r} in [pricing.models]"
-            )
 
-    logging_section = _section(raw, "logging", problems)
-    log_level = str(
-        env.get("ETL_LOG_LEVEL") or _typed(logging_section, "level", str, "info", "logging", problems)
-    )
+def _log_level(section: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> str:
+    """[logging] level, lower case; ETL_LOG_LEVEL overrides it."""
+    log_level = str(env.get("ETL_LOG_LEVEL") or _typed(section, "level", str, "info", "logging", problems))
     if log_level.lower() not in {"debug", "info", "warning", "error"}:
         problems.append(f"logging.level {log_level!r} is not one of debug, info, warning, error")
-
-    if problems:
-        return None
-    return Config(
-        database_url=database_url,
-        warehouse_url=warehouse_url,
-        api_key=api_key,
-        api_key_sources=key_sources,
-        base_url=base_url,
-        api_timeout_seconds=api_timeout,
-        tasks=tasks,
-        pricing=pricing,
-        submit=submit,
-        collect=collect,
-        schedule=schedule,
-        source=source,
-        log_level=log_level.lower(),
-        live=live,
-        metrics=metrics,
-    )
+    return log_level.lower()
 
 
 def _metrics(section: Mapping[str, Any], env: Mapping[str, str], problems: list[str]) -> MetricsSettings:
@@ -665,12 +712,8 @@ def _pricing(section: Mapping[str, Any], problems: list[str]) -> Pricing:
     return Pricing(models=models, **values)
 
 
-def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
-    if not section:
-        problems.append("no [tasks.<name>] defined; at least [tasks.default] is needed")
-        return {}
-    tasks: dict[str, Task] = {}
-    allowed = {
+TASK_SETTINGS = frozenset(
+    {
         "model",
         "system",
         "template",
@@ -680,6 +723,14 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
         "max_cost_usd_per_night",
         "live",
     }
+)
+
+
+def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
+    if not section:
+        problems.append("no [tasks.<name>] defined; at least [tasks.default] is needed")
+        return {}
+    tasks: dict[str, Task] = {}
     for name, spec in section.items():
         where = f"tasks.{name}"
         if len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
@@ -690,73 +741,81 @@ def _tasks(section: Mapping[str, Any], problems: list[str]) -> dict[str, Task]:
         if not isinstance(spec, Mapping):
             problems.append(f"[{where}] must be a table")
             continue
-        for key in spec:
-            if key not in allowed:
-                problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(allowed))})")
-        model = spec.get("model")
-        if not isinstance(model, str) or not model:
-            problems.append(f'{where}.model is required (e.g. "claude-haiku-4-5")')
-            model = ""
-        template = spec.get("template", "{body}")
-        fields: tuple[str, ...] = ()
-        if not isinstance(template, str):
-            problems.append(f"{where}.template must be a string")
-            template = "{body}"
-        else:
-            try:
-                fields = tuple(
-                    dict.fromkeys(fname for _, fname, _, _ in string.Formatter().parse(template) if fname)
-                )
-            except ValueError as exc:
-                problems.append(f"{where}.template is not a valid template: {exc}")
-            for fname in fields:
-                if not fname.isidentifier():
-                    problems.append(
-                        f"{where}.template field {{{fname}}} must be a plain name: body, doc_key, task or a metadata key"
-                    )
-        max_tokens = spec.get("max_tokens", 1024)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            problems.append(f"{where}.max_tokens must be a positive integer, got {max_tokens!r}")
-            max_tokens = 1
-        system = spec.get("system", "")
-        if not isinstance(system, str):
-            problems.append(f"{where}.system must be a string")
-            system = ""
-        schema = spec.get("output_schema")
-        if schema is not None and (not isinstance(schema, Mapping) or schema.get("type") != "object"):
-            problems.append(f'{where}.output_schema must be a JSON schema table whose type is "object"')
-            schema = None
-        cache_system = spec.get("cache_system", False)
-        if not isinstance(cache_system, bool):
-            problems.append(f"{where}.cache_system must be true or false")
-            cache_system = False
-        if cache_system and not system:
-            problems.append(f"{where}.cache_system is true but the task has no system prompt to cache")
-        live = spec.get("live", True)
-        if not isinstance(live, bool):
-            problems.append(f"{where}.live must be true or false (may urgent rows use the live API?)")
-            live = True
-        task_cap: Decimal | None = None
-        raw_cap = spec.get("max_cost_usd_per_night")
-        if raw_cap is not None:
-            if isinstance(raw_cap, bool) or not isinstance(raw_cap, (int, float)) or raw_cap <= 0:
-                problems.append(
-                    f"{where}.max_cost_usd_per_night must be a positive number of USD, got {raw_cap!r}"
-                )
-            else:
-                task_cap = decimal_of(raw_cap)
-        tasks[name] = Task(
-            name=name,
-            model=model,
-            template=template,
-            max_tokens=max_tokens,
-            system=system,
-            output_schema=schema,
-            cache_system=cache_system,
-            template_fields=fields,
-            live=live,
-            max_cost_usd_per_night=task_cap,
-        )
+        tasks[name] = _task(name, spec, where, problems)
     if "default" not in tasks and tasks:
         problems.append("no [tasks.default]: rows inserted without a task name would have nowhere to go")
     return tasks
+
+
+def _task(name: str, spec: Mapping[str, Any], where: str, problems: list[str]) -> Task:
+    """One [tasks.NAME] table; each bad value is a problem and stands in as its default meanwhile."""
+    for key in spec:
+        if key not in TASK_SETTINGS:
+            problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(TASK_SETTINGS))})")
+    model = spec.get("model")
+    if not isinstance(model, str) or not model:
+        problems.append(f'{where}.model is required (e.g. "claude-haiku-4-5")')
+        model = ""
+    template, fields = _template(spec.get("template", "{body}"), where, problems)
+    max_tokens = spec.get("max_tokens", 1024)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        problems.append(f"{where}.max_tokens must be a positive integer, got {max_tokens!r}")
+        max_tokens = 1
+    system = spec.get("system", "")
+    if not isinstance(system, str):
+        problems.append(f"{where}.system must be a string")
+        system = ""
+    schema = spec.get("output_schema")
+    if schema is not None and (not isinstance(schema, Mapping) or schema.get("type") != "object"):
+        problems.append(f'{where}.output_schema must be a JSON schema table whose type is "object"')
+        schema = None
+    cache_system = spec.get("cache_system", False)
+    if not isinstance(cache_system, bool):
+        problems.append(f"{where}.cache_system must be true or false")
+        cache_system = False
+    if cache_system and not system:
+        problems.append(f"{where}.cache_system is true but the task has no system prompt to cache")
+    live = spec.get("live", True)
+    if not isinstance(live, bool):
+        problems.append(f"{where}.live must be true or false (may urgent rows use the live API?)")
+        live = True
+    return Task(
+        name=name,
+        model=model,
+        template=template,
+        max_tokens=max_tokens,
+        system=system,
+        output_schema=schema,
+        cache_system=cache_system,
+        template_fields=fields,
+        live=live,
+        max_cost_usd_per_night=_task_cap(spec.get("max_cost_usd_per_night"), where, problems),
+    )
+
+
+def _template(template: Any, where: str, problems: list[str]) -> tuple[str, tuple[str, ...]]:
+    """A task's template and the fields it names, in order, once each."""
+    fields: tuple[str, ...] = ()
+    if not isinstance(template, str):
+        problems.append(f"{where}.template must be a string")
+        return "{body}", fields
+    try:
+        fields = tuple(dict.fromkeys(fname for _, fname, _, _ in string.Formatter().parse(template) if fname))
+    except ValueError as exc:
+        problems.append(f"{where}.template is not a valid template: {exc}")
+    for fname in fields:
+        if not fname.isidentifier():
+            problems.append(
+                f"{where}.template field {{{fname}}} must be a plain name: body, doc_key, task or a metadata key"
+            )
+    return template, fields
+
+
+def _task_cap(raw_cap: Any, where: str, problems: list[str]) -> Decimal | None:
+    """A task's own nightly cap: None when it has none."""
+    if raw_cap is None:
+        return None
+    if isinstance(raw_cap, bool) or not isinstance(raw_cap, (int, float)) or raw_cap <= 0:
+        problems.append(f"{where}.max_cost_usd_per_night must be a positive number of USD, got {raw_cap!r}")
+        return None
+    return decimal_of(raw_cap)

@@ -347,6 +347,8 @@ class Daemon:
             return
         self.rt.config, needs_restart = _reloaded(old, new)
         logs.set_level(new.log_level)
+        for warning in new.warnings:  # settings an older version read: loaded, ignored, said again
+            log.warning("config_setting_ignored", config=new.source, warning=warning)
         if new.schedule != old.schedule and self.scheduler is not None:
             self._schedule_jobs()
         log.info(

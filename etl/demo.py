@@ -11,8 +11,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -107,22 +108,43 @@ def _faults(ids: dict[str, int]) -> dict[str, Any]:
     }
 
 
+class _Clock:
+    """The demo's clock: the wall clock plus the nights the demo has let pass."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utcnow() + self.offset
+
+
+@dataclass
+class _Demo:
+    """What every step of the demo uses."""
+
+    s: _Style
+    rt: Runtime
+    control: EmulatorControl
+    clock: _Clock
+    docs: list[dict[str, Any]] = field(default_factory=list)
+
+    def say(self, title: str) -> None:
+        print(f"\n{self.s.bold('==> ' + title)}")
+
+    def night_passes(self) -> None:
+        """The emulator's clock and the pipeline's move on a night together; nobody sleeps."""
+        self.control.advance(NIGHT.total_seconds())
+        self.clock.offset += NIGHT
+
+
 def run_demo(directory: Path | None = None, keep: bool = False) -> int:
     s = _Style(sys.stdout.isatty())
     workdir = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="etl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     db_path = workdir / "demo.db"
     db_path.unlink(missing_ok=True)
-    offset = [timedelta(0)]
-
-    def clock() -> datetime:
-        return utcnow() + offset[0]
-
-    def say(title: str) -> None:
-        print(f"\n{s.bold('==> ' + title)}")
-
+    clock = _Clock()
     emulator = EmulatorServer(EmulatorConfig(port=0, processing_seconds=2, seed=7)).start()
-    control = EmulatorControl(emulator.base_url)
     env = {
         "ETL_DATABASE_URL": f"sqlite:///{db_path}",
         "ANTHROPIC_API_KEY": DEMO_KEY,
@@ -137,106 +159,10 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         print(
             s.bold("etl demo") + s.dim(f"  (database {db_path}, Batches API emulator at {emulator.base_url})")
         )
-
-        say("1. Create the schema")
-        for _role, before, after in migrate.upgrade(rt.engine, rt.warehouse):
-            print(f"   schema {before or 'empty'} -> {after}")
-
-        say("2. Enqueue sample documents (plain SQL INSERT INTO etl_queue)")
-        docs = _samples()
-        ids = _enqueue(rt, docs, cfg.submit.max_attempts)
-        tasks: dict[str, int] = {}
-        for d in docs:
-            tasks[d.get("task", "default")] = tasks.get(d.get("task", "default"), 0) + 1
-        print(f"   {len(docs)} documents: " + ", ".join(f"{n} for task '{t}'" for t, n in tasks.items()))
-        control.set_faults(**_faults(ids))
-        print(
-            s.dim(
-                f"   the emulator will answer overloaded_error for {', '.join(OVERLOADED)} and {LAST_CHANCE} "
-                f"(already tried {cfg.submit.max_attempts - 1} times), invalid_request_error for {INVALID}"
-            )
-        )
-
-        say("2b. One urgent document: someone is waiting for it (INSERT ... mode = 'live')")
-        control.set_live(latency_seconds=0.3)  # a live call takes a moment, as the real API's does
-        _ = rt.provider  # loaded since step 1 (in `etl run` it is loaded at start-up)
-        with rt.engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO etl_queue (doc_key, body, mode) VALUES (:k, :b, 'live')"),
-                {
-                    "k": URGENT,
-                    "b": "Customer escalation: shipment 7781 is stuck in customs. Summarise for the call.",
-                },
-            )
-        started = time.perf_counter()
-        answered = live.run(rt, once=True)
-        with rt.warehouse.connect() as conn:
-            cost = conn.execute(  # through the column's type: money is stored scaled on SQLite
-                select(results.c.cost_usd).where(results.c.doc_key == URGENT, results.c.mode == "live")
-            ).scalar_one_or_none()
-        print(
-            f"   {s.green(URGENT + ' answered live')} in {time.perf_counter() - started:.1f} s through the Messages "
-            f"API ({answered.succeeded} call, ${cost or 0:.6f} at the standard price, "
-            f"${(cost or 0) * cfg.pricing.batch_discount:.6f} in the batch)"
-        )
-        print(f"   the other {len(docs)} documents wait for the night")
-
-        say("3. Night: the submit job")
-        out = pipeline.submit(rt)
-        print(
-            f"   {out.documents} documents sent in {out.batches} batches (one create call each, never retried)"
-        )
-        for batch_id in out.batch_ids:
-            print(s.dim(f"     {batch_id}"))
-
-        say(f"4. Time passes ({NIGHT.seconds // 3600} hours on the emulator's clock, not yours)")
-        control.advance(NIGHT.total_seconds())
-        offset[0] += NIGHT
-        print(f"   it is now {clock():%Y-%m-%d %H:%M} UTC for the pipeline")
-
-        say("5. Morning: the collect job, then the report")
-        col = pipeline.collect(rt)
-        print(
-            f"   {col.batches_collected} batches collected: {s.green(str(col.succeeded) + ' succeeded')}, "
-            f"{s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
-            f"{s.yellow(str(col.dead) + ' dead-lettered')}"
-        )
-        body = report.morning(rt)
-        print()
-        print("\n".join("   " + line for line in report.render(body).splitlines()))
-
-        say("6. The next night: the overload has passed, the re-queued documents go again")
-        control.clear_faults()
-        again = pipeline.submit(rt)
-        control.advance(NIGHT.total_seconds())
-        offset[0] += NIGHT
-        col2 = pipeline.collect(rt)
-        print(f"   {again.documents} re-sent; {col2.succeeded} succeeded")
-        with rt.engine.connect() as conn:
-            counts: dict[str, int] = {
-                str(k): int(v)
-                for k, v in conn.execute(text("SELECT status, count(*) FROM etl_queue GROUP BY status"))
-            }
-            dead = conn.execute(text("SELECT doc_key, reason FROM etl_queue WHERE status = 'dead'")).all()
-        print("   queue: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        for doc_key, reason in dead:
-            print(s.yellow(f"   dead: {doc_key}: {reason}"))
-
-        say("Use it for real")
-        print(
-            "   export ANTHROPIC_API_KEY=sk-ant-...            # or systemd LoadCredential=anthropic_api_key\n"
-            "   export ETL_DATABASE_URL=postgresql://etl@db/etl  # default: SQLite at var/etl.db\n"
-            "   etl db upgrade                                 # create the schema\n"
-            "   etl enqueue documents.jsonl                    # or INSERT INTO etl_queue from anywhere\n"
-            "   etl run                                        # the daemon: nightly submit, morning report\n"
-            "   systemd: see docs/deploy.md (deploy/systemd/etl.service); container: the Dockerfile"
-        )
-        if keep or directory:
-            print(
-                s.dim(
-                    f"\n   demo database kept at {db_path}: try ETL_DATABASE_URL=sqlite:///{db_path} etl status"
-                )
-            )
+        demo = _Demo(s, rt, EmulatorControl(emulator.base_url), clock)
+        for step in STEPS:
+            step(demo)
+        _use_it_for_real(s, db_path, kept=bool(keep or directory))
         return 0
     finally:
         if rt is not None:
@@ -244,3 +170,123 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         emulator.stop()
         if not keep and directory is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _schema(d: _Demo) -> None:
+    d.say("1. Create the schema")
+    for _role, before, after in migrate.upgrade(d.rt.engine, d.rt.warehouse):
+        print(f"   schema {before or 'empty'} -> {after}")
+
+
+def _enqueue_samples(d: _Demo) -> None:
+    d.say("2. Enqueue sample documents (plain SQL INSERT INTO etl_queue)")
+    max_attempts = d.rt.config.submit.max_attempts
+    d.docs = _samples()
+    ids = _enqueue(d.rt, d.docs, max_attempts)
+    tasks: dict[str, int] = {}
+    for doc in d.docs:
+        tasks[doc.get("task", "default")] = tasks.get(doc.get("task", "default"), 0) + 1
+    print(f"   {len(d.docs)} documents: " + ", ".join(f"{n} for task '{t}'" for t, n in tasks.items()))
+    d.control.set_faults(**_faults(ids))
+    print(
+        d.s.dim(
+            f"   the emulator will answer overloaded_error for {', '.join(OVERLOADED)} and {LAST_CHANCE} "
+            f"(already tried {max_attempts - 1} times), invalid_request_error for {INVALID}"
+        )
+    )
+
+
+def _urgent(d: _Demo) -> None:
+    d.say("2b. One urgent document: someone is waiting for it (INSERT ... mode = 'live')")
+    d.control.set_live(latency_seconds=0.3)  # a live call takes a moment, as the real API's does
+    _ = d.rt.provider  # loaded since step 1 (in `etl run` it is loaded at start-up)
+    with d.rt.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO etl_queue (doc_key, body, mode) VALUES (:k, :b, 'live')"),
+            {
+                "k": URGENT,
+                "b": "Customer escalation: shipment 7781 is stuck in customs. Summarise for the call.",
+            },
+        )
+    started = time.perf_counter()
+    answered = live.run(d.rt, once=True)
+    with d.rt.warehouse.connect() as conn:
+        cost = conn.execute(  # through the column's type: money is stored scaled on SQLite
+            select(results.c.cost_usd).where(results.c.doc_key == URGENT, results.c.mode == "live")
+        ).scalar_one_or_none()
+    print(
+        f"   {d.s.green(URGENT + ' answered live')} in {time.perf_counter() - started:.1f} s through the Messages "
+        f"API ({answered.succeeded} call, ${cost or 0:.6f} at the standard price, "
+        f"${(cost or 0) * d.rt.config.pricing.batch_discount:.6f} in the batch)"
+    )
+    print(f"   the other {len(d.docs)} documents wait for the night")
+
+
+def _night(d: _Demo) -> None:
+    d.say("3. Night: the submit job")
+    out = pipeline.submit(d.rt)
+    print(f"   {out.documents} documents sent in {out.batches} batches (one create call each, never retried)")
+    for batch_id in out.batch_ids:
+        print(d.s.dim(f"     {batch_id}"))
+    d.say(f"4. Time passes ({NIGHT.seconds // 3600} hours on the emulator's clock, not yours)")
+    d.night_passes()
+    print(f"   it is now {d.clock():%Y-%m-%d %H:%M} UTC for the pipeline")
+
+
+def _morning(d: _Demo) -> None:
+    d.say("5. Morning: the collect job, then the report")
+    col = pipeline.collect(d.rt)
+    print(
+        f"   {col.batches_collected} batches collected: {d.s.green(str(col.succeeded) + ' succeeded')}, "
+        f"{d.s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
+        f"{d.s.yellow(str(col.dead) + ' dead-lettered')}"
+    )
+    body = report.morning(d.rt)
+    print()
+    print("\n".join("   " + line for line in report.render(body).splitlines()))
+
+
+def _next_night(d: _Demo) -> None:
+    d.say("6. The next night: the overload has passed, the re-queued documents go again")
+    d.control.clear_faults()
+    again = pipeline.submit(d.rt)
+    d.night_passes()
+    col2 = pipeline.collect(d.rt)
+    print(f"   {again.documents} re-sent; {col2.succeeded} succeeded")
+    with d.rt.engine.connect() as conn:
+        counts: dict[str, int] = {
+            str(k): int(v)
+            for k, v in conn.execute(text("SELECT status, count(*) FROM etl_queue GROUP BY status"))
+        }
+        dead = conn.execute(text("SELECT doc_key, reason FROM etl_queue WHERE status = 'dead'")).all()
+    print("   queue: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for doc_key, reason in dead:
+        print(d.s.yellow(f"   dead: {doc_key}: {reason}"))
+
+
+STEPS: tuple[Callable[[_Demo], None], ...] = (
+    _schema,
+    _enqueue_samples,
+    _urgent,
+    _night,
+    _morning,
+    _next_night,
+)
+
+
+def _use_it_for_real(s: _Style, db_path: Path, *, kept: bool) -> None:
+    print(f"\n{s.bold('==> Use it for real')}")
+    print(
+        "   export ANTHROPIC_API_KEY=sk-ant-...            # or systemd LoadCredential=anthropic_api_key\n"
+        "   export ETL_DATABASE_URL=postgresql://etl@db/etl  # default: SQLite at var/etl.db\n"
+        "   etl db upgrade                                 # create the schema\n"
+        "   etl enqueue documents.jsonl                    # or INSERT INTO etl_queue from anywhere\n"
+        "   etl run                                        # the daemon: nightly submit, morning report\n"
+        "   systemd: see docs/deploy.md (deploy/systemd/etl.service); container: the Dockerfile"
+    )
+    if kept:
+        print(
+            s.dim(
+                f"\n   demo database kept at {db_path}: try ETL_DATABASE_URL=sqlite:///{db_path} etl status"
+            )
+        )

@@ -19,16 +19,17 @@ import math
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import structlog
 
 from etl import budget, routing
+from etl.config import Config
 from etl.costs import plain, usd, usd_text
 from etl.errors import ProviderError
-from etl.prompt import BODY_OVERHEAD, Rejection, build_params, custom_id, request_size
+from etl.prompt import BODY_OVERHEAD, Rejection, Row, build_params, custom_id, request_size
 from etl.runtime import Runtime
 from etl.store import queue as q
 from etl.store import spend, state
@@ -122,22 +123,16 @@ class Estimate:
 def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: int = 0) -> Estimate:
     """Estimate the queued documents of `selection`. Reads only; count_tokens calls are free."""
     cfg = rt.config
-    limits = cfg.submit
     now = rt.clock()
     with reading(rt.engine) as conn:
         calibration = state.get_value(conn, CALIBRATION_KEY)
     costing = budget.Costing(cfg, budget.margin(calibration))  # the submitter's reservations, exactly
     caps = budget.caps(cfg)
     night = budget.night_of(now, cfg.schedule.zone)
-    per_task: dict[str, TaskEstimate] = {}
-    rng = random.Random(seed)
-    sample_size = limits.count_tokens_sample if count_tokens else 0
-    sample: list[tuple[dict[str, Any], int]] = []
-    seen = 0
-    batch_index, batch_count, batch_bytes = 0, 0, BODY_OVERHEAD
+    sample_size = cfg.submit.count_tokens_sample if count_tokens else 0
     with reading(rt.engine) as conn:
         reserved = spend.reserved(conn, night)
-        allowance = budget.Allowance(costing, caps, reserved)
+        tally = _Tally(cfg, costing, budget.Allowance(costing, caps, reserved), _Reservoir(sample_size, seed))
         rows = q.iter_queued(
             conn,
             task=selection.task,
@@ -146,46 +141,127 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
             live_cutoff=routing.batch_cutoff(cfg, now),
         )
         for row in rows:
-            task = cfg.tasks.get(row.task)
-            line = per_task.get(row.task)
-            if line is None:
-                line = per_task[row.task] = TaskEstimate(row.task, task.model if task else "(no such task)")
-            try:
-                params = build_params(row, cfg.tasks, limits.max_body_bytes)
-            except Rejection:
-                line.rejected += 1
-                continue
-            size = request_size(custom_id(row.id, SIZING_INSTALLATION, SIZING_INTENT), params) + 1
-            if size - 1 + BODY_OVERHEAD > limits.max_batch_bytes:
-                line.rejected += 1
-                continue
-            if batch_count >= limits.max_requests_per_batch or batch_bytes + size > limits.max_batch_bytes:
-                batch_index += 1
-                batch_count, batch_bytes = 0, BODY_OVERHEAD
-            batch_count += 1
-            batch_bytes += size
-            if line._last_batch != batch_index:
-                line._last_batch = batch_index
-                line.batches += 1
-            tokens = budget.tokens_of(budget.message_text(params))
-            line.documents += 1
-            line.message_tokens += tokens
-            cost = costing.tasks[row.task]
-            units = cost.upper_bound(tokens)
-            line._upper_units += units
-            if allowance.take(row.task, units):
-                line.within_cap += 1
-            if sample_size:
-                seen += 1
-                local = tokens + cost.system_tokens
-                if len(sample) < sample_size:
-                    sample.append((params, local))
-                else:
-                    j = rng.randrange(seen)
-                    if j < sample_size:
-                        sample[j] = (params, local)
-    sampling = _count_sample(rt, sample, seen, limits.count_tokens_confidence) if sample else None
-    ratio = sampling.ratio if sampling is not None else 1.0
+            tally.add(row)
+    sample = tally.reservoir.items
+    confidence = cfg.submit.count_tokens_confidence
+    sampling = _count_sample(rt, sample, tally.reservoir.seen, confidence) if sample else None
+    total = _price(tally.per_task, costing, cfg, sampling.ratio if sampling is not None else 1.0)
+    if sampling is not None:
+        _remember(rt, sampling, now)
+    tasks = [tally.per_task[k] for k in sorted(tally.per_task)]
+    return Estimate(
+        generated_at=now.isoformat(),
+        selection={
+            "task": selection.task,
+            "min_priority": selection.min_priority,
+            "older_than_hours": None
+            if selection.older_than is None
+            else selection.older_than.total_seconds() / 3600,
+        },
+        tasks=tasks,
+        documents=sum(t.documents for t in tasks),
+        rejected=sum(t.rejected for t in tasks),
+        batches=tally.batch_index + 1 if any(t.documents for t in tasks) else 0,
+        cost_usd=usd_text(total["cost"]),
+        standard_cost_usd=usd_text(total["standard"]),
+        upper_bound_usd=usd_text(total["upper"]),
+        tokens_source="count_tokens sample" if sampling is not None else "local (4 characters per token)",
+        night=night,
+        caps_usd={k: usd_text(v) for k, v in caps.items()},
+        reserved_tonight_usd=usd_text(sum(reserved.values(), Decimal(0))),
+        within_cap=sum(t.within_cap for t in tasks),
+        sampling=sampling,
+        last_calibration=json.loads(calibration) if calibration else None,
+    )
+
+
+@dataclass
+class _Reservoir:
+    """A uniform random sample of `size` of everything offered (reservoir sampling), in constant memory."""
+
+    size: int
+    seed: int
+    items: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    seen: int = 0
+    rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def offer(self, item: tuple[dict[str, Any], int]) -> None:
+        if not self.size:
+            return
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(item)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.size:
+                self.items[j] = item
+
+
+@dataclass
+class _Tally:
+    """The queue read once in claim order: each row built, packed into batches by the submitter's
+    limits and priced as the submitter would, only per-task sums kept."""
+
+    cfg: Config
+    costing: budget.Costing
+    allowance: budget.Allowance
+    reservoir: _Reservoir
+    per_task: dict[str, TaskEstimate] = field(default_factory=dict)
+    batch_index: int = 0
+    batch_count: int = 0
+    batch_bytes: int = BODY_OVERHEAD
+
+    def add(self, row: Row) -> None:
+        limits = self.cfg.submit
+        line = self.per_task.get(row.task)
+        if line is None:
+            task = self.cfg.tasks.get(row.task)
+            line = self.per_task[row.task] = TaskEstimate(row.task, task.model if task else "(no such task)")
+        try:
+            params = build_params(row, self.cfg.tasks, limits.max_body_bytes)
+        except Rejection:
+            line.rejected += 1
+            return
+        size = request_size(custom_id(row.id, SIZING_INSTALLATION, SIZING_INTENT), params) + 1
+        if size - 1 + BODY_OVERHEAD > limits.max_batch_bytes:
+            line.rejected += 1
+            return
+        batch = self._place(size)
+        if line._last_batch != batch:
+            line._last_batch = batch
+            line.batches += 1
+        tokens = budget.tokens_of(budget.message_text(params))
+        line.documents += 1
+        line.message_tokens += tokens
+        cost = self.costing.tasks[row.task]
+        units = cost.upper_bound(tokens)
+        line._upper_units += units
+        if self.allowance.take(row.task, units):
+            line.within_cap += 1
+        self.reservoir.offer((params, tokens + cost.system_tokens))
+
+    def _place(self, size: int) -> int:
+        """The index of the batch a request of `size` bytes goes in (a full batch starts the next)."""
+        limits = self.cfg.submit
+        if (
+            self.batch_count >= limits.max_requests_per_batch
+            or self.batch_bytes + size > limits.max_batch_bytes
+        ):
+            self.batch_index += 1
+            self.batch_count, self.batch_bytes = 0, BODY_OVERHEAD
+        self.batch_count += 1
+        self.batch_bytes += size
+        return self.batch_index
+
+
+def _price(
+    per_task: dict[str, TaskEstimate], costing: budget.Costing, cfg: Config, ratio: float
+) -> dict[str, Decimal]:
+    """Fill each task's money columns; the totals at the batch price, the standard price and the upper
+    bound the submitter would reserve."""
     total = {"cost": Decimal(0), "standard": Decimal(0), "upper": Decimal(0)}
     for name, line in per_task.items():
         priced = costing.tasks.get(name)
@@ -203,46 +279,19 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
         total["cost"] += price
         total["standard"] += standard
         total["upper"] += upper
-    if sampling is not None:
-        with rt.engine.begin() as conn:
-            state.set_value(
-                conn,
-                CALIBRATION_KEY,
-                json.dumps(
-                    {
-                        "at": now.isoformat(),
-                        "sampled": sampling.sampled,
-                        "local_error": round(sampling.local_error, 4),
-                        "ratio": round(sampling.ratio, 6),
-                    }
-                ),
-                now,
-            )
-    tasks = [per_task[k] for k in sorted(per_task)]
-    return Estimate(
-        generated_at=now.isoformat(),
-        selection={
-            "task": selection.task,
-            "min_priority": selection.min_priority,
-            "older_than_hours": None
-            if selection.older_than is None
-            else selection.older_than.total_seconds() / 3600,
-        },
-        tasks=tasks,
-        documents=sum(t.documents for t in tasks),
-        rejected=sum(t.rejected for t in tasks),
-        batches=batch_index + 1 if any(t.documents for t in tasks) else 0,
-        cost_usd=usd_text(total["cost"]),
-        standard_cost_usd=usd_text(total["standard"]),
-        upper_bound_usd=usd_text(total["upper"]),
-        tokens_source="count_tokens sample" if sampling is not None else "local (4 characters per token)",
-        night=night,
-        caps_usd={k: usd_text(v) for k, v in caps.items()},
-        reserved_tonight_usd=usd_text(sum(reserved.values(), Decimal(0))),
-        within_cap=sum(t.within_cap for t in tasks),
-        sampling=sampling,
-        last_calibration=json.loads(calibration) if calibration else None,
-    )
+    return total
+
+
+def _remember(rt: Runtime, sampling: Sampling, now: datetime) -> None:
+    """The sample's verdict on the local estimate, for the next estimate without count_tokens."""
+    calibration = {
+        "at": now.isoformat(),
+        "sampled": sampling.sampled,
+        "local_error": round(sampling.local_error, 4),
+        "ratio": round(sampling.ratio, 6),
+    }
+    with rt.engine.begin() as conn:
+        state.set_value(conn, CALIBRATION_KEY, json.dumps(calibration), now)
 
 
 def measure(line: TaskEstimate, cost: budget.TaskCost, ratio: float) -> int:

@@ -7,7 +7,7 @@ so `etl report` can print it later as a readable block.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -47,7 +47,35 @@ def build(
         queue_counts = q.counts(conn)
         oldest = q.oldest_queued(conn)
         paused = state.pause_reason(conn)
+    per_task, failures, totals = _tally(rows)
+    pending, late = [_batch_entry(i, now) for i in open_], _late_batches(open_, now, cfg)
+    late += _unknown_creates(unknown, now, cfg.submit.reconcile_grace_seconds)
+    report = {
+        "generated_at": isoformat(now),
+        "since": isoformat(since),
+        "tasks": {task: dict(v) for task, v in sorted(per_task.items())},
+        "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "tokens_and_cost": totals,
+        "pending_batches": pending,
+        "late": late,
+        "queue": dict(_ordered(queue_counts, STATUS_ORDER)),
+        "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
+        "oldest_queued_at": isoformat(oldest),  # exact, for the metrics page (etl/metrics.py)
+        "submission_paused": paused,
+        "paths": paths.summary(rows, cfg.pricing),
+    }
+    report.update(costs.section(rt, now, since if costs_since is None else costs_since))
+    return report
 
+
+FAILURE_KINDS = ("requeued", "dead", "rejected", "released", "archived", "extra_results", "unexplained")
+
+
+def _tally(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, int], dict[str, Any]]:
+    """The batch path's aggregated events as documents per task and kind, documents per failure reason,
+    and the tokens and money of what succeeded (money as decimal strings: JSON has no decimal)."""
     per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {k: 0 for k in KINDS})
     failures: dict[str, int] = defaultdict(int)
     totals: dict[str, Any] = {
@@ -66,15 +94,7 @@ def build(
             continue
         task = r["task"] or UNRECORDED  # whole-intent events of versions before they were split per task
         per_task[task][r["kind"]] += int(r["documents"] or 0)
-        if r["kind"] in (
-            "requeued",
-            "dead",
-            "rejected",
-            "released",
-            "archived",
-            "extra_results",
-            "unexplained",
-        ):
+        if r["kind"] in FAILURE_KINDS:
             failures[f"{r['kind']}: {r['reason'] or 'unspecified'}"] += int(r["documents"] or 0)
         if r["kind"] == "succeeded":
             for key in totals:
@@ -83,30 +103,41 @@ def build(
     totals["savings_usd"] = totals["standard_cost_usd"] - totals["cost_usd"]
     for key in ("cost_usd", "standard_cost_usd", "savings_usd"):
         totals[key] = costs.usd_text(totals[key])
+    return per_task, failures, totals
 
+
+def _batch_entry(intent: intents.Intent, now: datetime) -> dict[str, Any]:
+    created = intent.remote_created_at or intent.created_at
+    return {
+        "batch_id": intent.batch_id,
+        # A cancel asked of the API leaves the intent `submitted` until the batch ends: say so.
+        "status": "canceling" if intent.processing_status == "canceling" else intent.status,
+        "requests": intent.request_count,
+        "counts": intent.request_counts,
+        "age_hours": _hours(now - created),
+        "results_expire_at": isoformat(intent.results_expire_at),
+    }
+
+
+def _late_batches(open_: Sequence[intents.Intent], now: datetime, cfg: Config) -> list[dict[str, Any]]:
+    """Open batches ended long ago and still not collected, or whose results are about to vanish."""
     late_after = timedelta(days=cfg.collect.late_after_days)
     warn_before = timedelta(days=cfg.collect.warn_before_archive_days)
-    pending: list[dict[str, Any]] = []
     late: list[dict[str, Any]] = []
     for intent in open_:
-        created = intent.remote_created_at or intent.created_at
-        entry = {
-            "batch_id": intent.batch_id,
-            # A cancel asked of the API leaves the intent `submitted` until the batch ends: say so.
-            "status": "canceling" if intent.processing_status == "canceling" else intent.status,
-            "requests": intent.request_count,
-            "counts": intent.request_counts,
-            "age_hours": _hours(now - created),
-            "results_expire_at": isoformat(intent.results_expire_at),
-        }
-        pending.append(entry)
+        entry = _batch_entry(intent, now)
         if intent.ended_at is not None and now - intent.ended_at > late_after:
             late.append(
                 {**entry, "why": f"ended {_hours(now - intent.ended_at)} h ago and still not collected"}
             )
         elif intent.results_expire_at is not None and intent.results_expire_at - now < warn_before:
             late.append({**entry, "why": f"results vanish in {_hours(intent.results_expire_at - now)} h"})
-    grace = cfg.submit.reconcile_grace_seconds
+    return late
+
+
+def _unknown_creates(unknown: Sequence[intents.Intent], now: datetime, grace: float) -> list[dict[str, Any]]:
+    """Batch creates whose outcome is unknown, each with when it is released and how to release it now."""
+    late: list[dict[str, Any]] = []
     for intent in unknown:
         sent = intent.sent_at or intent.created_at
         release_at = sent + timedelta(seconds=grace)
@@ -128,23 +159,7 @@ def build(
                 f"(or now, at the risk of paying twice: etl reconcile --release {intent.id})",
             }
         )
-
-    report = {
-        "generated_at": isoformat(now),
-        "since": isoformat(since),
-        "tasks": {task: dict(v) for task, v in sorted(per_task.items())},
-        "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "tokens_and_cost": totals,
-        "pending_batches": pending,
-        "late": late,
-        "queue": dict(_ordered(queue_counts, STATUS_ORDER)),
-        "oldest_queued_age_hours": None if oldest is None else _hours(now - oldest),
-        "oldest_queued_at": isoformat(oldest),  # exact, for the metrics page (etl/metrics.py)
-        "submission_paused": paused,
-        "paths": paths.summary(rows, cfg.pricing),
-    }
-    report.update(costs.section(rt, now, since if costs_since is None else costs_since))
-    return report
+    return late
 
 
 def morning(rt: Runtime, *, log_body: bool = True) -> dict[str, Any]:

@@ -140,3 +140,23 @@ def test_budget_caps_are_exact_decimals_and_bad_ones_are_listed(tmp_path: Path) 
     problems = str(info.value)
     assert "submit.max_cost_usd_per_night cannot be negative" in problems
     assert "tasks.classify.max_cost_usd_per_night must be a positive number" in problems
+
+
+def test_a_setting_older_versions_read_loads_with_a_warning(tmp_path: Path) -> None:
+    """submit.reconcile_window_seconds is read by nothing: an old file that sets it still loads, and `etl`
+    says once that it is ignored; it is no setting any more (`etl config` leaves it out)."""
+    from tests.conftest import run_etl
+
+    old = tmp_path / "old.toml"
+    base = (ROOT / "config" / "etl.toml").read_text()
+    old.write_text(base.replace("[submit]\n", "[submit]\nreconcile_window_seconds = 900\n"))
+    cfg = config.load({}, old)
+    assert not hasattr(cfg.submit, "reconcile_window_seconds")
+    assert len(cfg.warnings) == 1 and "submit.reconcile_window_seconds is ignored" in cfg.warnings[0]
+    assert config.load({}, ROOT / "config" / "etl.toml").warnings == ()
+
+    shown = run_etl(["config", "--config", str(old)], {})
+    assert shown.returncode == 0, shown.stderr
+    assert "reconcile_window_seconds" not in shown.stdout
+    assert "config_setting_ignored" in shown.stderr
+    assert "submit.reconcile_window_seconds is ignored" in shown.stderr

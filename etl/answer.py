@@ -16,6 +16,7 @@ from typing import Any
 from etl.errors import clean, describe
 from etl.pricing import Usage
 from etl.store import warehouse
+from etl.store.dialect import Capabilities
 
 
 class Unreadable(Exception):
@@ -67,7 +68,7 @@ def _usage(value: Any) -> Usage:
         raise Unreadable(f"unreadable result: usage.cache_creation: {describe(exc)}") from None
 
 
-def storable(text: str, what: str, dialect: str) -> None:
+def storable(text: str, what: str, caps: Capabilities) -> None:
     """Refuse, with a reason that says why, what no database would store: a lone surrogate (not Unicode:
     neither driver encodes it) and, on PostgreSQL, a NUL character. Raises `Unreadable`."""
     if not text.isascii():
@@ -78,23 +79,23 @@ def storable(text: str, what: str, dialect: str) -> None:
                 f"unstorable result: {what} holds a lone surrogate U+{ord(text[exc.start]):04X} at character "
                 f"{exc.start}, which is not Unicode text"
             ) from None
-    if dialect == "postgresql" and "\x00" in text:
+    if not caps.nul_in_text and "\x00" in text:
         raise Unreadable(
             f"unstorable result: {what} holds a NUL character at character {text.index(chr(0))}, which "
             "PostgreSQL cannot store in text"
         )
 
 
-def checked_answer(message: dict[str, Any], dialect: str) -> tuple[str, Usage, str, str | None]:
+def checked_answer(message: dict[str, Any], caps: Capabilities) -> tuple[str, Usage, str, str | None]:
     """A succeeded answer's text, usage, model and stop_reason, checked as the batch path checks them (the
     live path's answers too). Raises `Unreadable` with the reason its row ends `dead` with."""
     text = text_of(message)
-    storable(text, "the output text", dialect)
+    storable(text, "the output text", caps)
     usage = _usage(message.get("usage"))
     model = string_in(message, "model") or ""
     stop_reason = string_in(message, "stop_reason")
-    storable(model, "the model name", dialect)
-    storable(stop_reason or "", "the stop_reason", dialect)
+    storable(model, "the model name", caps)
+    storable(stop_reason or "", "the stop_reason", caps)
     return text, usage, model, stop_reason
 
 

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 from etl.config import Config, Task
 from etl.pricing import Meter, Rates
-from etl.schema import to_money
+from etl.store.schema import to_money
 from etl.store.spend import Reservation
 
 BUDGET_REASON = "waiting for the nightly budget"

@@ -15,9 +15,9 @@ import structlog
 
 from etl.errors import InputError, ProviderError
 from etl.runtime import Runtime
-from etl.schema import OPEN_BATCH_STATUSES
 from etl.store import batches as intents
 from etl.store.engine import reading
+from etl.store.schema import OPEN_BATCH_STATUSES
 
 log = structlog.get_logger("etl.cancel")
 

@@ -621,12 +621,13 @@ def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
 
 def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.store import grants, migrate
+    from etl.store.dialect import capabilities, database_file
 
     roles = grants.Roles(producer=args.producer, reader=args.reader, daemon=args.daemon)
-    if rt.engine.dialect.name != "postgresql" or rt.warehouse.dialect.name != "postgresql":
+    if not (capabilities(rt.engine).roles and capabilities(rt.warehouse).roles):
         for eng, _ in migrate.roles(rt.engine, rt.warehouse):
-            if eng.dialect.name == "sqlite" and eng.url.database:
-                path = Path(eng.url.database)
+            path = database_file(eng)
+            if path is not None:
                 mode = f"{path.stat().st_mode & 0o777:04o}" if path.exists() else "not made yet"
                 print(f"{path}: {mode}")
         print(

@@ -19,19 +19,20 @@ from typing import Any
 
 import structlog
 
-from etl import codec, failpoints, schema, settlement
+from etl import codec, failpoints, settlement
 from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
 from etl.pricing import Meter
 from etl.prompt import parse_custom_id
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime, gc_paused
-from etl.schema import DocStatus
 from etl.settlement import Expected
 from etl.store import batches as intents
-from etl.store import events, state
+from etl.store import events, schema, state
 from etl.store import queue as q
 from etl.store.batches import Intent
+from etl.store.dialect import capabilities
 from etl.store.engine import bulk_writes, reading
+from etl.store.schema import DocStatus
 from etl.store.warehouse import Encoder
 
 log = structlog.get_logger("etl.collect")
@@ -360,7 +361,7 @@ def _chunk_maker(
     """A new empty chunk for each part of the stream, all sharing one meter."""
     meter = Meter(rt.config.pricing)
 
-    unique_keys = rt.warehouse.dialect.name == "postgresql" and len(
+    unique_keys = capabilities(rt.warehouse).bulk_copy and len(
         {(e.doc_key, e.task) for e in expected.values()}
     ) == len(expected)
 

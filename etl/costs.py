@@ -14,9 +14,9 @@ from typing import Any
 
 from etl import budget
 from etl.runtime import Runtime
-from etl.schema import MONEY_UNIT
 from etl.store import events, spend
 from etl.store.engine import reading
+from etl.store.schema import MONEY_UNIT
 
 
 def usd_text(value: Decimal) -> str:

@@ -26,8 +26,8 @@ from etl import live, pipeline, report
 from etl.clock import utcnow
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime, build
-from etl.schema import results
 from etl.store import migrate
+from etl.store.schema import results
 
 NIGHT = timedelta(hours=7)
 DEMO_KEY = "demo-key-for-the-local-emulator"

@@ -19,10 +19,10 @@ from etl import collector, logs, pipeline, recovery, report, submitter
 from etl.errors import SubmissionPaused, environmental
 from etl.notify import Notifier
 from etl.runtime import Runtime
-from etl.schema import BatchStatus
 from etl.store import batches as intents
 from etl.store import state
 from etl.store.engine import denied
+from etl.store.schema import BatchStatus
 from etl.watchdog import Watchdog
 
 log = structlog.get_logger("etl.daemon")

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from etl import counters, failpoints, routing, schema
+from etl import counters, failpoints, routing
 from etl.answer import RESULT_COLUMNS, Unreadable, checked_answer, parsed_json, result_row
 from etl.config import Task
 from etl.errors import EtlError, ProviderError, clean
@@ -40,8 +40,9 @@ from etl.prompt import Rejection, Row, build_params
 from etl.runtime import Runtime
 from etl.settler import Answer, LiveOutcome, Settler
 from etl.spend import Spend
-from etl.store import events, state
+from etl.store import events, schema, state
 from etl.store import live as store
+from etl.store.dialect import capabilities
 from etl.store.engine import reading
 
 log = structlog.get_logger("etl.live")
@@ -83,7 +84,7 @@ class LiveWorker:
     def run(self, *, once: bool = False) -> LiveOutcome:
         """Take urgent rows until stopped (or, with `once`, until none is left), then wait for the calls."""
         listener = None
-        if not once and self.rt.engine.dialect.name == "postgresql":
+        if not once and capabilities(self.rt.engine).listen_notify:
             listener = threading.Thread(target=self._listen, name="etl-live-listen", daemon=True)
             listener.start()
         log.info("live_worker_started", concurrency=self.settings.concurrency, once=once)
@@ -305,7 +306,7 @@ class LiveWorker:
         row = lrow.row
         now = self.rt.clock()  # the answer's time; the settler commits it a moment later
         try:
-            answer = checked_answer(message, self.rt.warehouse.dialect.name)
+            answer = checked_answer(message, capabilities(self.rt.warehouse))
         except Unreadable as exc:  # billed, but no database would store it: the row ends here, not re-called
             self._dead(row.id, row.task, clean(str(exc)))
             return

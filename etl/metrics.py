@@ -34,11 +34,11 @@ from etl import status as status_mod
 from etl.clock import parse_iso
 from etl.errors import EtlError
 from etl.runtime import Runtime
-from etl.schema import BatchStatus, DocStatus
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import metrics as store
 from etl.store.engine import reading
+from etl.store.schema import BatchStatus, DocStatus
 
 log = structlog.get_logger("etl.metrics")
 

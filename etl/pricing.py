@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from etl.config import ModelPrice, Pricing
-from etl.schema import MONEY_UNIT, to_money
+from etl.store.schema import MONEY_UNIT, to_money
 
 MILLION = 1_000_000
 ZERO = Decimal(0).quantize(MONEY_UNIT)

@@ -21,12 +21,12 @@ from etl.errors import EtlError, ProviderError
 from etl.prompt import SentId, parse_custom_id
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
-from etl.schema import BatchStatus, DocStatus, batches
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
 from etl.store.engine import reading
+from etl.store.schema import BatchStatus, DocStatus, batches
 
 log = structlog.get_logger("etl.reconcile")
 

@@ -37,10 +37,11 @@ from etl import life, liveness, reconciler
 from etl.clock import ensure_utc
 from etl.config import ScheduleSettings
 from etl.runtime import Runtime
-from etl.schema import BatchStatus
 from etl.store import batches as intents
 from etl.store import events, state
+from etl.store.dialect import capabilities
 from etl.store.engine import reading
+from etl.store.schema import BatchStatus
 
 log = structlog.get_logger("etl.recovery")
 
@@ -52,10 +53,6 @@ UNSETTLED = (BatchStatus.CLAIMED, BatchStatus.SENDING, BatchStatus.UNKNOWN)
 _last_api_look = 0.0  # monotonic time of `settle`'s last call to the reconciler
 
 
-def _is_postgres(rt: Runtime) -> bool:
-    return rt.engine.dialect.name == "postgresql"
-
-
 def owner_dead(rt: Runtime, owner: str | None) -> bool:
     """Rule 1. True only when `owner` is known dead (never for ourselves, never on a guess).
 
@@ -65,7 +62,7 @@ def owner_dead(rt: Runtime, owner: str | None) -> bool:
     if not owner or owner == rt.owner:
         return False
     lock_free: bool | None = None
-    if liveness.holds_lock(owner) and _is_postgres(rt):
+    if liveness.holds_lock(owner) and capabilities(rt.engine).advisory_locks:
         with rt.engine.begin() as conn:
             lock_free = state.owner_lock_free(conn, owner)
     elif liveness.holds_flock(owner):

@@ -18,11 +18,11 @@ from etl import costs, paths
 from etl.clock import isoformat
 from etl.config import Config
 from etl.runtime import Runtime
-from etl.schema import BatchStatus, DocStatus
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
 from etl.store.engine import reading
+from etl.store.schema import BatchStatus, DocStatus
 
 log = structlog.get_logger("etl.report")
 

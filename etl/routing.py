@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 
 from etl import scheduling
 from etl.config import Config
-from etl.schema import Mode
+from etl.store.schema import Mode
 
 
 def next_submit(config: Config, now: datetime) -> datetime:

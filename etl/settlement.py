@@ -29,10 +29,11 @@ from etl.errors import clean, describe
 from etl.pricing import ZERO, Meter
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime
-from etl.schema import DocStatus
 from etl.store import events, state, warehouse
 from etl.store import queue as q
 from etl.store.batches import Intent
+from etl.store.dialect import capabilities
+from etl.store.schema import DocStatus
 
 log = structlog.get_logger("etl.collect")
 
@@ -153,7 +154,7 @@ class Chunk:
             self.tally.add("requeued", exp.task, category(reason))
 
     def _succeeded(self, qid: int, exp: Expected, message: dict[str, Any]) -> None:
-        answer = checked_answer(message, self.encoder.dialect)
+        answer = checked_answer(message, self.encoder.caps)
         text, usage, model, _ = answer
         output_json = parsed_json(text) if exp.task in self._json_tasks else None
         cost, standard = self.meter.costs(model, usage)
@@ -244,7 +245,7 @@ def settles_per_batch(rt: Runtime) -> bool:
     UPDATE at the end (bench/RESULTS.md). On PostgreSQL the server applies each chunk's UPDATE beside the
     collector's own work; one UPDATE at the end would run alone.
     """
-    return rt.engine.dialect.name == "sqlite"
+    return not capabilities(rt.engine).server
 
 
 def write(

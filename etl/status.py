@@ -11,11 +11,11 @@ from etl import budget, costs, disk, failures, live, reconciler, recovery, repor
 from etl.clock import isoformat
 from etl.errors import StoreError
 from etl.runtime import Runtime
-from etl.schema import DocStatus
 from etl.store import batches as intents
 from etl.store import queue as q
 from etl.store import state
 from etl.store.engine import reading
+from etl.store.schema import DocStatus
 
 
 def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:

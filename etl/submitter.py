@@ -26,11 +26,11 @@ from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describ
 from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, Row, build_params, custom_id, encode_request
 from etl.remote import RemoteBatch
 from etl.runtime import Runtime, gc_paused
-from etl.schema import BatchStatus, batches
 from etl.store import batches as intents
 from etl.store import events, spend, state
 from etl.store import queue as q
 from etl.store.engine import reading
+from etl.store.schema import BatchStatus, batches
 
 if TYPE_CHECKING:
     from etl.provider import Provider

@@ -4,7 +4,7 @@
   DELETE; the bookkeeping columns keep their defaults, and migration 0008 refuses a new row that is not
   queued whoever inserts it).
 - reader: SELECT on every warehouse table and on the report tables (`READER_TABLES`).
-- daemon: SELECT, INSERT and UPDATE on every table `etl.schema` declares for the database, DELETE only
+- daemon: SELECT, INSERT and UPDATE on every table `etl.store.schema` declares for the database, DELETE only
   where the code deletes (`DAEMON_DELETES`), USAGE on the id sequences; not the owner, no CREATE, no
   TRUNCATE, no DDL. Advisory locks, LISTEN and NOTIFY need no grant.
 

@@ -41,8 +41,8 @@ from etl import config as config_mod
 from etl import pipeline
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
 from etl.runtime import Runtime, build
-from etl.schema import runs as runs_table
 from etl.store.engine import make_engine
+from etl.store.schema import runs as runs_table
 from tests.conftest import write_config
 from tests.daemon.conftest import KEY, EtlProcess, pg_database, prepare_db, query, wait_for
 from tests.reliability import checker

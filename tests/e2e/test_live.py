@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 
-from etl import live, pipeline, report, routing, schema
+from etl import live, pipeline, report, routing
 from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_text
 from etl.prompt import Row, build_params
@@ -21,6 +21,7 @@ from etl.runtime import Runtime
 from etl.store import batches as intents
 from etl.store import live as live_store
 from etl.store import queue as q
+from etl.store import schema
 from tests.conftest import SharedClock, insert_docs, queue_rows
 
 FAST = "\n[live]\nbackoff_seconds = 0.05\npoll_seconds = 0.2\n"

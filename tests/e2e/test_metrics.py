@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from etl import metrics, pipeline, report
 from etl.runtime import Runtime, build
-from etl.schema import DOC_STATUSES
+from etl.store.schema import DOC_STATUSES
 from tests.conftest import SharedClock, insert_docs
 
 DAY = 86400

@@ -9,8 +9,8 @@ from decimal import Decimal
 from etl import estimate, live, pipeline, reconciler, report, status
 from etl.emulator import EmulatorControl
 from etl.runtime import Runtime
-from etl.schema import BatchStatus
 from etl.store import batches as intents
+from etl.store.schema import BatchStatus
 from tests.conftest import SharedClock, insert_docs
 
 # -- 6. money: the live daily cap counts the calls in flight ------------------------------------------

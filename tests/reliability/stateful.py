@@ -47,9 +47,9 @@ from etl.emulator.model import reply_text
 from etl.errors import EtlError, environmental
 from etl.prompt import Row, build_params, custom_id
 from etl.runtime import Runtime
-from etl.schema import metadata, warehouse_metadata
 from etl.store import state
 from etl.store.engine import make_engine
+from etl.store.schema import metadata, warehouse_metadata
 from tests.conftest import API_KEY, TASKS_TOML
 from tests.ledger import by_row
 from tests.reliability import checker

@@ -311,6 +311,7 @@ class Twin:
     fd: int | None = None  # SQLite: its flocked file
     intent: int = 0
     lease_until: datetime = datetime.min
+    lock_lost: bool = False  # PostgreSQL: a connection kill ended its lock session (it looks dead now)
 
     def die(self) -> None:
         """As the kernel and the database do at a process's death: the lock is dropped, nothing cleaned."""
@@ -346,6 +347,7 @@ class FaultModel(RuleBasedStateMachine):
         self.log: list[str] = []
         self.odd_rows: set[int] = set()  # rows answered by a generated line (odd_results), not the model
         self.odd_due: dict[int, str] = {}  # odd rows queued when their line was set: its custom_id rule
+        self.odd_hits: Counter[str] = Counter()  # the odd rules' hits before the completion re-installed them
         self.never_bill: set[str] = set()  # rows a newer queued row of their (doc_key, task) superseded
         self.clean_run = False  # the last run met no fault
         self.host_jumped = False
@@ -403,6 +405,8 @@ class FaultModel(RuleBasedStateMachine):
             if db_kill == n:
                 fired.append("db_kill")
                 self.w.kill_connections(cursor, engine)
+                if self.w.db == "postgresql" and self.twin is not None:
+                    self.twin.lock_lost = True  # every session of the database died, its lock's too
             if crash is not None and crash[0] == "statement" and crash[1] == n:
                 fired.append("crash@statement")
                 raise Crash(f"simulated kill before statement {n}")
@@ -651,8 +655,10 @@ class FaultModel(RuleBasedStateMachine):
             self.log.append("twin dies")
 
     def check_twin(self) -> None:
-        """A live twin's claim is never taken from it while its lease runs, whatever /proc says."""
-        if self.twin is None or self.host_now() >= self.twin.lease_until:
+        """A live twin's claim is never taken from it while its lease runs, whatever /proc says; unless its
+        proof of life is gone (PostgreSQL: a connection kill ended its lock session): /proc cannot vouch
+        for it, so it looks dead and its claim may rightly go back (docs/survival.md, the limits)."""
+        if self.twin is None or self.twin.lock_lost or self.host_now() >= self.twin.lease_until:
             return
         with self.w.engine.connect() as conn:
             status = conn.execute(
@@ -783,9 +789,14 @@ class FaultModel(RuleBasedStateMachine):
 
     def complete(self) -> None:
         """Lift the API faults (the clocks stay as they are) and resume, as an operator would; then nights
-        and mornings until everything is settled."""
-        self.check_odd_lines_served()
-        self.w.control.set_faults(clock_offset_seconds=self.api_offset)
+        and mornings until everything is settled. The odd results lines stay: they are the API's answer
+        for their rows, served whenever their batch ends, and most rows are only sent now."""
+        odd = self.w.control.faults()["outcomes"]
+        self.odd_hits = Counter()
+        for o in odd:
+            self.odd_hits[o["custom_id"]] += o["hits"]
+        kept = [{k: v for k, v in o.items() if k in ("custom_id", "outcome", "line")} for o in odd]
+        self.w.control.set_faults(outcomes=kept, clock_offset_seconds=self.api_offset)
         self.twin_dies()
         with self.w.engine.begin() as conn:
             state.resume(conn)
@@ -808,7 +819,7 @@ class FaultModel(RuleBasedStateMachine):
         since met its rule (counted by the emulator), or the rule matches none of the ids we send."""
         if not self.odd_due:
             return
-        hits: Counter[str] = Counter()
+        hits = Counter(self.odd_hits)
         for o in self.w.control.faults()["outcomes"]:  # odd_results installs every outcome rule
             hits[o["custom_id"]] += o["hits"]
         self.w.actors["odd-rows-due"] += len(self.odd_due)
@@ -839,6 +850,7 @@ class FaultModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.complete()
+            self.check_odd_lines_served()
             if self.w.other_engine is not None:
                 self.check_answers(self.w.other_engine)
             v = self.verdict(final=True)

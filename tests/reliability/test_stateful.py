@@ -77,6 +77,10 @@ def test_generated_fault_sequences_keep_every_invariant(
                 + ([Phase.shrink] if os.environ.get("ETL_STATEFUL_SHRINK", "1") != "0" else []),
             ),
         )
+        # A rule that matches none of the ids we send serves nothing and fails nothing: once rows were due
+        # an odd line in many examples (CI size: 31 on SQLite, 48 on PostgreSQL), some line was served.
+        due, served = world.actors["odd-rows-due"], world.actors["odd-line-served"]
+        assert due < 20 or served, f"{due} rows were due an odd results line and not one line was served"
     finally:
         combos = world.combos
         line = (
@@ -208,7 +212,7 @@ def test_poison_lines_and_a_disk_full_collect_lose_nothing(world: World) -> None
     said = [entry for entry in m.log if "disk_full" in entry]
     assert said and all("exit 74" in entry for entry in said), m.log
     # Each of the three lines was served (a rule matching none of our ids would serve none, silently).
-    assert world.actors["odd-rows-due"] == 3 and world.actors["odd-line-served"] == 3, world.actors
+    assert world.actors["odd-rows-due"] == 3 and world.actors["odd-line-served"] >= 3, world.actors
 
 
 def test_a_claim_never_takes_an_older_version_of_a_queued_document(world: World) -> None:
@@ -257,3 +261,20 @@ def test_a_newer_version_enqueued_during_a_submit_leaves_the_older_unsent(
         m.nothing_lost_or_paid_twice()
     finally:
         m.teardown()
+
+
+def test_a_database_wide_kill_also_drops_the_live_twins_proof_of_life(world: World) -> None:
+    """Found by the model (200 examples, PostgreSQL): a connection kill terminates every session of the
+    database, the live twin's lock session too. Its claim is then released, as docs/survival.md accepts
+    for a live process whose lock session dropped and whose pid /proc cannot vouch for: the twin is no
+    longer proven alive, and the model's "a live twin's claim is never taken" does not apply to it."""
+    m = stateful.replay(
+        world,
+        [
+            ("enqueue", {"batch": [("good", c, c, GOOD) for c in "abcdef"]}),
+            ("twin_claims", {}),
+            ("submit", {"db_kill": 1}),
+            ("submit", {"crash": ("submit.after_claim", 1)}),
+        ],
+    )
+    assert any("twin" in entry for entry in m.log), m.log

@@ -193,7 +193,10 @@ class Outcome:
 
 
 class Faults:
-    """The live fault configuration. Thread-safe; ``times`` counters are consumed as rules fire."""
+    """The live fault configuration. Thread-safe; ``times`` counters are consumed as rules fire.
+
+    Every rule and outcome rule counts its ``hits`` (the times it fired), shown by ``to_json``: a test
+    that installs a rule can prove it fired, so a rule that matches nothing cannot pass unnoticed."""
 
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed
@@ -201,7 +204,9 @@ class Faults:
         self._lock = threading.Lock()
         self._rules: list[EndpointRule] = []
         self._remaining: list[int | None] = []
+        self._hits: list[int] = []
         self._outcomes: list[OutcomeRule] = []
+        self._outcome_hits: list[int] = []
         self.list_delay_seconds = 0.0
         self.clock_offset_seconds = 0.0
 
@@ -226,11 +231,14 @@ class Faults:
         with self._lock:
             if mode == "replace":
                 self._rules, self._remaining, self._outcomes = [], [], []
+                self._hits, self._outcome_hits = [], []
                 self.list_delay_seconds = 0.0
                 self.clock_offset_seconds = 0.0
             self._rules.extend(rules)
             self._remaining.extend(r.times for r in rules)
+            self._hits.extend(0 for _ in rules)
             self._outcomes.extend(outcomes)
+            self._outcome_hits.extend(0 for _ in outcomes)
             if delay is not None:
                 self.list_delay_seconds = delay
             if offset is not None:
@@ -243,10 +251,13 @@ class Faults:
         with self._lock:
             return {
                 "rules": [
-                    {**r.to_json(), "remaining": left}
-                    for r, left in zip(self._rules, self._remaining, strict=True)
+                    {**r.to_json(), "remaining": left, "hits": hits}
+                    for r, left, hits in zip(self._rules, self._remaining, self._hits, strict=True)
                 ],
-                "outcomes": [o.to_json() for o in self._outcomes],
+                "outcomes": [
+                    {**o.to_json(), "hits": hits}
+                    for o, hits in zip(self._outcomes, self._outcome_hits, strict=True)
+                ],
                 "list_delay_seconds": self.list_delay_seconds,
                 "clock_offset_seconds": self.clock_offset_seconds,
             }
@@ -275,6 +286,7 @@ class Faults:
                 left = self._remaining[i]
                 if left is not None:
                     self._remaining[i] = left - 1
+                self._hits[i] += 1
                 return rule
         return None
 
@@ -289,6 +301,9 @@ class Faults:
                 digest = hashlib.sha256(f"{self._seed}\x00{index}\x00{custom_id}".encode()).digest()
                 if int.from_bytes(digest[:8], "big") / 2**64 >= rule.rate:
                     continue
+            with self._lock:  # counted unless a reconfiguration replaced the rule meanwhile
+                if index < len(self._outcomes) and self._outcomes[index] is rule:
+                    self._outcome_hits[index] += 1
             message = rule.message or f"Injected {rule.error_type} for {custom_id}"
             return Outcome(rule.outcome, rule.error_type, message, rule.line or "")
         return None

@@ -52,7 +52,13 @@ def claim(
     a re-run skips the rows this statement has already updated and takes the next ones, so a claim of 2
     took all 5 queued rows (seen after issue 15's migration changed the plan). SQLite: the transaction is `BEGIN IMMEDIATE` (see engine), so
     claimers are serialised and the guarded `status = 'queued'` keeps them apart.
+
+    Older queued versions of a document are superseded first, in the claim's own transaction: a claim never
+    takes a row whose newer version is queued. A supersede run once before a submit's first claim did not
+    cover its later claims (a newer version enqueued mid-run had both sent) nor another claimer's.
+    (PostgreSQL: a row committed between the two statements can still slip past, a window of one statement.)
     """
+    supersede(conn, now)
     where = [queue.c.status == S.QUEUED]
     if exclude_tasks:
         where.append(queue.c.task.not_in(sorted(exclude_tasks)))  # at their nightly cap

@@ -330,3 +330,29 @@ def test_bad_clock_offset_is_rejected(control: EmulatorControl) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         control.set_faults(clock_offset_seconds="soon")  # type: ignore[arg-type]
     assert info.value.code == 400
+
+
+def test_every_rule_counts_its_hits(client: anthropic.Anthropic, control: EmulatorControl) -> None:
+    """A rule that matches nothing shows 0 hits: a test can prove the fault it installed was served."""
+    control.set_faults(
+        rules=[
+            {"endpoint": "list", "action": "status", "status": 500, "times": 1},
+            {"endpoint": "cancel", "action": "reset"},
+        ],
+        outcomes=[
+            {"custom_id": "r[0-2]", "outcome": "errored"},
+            {"custom_id": "r1", "outcome": "expired"},  # r1 is r[0-2]'s: the first match fires
+            {"custom_id": "q1", "outcome": "expired"},  # nobody's id
+        ],
+    )
+    with pytest.raises(anthropic.InternalServerError):
+        client.messages.batches.list()
+    client.messages.batches.list()
+    ended_batch(client, control)
+    faults = control.faults()
+    assert [r["hits"] for r in faults["rules"]] == [1, 0]
+    assert [o["hits"] for o in faults["outcomes"]] == [3, 0, 0]
+    control.set_faults(outcomes=[{"custom_id": "r.*", "outcome": "succeeded"}], mode="append")
+    assert [o["hits"] for o in control.faults()["outcomes"]] == [3, 0, 0, 0]  # append keeps the counts
+    control.set_faults()
+    assert control.faults()["outcomes"] == []

@@ -37,9 +37,14 @@ def _kill_collect(sc: Scenario, point: str, times: int) -> tuple[bool, str]:
     assert sc.run("submit").returncode == 0
     sc.clock.advance(PROCESSING_SECONDS + 60)
     runs = [sc.run("collect", "--no-report", failpoints=f"{point}=kill") for _ in range(times)]
+    served = sum(o["hits"] for o in sc.control.faults()["outcomes"])
     sc.control.clear_faults()
     fired = all(r.killed for r in runs)
-    return fired, f"{times} collect run(s) died with SIGKILL at {point}: {[r.returncode for r in runs]}"
+    detail = f"{times} collect run(s) died with SIGKILL at {point}: {[r.returncode for r in runs]}"
+    if point == "requeue.after_requeue":  # the re-queue happens only if the overloaded results were served
+        fired = fired and served > 0
+        detail += f"; {served} overloaded result(s) served"
+    return fired, detail
 
 
 def _kill_reconcile(sc: Scenario, point: str, times: int) -> tuple[bool, str]:

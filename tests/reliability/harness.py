@@ -26,7 +26,6 @@ SETTINGS: dict[str, Any] = {
     "max_requests_per_batch": 5,
     "claim_lease_seconds": 120,
     "reconcile_grace_seconds": 600,
-    "reconcile_window_seconds": 300,
     "create_timeout_seconds": 1.0,
 }
 

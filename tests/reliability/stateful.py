@@ -50,7 +50,7 @@ from etl.runtime import Runtime
 from etl.store import state
 from etl.store.engine import make_engine
 from etl.store.schema import metadata, warehouse_metadata
-from tests.conftest import API_KEY, TASKS_TOML
+from tests.conftest import API_KEY, TASKS_TOML, write_config
 from tests.ledger import by_row
 from tests.reliability import checker
 from tests.reliability.lines import RESULT_LINES
@@ -61,7 +61,6 @@ SUBMIT = {
     "max_requests_per_batch": 4,
     "claim_lease_seconds": 120,
     "reconcile_grace_seconds": 600,
-    "reconcile_window_seconds": 300,
     "create_timeout_seconds": 2.0,
 }
 CONFIG = """
@@ -69,7 +68,6 @@ CONFIG = """
 timeout_seconds = 5
 
 [submit]
-{submit}
 
 [collect]
 chunk_size = 2
@@ -271,12 +269,6 @@ class _Unclosable:
         pass
 
 
-def write_config(path: Path) -> Path:
-    submit = "\n".join(f"{k} = {v!r}" for k, v in SUBMIT.items())
-    path.write_text(CONFIG.format(submit=submit) + TASKS_TOML, encoding="utf-8")
-    return path
-
-
 def make_world(db: str, url: str, tmp: Path, emulator: EmulatorServer) -> World:
     from etl import logs
     from etl.store import migrate
@@ -292,7 +284,14 @@ def make_world(db: str, url: str, tmp: Path, emulator: EmulatorServer) -> World:
         engine.dispose()
     migrate.upgrade(engine, engine)
     world = World(
-        db, url, engine, write_config(tmp / "etl-stateful.toml"), emulator, EmulatorControl(emulator.base_url)
+        db,
+        url,
+        engine,
+        write_config(
+            tmp / "etl-stateful.toml", CONFIG + TASKS_TOML, **{f"submit.{k}": v for k, v in SUBMIT.items()}
+        ),
+        emulator,
+        EmulatorControl(emulator.base_url),
     )
     folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp
     world.other_url = f"sqlite:///{folder / f'etl-other-installation-{os.getpid()}-{id(world)}.db'}"

@@ -8,6 +8,7 @@
 # Overrides (used by scripts/lock.sh to try a candidate lock without touching this checkout's .venv):
 #   ETL_LOCK_DIR  folder holding test.txt and run.txt (default: requirements)
 #   ETL_VENV      the virtual environment to make and use (default: .venv; and $ETL_VENV-oldest)
+#   ETL_TEST_WORKERS  pytest-xdist workers (default 2; 0 runs the tests in one process)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +56,10 @@ if [ -x deploy/docker-smoke.sh ]; then
 fi
 echo "== the provider seam and the emulator against the oldest SDK the range allows ($lock_dir/oldest.txt)"
 make_venv "$venv-oldest" "$lock_dir/oldest.txt"
-"$venv-oldest/bin/pytest" -q -p no:cacheprovider tests/emulator
-echo "== pytest"
-"$venv/bin/pytest" "$@"
+# Two workers (pytest-xdist), a test file per worker at a time: most tests wait on a subprocess, a socket or
+# a database, so two of them share the machine's two cores well (926 tests: 15 min on this machine, about 35 in one process).
+# ETL_TEST_WORKERS=0 runs them in this one process (e.g. to debug); arguments after this command follow.
+workers=${ETL_TEST_WORKERS:-2}
+"$venv-oldest/bin/pytest" -q -p no:cacheprovider -n "$workers" --dist loadfile tests/emulator
+echo "== pytest ($workers workers)"
+"$venv/bin/pytest" -n "$workers" --dist loadfile --durations=30 "$@"

@@ -47,6 +47,7 @@ from sqlalchemy import text
 
 from etl import config as config_mod
 from etl import live
+from etl.api import Api
 from etl.prompt import Row, build_params
 from etl.provider import LiveReply, Provider
 from etl.runtime import Runtime, build
@@ -90,7 +91,7 @@ def runtime(db_url: str, base_url: str, concurrency: int, poll: float) -> Runtim
     def factory() -> Provider:
         return TimedProvider(api_key=KEY, base_url=base_url, timeout=60)
 
-    rt.provider_factory = factory
+    rt.api = Api(factory)
     return rt
 
 

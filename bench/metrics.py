@@ -48,10 +48,10 @@ def scrape_cost(url: str, config: Path, scrapes: int) -> tuple[float, float]:
         pages, verdicts = [], []
         for _ in range(scrapes):
             start = time.perf_counter()
-            page = metrics.page(rt)
+            page = metrics.page(rt.config, rt.db, rt.owner, rt.clock)
             pages.append(time.perf_counter() - start)
             start = time.perf_counter()
-            status.status(rt)
+            status.status(rt.config, rt.db, rt.owner, rt.clock())
             verdicts.append(time.perf_counter() - start)
         if "etl_database_up 1.0" not in page:
             raise SystemExit("the page did not read the database:\n" + page[-2000:])

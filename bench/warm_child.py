@@ -35,6 +35,7 @@ def main() -> int:
 
     from etl import config as config_mod
     from etl import logs, pipeline, report
+    from etl.api import Api
     from etl.runtime import build
 
     cfg = config_mod.load(dict(os.environ), None)
@@ -45,13 +46,13 @@ def main() -> int:
 
     def etl_step(name: str) -> str:
         rt = build(cfg)
-        rt.provider_factory = lambda: client
+        rt.api = Api(lambda: client)
         try:
             if name == "etl_submit":
                 out: Any = pipeline.submit(rt)
                 return f"submitted {out.documents} document(s) in {out.batches} batch(es)"
             col = pipeline.collect(rt)
-            report.morning(rt)
+            report.morning(rt.config, rt.db, rt.clock())
             return f"collected {col.succeeded} succeeded"
         finally:
             rt.life.release()  # the proof-of-life session (etl.life) would hold the database open

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from etl.api import Api
 from etl.errors import InputError, ProviderError
-from etl.runtime import Runtime
 from etl.store import batches as intents
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import OPEN_BATCH_STATUSES
 
@@ -29,9 +30,9 @@ class CancelOutcome:
     problems: list[str] = field(default_factory=list)
 
 
-def targets(rt: Runtime, batch_ids: list[str], all_pending: bool) -> list[intents.Intent]:
+def targets(db: Databases, batch_ids: list[str], all_pending: bool) -> list[intents.Intent]:
     """The batches to cancel: the named ones (each must be one of ours and still open) or every open one."""
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         if all_pending:
             return [i for i in intents.open_intents(conn) if i.batch_id and i.status == "submitted"]
         found = []
@@ -52,17 +53,17 @@ def targets(rt: Runtime, batch_ids: list[str], all_pending: bool) -> list[intent
         return found
 
 
-def run(rt: Runtime, batch_ids: list[str], *, all_pending: bool) -> CancelOutcome:
+def run(db: Databases, api: Api, batch_ids: list[str], *, all_pending: bool) -> CancelOutcome:
     out = CancelOutcome()
-    for intent in targets(rt, batch_ids, all_pending):
+    for intent in targets(db, batch_ids, all_pending):
         assert intent.batch_id is not None
         try:
-            remote = rt.provider.cancel(intent.batch_id)
+            remote = api.provider.cancel(intent.batch_id)
         except ProviderError as exc:
             out.problems.append(f"{intent.batch_id}: {exc}")
             log.error("batch_cancel_failed", batch_id=intent.batch_id, error=str(exc))
             continue
-        with rt.engine.begin() as conn:
+        with db.main.begin() as conn:
             intents.update_remote(conn, intent.id, remote)
         out.canceled.append(intent.batch_id)
         if remote.ended:

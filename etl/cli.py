@@ -503,7 +503,7 @@ def _main(argv: list[str]) -> int:
         if args.command in ("submit", "collect") and not getattr(args, "dry_run", False):
             from etl import failures
 
-            failures.note(rt, args.command, code, cause)  # where `etl status --check` reads it
+            failures.note(rt.db, rt.clock, args.command, code, cause)  # where `etl status --check` reads it
         return code
     except KeyboardInterrupt:
         return 130
@@ -687,7 +687,9 @@ def cmd_enqueue(rt: Runtime, args: argparse.Namespace) -> int:
     if args.file != "-" and not Path(args.file).exists():
         raise InputMissing(f"input file {args.file} does not exist; nothing was enqueued")
     _check_schema(rt)
-    n = enqueue_file(rt, args.file, fmt=args.format, default_task=args.task, batch_rows=args.batch_rows)
+    n = enqueue_file(
+        rt.config, rt.db, args.file, fmt=args.format, default_task=args.task, batch_rows=args.batch_rows
+    )
     print(f"enqueued {n:,} document(s)")
     return 0
 
@@ -699,7 +701,7 @@ def cmd_estimate(rt: Runtime, args: argparse.Namespace) -> int:
     now = rt.clock()
     older_than = None if args.older_than is None else now - args.older_than.resolve(now)
     selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=older_than)
-    result = estimate.run(rt, selection, count_tokens=args.count_tokens)
+    result = estimate.run(rt.config, rt.db, rt.api, rt.clock(), selection, count_tokens=args.count_tokens)
     print(json.dumps(result.to_json(), indent=2) if args.json else estimate.render(result))
     return 0
 
@@ -746,7 +748,7 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
         print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
     if not args.no_report:
         readable = sys.stdout.isatty()
-        body = report.morning(rt, log_body=not readable)
+        body = report.morning(rt.config, rt.db, rt.clock(), log_body=not readable)
         if readable:
             print()
             print(report.render(body))
@@ -771,8 +773,8 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
         return 0
     from etl import life, recovery
 
-    life.hold(rt)
-    recovery.sweep(rt)  # the dead-owner rules, as every command applies them
+    rt.me = life.hold(rt.engine, rt.me)
+    recovery.sweep(rt.db, rt.owner, rt.clock())  # the dead-owner rules, as every command applies them
     out = reconciler.run(rt)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "
@@ -785,7 +787,7 @@ def cmd_status(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.status import status
 
     _check_schema(rt)
-    info, healthy, problems = status(rt)
+    info, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     if args.json:
         print(json.dumps({**info, "healthy": healthy, "problems": problems}, default=str, indent=2))
     else:
@@ -804,9 +806,9 @@ def cmd_report(rt: Runtime, args: argparse.Namespace) -> int:
     _check_schema(rt)
     if args.since is not None:
         now = rt.clock()
-        body = report.build(rt, now, args.since.resolve(now))
+        body = report.build(rt.config, rt.db, now, args.since.resolve(now))
     elif args.now:
-        body = report.build(rt, rt.clock(), None)
+        body = report.build(rt.config, rt.db, rt.clock(), None)
     else:
         with rt.engine.connect() as conn:
             last = events.last_report(conn)
@@ -900,7 +902,7 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
             "etl cancel prints JSON only with --dry-run (a cancel is an action); nothing was canceled"
         )
     if args.dry_run:
-        chosen = cancel.targets(rt, list(args.batch_ids), args.all_pending)
+        chosen = cancel.targets(rt.db, list(args.batch_ids), args.all_pending)
         if args.json:
             print(
                 json.dumps([{"batch_id": i.batch_id, "requests": i.request_count} for i in chosen], indent=2)
@@ -910,7 +912,7 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
             print(f"  {intent.batch_id}  {intent.request_count:,} request(s)")
         print(f"would cancel {len(chosen)} batch(es) (dry run: nothing was asked of the API)")
         return 0
-    out = cancel.run(rt, list(args.batch_ids), all_pending=args.all_pending)
+    out = cancel.run(rt.db, rt.api, list(args.batch_ids), all_pending=args.all_pending)
     for problem in out.problems:
         print(f"  problem: {problem}", file=sys.stderr)
     if not out.canceled:
@@ -935,7 +937,7 @@ def cmd_metrics(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import metrics
 
     _check_schema(rt)
-    sys.stdout.write(metrics.page(rt))
+    sys.stdout.write(metrics.page(rt.config, rt.db, rt.owner, rt.clock))
     return 0
 
 

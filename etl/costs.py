@@ -13,8 +13,9 @@ from decimal import Decimal
 from typing import Any
 
 from etl import budget
-from etl.runtime import Runtime
+from etl.config import Config
 from etl.store import events, spend
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import MONEY_UNIT
 
@@ -30,11 +31,10 @@ def by_task(values: dict[str, Any]) -> list[tuple[str, Any]]:
     return sorted(values.items(), key=lambda kv: (kv[0] != budget.ALL, kv[0]))
 
 
-def section(rt: Runtime, now: datetime, since: datetime | None) -> dict[str, Any]:
+def section(cfg: Config, db: Databases, now: datetime, since: datetime | None) -> dict[str, Any]:
     """The report's `costs` (per task, for the period) and `budget` (tonight) entries."""
-    cfg = rt.config
     night = budget.night_of(now, cfg.schedule.zone)
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         rows = events.summary_since(conn, since)
         checked = spend.estimates_of_collected(conn, since)
         tonight = spend.night_summary(conn, night)

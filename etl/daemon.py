@@ -57,6 +57,7 @@ from etl.errors import ConfigError
 from etl.jobs import Jobs, RunOutcome
 from etl.notify import Notifier
 from etl.runtime import Runtime
+from etl.settings import Settings
 from etl.signals import Signals
 from etl.store import batches as intents
 from etl.store import grants, migrate, state
@@ -88,6 +89,7 @@ def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
 class Daemon:
     def __init__(self, rt: Runtime, notifier: Notifier, env: Mapping[str, str] | None = None) -> None:
         self.rt = rt
+        self.settings = Settings(rt.config)  # what the long-lived parts read; `reload` swaps it
         self.notifier = notifier
         self.env = os.environ if env is None else env
         self.signals = Signals()
@@ -127,9 +129,11 @@ class Daemon:
         _check(self.rt, self.notifier)
         # Our proof of life for as long as we live (etl.life): PostgreSQL, a session advisory lock
         # (re-taken on the next tick if the connection drops); SQLite, a flock beside the database.
-        life.hold(self.rt)
+        self.rt.me = life.hold(self.rt.engine, self.rt.me)
         event.listen(self.rt.engine, "commit", self.watchdog.on_commit)
-        self.metrics = metrics.serve(self.rt)  # the Prometheus page, on every instance (docs/deploy.md)
+        self.metrics = metrics.serve(
+            self.settings, self.rt.db, self.rt.owner, self.rt.clock
+        )  # the Prometheus page, on every instance (docs/deploy.md)
         _reconcile(self.rt, self.notifier)
         self.scheduler = _new_scheduler()
         self._schedule_jobs()
@@ -191,11 +195,11 @@ class Daemon:
     def _lease_tick(self) -> None:
         ttl = timedelta(seconds=self.rt.config.schedule.leader_lease_seconds)
         try:
-            life.hold(self.rt)  # re-taken if its connection dropped
+            self.rt.me = life.hold(self.rt.engine, self.rt.me)  # re-taken if its connection dropped
             with self.rt.engine.begin() as conn:
                 got = state.acquire_lease(conn, state.LEADER_KEY, self.rt.owner, self.now(), ttl)
             if not got:  # held: by a process that is gone? Then at once, not at lease expiry.
-                got = recovery.take_over_leader(self.rt, self.now(), ttl)
+                got = recovery.take_over_leader(self.rt.db, self.rt.owner, self.now(), ttl)
         except Exception as exc:  # recovery loop: a database blip must not kill the service
             log.warning("lease_renewal_failed", error=str(exc))
             got = False
@@ -271,7 +275,7 @@ class Daemon:
         self.run_now = []
         for slot, job in sorted(todo):
             self.run_slot(job, slot)
-        self._rerun(recovery.due_reruns(self.rt, self.now(), JOBS))
+        self._rerun(recovery.due_reruns(self.rt.config.schedule, self.rt.db, self.now(), JOBS))
 
     def _rerun(self, reruns: list[recovery.Rerun]) -> None:
         for r in sorted(reruns, key=lambda r: r.slot):
@@ -290,9 +294,15 @@ class Daemon:
             with logs.run_context("recovery"):
                 out = recovery.settle(self.rt)
                 returned = out is not None and (out.released_claims + out.released_unknown) > 0
-                due = recovery.due_reruns(self.rt, self.now(), JOBS, rows_returned=returned)
+                due = recovery.due_reruns(
+                    self.rt.config.schedule, self.rt.db, self.now(), JOBS, rows_returned=returned
+                )
                 self._rerun(due)
-                self._recovering = out is not None or bool(due) or recovery.retry_pending(self.rt, self.now())
+                self._recovering = (
+                    out is not None
+                    or bool(due)
+                    or recovery.retry_pending(self.rt.config.schedule, self.rt.db, self.now())
+                )
         except Exception as exc:  # recovery loop: the next tick tries again
             self._recovering = True
             self.jobs.failed("recovery_failed", exc)
@@ -346,6 +356,7 @@ class Daemon:
             self.notifier.send("READY=1")
             return
         self.rt.config, needs_restart = _reloaded(old, new)
+        self.settings.swap(self.rt.config)
         logs.set_level(new.log_level)
         for warning in new.warnings:  # settings an older version read: loaded, ignored, said again
             log.warning("config_setting_ignored", config=new.source, warning=warning)
@@ -405,7 +416,9 @@ def _check(rt: Runtime, notifier: Notifier) -> None:
 def _reconcile(rt: Runtime, notifier: Notifier) -> None:
     notifier.status("reconciling unfinished batch creates")
     with logs.run_context("reconcile"):
-        found = recovery.sweep(rt)  # a dead predecessor's runs and intents, known at once
+        found = recovery.sweep(
+            rt.db, rt.owner, rt.clock()
+        )  # a dead predecessor's runs and intents, known at once
         out = reconciler.run(rt)
         log.info(
             "startup_reconciled",

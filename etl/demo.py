@@ -241,7 +241,7 @@ def _morning(d: _Demo) -> None:
         f"{d.s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
         f"{d.s.yellow(str(col.dead) + ' dead-lettered')}"
     )
-    body = report.morning(d.rt)
+    body = report.morning(d.rt.config, d.rt.db, d.rt.clock())
     print()
     print("\n".join("   " + line for line in report.render(body).splitlines()))
 

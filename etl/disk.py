@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from etl.runtime import Runtime
+from etl.store.databases import Databases
 from etl.store.dialect import database_file
 
 LOW_DISK_BYTES = 64 << 20
@@ -32,10 +32,10 @@ def free_bytes(folder: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def problems(rt: Runtime, low: int = LOW_DISK_BYTES) -> list[str]:
+def problems(db: Databases, low: int = LOW_DISK_BYTES) -> list[str]:
     out: list[str] = []
     seen: set[Path] = set()
-    for what, engine in (("queue database", rt.engine), ("warehouse", rt.warehouse)):
+    for what, engine in (("queue database", db.main), ("warehouse", db.warehouse)):
         folder = sqlite_folder(engine)
         if folder is None or folder in seen:
             continue

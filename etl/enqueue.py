@@ -20,9 +20,10 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from etl.clock import parse_iso
+from etl.config import Config
 from etl.errors import InputError, InputMissing
-from etl.runtime import Runtime
 from etl.store import queue as q
+from etl.store.databases import Databases
 
 RESERVED = {"doc_key", "body", "task", "priority", "metadata", "due_by", "mode"}
 NOTHING = "nothing from the file was enqueued"
@@ -98,7 +99,8 @@ def _document(n: int, rec: dict[str, Any], default_task: str | None, tasks: Any)
 
 
 def enqueue_file(
-    rt: Runtime,
+    cfg: Config,
+    db: Databases,
     path: str,
     *,
     fmt: str | None,
@@ -106,7 +108,7 @@ def enqueue_file(
     batch_rows: int = 5000,
     progress: TextIO | None = None,
 ) -> int:
-    tasks = rt.config.tasks
+    tasks = cfg.tasks
     if default_task is not None and default_task not in tasks:
         raise InputError(f"--task: {unknown_task(default_task, tasks)}; nothing was enqueued")
     if fmt is None:
@@ -129,7 +131,7 @@ def enqueue_file(
     pending: list[dict[str, Any]] = []
     try:
         # One transaction for the whole file: a bad line anywhere leaves nothing of it in the queue.
-        with rt.engine.begin() as conn:
+        with db.main.begin() as conn:
             for n, rec in _records(stream, fmt):
                 pending.append(_document(n, rec, default_task, tasks))
                 if len(pending) >= batch_rows:

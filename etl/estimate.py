@@ -26,13 +26,14 @@ from typing import Any
 import structlog
 
 from etl import budget, routing
+from etl.api import Api
 from etl.config import Config
 from etl.costs import plain, usd, usd_text
 from etl.errors import ProviderError
 from etl.prompt import BODY_OVERHEAD, Rejection, Row, build_params, custom_id, request_size
-from etl.runtime import Runtime
 from etl.store import queue as q
 from etl.store import spend, state
+from etl.store.databases import Databases
 from etl.store.engine import reading
 
 log = structlog.get_logger("etl.estimate")
@@ -120,17 +121,24 @@ class Estimate:
         return out
 
 
-def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: int = 0) -> Estimate:
+def run(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    now: datetime,
+    selection: Selection,
+    *,
+    count_tokens: bool = False,
+    seed: int = 0,
+) -> Estimate:
     """Estimate the queued documents of `selection`. Reads only; count_tokens calls are free."""
-    cfg = rt.config
-    now = rt.clock()
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         calibration = state.get_value(conn, CALIBRATION_KEY)
     costing = budget.Costing(cfg, budget.margin(calibration))  # the submitter's reservations, exactly
     caps = budget.caps(cfg)
     night = budget.night_of(now, cfg.schedule.zone)
     sample_size = cfg.submit.count_tokens_sample if count_tokens else 0
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         reserved = spend.reserved(conn, night)
         tally = _Tally(cfg, costing, budget.Allowance(costing, caps, reserved), _Reservoir(sample_size, seed))
         rows = q.iter_queued(
@@ -144,10 +152,10 @@ def run(rt: Runtime, selection: Selection, *, count_tokens: bool = False, seed: 
             tally.add(row)
     sample = tally.reservoir.items
     confidence = cfg.submit.count_tokens_confidence
-    sampling = _count_sample(rt, sample, tally.reservoir.seen, confidence) if sample else None
+    sampling = _count_sample(api, sample, tally.reservoir.seen, confidence) if sample else None
     total = _price(tally.per_task, costing, cfg, sampling.ratio if sampling is not None else 1.0)
     if sampling is not None:
-        _remember(rt, sampling, now)
+        _remember(db, sampling, now)
     tasks = [tally.per_task[k] for k in sorted(tally.per_task)]
     return Estimate(
         generated_at=now.isoformat(),
@@ -282,7 +290,7 @@ def _price(
     return total
 
 
-def _remember(rt: Runtime, sampling: Sampling, now: datetime) -> None:
+def _remember(db: Databases, sampling: Sampling, now: datetime) -> None:
     """The sample's verdict on the local estimate, for the next estimate without count_tokens."""
     calibration = {
         "at": now.isoformat(),
@@ -290,7 +298,7 @@ def _remember(rt: Runtime, sampling: Sampling, now: datetime) -> None:
         "local_error": round(sampling.local_error, 4),
         "ratio": round(sampling.ratio, 6),
     }
-    with rt.engine.begin() as conn:
+    with db.main.begin() as conn:
         state.set_value(conn, CALIBRATION_KEY, json.dumps(calibration), now)
 
 
@@ -310,7 +318,7 @@ def measure(line: TaskEstimate, cost: budget.TaskCost, ratio: float) -> int:
 
 
 def _count_sample(
-    rt: Runtime, sample: list[tuple[dict[str, Any], int]], population: int, confidence: float
+    api: Api, sample: list[tuple[dict[str, Any], int]], population: int, confidence: float
 ) -> Sampling:
     """count_tokens for each sampled request; a ratio estimate of the total with its margin.
 
@@ -320,7 +328,7 @@ def _count_sample(
     stopped = None
     for params, local in sample:
         try:
-            pairs.append((local, rt.provider.count_tokens(params)))
+            pairs.append((local, api.provider.count_tokens(params)))
         except ProviderError as exc:
             if exc.kind in ("rate_limited", "transient") and pairs:
                 stopped = str(exc)

@@ -10,12 +10,15 @@ full disk)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 import structlog
 from sqlalchemy import Connection
 
 from etl.clock import isoformat
-from etl.runtime import Runtime
 from etl.store import state
+from etl.store.databases import Databases
 
 log = structlog.get_logger()
 
@@ -24,7 +27,7 @@ COMMANDS = frozenset({"submit", "collect"})
 NOT_A_VERDICT = frozenset({75, 130, 141})  # paused (status shows the pause), interrupted, reader gone
 
 
-def note(rt: Runtime, command: str, code: int, cause: str | None) -> None:
+def note(db: Databases, clock: Callable[[], datetime], command: str, code: int, cause: str | None) -> None:
     """After `etl <command>` ended with `code`: record its failure, or clear the last one on success."""
     if command not in COMMANDS or code in NOT_A_VERDICT:
         return
@@ -35,8 +38,8 @@ def note(rt: Runtime, command: str, code: int, cause: str | None) -> None:
         code = 0
     key = f"{KIND}:{command}"
     try:
-        now = rt.clock()
-        with rt.engine.begin() as conn:
+        now = clock()
+        with db.main.begin() as conn:
             if code != 0:
                 state.set_value(conn, key, f"{isoformat(now)} {cause or f'exit code {code}'}", now)
             elif state.get_value(conn, key) is not None:  # read first: a healthy run takes no write lock

@@ -102,7 +102,7 @@ class Jobs:
         if written:  # the crashed attempt got as far as the report: one report per morning
             log.info("morning_report_exists", slot=self.slot and self.slot.isoformat())
         else:
-            report.morning(self.rt)
+            report.morning(self.rt.config, self.rt.db, self.rt.clock())
         return RunOutcome.OK, detail
 
     def poll_collect(self) -> None:

@@ -13,19 +13,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from etl import liveness
 from etl.store import state
 from etl.store.dialect import capabilities, database_file
-
-if TYPE_CHECKING:
-    from etl.runtime import Runtime
 
 log = structlog.get_logger("etl.life")
 
@@ -55,9 +51,18 @@ class Life:
             self.conn = None
 
 
-def owners_dir(rt: Runtime) -> Path | None:
+@dataclass(frozen=True)
+class Identity:
+    """Who this process is (etl.liveness's owner string) and the lock that proves it alive. `hold` returns
+    a new one when taking the lock changes the owner string (its `:L` or `:F` suffix)."""
+
+    owner: str = field(default_factory=liveness.new_owner)
+    life: Life = field(default_factory=Life)
+
+
+def owners_dir(engine: Engine) -> Path | None:
     """`<database file>.owners`, beside the SQLite database; None for PostgreSQL or an in-memory one."""
-    database = database_file(rt.engine)
+    database = database_file(engine)
     if database is None:
         return None
     # The real file's directory: a process that reaches the database through a symlink must look in the
@@ -65,42 +70,44 @@ def owners_dir(rt: Runtime) -> Path | None:
     return Path(os.path.realpath(database) + OWNERS_SUFFIX)
 
 
-def hold(rt: Runtime) -> None:
-    """Take the proof of life if not held yet (again, if its PostgreSQL session dropped). Never fails:
-    without it, this process's work is recovered when its leases run out, as before."""
-    life = rt.life
+def hold(engine: Engine, me: Identity) -> Identity:
+    """Take the proof of life if not held yet (again, if its PostgreSQL session dropped): `me`, with the
+    owner string that says so once held. Never fails: without it, this process's work is recovered when
+    its leases run out, as before."""
+    life = me.life
     try:
-        if capabilities(rt.engine).advisory_locks:
-            _hold_advisory(rt, life)
-        elif life.fd is None:
-            _hold_flock(rt, life)
+        if capabilities(engine).advisory_locks:
+            return replace(me, owner=_hold_advisory(engine, me.owner, life))
+        if life.fd is None:
+            return replace(me, owner=_hold_flock(engine, me.owner, life))
     except Exception as exc:  # no proof of life: leases are the fallback
         log.warning("liveness_lock_failed", error=str(exc))
+    return me
 
 
-def _hold_advisory(rt: Runtime, life: Life) -> None:
+def _hold_advisory(engine: Engine, me: str, life: Life) -> str:
     if life.conn is not None:
         if not life.conn.invalidated and not life.conn.closed:
-            return
+            return me
         with contextlib.suppress(Exception):
             life.conn.invalidate()
         life.conn = None
-    conn = rt.engine.connect()
-    owner = liveness.with_lock(rt.owner)
+    conn = engine.connect()
+    owner = liveness.with_lock(me)
     if state.hold_owner_lock(conn, owner):
         conn.commit()  # the lock is the session's, not the transaction's
-        rt.owner = owner
         life.conn = conn
-    else:
-        conn.invalidate()
+        return owner
+    conn.invalidate()
+    return me
 
 
-def _hold_flock(rt: Runtime, life: Life) -> None:
-    folder = owners_dir(rt)
-    if folder is None or liveness.holds_flock(rt.owner):
-        return
+def _hold_flock(engine: Engine, me: str, life: Life) -> str:
+    folder = owners_dir(engine)
+    if folder is None or liveness.holds_flock(me):
+        return me
     folder.mkdir(exist_ok=True)
-    path = folder / f"{liveness.token_of(rt.owner)}.lock"
+    path = folder / f"{liveness.token_of(me)}.lock"
     for attempt in range(3):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -116,8 +123,8 @@ def _hold_flock(rt: Runtime, life: Life) -> None:
         if attempt == 2:
             raise OSError(f"{path} kept being removed while it was being locked")
     life.fd, life.path = fd, path
-    rt.owner = liveness.with_flock(rt.owner)
     _sweep_stale(folder, path)
+    return liveness.with_flock(me)
 
 
 def _sweep_stale(folder: Path, mine: Path) -> None:
@@ -152,9 +159,9 @@ def flock_free(path: Path) -> bool | None:
     return True
 
 
-def owner_flock_free(rt: Runtime, owner: str) -> bool | None:
+def owner_flock_free(engine: Engine, owner: str) -> bool | None:
     """Whether `owner`'s flock beside this database is free (see `flock_free`)."""
-    folder = owners_dir(rt)
+    folder = owners_dir(engine)
     token = liveness.token_of(owner)
     if folder is None or not token:
         return None

@@ -32,7 +32,7 @@ import structlog
 
 from etl import counters, failpoints, routing
 from etl.answer import RESULT_COLUMNS, Unreadable, checked_answer, parsed_json, result_row
-from etl.config import Task
+from etl.config import Config, Task
 from etl.errors import EtlError, ProviderError, clean
 from etl.pacer import Pacer
 from etl.pricing import Meter
@@ -42,6 +42,7 @@ from etl.settler import Answer, LiveOutcome, Settler
 from etl.spend import Spend
 from etl.store import events, schema, state
 from etl.store import live as store
+from etl.store.databases import Databases
 from etl.store.dialect import capabilities
 from etl.store.engine import reading
 
@@ -365,24 +366,22 @@ class LiveWorker:
 STALE_URGENT = timedelta(minutes=10)
 
 
-def health(rt: Runtime, now: datetime) -> list[str]:
+def health(cfg: Config, db: Databases, now: datetime) -> list[str]:
     """Problems of the live path for `etl status --check`: calls stuck past their lease, urgent rows that
     nobody takes (no `etl run` or `etl live` running?)."""
-    lease = timedelta(seconds=rt.config.live.claim_lease_seconds)
-    with reading(rt.engine) as conn:
+    lease = timedelta(seconds=cfg.live.claim_lease_seconds)
+    with reading(db.main) as conn:
         # Rows left `calling` by a crash are named even with the live path switched off since: then no
         # worker takes them back, and they would otherwise wait unseen.
         stuck = store.stuck_calls(conn, now, lease)
-        oldest = (
-            store.oldest_waiting(conn, routing.cutoff(rt.config, now)) if rt.config.live.enabled else None
-        )
+        oldest = store.oldest_waiting(conn, routing.cutoff(cfg, now)) if cfg.live.enabled else None
     problems = []
     if stuck:
         problems.append(
             f"{stuck} live call(s) not renewed for over {lease.total_seconds():.0f} s: their process died; "
             + (
                 "a running `etl run` or `etl live` calls them again"
-                if rt.config.live.enabled
+                if cfg.live.enabled
                 else "live.enabled is false, so nothing takes them back: enable it for one `etl live --once`"
             )
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -32,11 +32,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import __version__, budget, counters, paths, report
 from etl import status as status_mod
 from etl.clock import parse_iso
+from etl.config import Config
 from etl.errors import EtlError
-from etl.runtime import Runtime
+from etl.settings import Settings
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import metrics as store
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import BatchStatus, DocStatus
 
@@ -77,8 +79,16 @@ class DatabaseCollector(Collector):
     Prometheus' usual 60 s interval sees values at most one interval older than a read every scrape would,
     unless a read takes over 3 s (bench/RESULTS.md); `etl_metrics_age_seconds` says how old they are."""
 
-    def __init__(self, rt: Runtime, *, duty: float | None = None) -> None:
-        self.rt = rt
+    def __init__(
+        self,
+        settings: Settings,
+        db: Databases,
+        me: str,
+        clock: Callable[[], datetime],
+        *,
+        duty: float | None = None,
+    ) -> None:
+        self.settings, self.db, self.me, self.clock = settings, db, me, clock
         self.duty = duty
         self._last: Reading | None = None
         self._refreshing = False
@@ -141,10 +151,10 @@ class DatabaseCollector(Collector):
         return Reading(families, up, ended - started, ended)
 
     def _read(self) -> Iterator[Metric]:
-        rt = self.rt
-        info, healthy, problems = status_mod.status(rt)
-        now = rt.clock()
-        with reading(rt.engine) as conn:
+        cfg = self.settings.current  # one config for the whole page (the daemon's reload swaps it)
+        info, healthy, problems = status_mod.status(cfg, self.db, self.me, self.clock())
+        now = self.clock()
+        with reading(self.db.main) as conn:
             pairs = store.queue_by_status_and_task(conn)
             per_status = store.batches_by_status(conn)
             succeeded_at = store.last_success(conn)
@@ -152,7 +162,7 @@ class DatabaseCollector(Collector):
             totals = events.summary_since(conn, None)
             open_ = intents.open_intents(conn)
         oldest = parse_iso(info["oldest_queued_at"]) if info.get("oldest_queued_at") else None
-        tasks = sorted(rt.config.tasks)
+        tasks = sorted(cfg.tasks)
         yield from _queue(pairs, tasks, oldest, now)
         yield from _batches(per_status, open_, now)
         yield from _jobs(latest, succeeded_at)
@@ -323,10 +333,12 @@ def _health(info: Mapping[str, Any], healthy: bool, problems: list[str]) -> Iter
     yield g
 
 
-def registry(rt: Runtime, *, process: bool) -> CollectorRegistry:
+def registry(
+    settings: Settings, db: Databases, me: str, clock: Callable[[], datetime], *, process: bool
+) -> CollectorRegistry:
     """The page's collectors: the database's always; the process's counters and process_* when served."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DatabaseCollector(rt, duty=DUTY if process else None))
+    reg.register(DatabaseCollector(settings, db, me, clock, duty=DUTY if process else None))
     if process:
         for counter in counters.ALL:
             reg.register(counter)
@@ -334,16 +346,16 @@ def registry(rt: Runtime, *, process: bool) -> CollectorRegistry:
     return reg
 
 
-def page(rt: Runtime) -> str:
+def page(cfg: Config, db: Databases, me: str, clock: Callable[[], datetime]) -> str:
     """`etl metrics`: the page once, in the text exposition format."""
-    return generate_latest(registry(rt, process=False)).decode("utf-8")
+    return generate_latest(registry(Settings(cfg), db, me, clock, process=False)).decode("utf-8")
 
 
 class Server:
     """The page over HTTP in a daemon thread of prometheus_client; `stop` closes the socket."""
 
-    def __init__(self, rt: Runtime, host: str, port: int) -> None:
-        self.server, self.thread = start_http_server(port, host, registry=registry(rt, process=True))
+    def __init__(self, reg: CollectorRegistry, host: str, port: int) -> None:
+        self.server, self.thread = start_http_server(port, host, registry=reg)
         self.host, self.port = host, int(self.server.server_address[1])
 
     def stop(self) -> None:
@@ -352,17 +364,18 @@ class Server:
         self.thread.join(5)
 
 
-def serve(rt: Runtime) -> Server | None:
+def serve(settings: Settings, db: Databases, me: str, clock: Callable[[], datetime]) -> Server | None:
     """Start serving on the configured address; None when off or when the address cannot be bound (the
     nightly work goes on: a monitoring that stops seeing the daemon says so with `up == 0`)."""
-    address = rt.config.metrics.address
+    cfg = settings.current  # where to listen is read at start only (a change needs a restart)
+    address = cfg.metrics.address
     if address is None:
         return None
     host, port = address
     try:
-        server = Server(rt, host, port)
+        server = Server(registry(settings, db, me, clock, process=True), host, port)
     except OSError as exc:
-        log.error("metrics_unavailable", listen=rt.config.metrics.listen, error=str(exc))
+        log.error("metrics_unavailable", listen=cfg.metrics.listen, error=str(exc))
         return None
     log.info("metrics_serving", url=f"http://{_bracketed(server.host)}:{server.port}/metrics")
     return server

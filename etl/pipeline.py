@@ -24,11 +24,15 @@ def submit(rt: Runtime) -> SubmitOutcome:
     held = submitter.preflight(rt)
     if held is not None:
         return held
-    life.hold(rt)  # before anything of ours is written: our rows are recovered the moment we die
-    recovery.sweep(rt)  # rows claimed by a process proven dead go back now, not after its lease
+    rt.me = life.hold(
+        rt.engine, rt.me
+    )  # before anything of ours is written: our rows are recovered the moment we die
+    recovery.sweep(
+        rt.db, rt.owner, rt.clock()
+    )  # rows claimed by a process proven dead go back now, not after its lease
     if submitter.may_call_api(rt):
         rt.warm_provider()
-    reconciled = reconciler.release_expired(rt)
+    reconciled = reconciler.release_expired(rt.db, rt.clock())
 
     def match_remote() -> str | None:
         return reconciler.match_remote(rt, reconciled).paused
@@ -42,9 +46,11 @@ def collect(rt: Runtime) -> CollectOutcome:
     # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
     # batch, which a collect reads next anyway once that batch has ended.
     rt.warm_provider()
-    life.hold(rt)
-    recovery.sweep(rt)  # the dead-owner rules (etl.recovery), as the daemon applies them
-    reconciled = reconciler.release_expired(rt)
+    rt.me = life.hold(rt.engine, rt.me)
+    recovery.sweep(
+        rt.db, rt.owner, rt.clock()
+    )  # the dead-owner rules (etl.recovery), as the daemon applies them
+    reconciled = reconciler.release_expired(rt.db, rt.clock())
     preloaded = collector.preload(rt)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
     reconciler.match_remote(rt, reconciled)

@@ -25,6 +25,7 @@ from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import BatchStatus, DocStatus, batches
 
@@ -49,17 +50,16 @@ class ReconcileOutcome:
 
 
 def run(rt: Runtime) -> ReconcileOutcome:
-    out = release_expired(rt)
+    out = release_expired(rt.db, rt.clock())
     return match_remote(rt, out)
 
 
-def release_expired(rt: Runtime) -> ReconcileOutcome:
+def release_expired(db: Databases, now: datetime) -> ReconcileOutcome:
     """The database's part, no API call: expired claims go back to the queue, and sends whose process
     died become `unknown`. A submit does this before it claims, and `match_remote` after its first claim
-    (while the claim runs, the SDK loads: `Runtime.warm_provider`)."""
+    (while the claim runs, the SDK loads: `Api.warm`)."""
     out = ReconcileOutcome()
-    now = rt.clock()
-    with rt.engine.begin() as conn:
+    with db.main.begin() as conn:
         for intent_id in intents.expired_claims(conn, now):
             if intents.release(
                 conn,

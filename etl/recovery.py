@@ -39,7 +39,7 @@ from etl.config import ScheduleSettings
 from etl.runtime import Runtime
 from etl.store import batches as intents
 from etl.store import events, state
-from etl.store.dialect import capabilities
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import BatchStatus
 
@@ -53,39 +53,39 @@ UNSETTLED = (BatchStatus.CLAIMED, BatchStatus.SENDING, BatchStatus.UNKNOWN)
 _last_api_look = 0.0  # monotonic time of `settle`'s last call to the reconciler
 
 
-def owner_dead(rt: Runtime, owner: str | None) -> bool:
+def owner_dead(db: Databases, me: str, owner: str | None, now: datetime) -> bool:
     """Rule 1. True only when `owner` is known dead (never for ourselves, never on a guess).
 
     Its proof of life is asked first (etl.life): a held lock means alive, whatever /proc says; then
     /proc where its pid means what it means here (etl.liveness.local_verdict); a free lock that nothing
     local contradicts is death."""
-    if not owner or owner == rt.owner:
+    if not owner or owner == me:
         return False
     lock_free: bool | None = None
-    if liveness.holds_lock(owner) and capabilities(rt.engine).advisory_locks:
-        with rt.engine.begin() as conn:
+    if liveness.holds_lock(owner) and db.capabilities.advisory_locks:
+        with db.main.begin() as conn:
             lock_free = state.owner_lock_free(conn, owner)
     elif liveness.holds_flock(owner):
-        lock_free = life.owner_flock_free(rt, owner)
+        lock_free = life.owner_flock_free(db.main, owner)
     if lock_free is False:
         return False
     verdict = liveness.local_verdict(owner)
     if verdict is None and lock_free:
         verdict = False
     if verdict is False:
-        liveness.note_dead(owner, rt.clock())
+        liveness.note_dead(owner, now)
         return True
     return False
 
 
-def take_over_leader(rt: Runtime, now: datetime, ttl: timedelta) -> bool:
+def take_over_leader(db: Databases, me: str, now: datetime, ttl: timedelta) -> bool:
     """Rule 2. Take the leader lease from a dead holder. True if we hold it now."""
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         holder = state.lease_holder(conn, state.LEADER_KEY)
-    if holder is None or not owner_dead(rt, holder):
+    if holder is None or not owner_dead(db, me, holder, now):
         return False
-    with rt.engine.begin() as conn:
-        took = state.take_lease(conn, state.LEADER_KEY, holder, rt.owner, now, ttl)
+    with db.main.begin() as conn:
+        took = state.take_lease(conn, state.LEADER_KEY, holder, me, now, ttl)
     if took:
         log.warning("leader_taken_over", dead_holder=holder, reason="the leader's process is gone")
     return took
@@ -99,11 +99,10 @@ class Sweep:
     dead_unknown: int = 0  # `unknown` intents of dead owners: settled within seconds, so look often
 
 
-def sweep(rt: Runtime) -> Sweep:
+def sweep(db: Databases, me: str, now: datetime) -> Sweep:
     """Rules 3 and 4: runs of dead owners become `crashed`; intents of dead owners lose their lease now."""
     out = Sweep()
-    now = rt.clock()
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         running = state.running_runs(conn)
         unsettled = intents.with_status(conn, *UNSETTLED)
     out.unsettled = len(unsettled)
@@ -113,19 +112,19 @@ def sweep(rt: Runtime) -> Sweep:
         if owner is None:
             return False
         if owner not in dead:
-            dead[owner] = owner_dead(rt, owner)
+            dead[owner] = owner_dead(db, me, owner, now)
         return dead[owner]
 
     for run in running:
         if is_dead(run.host):
-            with rt.engine.begin() as conn:
+            with db.main.begin() as conn:
                 if state.mark_crashed(conn, run.run_id, f"its process died ({run.host})", now):
                     out.crashed_runs.append(run.run_id)
                     log.warning("run_crashed", job=run.job, slot=run.slot.isoformat(), attempt=run.attempt)
     for intent in unsettled:
         if intent.status in (BatchStatus.CLAIMED, BatchStatus.SENDING) and is_dead(intent.owner):
             assert intent.owner is not None
-            with rt.engine.begin() as conn:
+            with db.main.begin() as conn:
                 if intents.end_lease_of(conn, intent.id, intent.owner, now):
                     out.ended_leases.append(intent.id)
                     log.warning(
@@ -139,7 +138,7 @@ def sweep(rt: Runtime) -> Sweep:
 def settle(rt: Runtime) -> reconciler.ReconcileOutcome | None:
     """Rule 5. Hand unsettled intents to the reconciler (the API is only asked when there are some)."""
     global _last_api_look
-    found = sweep(rt)
+    found = sweep(rt.db, rt.owner, rt.clock())
     if not found.unsettled:
         return None
     # The API is asked every tick only about a dead process's work; a live process's unknown create (its
@@ -170,8 +169,7 @@ def cutoff(sch: ScheduleSettings, slot: datetime) -> datetime:
     return at.astimezone(slot.tzinfo)
 
 
-def backoff(rt: Runtime, attempt: int) -> timedelta:
-    sch = rt.config.schedule
+def backoff(sch: ScheduleSettings, attempt: int) -> timedelta:
     return timedelta(
         seconds=min(sch.retry_backoff_seconds * 2 ** max(attempt - 1, 0), sch.retry_backoff_max_seconds)
     )
@@ -189,11 +187,11 @@ _given_up: set[tuple[str, datetime]] = set()
 
 
 def due_reruns(
-    rt: Runtime, now: datetime, jobs: tuple[str, ...], *, rows_returned: bool = False
+    sch: ScheduleSettings, db: Databases, now: datetime, jobs: tuple[str, ...], *, rows_returned: bool = False
 ) -> list[Rerun]:
     """Rule 6. Which slots to run again now. `rows_returned`: the sweep just gave rows back to the queue."""
     todo: list[Rerun] = []
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         for job in jobs:
             last = state.latest_attempt(conn, job)
             if last is None or last.outcome == "running":
@@ -205,7 +203,7 @@ def due_reruns(
             )
             if not retry:
                 continue
-            if job == "submit" and now >= cutoff(rt.config.schedule, last.slot):
+            if job == "submit" and now >= cutoff(sch, last.slot):
                 if (job, last.slot) not in _given_up:
                     _given_up.add((job, last.slot))
                     log.error(
@@ -214,12 +212,12 @@ def due_reruns(
                         attempts=last.attempt,
                         outcome=last.outcome,
                         detail=last.detail,
-                        retry_until=rt.config.schedule.retry_until,
+                        retry_until=sch.retry_until,
                     )
                 continue
             ended = last.ended_at or last.started_at
             at_once = last.outcome in RERUN_AT_ONCE and last.attempt < 3
-            if not at_once and not rows_returned and now - ended < backoff(rt, last.attempt):
+            if not at_once and not rows_returned and now - ended < backoff(sch, last.attempt):
                 continue
             held = state.creates_held_until(conn) if job == "submit" else None
             if held is not None and now < held:  # the API's retry-after: not before (cut-off still applies)
@@ -228,15 +226,15 @@ def due_reruns(
     return todo
 
 
-def retry_pending(rt: Runtime, now: datetime) -> bool:
+def retry_pending(sch: ScheduleSettings, db: Databases, now: datetime) -> bool:
     """A slot that rule 6 will re-run later (backoff not over yet): keep looking every tick."""
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         last = state.latest_attempt(conn, "submit")
     return (
         last is not None
         and last.outcome == "partial"
         and any(p in (last.detail or "") for p in PASSING)
-        and now < cutoff(rt.config.schedule, last.slot)
+        and now < cutoff(sch, last.slot)
     )
 
 

@@ -17,10 +17,10 @@ import structlog
 from etl import costs, paths
 from etl.clock import isoformat
 from etl.config import Config
-from etl.runtime import Runtime
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store import queue as q
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import BatchStatus, DocStatus
 
@@ -35,12 +35,11 @@ def _hours(delta: timedelta) -> float:
 
 
 def build(
-    rt: Runtime, now: datetime, since: datetime | None, *, costs_since: datetime | None = None
+    cfg: Config, db: Databases, now: datetime, since: datetime | None, *, costs_since: datetime | None = None
 ) -> dict[str, Any]:
     """The report for the period from `since`; its money per task from `costs_since` when given (`etl
     status` shows tonight's, since the budget's night began, beside a report of the moment)."""
-    cfg: Config = rt.config
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         rows = events.summary_since(conn, since)
         open_ = intents.open_intents(conn)
         unknown = intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.SENDING)
@@ -64,7 +63,7 @@ def build(
         "submission_paused": paused,
         "paths": paths.summary(rows, cfg.pricing),
     }
-    report.update(costs.section(rt, now, since if costs_since is None else costs_since))
+    report.update(costs.section(cfg, db, now, since if costs_since is None else costs_since))
     return report
 
 
@@ -162,16 +161,15 @@ def _unknown_creates(unknown: Sequence[intents.Intent], now: datetime, grace: fl
     return late
 
 
-def morning(rt: Runtime, *, log_body: bool = True) -> dict[str, Any]:
+def morning(cfg: Config, db: Databases, now: datetime, *, log_body: bool = True) -> dict[str, Any]:
     """Build, save and log the report covering everything since the previous one.
 
     `log_body=False` (a person at a terminal, who is shown `render(report)`): the log line says only that
     the report was made and whether it needs attention, not the whole report on one line."""
-    now = rt.clock()
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         last = events.last_report(conn)
-    report = build(rt, now, last[0] if last else None)
-    with rt.engine.begin() as conn:
+    report = build(cfg, db, now, last[0] if last else None)
+    with db.main.begin() as conn:
         events.save_report(conn, now, last[0] if last else None, report)
     level = log.warning if report["late"] or report["submission_paused"] else log.info
     if log_body:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -15,10 +15,11 @@ from sqlalchemy import Engine
 if TYPE_CHECKING:
     from etl.provider import Provider
 
-from etl import life, liveness
+from etl.api import Api
 from etl.clock import utcnow
 from etl.config import Config
-from etl.store.engine import make_engine
+from etl.life import Identity, Life
+from etl.store.databases import Databases, installation
 
 _gc_lock = threading.Lock()
 _gc_pauses = 0  # jobs running inside `gc_paused` (the daemon may run a submit and a collect at once)
@@ -56,86 +57,54 @@ def _never() -> bool:
 
 @dataclass
 class Runtime:
+    """A thin holder of the parts (being retired: functions take the parts they use)."""
+
     config: Config
-    engine: Engine
-    warehouse: Engine
-    provider_factory: Callable[[], Provider]
+    db: Databases
+    api: Api
     clock: Callable[[], datetime] = utcnow
     should_stop: Callable[[], bool] = _never
-    owner: str = field(default_factory=liveness.new_owner)  # etl.liveness: who we are
-    life: life.Life = field(default_factory=life.Life)  # etl.life: the lock that proves we are alive
-    _provider: Provider | None = None
-    _installation: str | None = None
-    _warming: threading.Thread | None = None
-    _provider_lock: threading.Lock = field(default_factory=threading.Lock)
+    me: Identity = field(default_factory=Identity)
+
+    @property
+    def engine(self) -> Engine:
+        return self.db.main
+
+    @property
+    def warehouse(self) -> Engine:
+        return self.db.warehouse
+
+    @property
+    def owner(self) -> str:
+        return self.me.owner
+
+    @property
+    def life(self) -> Life:
+        return self.me.life
 
     @property
     def provider(self) -> Provider:
-        with self._provider_lock:
-            if self._warming is not None:
-                self._warming.join()
-                self._warming = None
-            if self._provider is None:  # not warmed, or warming failed: build here, raising what it raises
-                self._provider = self.provider_factory()
-            return self._provider
+        return self.api.provider
 
     @property
     def provider_ready(self) -> bool:
-        """Built already: using `provider` now does not wait for the SDK to load."""
-        return self._provider is not None and self._warming is None
+        return self.api.ready
 
     def warm_provider(self) -> None:
-        """Start building the provider on a thread, so the SDK's import (1-3 s of CPU: thousands of
-        modules) runs while the caller waits for the database. `provider` waits for it. A failure is not
-        kept: `provider` builds again and raises it where it always did."""
-        with self._provider_lock:
-            if self._provider is not None or self._warming is not None:
-                return
-
-            def build() -> None:
-                # e.g. no API key: `provider` builds again and raises it, with its message
-                with suppress(Exception):
-                    self._provider = self.provider_factory()
-
-            self._warming = threading.Thread(target=build, name="etl-provider-warm", daemon=True)
-            self._warming.start()
+        self.api.warm()
 
     def installation(self) -> str:
-        """This database's installation id (etl.store.state.installation_id), read once."""
-        if self._installation is None:
-            from etl.store import state
-
-            with self.engine.begin() as conn:
-                self._installation = state.installation_id(conn, self.clock())
-        return self._installation
+        return installation(self.db, self.clock())
 
     @property
     def same_database(self) -> bool:
-        return self.engine is self.warehouse
+        return self.db.same
 
     def close(self) -> None:
         self.life.release()
-        if self._warming is not None:
-            self._warming.join()
-        if self._provider is not None:
-            self._provider.close()
-        self.engine.dispose()
-        if not self.same_database:
-            self.warehouse.dispose()
+        self.api.close()
+        self.db.close()
 
 
 def build(config: Config, *, clock: Callable[[], datetime] = utcnow) -> Runtime:
-    engine = make_engine(config.database_url)
-    warehouse = engine if not config.separate_warehouse else make_engine(config.warehouse_url)
-
-    def factory() -> Provider:
-        from etl.provider import Provider
-
-        return Provider(
-            api_key=config.require_api_key(),
-            base_url=config.base_url,
-            timeout=config.api_timeout_seconds,
-            create_timeout=config.submit.create_timeout_seconds,
-        )
-
-    return Runtime(config=config, engine=engine, warehouse=warehouse, provider_factory=factory, clock=clock)
+    return Runtime(config=config, db=Databases.open(config), api=Api.from_config(config), clock=clock)

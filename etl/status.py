@@ -9,21 +9,22 @@ from sqlalchemy.exc import DBAPIError
 
 from etl import budget, costs, disk, failures, live, reconciler, recovery, report
 from etl.clock import isoformat
+from etl.config import Config, ScheduleSettings
 from etl.errors import StoreError
-from etl.runtime import Runtime
 from etl.store import batches as intents
 from etl.store import queue as q
 from etl.store import state
+from etl.store.databases import Databases, installation
 from etl.store.engine import reading
 from etl.store.schema import DocStatus
 
 
-def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
-    now = rt.clock()
-    dead = dead_owners(rt)  # the dead-owner rules, applied here too: the queue below is after them
+def status(cfg: Config, db: Databases, me: str, now: datetime) -> tuple[dict[str, Any], bool, list[str]]:
+    """`etl status`: the report of the moment, with what needs a person (`me`: our owner, etl.liveness)."""
+    dead = dead_owners(db, me, now)  # the dead-owner rules, applied here too: the queue below is after them
     # Money since tonight's budget began: what was charged and how close the estimates were, per task.
-    info = report.build(rt, now, since=now, costs_since=budget.night_start(now, rt.config.schedule.zone))
-    with reading(rt.engine) as conn:
+    info = report.build(cfg, db, now, since=now, costs_since=budget.night_start(now, cfg.schedule.zone))
+    with reading(db.main) as conn:
         runs = state.last_runs(conn, limit=10)
     info["last_runs"] = [
         {
@@ -36,32 +37,32 @@ def status(rt: Runtime) -> tuple[dict[str, Any], bool, list[str]]:
         }
         for r in runs
     ]
-    info["installation_id"] = rt.installation()
+    info["installation_id"] = installation(db, now)
     info["dead_owners"] = dead
     problems: list[str] = []
     latest: dict[str, str] = {}
     for r in runs:
         latest.setdefault(r.job, r.outcome)
     problems += [f"last {job} run {outcome}" for job, outcome in latest.items() if outcome == "failed"]
-    problems += recovery_problems(rt, runs, now)
+    problems += recovery_problems(cfg.schedule, runs, now)
     problems += [f"{b.get('batch_id') or 'intent ' + str(b.get('intent'))}: {b['why']}" for b in info["late"]]
-    problems += _stuck(rt, info)
+    problems += _stuck(db, info)
     if info["submission_paused"]:
         problems.append(f"submission paused: {info['submission_paused']}")
-    problems += live.health(rt, now)
-    problems += unexplained_batches(rt, info)
-    with reading(rt.engine) as conn:
+    problems += live.health(cfg, db, now)
+    problems += unexplained_batches(db, info)
+    with reading(db.main) as conn:
         problems += failures.problems(conn)  # a one-shot submit or collect that failed outside the daemon
     return info, not problems, problems
 
 
-def dead_owners(rt: Runtime) -> dict[str, Any]:
+def dead_owners(db: Databases, me: str, now: datetime) -> dict[str, Any]:
     """Work of processes proven dead (etl.recovery rules 1, 3, 4): their runs become `crashed`, their claims
     go back to the queue now. What was found is shown; a database that refuses the writes (a read-only
     role) is said, and the daemon or the next submit applies them."""
     try:
-        found = recovery.sweep(rt)
-        released = reconciler.release_expired(rt).released_claims if found.ended_leases else 0
+        found = recovery.sweep(db, me, now)
+        released = reconciler.release_expired(db, now).released_claims if found.ended_leases else 0
     except (DBAPIError, StoreError) as exc:
         return {"error": f"not applied: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return {
@@ -71,15 +72,15 @@ def dead_owners(rt: Runtime) -> dict[str, Any]:
     }
 
 
-def unexplained_batches(rt: Runtime, info: dict[str, Any]) -> list[str]:
+def unexplained_batches(db: Databases, info: dict[str, Any]) -> list[str]:
     """Batches of ours that no intent could take (etl.reconciler._explain_strays): billed, never collected."""
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         found = state.with_prefix(conn, reconciler.UNEXPLAINED_KIND)
     info["unexplained_batches"] = found
     return [f"unexplained batch {bid}: {detail}" for bid, detail in sorted(found.items())]
 
 
-def recovery_problems(rt: Runtime, runs: list[state.Run], now: datetime) -> list[str]:
+def recovery_problems(sch: ScheduleSettings, runs: list[state.Run], now: datetime) -> list[str]:
     """A crashed run not yet re-run, and a partial submit that the night's retries did not complete."""
     newest: dict[str, state.Run] = {}
     for r in runs:
@@ -88,20 +89,18 @@ def recovery_problems(rt: Runtime, runs: list[state.Run], now: datetime) -> list
     for job, r in newest.items():
         if r.outcome == "crashed":
             out.append(f"last {job} run crashed ({r.detail}); the daemon re-runs it once it is leader")
-        elif (
-            job == "submit" and r.outcome == "partial" and now >= recovery.cutoff(rt.config.schedule, r.slot)
-        ):
+        elif job == "submit" and r.outcome == "partial" and now >= recovery.cutoff(sch, r.slot):
             out.append(
                 f"submit slot {isoformat(r.slot)} ended partial after {r.attempt} attempt(s) and was not "
-                f"completed by schedule.retry_until {rt.config.schedule.retry_until}: {r.detail}"
+                f"completed by schedule.retry_until {sch.retry_until}: {r.detail}"
             )
     return out
 
 
-def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
+def _stuck(db: Databases, info: dict[str, Any]) -> list[str]:
     """Documents that nothing will move on without help (issue 12): named so `--check` fails on them."""
     problems: list[str] = []
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         stranded = q.stranded(conn)
         failing = [i for i in intents.open_intents(conn) if i.error]
         waiting = q.waiting_in(conn, [i.id for i in failing])
@@ -129,7 +128,7 @@ def _stuck(rt: Runtime, info: dict[str, Any]) -> list[str]:
                 f"{batch_id}: ended, but {rows} row(s) still 'submitted' (billed, not yet stored): the last "
                 "collect did not finish it; run `etl collect`"
             )
-    problems += disk.problems(rt)
+    problems += disk.problems(db)
     return problems
 
 

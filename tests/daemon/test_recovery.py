@@ -84,11 +84,15 @@ def test_postgresql_knows_a_dead_owner_of_any_host_by_its_session_lock(
     try:
         assert state.hold_owner_lock(holder, other)
         holder.commit()
-        assert not recovery.owner_dead(runtime, other)  # its session is alive
-        assert not recovery.owner_dead(runtime, other)  # asking does not take the lock away
+        assert not recovery.owner_dead(
+            runtime.db, runtime.owner, other, runtime.clock()
+        )  # its session is alive
+        assert not recovery.owner_dead(
+            runtime.db, runtime.owner, other, runtime.clock()
+        )  # asking does not take the lock away
     finally:
         holder.invalidate()  # the session ends (not back to the pool): the host died, the database dropped its lock
-    assert recovery.owner_dead(runtime, other)
+    assert recovery.owner_dead(runtime.db, runtime.owner, other, runtime.clock())
     runtime.close()
 
 
@@ -96,12 +100,12 @@ def test_a_dead_leaders_lease_is_taken_at_once_a_live_ones_is_not(rt: Runtime) -
     ttl = timedelta(seconds=120)
     with rt.engine.begin() as conn:
         assert state.acquire_lease(conn, state.LEADER_KEY, dead_owner(), T0, ttl)
-    assert recovery.take_over_leader(rt, T0, ttl)
+    assert recovery.take_over_leader(rt.db, rt.owner, T0, ttl)
     with rt.engine.begin() as conn:
         assert state.lease_holder(conn, state.LEADER_KEY) == rt.owner
         state.release_lease(conn, state.LEADER_KEY, rt.owner)
         assert state.acquire_lease(conn, state.LEADER_KEY, liveness.new_owner(os.getppid()), T0, ttl)
-    assert not recovery.take_over_leader(rt, T0, ttl)
+    assert not recovery.take_over_leader(rt.db, rt.owner, T0, ttl)
 
 
 def test_the_sweep_crashes_a_dead_owners_run_and_ends_its_claims_now(rt: Runtime) -> None:
@@ -115,13 +119,13 @@ def test_the_sweep_crashes_a_dead_owners_run_and_ends_its_claims_now(rt: Runtime
         q.claim(conn, mine, 4, T0)
         theirs = intents.create_intent(conn, alive, lease, T0)
         q.claim(conn, theirs, 2, T0)
-    found = recovery.sweep(rt)
+    found = recovery.sweep(rt.db, rt.owner, rt.clock())
     assert found.crashed_runs == ["r-dead"] and found.ended_leases == [mine]
     with rt.engine.connect() as conn:
         outcomes = dict(conn.execute(text("SELECT run_id, outcome FROM etl_runs")).all())
         assert outcomes == {"r-dead": "crashed", "r-live": "running"}
         assert intents.expired_claims(conn, T0) == [mine]  # the live owner's claim keeps its lease
-    assert recovery.sweep(rt).crashed_runs == []  # once
+    assert recovery.sweep(rt.db, rt.owner, rt.clock()).crashed_runs == []  # once
 
 
 def test_slots_are_rerun_crashed_at_once_partial_with_backoff_until_the_cutoff(rt: Runtime) -> None:
@@ -129,23 +133,29 @@ def test_slots_are_rerun_crashed_at_once_partial_with_backoff_until_the_cutoff(r
     with rt.engine.begin() as conn:
         state.start_run(conn, "submit", slot, "a1", "h", T0)
         state.finish_run(conn, "a1", "crashed", "its process died", T0)
-    assert recovery.due_reruns(rt, T0, ("submit",)) == [
+    assert recovery.due_reruns(rt.config.schedule, rt.db, T0, ("submit",)) == [
         recovery.Rerun("submit", slot, 2, "attempt 1 crashed")
     ]
     with rt.engine.begin() as conn:
         state.start_run(conn, "submit", slot, "a2", "h", T0, attempt=2)
         state.finish_run(conn, "a2", "partial", "3 document(s); stopped: rate limited: 429", T0)
-    wait = recovery.backoff(rt, 2)
+    wait = recovery.backoff(rt.config.schedule, 2)
     assert wait == timedelta(seconds=10)
-    assert recovery.due_reruns(rt, T0 + wait / 2, ("submit",)) == []
-    assert [r.attempt for r in recovery.due_reruns(rt, T0 + wait, ("submit",))] == [3]
-    assert [r.attempt for r in recovery.due_reruns(rt, T0, ("submit",), rows_returned=True)] == [3]
+    assert recovery.due_reruns(rt.config.schedule, rt.db, T0 + wait / 2, ("submit",)) == []
+    assert [r.attempt for r in recovery.due_reruns(rt.config.schedule, rt.db, T0 + wait, ("submit",))] == [3]
+    assert [
+        r.attempt for r in recovery.due_reruns(rt.config.schedule, rt.db, T0, ("submit",), rows_returned=True)
+    ] == [3]
     six = datetime(2026, 6, 4, 6, 0, tzinfo=UTC)
-    assert recovery.due_reruns(rt, six, ("submit",)) == []  # the cut-off: reported, not retried
+    assert (
+        recovery.due_reruns(rt.config.schedule, rt.db, six, ("submit",)) == []
+    )  # the cut-off: reported, not retried
     with rt.engine.begin() as conn:
         state.start_run(conn, "submit", slot, "a3", "h", T0, attempt=3)
         state.finish_run(conn, "a3", "paused", "spend limit", T0)
-    assert recovery.due_reruns(rt, T0 + timedelta(hours=1), ("submit",)) == []  # needs a human
+    assert (
+        recovery.due_reruns(rt.config.schedule, rt.db, T0 + timedelta(hours=1), ("submit",)) == []
+    )  # needs a human
 
 
 @settings(max_examples=200, deadline=None)
@@ -257,16 +267,16 @@ def test_status_check_fails_on_a_crashed_slot_and_on_a_partial_submit_past_the_c
     with rt.engine.begin() as conn:
         state.start_run(conn, "submit", slot, "a1", "h", T0)
         state.finish_run(conn, "a1", "crashed", "its process died (h)", T0)
-    _, healthy, problems = status.status(rt)
+    _, healthy, problems = status.status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy and any("last submit run crashed" in p for p in problems), problems
     with rt.engine.begin() as conn:
         state.start_run(conn, "submit", slot, "a2", "h", T0 + timedelta(seconds=1), attempt=2)
         state.finish_run(conn, "a2", "partial", "stopped: rate limited: 429", T0)
-    _, healthy, problems = status.status(rt)
+    _, healthy, problems = status.status(rt.config, rt.db, rt.owner, rt.clock())
     assert healthy, problems  # retried during the night: not a problem yet
     late = datetime(2026, 6, 4, 6, 30, tzinfo=UTC)
     rt.clock = lambda: late
-    _, healthy, problems = status.status(rt)
+    _, healthy, problems = status.status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy and any("schedule.retry_until 06:00" in p for p in problems), problems
 
 

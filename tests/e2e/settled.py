@@ -32,7 +32,7 @@ def open_batches(rt: Runtime) -> int:
 
 
 def problems(rt: Runtime) -> list[str]:
-    _, healthy, found = status(rt)
+    _, healthy, found = status(rt.config, rt.db, rt.owner, rt.clock())
     assert healthy == (not found)
     return found
 

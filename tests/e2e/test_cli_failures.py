@@ -31,7 +31,7 @@ def _env(
 
 
 def _recorded(rt: Runtime, command: str) -> list[str]:
-    _, _, problems = status(rt)
+    _, _, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     return [p for p in problems if p.startswith(f"last etl {command} run by hand failed")]
 
 

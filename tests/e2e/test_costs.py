@@ -61,7 +61,7 @@ def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_s
     insert_docs(rt, [older, *docs(10), *docs(3, "cached", "c"), {"doc_key": "bad", "body": " "}])
     before = snapshot(rt)
 
-    est = estimate.run(rt, estimate.Selection())
+    est = estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection())
     assert snapshot(rt) == before
     assert control.ledger()["batches_created"] == 0
     by_task = {t.task: t for t in est.tasks}
@@ -74,13 +74,15 @@ def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_s
     assert "nothing was claimed or sent" in estimate.render(est)
 
     # count_tokens on the whole queue (13 < the sample size): the local estimate is the emulator's count.
-    counted = estimate.run(rt, estimate.Selection(), count_tokens=True)
+    counted = estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection(), count_tokens=True)
     assert counted.sampling is not None and counted.sampling.sampled == 13
     assert counted.sampling.local_error == 0.0 and counted.sampling.margin_tokens == 0
     assert snapshot(rt) == before and control.ledger()["batches_created"] == 0
-    assert "off by +0.0%" in estimate.render(estimate.run(rt, estimate.Selection()))
+    assert "off by +0.0%" in estimate.render(
+        estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection())
+    )
 
-    only = estimate.run(rt, estimate.Selection(task="cached"))
+    only = estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection(task="cached"))
     assert [t.task for t in only.tasks] == ["cached"] and only.documents == 3
 
     # The submit's own estimate of each batch, summed, is the estimate printed before.
@@ -101,7 +103,14 @@ def test_the_cap_holds_exactly_at_the_boundary(
     """A cap of exactly `fits` documents' upper bound sends `fits`; one unit less sends one fewer."""
     probe = make_runtime(submit={"max_requests_per_batch": 2})
     insert_docs(probe, docs(8))
-    per_doc = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd) / 8
+    per_doc = (
+        Decimal(
+            estimate.run(
+                probe.config, probe.db, probe.api, probe.clock(), estimate.Selection()
+            ).upper_bound_usd
+        )
+        / 8
+    )
     cap = per_doc * fits
     rt = make_runtime(submit={"max_requests_per_batch": 2, "max_cost_usd_per_night": float(cap)})
     assert rt.config.submit.max_cost_usd_per_night == cap  # exact in the TOML float for these prices
@@ -117,7 +126,7 @@ def test_the_cap_holds_exactly_at_the_boundary(
 
     again = pipeline.submit(rt)  # the same night: the cap is spent
     assert again.documents == 0 and control.ledger()["requests_created"] == fits
-    body = report.build(rt, rt.clock(), None)
+    body = report.build(rt.config, rt.db, rt.clock(), None)
     assert body["budget"]["reserved_usd"] == str(cap.quantize(Decimal("1e-10")))
     assert body["budget"]["waiting_documents"] == {"default": 8 - fits}
     assert "waiting for the budget: default" in report.render(body)
@@ -131,7 +140,14 @@ def test_one_unit_under_the_boundary_sends_one_document_fewer(
 ) -> None:
     probe = make_runtime()
     insert_docs(probe, docs(4))
-    per_doc = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd) / 4
+    per_doc = (
+        Decimal(
+            estimate.run(
+                probe.config, probe.db, probe.api, probe.clock(), estimate.Selection()
+            ).upper_bound_usd
+        )
+        / 4
+    )
     cap = per_doc * 3 - Decimal("1e-10")
     rt = make_runtime(submit={"max_cost_usd_per_night": float(cap)})
     assert pipeline.submit(rt).documents == 2
@@ -156,7 +172,14 @@ def test_two_submitters_at_once_never_cross_the_cap(
 ) -> None:
     probe = make_runtime()
     insert_docs(probe, docs(12))
-    per_doc = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd) / 12
+    per_doc = (
+        Decimal(
+            estimate.run(
+                probe.config, probe.db, probe.api, probe.clock(), estimate.Selection()
+            ).upper_bound_usd
+        )
+        / 12
+    )
     cap = per_doc * 5
     settings = {"max_requests_per_batch": 1, "max_cost_usd_per_night": float(cap)}
     runtimes = [make_runtime(submit=settings) for _ in range(2)]
@@ -194,7 +217,14 @@ def test_a_submit_killed_after_reserving_never_lets_the_cap_be_crossed(
     the restart gives back only what never reached the API, and sends exactly up to the cap."""
     probe = make_runtime()
     insert_docs(probe, docs(9))
-    per_doc = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd) / 9
+    per_doc = (
+        Decimal(
+            estimate.run(
+                probe.config, probe.db, probe.api, probe.clock(), estimate.Selection()
+            ).upper_bound_usd
+        )
+        / 9
+    )
     cap = per_doc * 6
     settings = {"max_requests_per_batch": 2, "max_cost_usd_per_night": float(cap), "claim_lease_seconds": 60}
     env = {
@@ -224,7 +254,7 @@ def test_the_reports_cost_is_the_ledgers_tokens_at_the_configured_prices(
     pipeline.submit(rt)
     clock.advance(3600)
     assert pipeline.collect(rt).succeeded == 20
-    body = report.build(rt, rt.clock(), None)
+    body = report.build(rt.config, rt.db, rt.clock(), None)
     ledger = control.ledger()
     if caching:
         assert ledger["cache_creation_input_tokens"] > 0 and ledger["cache_read_input_tokens"] > 0
@@ -262,7 +292,9 @@ def test_a_measured_shortfall_of_the_local_estimate_raises_what_the_cap_reserves
 
     probe = make_runtime()
     insert_docs(probe, [{"doc_key": f"b{i}", "body": "word " * 400} for i in range(6)])
-    plain_bound = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd)
+    plain_bound = Decimal(
+        estimate.run(probe.config, probe.db, probe.api, probe.clock(), estimate.Selection()).upper_bound_usd
+    )
     with probe.engine.begin() as conn:
         state.set_value(
             conn,
@@ -270,12 +302,12 @@ def test_a_measured_shortfall_of_the_local_estimate_raises_what_the_cap_reserves
             json.dumps({"at": "x", "sampled": 9, "local_error": -0.3333, "ratio": 1.5}),
             probe.clock(),
         )
-    est = estimate.run(probe, estimate.Selection())
+    est = estimate.run(probe.config, probe.db, probe.api, probe.clock(), estimate.Selection())
     assert Decimal(est.upper_bound_usd) > plain_bound
     assert "off by -33.3%" in estimate.render(est)
     cap = plain_bound / 6 * 4  # four documents by the local estimate alone
     rt = make_runtime(submit={"max_cost_usd_per_night": float(cap)})
-    capped = estimate.run(rt, estimate.Selection())
+    capped = estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection())
     out = pipeline.submit(rt)
     assert out.documents == capped.within_cap < 4
     assert control.ledger()["requests_created"] == out.documents
@@ -298,7 +330,14 @@ def test_two_etl_submit_processes_at_once_never_cross_the_cap(
 
     probe = make_runtime()
     insert_docs(probe, docs(12))
-    per_doc = Decimal(estimate.run(probe, estimate.Selection()).upper_bound_usd) / 12
+    per_doc = (
+        Decimal(
+            estimate.run(
+                probe.config, probe.db, probe.api, probe.clock(), estimate.Selection()
+            ).upper_bound_usd
+        )
+        / 12
+    )
     cap = per_doc * 5
     settings = {"max_requests_per_batch": 1, "max_cost_usd_per_night": float(cap)}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ETL_", "ANTHROPIC_"))}

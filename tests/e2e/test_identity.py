@@ -83,7 +83,7 @@ def assert_settled(rt: Runtime, control: EmulatorControl, good: int) -> None:
     billed = by_row(control.ledger(), rt.installation())
     assert [k for k, n in billed.items() if n > 1] == []
     assert open_batches(rt) == 0
-    _, healthy, problems = status(rt)
+    _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert healthy, problems
 
 
@@ -165,7 +165,7 @@ def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
     )
     clock.advance(120)
     reconciler.run(rt)
-    _, healthy, problems = status(rt)
+    _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy and any(stray.id in p and "never collected" in p for p in problems), problems
     reconciler.run(rt)  # read once: not again
     with rt.engine.connect() as conn:
@@ -174,7 +174,7 @@ def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
     with pytest.raises(EtlError, match="not an unexplained batch"):
         reconciler.acknowledge(rt, "msgbatch_typo")
     reconciler.acknowledge(rt, stray.id)
-    assert status(rt)[1]
+    assert status(rt.config, rt.db, rt.owner, rt.clock())[1]
 
 
 # -- finding 3: an extra line never keeps a batch open ------------------------------------------------------
@@ -295,8 +295,8 @@ def test_the_lock_file_of_a_finished_command_is_removed(db_url: str, runtime: Ru
     """SQLite: proof of life is a flock on `<db>.owners/<token>.lock`; a clean exit leaves no file."""
     from etl import life
 
-    life.hold(runtime)
-    folder = life.owners_dir(runtime)
+    runtime.me = life.hold(runtime.engine, runtime.me)
+    folder = life.owners_dir(runtime.engine)
     assert folder is not None and len(os.listdir(folder)) == 1 and runtime.owner.endswith(":F")
     runtime.life.release()
     assert os.listdir(folder) == []

@@ -93,7 +93,7 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
         "next-week",
     }
 
-    body = report.build(rt, clock(), None)
+    body = report.build(rt.config, rt.db, clock(), None)
     paths = body["paths"]
     assert paths["live"]["documents"] == 2
     assert float(paths["live"]["cost_usd"]) == pytest.approx(ledger["live"]["standard_cost_usd"])
@@ -224,7 +224,7 @@ def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_rep
     assert all("spend cap" in r["reason"] for r in rows.values() if r["status"] == "queued")
     assert all("of $0.00103," in r["reason"] for r in rows.values() if r["status"] == "queued")
     assert control.ledger()["live"]["calls"] == 1
-    body = report.build(rt, clock(), None)
+    body = report.build(rt.config, rt.db, clock(), None)
     assert body["paths"]["live"]["fell_back"] == {"daily live spend cap reached": 2}
     assert "daily live spend cap reached" in report.render(body)
 
@@ -303,18 +303,18 @@ def test_status_check_names_stuck_live_calls_and_urgent_rows_nobody_takes(
 
     rt = make_runtime(extra=FAST)
     insert_docs(rt, [{"doc_key": "waiting", "body": "x", "mode": "live"}])
-    assert status(rt)[1] is True  # just inserted: not a problem yet
+    assert status(rt.config, rt.db, rt.owner, rt.clock())[1] is True  # just inserted: not a problem yet
     with rt.engine.begin() as conn:
         live_store.claim(conn, routing.cutoff(rt.config, clock()), 1, clock())
     insert_docs(rt, [{"doc_key": "nobody", "body": "y", "mode": "live"}])
     clock.advance(3600)
-    _, healthy, problems = status(rt)
+    _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy
     assert any("not renewed" in p for p in problems)
     assert any("is `etl run` or `etl live` running?" in p for p in problems)
     live.run(rt, once=True)  # takes the stuck call back and answers both
     assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
-    assert status(rt)[1] is True
+    assert status(rt.config, rt.db, rt.owner, rt.clock())[1] is True
 
 
 def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
@@ -329,7 +329,7 @@ def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
         '{"doc_key": "b", "body": "y", "mode": "live"}\n'
         '{"doc_key": "c", "body": "z"}\n'
     )
-    assert enqueue_file(runtime, str(good), fmt=None, default_task=None) == 3
+    assert enqueue_file(runtime.config, runtime.db, str(good), fmt=None, default_task=None) == 3
     with runtime.engine.connect() as conn:
         rows = {
             r.doc_key: r for r in conn.execute(text("SELECT doc_key, due_by, mode, metadata FROM etl_queue"))
@@ -339,7 +339,7 @@ def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"doc_key": "d", "body": "x", "due_by": "tomorrow"}\n')
     with pytest.raises(InputError, match="line 1: due_by 'tomorrow' is not an ISO 8601 time"):
-        enqueue_file(runtime, str(bad), fmt=None, default_task=None)
+        enqueue_file(runtime.config, runtime.db, str(bad), fmt=None, default_task=None)
 
 
 def test_seams_with_the_other_commands_leave_the_live_path_its_rows_and_its_stuck_calls_seen(
@@ -354,7 +354,7 @@ def test_seams_with_the_other_commands_leave_the_live_path_its_rows_and_its_stuc
     rt = make_runtime(extra=FAST)
     insert_docs(rt, [{"doc_key": f"night-{i}", "body": f"ordinary {i}"} for i in range(3)])
     insert_docs(rt, [{"doc_key": "urgent", "body": "now please", "mode": "live"}])
-    est = estimate.run(rt, estimate.Selection())
+    est = estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection())
     assert est.documents == 3
 
     with rt.engine.begin() as conn:
@@ -369,6 +369,6 @@ def test_seams_with_the_other_commands_leave_the_live_path_its_rows_and_its_stuc
         assert len(live_store.claim(conn, routing.cutoff(rt.config, clock()), 1, clock())) == 1
     clock.advance(3600)
     off = make_runtime(extra="\n[live]\nenabled = false\n")
-    _, healthy, problems = status(off)
+    _, healthy, problems = status(off.config, off.db, off.owner, off.clock())
     assert not healthy
     assert any("not renewed" in p and "nothing takes them back" in p for p in problems)

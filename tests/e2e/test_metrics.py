@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from etl import metrics, pipeline, report
 from etl.runtime import Runtime, build
+from etl.settings import Settings
 from etl.store.schema import DOC_STATUSES
 from tests.conftest import SharedClock, insert_docs
 
@@ -62,10 +63,10 @@ def test_page_after_a_night_counts_documents_tokens_and_money_as_the_report_does
     pipeline.collect(runtime)
     insert_docs(runtime, [{"doc_key": "next", "body": "for tomorrow"}])
 
-    text_page = metrics.page(runtime)
+    text_page = metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock)
     check_with_promtool(text_page)
     page = samples(text_page)
-    body = report.build(runtime, clock(), None)
+    body = report.build(runtime.config, runtime.db, clock(), None)
 
     assert value(page, "etl_queue_rows", status="done", task="default") == 7
     assert value(page, "etl_queue_rows", status="done", task="classify") == 1
@@ -99,13 +100,13 @@ def test_a_batch_aged_28_days_shows_its_expiry_within_a_day_and_fails_the_health
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"d{i}", "body": "x"} for i in range(3)])
     pipeline.submit(runtime)
-    page = samples(metrics.page(runtime))
+    page = samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock))
     assert value(page, "etl_batch_results_expiry_seconds") == pytest.approx(29 * DAY, abs=600)
     assert value(page, "etl_batches", status="submitted") == 1
     assert value(page, "etl_health_ok") == 1
 
     clock.advance(28 * DAY)  # the emulator's clock and ours: the batch is 28 days old, never collected
-    page = samples(metrics.page(runtime))
+    page = samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock))
     assert value(page, "etl_batch_results_expiry_seconds") == pytest.approx(DAY, abs=600)
     assert value(page, "etl_health_ok") == 0 and value(page, "etl_health_problems") >= 1
 
@@ -130,7 +131,7 @@ def test_queue_rows_by_status_and_task_match_the_table_whatever_it_holds(
             conn.execute(
                 text("UPDATE etl_queue SET status = :s WHERE doc_key = :k"), {"k": f"k{i}", "s": status}
             )
-    page = samples(metrics.page(runtime))
+    page = samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock))
     seen = {labels: v for (name, labels), v in page.items() if name == "etl_queue_rows"}
     expected = Counter(rows)
     for labels, n in seen.items():
@@ -149,21 +150,33 @@ def test_a_batch_of_ours_that_nothing_explains_is_counted_until_acknowledged(run
     from etl.clock import utcnow
     from etl.store import state
 
-    assert value(samples(metrics.page(runtime)), "etl_unexplained_batches") == 0
+    assert (
+        value(
+            samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock)),
+            "etl_unexplained_batches",
+        )
+        == 0
+    )
     with runtime.engine.begin() as conn:
         state.set_value(conn, f"{reconciler.UNEXPLAINED_KIND}:msgbatch_x", "50 request(s) billed", utcnow())
-    page = samples(metrics.page(runtime))
+    page = samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock))
     assert value(page, "etl_unexplained_batches") == 1 and value(page, "etl_health_ok") == 0
     with runtime.engine.begin() as conn:
         state.forget(conn, f"{reconciler.UNEXPLAINED_KIND}:msgbatch_x")
-    assert value(samples(metrics.page(runtime)), "etl_unexplained_batches") == 0
+    assert (
+        value(
+            samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock)),
+            "etl_unexplained_batches",
+        )
+        == 0
+    )
 
 
 def test_an_unreachable_database_gives_database_up_0_not_an_error(runtime: Runtime) -> None:
     url = "postgresql://nobody@127.0.0.1:1/none"
     rt = build(replace(runtime.config, database_url=url, warehouse_url=url))
     try:
-        page = samples(metrics.page(rt))
+        page = samples(metrics.page(rt.config, rt.db, rt.owner, rt.clock))
     finally:
         rt.close()
     assert value(page, "etl_database_up") == 0
@@ -179,8 +192,12 @@ def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(ru
         reg.register(collector)
         return samples(generate_latest(reg).decode())
 
-    throttled = metrics.DatabaseCollector(runtime, duty=1e-9)  # reuses any read for ages
-    fresh = metrics.DatabaseCollector(runtime)  # `etl metrics`: reads every time
+    throttled = metrics.DatabaseCollector(
+        Settings(runtime.config), runtime.db, runtime.owner, runtime.clock, duty=1e-9
+    )  # reuses any read for ages
+    fresh = metrics.DatabaseCollector(
+        Settings(runtime.config), runtime.db, runtime.owner, runtime.clock
+    )  # `etl metrics`: reads every time
     first = page_of(throttled)
     insert_docs(runtime, [{"doc_key": "new", "body": "b"}])
     again = page_of(throttled)
@@ -192,7 +209,9 @@ def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(ru
 def test_a_stale_read_is_served_at_once_while_the_next_one_runs_in_the_background(runtime: Runtime) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    collector = metrics.DatabaseCollector(runtime, duty=1.0)  # every read is stale at once
+    collector = metrics.DatabaseCollector(
+        Settings(runtime.config), runtime.db, runtime.owner, runtime.clock, duty=1.0
+    )  # every read is stale at once
     reg = CollectorRegistry(auto_describe=False)
     reg.register(collector)
 

@@ -145,7 +145,7 @@ def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
     other = make_runtime()
     from etl import life
 
-    life.hold(other)
+    other.me = life.hold(other.engine, other.me)
     host, _pid, token, boot, _start, ns, machine, *_ = other.owner.split(":")
     flag = other.owner[-2:]
     assert flag in (":L", ":F")
@@ -155,9 +155,11 @@ def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
         conn = rt.engine.connect()
         assert state.hold_owner_lock(conn, liar)
         conn.commit()
-        assert not recovery.owner_dead(rt, liar)
+        assert not recovery.owner_dead(rt.db, rt.owner, liar, rt.clock())
         conn.invalidate()
     else:
-        assert not recovery.owner_dead(rt, liar)  # its flock file (named by the token) is held
+        assert not recovery.owner_dead(
+            rt.db, rt.owner, liar, rt.clock()
+        )  # its flock file (named by the token) is held
         other.life.release()
-    assert recovery.owner_dead(rt, liar)
+    assert recovery.owner_dead(rt.db, rt.owner, liar, rt.clock())

@@ -246,7 +246,7 @@ def test_morning_report_counts_and_costs_match_the_ledger(
     qid = queue_rows(runtime)["r0"]["id"]
     control.set_faults(outcomes=[{"custom_id": f"q{qid}(_.*)?", "outcome": "expired"}])
     cycle(runtime, clock)
-    body = report.morning(runtime)
+    body = report.morning(runtime.config, runtime.db, runtime.clock())
     task = body["tasks"]["default"]
     assert (task["submitted"], task["succeeded"], task["requeued"], task["rejected"]) == (10, 9, 1, 1)
     ledger = control.ledger()
@@ -324,7 +324,7 @@ def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_
     clock.advance(8 * DAY)
     out = pipeline.collect(runtime)
     assert out.batches_collected == 0 and out.problems
-    body = report.morning(runtime)
+    body = report.morning(runtime.config, runtime.db, runtime.clock())
     assert len(body["late"]) == 1
     assert body["late"][0]["why"].startswith("ended 19") and body["late"][0]["why"].endswith(
         "still not collected"
@@ -338,7 +338,7 @@ def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_
     assert {r["status"] for r in rows.values()} == {"queued"}
     assert all("will be paid for again" in r["reason"] for r in rows.values())
     assert all(r["attempts"] == 0 for r in rows.values())
-    body = report.morning(runtime)
+    body = report.morning(runtime.config, runtime.db, runtime.clock())
     assert body["tasks"]["default"]["archived"] == 3  # under its task, not an "(all)" pseudo-task
 
 

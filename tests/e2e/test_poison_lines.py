@@ -74,7 +74,7 @@ def _assert_settled(rt: Runtime, sent: list[tuple[int, int]]) -> dict[int, tuple
             assert reason, (qid, state)
     batches = _batch_states(rt, {ref for _, ref in sent})
     assert all(s == "collected" for s, _ in batches.values()), batches
-    _, healthy, problems = status(rt)
+    _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert healthy, problems
     return fates
 
@@ -207,7 +207,7 @@ def test_status_check_fails_while_an_ended_batch_has_rows_submitted(
     remote = rt.provider.retrieve(intent.batch_id)
     with rt.engine.begin() as conn:
         assert intents.update_remote(conn, intent.id, remote)
-    _, healthy, problems = status(rt)
+    _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy
     assert any(intent.batch_id in p and "3 row(s) still 'submitted'" in p for p in problems), problems
     pipeline.collect(rt)
@@ -264,7 +264,7 @@ def test_answers_without_text_are_stored_done_with_a_reason_the_report_counts(
     with rt.engine.connect() as conn:
         stored = conn.execute(text("SELECT count(*) FROM etl_results WHERE output_text = ''")).scalar_one()
     assert stored == 3
-    body = report.build(rt, clock(), None)
+    body = report.build(rt.config, rt.db, clock(), None)
     assert {k: v for k, v in body["failures"].items() if "note" in k} == {
         f"succeeded with a note: {why}": 1 for why in NO_TEXT
     }

@@ -42,10 +42,10 @@ def test_a_create_refused_with_retry_after_is_not_tried_again_before_it(
         state.finish_run(
             conn, "run-1", "partial", f"stopped: {first.stopped}", clock() - timedelta(seconds=20)
         )
-    assert recovery.due_reruns(rt, clock(), ("submit",)) == []
+    assert recovery.due_reruns(rt.config.schedule, rt.db, clock(), ("submit",)) == []
 
     clock.advance(3601)
-    rerun = recovery.due_reruns(rt, clock(), ("submit",))
+    rerun = recovery.due_reruns(rt.config.schedule, rt.db, clock(), ("submit",))
     in_time = clock() < recovery.cutoff(rt.config.schedule, slot)
     assert len(rerun) == (1 if in_time else 0)  # past schedule.retry_until the slot is given up instead
     done = pipeline.submit(rt)

@@ -79,11 +79,11 @@ def test_every_amount_of_report_status_and_estimate_json_is_a_decimal_string(
     clock.advance(120)
     pipeline.collect(rt)
     insert_docs(rt, [{"doc_key": "later", "body": "queued", "task": "default"}])
-    info, _, _ = status.status(rt)
+    info, _, _ = status.status(rt.config, rt.db, rt.owner, rt.clock())
     bodies = {
-        "report": json.loads(json.dumps(report.build(rt, clock(), None), default=str)),
+        "report": json.loads(json.dumps(report.build(rt.config, rt.db, clock(), None), default=str)),
         "status": json.loads(json.dumps(info, default=str)),
-        "estimate": estimate.run(rt, estimate.Selection()).to_json(),
+        "estimate": estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection()).to_json(),
     }
     seen = 0
     for name, body in bodies.items():
@@ -123,7 +123,7 @@ def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_it
     assert pipeline.submit(rt).documents == 2
     clock.advance(120)
     pipeline.collect(rt)
-    body = report.build(rt, clock(), None)
+    body = report.build(rt.config, rt.db, clock(), None)
     assert set(body["tasks"]) == {"default"}, body["tasks"]  # no "(all)" beside the real tasks
     assert body["tasks"]["default"]["released"] == 2
     failed = [k for k in body["failures"] if not k.startswith("released")]

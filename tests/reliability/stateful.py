@@ -42,12 +42,14 @@ from sqlalchemy import event as sa_event
 
 from etl import config as config_mod
 from etl import failpoints, life, liveness
+from etl.api import Api
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.emulator.model import reply_text
 from etl.errors import EtlError, environmental
 from etl.prompt import Row, build_params, custom_id
 from etl.runtime import Runtime
 from etl.store import state
+from etl.store.databases import Databases
 from etl.store.engine import make_engine
 from etl.store.schema import metadata, warehouse_metadata
 from tests.conftest import API_KEY, TASKS_TOML, write_config
@@ -413,9 +415,7 @@ class FaultModel(RuleBasedStateMachine):
         sa_event.listen(engine, "before_cursor_execute", before)
         if crash is not None and crash[0] != "statement":
             failpoints.configure({failpoints.ENV: f"{crash[0]}=raise@{crash[1]}"})
-        rt = Runtime(
-            config=cfg, engine=engine, warehouse=engine, provider_factory=factory, clock=self.host_now
-        )
+        rt = Runtime(config=cfg, db=Databases.one(engine), api=Api(factory), clock=self.host_now)
         try:
             yield rt
         finally:

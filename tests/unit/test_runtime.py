@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from etl.api import Api
 from etl.errors import ConfigError
 from etl.runtime import Runtime, gc_paused
+from etl.store.databases import Databases
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +62,7 @@ def _runtime(factory: Any) -> Runtime:
     from sqlalchemy import create_engine
 
     engine = create_engine("sqlite://")
-    return Runtime(config=None, engine=engine, warehouse=engine, provider_factory=factory)  # type: ignore[arg-type]
+    return Runtime(config=None, db=Databases.one(engine), api=Api(factory))  # type: ignore[arg-type]
 
 
 def test_a_warmed_provider_is_built_once_on_another_thread_and_handed_over() -> None:

@@ -51,6 +51,7 @@ from etl.api import Api
 from etl.prompt import Row, build_params
 from etl.provider import LiveReply, Provider
 from etl.runtime import Runtime, build
+from etl.settings import Settings
 from etl.store import migrate
 
 KEY = "bench-live-key"
@@ -126,7 +127,7 @@ def throughput(rt: Runtime, base_url: str, n: int, concurrency: int) -> tuple[fl
     _ = rt.provider  # the SDK imported before the clock starts, as in a running daemon
     insert(rt, docs)
     started = time.perf_counter()
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
     worker = time.perf_counter() - started
     if out.succeeded != n:
         raise SystemExit(f"the worker answered {out.succeeded} of {n}")
@@ -136,7 +137,7 @@ def throughput(rt: Runtime, base_url: str, n: int, concurrency: int) -> tuple[fl
 def pickup(rt: Runtime, samples: int, seed: int, poll: float) -> list[float]:
     rng = random.Random(seed)
     stop = threading.Event()
-    worker = live.LiveWorker(rt, stop)
+    worker = live.LiveWorker(Settings(rt.config), rt.db, rt.api, rt.clock, stop)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     time.sleep(1.0)  # the LISTEN connection is open and the first poll done

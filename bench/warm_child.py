@@ -49,9 +49,9 @@ def main() -> int:
         rt.api = Api(lambda: client)
         try:
             if name == "etl_submit":
-                out: Any = pipeline.submit(rt)
+                out: Any = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
                 return f"submitted {out.documents} document(s) in {out.batches} batch(es)"
-            col = pipeline.collect(rt)
+            col = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
             report.morning(rt.config, rt.db, rt.clock())
             return f"collected {col.succeeded} succeeded"
         finally:

@@ -712,7 +712,7 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_estimate(rt, args)
     _check_schema(rt)
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     print(
         f"submitted {out.documents} document(s) in {out.batches} batch(es); rejected {out.rejected}"
         + (f"; {out.waiting} wait for the nightly budget" if out.waiting else "")
@@ -737,7 +737,7 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
     from etl import pipeline, report, submitter
 
     _check_schema(rt)
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     print(
         f"checked {out.batches_checked} batch(es), collected {out.batches_collected}: {out.succeeded} succeeded, "
         f"{out.requeued} re-queued, {out.dead} dead, {out.archived} re-queued from archived batches"
@@ -764,18 +764,18 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
 
     _check_schema(rt)
     if args.release is not None:
-        rows = reconciler.release_by_operator(rt, args.release)
+        rows = reconciler.release_by_operator(rt.db, rt.clock(), args.release)
         print(f"released intent {args.release}: {rows} row(s) back in the queue")
         return 0
     if args.acknowledge is not None:
-        reconciler.acknowledge(rt, args.acknowledge)
+        reconciler.acknowledge(rt.db, args.acknowledge)
         print(f"acknowledged unexplained batch {args.acknowledge}")
         return 0
     from etl import life, recovery
 
     rt.me = life.hold(rt.engine, rt.me)
     recovery.sweep(rt.db, rt.owner, rt.clock())  # the dead-owner rules, as every command applies them
-    out = reconciler.run(rt)
+    out = reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "
         f"still unknown {out.still_unknown}; {len(out.unmatched_remote)} remote batch(es) match no record"
@@ -920,7 +920,7 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
         return 3 if out.problems else 0
     print(f"canceled {len(out.canceled)} batch(es): {', '.join(out.canceled)}")
     if out.ended:
-        done = pipeline.collect(rt)
+        done = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
         print(
             f"settled now: {done.succeeded} succeeded, {done.requeued} re-queued "
             f"(canceled requests go back to the queue without using an attempt), {done.dead} dead"
@@ -944,7 +944,7 @@ def cmd_metrics(rt: Runtime, args: argparse.Namespace) -> int:
 def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
     from etl.daemon import run_daemon
 
-    return run_daemon(rt)
+    return run_daemon(rt.config, rt.db, rt.api, rt.me, rt.clock)
 
 
 def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
@@ -952,7 +952,7 @@ def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
 
     _check_schema(rt)
     rt.config.require_api_key()
-    out = live.run_command(rt, once=args.once)
+    out = live.run_command(rt.config, rt.db, rt.api, rt.clock, once=args.once)
     print(
         f"live: {out.succeeded} done, {out.dead} dead, {out.rejected} rejected, {out.fell_back} fell back to "
         f"the batch, {out.recovered} recovered after a crash ({out.possibly_billed_twice} possibly billed twice)"

@@ -39,3 +39,8 @@ def parse_iso(value: str) -> datetime:
 def wall() -> datetime:
     """The wall clock itself, unshifted: the time APScheduler keeps (the daemon converts between them)."""
     return datetime.now(UTC)
+
+
+def never() -> bool:
+    """A `should_stop` for work that nothing asks to stop."""
+    return False

@@ -20,16 +20,20 @@ from typing import Any
 import structlog
 
 from etl import codec, failpoints, settlement
+from etl.api import Api
+from etl.clock import never, utcnow
+from etl.config import Config
 from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
 from etl.pricing import Meter
 from etl.prompt import parse_custom_id
 from etl.remote import RemoteBatch
-from etl.runtime import Runtime, gc_paused
+from etl.runtime import gc_paused
 from etl.settlement import Expected
 from etl.store import batches as intents
 from etl.store import events, schema, state
 from etl.store import queue as q
 from etl.store.batches import Intent
+from etl.store.databases import Databases
 from etl.store.dialect import capabilities
 from etl.store.engine import bulk_writes, reading
 from etl.store.schema import DocStatus
@@ -57,39 +61,58 @@ class CollectOutcome:
     paused: str | None = None  # a wrong key, billing or spend limit paused submission: exit 75
 
 
-def preload(rt: Runtime) -> dict[int, dict[int, Expected]]:
+def preload(db: Databases, api: Api) -> dict[int, dict[int, Expected]]:
     """While the SDK loads (`etl collect`, not the daemon): the sent rows of the first open batch, which a
     collect reads next anyway once that batch has ended. Empty when the SDK is already loaded."""
-    if rt.provider_ready:
+    if api.ready:
         return {}
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         first = next(iter(intents.open_intents(conn)), None)
-    return {} if first is None else {first.id: _load_expected(rt, first, packed=True)}
+    return {} if first is None else {first.id: _load_expected(db, first, packed=True)}
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """What one collect uses, as its caller gave it (nothing here changes while it runs)."""
+
+    config: Config
+    db: Databases
+    api: Api
+    clock: Callable[[], datetime]
+    should_stop: Callable[[], bool]
 
 
 def run(
-    rt: Runtime, preloaded: dict[int, dict[int, Expected]] | None = None, paused: str | None = None
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] = never,
+    *,
+    preloaded: dict[int, dict[int, Expected]] | None = None,
+    paused: str | None = None,
 ) -> CollectOutcome:
     """Collect every open batch that has ended, after reconciliation (etl.pipeline runs it first).
     `preloaded`: sent rows already read (`preload`), consumed batch by batch; `paused`: the reason
     reconciliation paused submission, if it did."""
+    ctx = _Ctx(cfg, db, api, clock, should_stop)
     out = CollectOutcome(paused=paused)
     preloaded = {} if preloaded is None else preloaded
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         open_ = intents.open_intents(conn)
     for intent in open_:
-        if rt.should_stop():
+        if ctx.should_stop():
             break
         assert intent.batch_id is not None
         out.batches_checked += 1
         expected = preloaded.pop(intent.id, None)  # dropped here if this batch has not ended
         try:
-            if not _check_batch(rt, intent, out, expected):
+            if not _check_batch(ctx, intent, out, expected):
                 break
         except failpoints.FailpointHit:
             raise  # a simulated kill: the process ends here, as a real one would
         except Exception as exc:  # recovery loop: one batch never stops the others
-            _batch_failed(rt, intent, out, exc)
+            _batch_failed(ctx, intent, out, exc)
     log.info(
         "collect_finished",
         batches_checked=out.batches_checked,
@@ -103,26 +126,26 @@ def run(
 
 
 def _check_batch(
-    rt: Runtime, intent: Intent, out: CollectOutcome, expected: dict[int, Expected] | None
+    ctx: _Ctx, intent: Intent, out: CollectOutcome, expected: dict[int, Expected] | None
 ) -> bool:
     """Retrieve one batch and, once it has ended, collect it. False: the run must stop (systemic)."""
     assert intent.batch_id is not None
     try:
-        remote = rt.provider.retrieve(intent.batch_id)
+        remote = ctx.api.provider.retrieve(intent.batch_id)
     except ProviderError as exc:
         if exc.kind == "systemic":
-            with rt.engine.begin() as conn:
-                state.pause(conn, str(exc), rt.clock())
+            with ctx.db.main.begin() as conn:
+                state.pause(conn, str(exc), ctx.clock())
             out.paused = str(exc)
             out.problems.append(str(exc))
             log.error("collect_stopped", error=str(exc))
             return False
         out.problems.append(str(exc))
         log.warning("retrieve_failed", batch_id=intent.batch_id, error=str(exc))
-        with rt.engine.begin() as conn:
+        with ctx.db.main.begin() as conn:
             intents.note_error(conn, intent.id, f"retrieve failed: {exc}")
         return True
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         intents.update_remote(conn, intent.id, remote)
         if not remote.ended and intent.error:
             intents.note_error(conn, intent.id, None)
@@ -132,13 +155,13 @@ def _check_batch(
     # Archived only on the API's word: our clock against the API's creation time could be days off,
     # and re-queuing results that still exist pays for them twice.
     if remote.archived_at is not None:
-        _archive(rt, intent, out)
+        _archive(ctx, intent, out)
         return True
-    _collect_batch(rt, intent, remote, out, expected)
+    _collect_batch(ctx, intent, remote, out, expected)
     return True
 
 
-def _batch_failed(rt: Runtime, intent: Intent, out: CollectOutcome, exc: Exception) -> None:
+def _batch_failed(ctx: _Ctx, intent: Intent, out: CollectOutcome, exc: Exception) -> None:
     """Whatever one batch raised ends that batch's attempt: the reason is recorded on the batch (where
     `etl status --check` reads it) and the run goes on to the next batch. A failure of the machine (disk
     full, read-only, out of memory) stops the run instead, named as such: every batch would fail alike."""
@@ -147,7 +170,7 @@ def _batch_failed(rt: Runtime, intent: Intent, out: CollectOutcome, exc: Excepti
     out.problems.append(f"batch {intent.batch_id}: {reason}")
     log.error("batch_collect_failed", batch_id=intent.batch_id, error=reason)
     try:
-        with rt.engine.begin() as conn:
+        with ctx.db.main.begin() as conn:
             intents.note_error(conn, intent.id, clean(reason))
     except Exception as note_exc:  # recovery loop: the failure to record it is itself reported
         if found is None:
@@ -158,9 +181,9 @@ def _batch_failed(rt: Runtime, intent: Intent, out: CollectOutcome, exc: Excepti
         raise found from None
 
 
-def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
-    now = rt.clock()
-    with rt.engine.begin() as conn:
+def _archive(ctx: _Ctx, intent: Intent, out: CollectOutcome) -> None:
+    now = ctx.clock()
+    with ctx.db.main.begin() as conn:
         if not intents.mark_archived(conn, intent.id, ARCHIVED_REASON):
             return
         per_task = q.tasks_of(conn, intent.id, DocStatus.SUBMITTED)
@@ -170,8 +193,8 @@ def _archive(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
     log.error("batch_results_archived", batch_id=intent.batch_id, requeued=n, paid_again=True)
 
 
-def _load_expected(rt: Runtime, intent: Intent, *, packed: bool = False) -> dict[int, Expected]:
-    with reading(rt.engine) as conn:
+def _load_expected(db: Databases, intent: Intent, *, packed: bool = False) -> dict[int, Expected]:
+    with reading(db.main) as conn:
         rows = q.sent_rows(conn, intent.id, packed=packed)
     as_utc = cache(_enqueued_at)  # once per distinct value
     return {
@@ -202,18 +225,18 @@ class _Writer:
     are committed as it comes, and the chunk handed over by `finish` settles every chunk of the stream.
     """
 
-    def __init__(self, rt: Runtime, expected: dict[int, Expected], totals: settlement.Totals) -> None:
-        self.rt = rt
+    def __init__(self, ctx: _Ctx, expected: dict[int, Expected], totals: settlement.Totals) -> None:
+        self.ctx = ctx
         self.expected = expected
         self.totals = totals
-        self.per_batch = settlement.settles_per_batch(rt)
+        self.per_batch = settlement.settles_per_batch(ctx.db)
         self._queue: queue.Queue[tuple[settlement.Chunk, bool] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._unsettled: settlement.Chunk | None = None  # written chunks' queue transitions (per batch)
         self.busy_seconds = 0.0  # writing chunks
         self.waited_seconds = 0.0  # the reader waiting for the writer: the database is the slower side
         self._resources = ExitStack()
-        self._conn = self._resources.enter_context(bulk_writes(rt.engine))  # used by the thread only
+        self._conn = self._resources.enter_context(bulk_writes(ctx.db.main))  # used by the thread only
         self._thread = threading.Thread(target=self._run, name="etl-collect-writer", daemon=True)
         self._thread.start()
 
@@ -237,16 +260,18 @@ class _Writer:
 
     def _write(self, chunk: settlement.Chunk, last: bool) -> None:
         if not self.per_batch:
-            settlement.write(self.rt, self._conn, chunk, self.expected, self.totals)
+            settlement.write(self.ctx.db, self.ctx.clock(), self._conn, chunk, self.expected, self.totals)
             return
-        settlement.write(self.rt, self._conn, chunk, self.expected, self.totals, settle=False)
+        settlement.write(
+            self.ctx.db, self.ctx.clock(), self._conn, chunk, self.expected, self.totals, settle=False
+        )
         if self._unsettled is None:
             self._unsettled = chunk
         else:
             self._unsettled.absorb(chunk)
         if last:
             unsettled, self._unsettled = self._unsettled, None
-            settlement.write(self.rt, self._conn, unsettled, self.expected, self.totals)
+            settlement.write(self.ctx.db, self.ctx.clock(), self._conn, unsettled, self.expected, self.totals)
 
     def _check(self) -> None:
         if self._error is not None:  # kept: the writer writes nothing more once it has failed
@@ -279,7 +304,7 @@ class _Writer:
 
 
 def _collect_batch(
-    rt: Runtime,
+    ctx: _Ctx,
     intent: Intent,
     remote: RemoteBatch,
     out: CollectOutcome,
@@ -287,9 +312,9 @@ def _collect_batch(
 ) -> None:
     with gc_paused():
         totals = settlement.Totals()
-        writer = _Writer(rt, expected if expected is not None else _load_expected(rt, intent), totals)
+        writer = _Writer(ctx, expected if expected is not None else _load_expected(ctx.db, intent), totals)
         try:
-            _stream_batch(rt, intent, remote, writer, out)
+            _stream_batch(ctx, intent, remote, writer, out)
         finally:
             writer.close()
             out.succeeded += totals.succeeded
@@ -298,29 +323,29 @@ def _collect_batch(
 
 
 def _stream_batch(
-    rt: Runtime, intent: Intent, remote: RemoteBatch, writer: _Writer, out: CollectOutcome
+    ctx: _Ctx, intent: Intent, remote: RemoteBatch, writer: _Writer, out: CollectOutcome
 ) -> None:
     assert intent.batch_id is not None
-    settings = rt.config.collect
+    settings = ctx.config.collect
     started = time.perf_counter()
-    new_chunk = _chunk_maker(rt, intent, remote, writer.expected)
+    new_chunk = _chunk_maker(ctx, intent, remote, writer.expected)
     extras = Extras()
     for attempt in range(settings.stream_retries + 1):
         try:
-            read = _read_pass(rt, intent, writer, new_chunk)
+            read = _read_pass(ctx, intent, writer, new_chunk)
         except ResultsGone as exc:
-            _results_gone(rt, intent, out, exc)
+            _results_gone(ctx, intent, out, exc)
             return
         extras = read.extras
-        pending = _judge_pass(rt, intent, out, read, writer.expected, attempt == settings.stream_retries)
+        pending = _judge_pass(ctx, intent, out, read, writer.expected, attempt == settings.stream_retries)
         if pending is None:
             return  # an adoption undone
         if read.error is None and not pending:
             failpoints.hit("collect.before_mark_collected")
-            with rt.engine.begin() as conn:
-                if intents.mark_collected(conn, intent.id, rt.clock()) and extras.total:
+            with ctx.db.main.begin() as conn:
+                if intents.mark_collected(conn, intent.id, ctx.clock()) and extras.total:
                     events.record(
-                        conn, rt.clock(), "extra_results", None, extras.total, extras.reason(), intent.id
+                        conn, ctx.clock(), "extra_results", None, extras.total, extras.reason(), intent.id
                     )
             _report_extras(intent, extras, out)
             out.batches_collected += 1
@@ -351,23 +376,23 @@ def _stream_batch(
     out.problems.append(
         f"batch {intent.batch_id}: results incomplete after {settings.stream_retries + 1} tries"
     )
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         intents.note_error(conn, intent.id, "results incomplete; will retry on the next collect")
 
 
 def _chunk_maker(
-    rt: Runtime, intent: Intent, remote: RemoteBatch, expected: dict[int, Expected]
+    ctx: _Ctx, intent: Intent, remote: RemoteBatch, expected: dict[int, Expected]
 ) -> Callable[[], settlement.Chunk]:
     """A new empty chunk for each part of the stream, all sharing one meter."""
-    meter = Meter(rt.config.pricing)
+    meter = Meter(ctx.config.pricing)
 
-    unique_keys = capabilities(rt.warehouse).bulk_copy and len(
+    unique_keys = capabilities(ctx.db.warehouse).bulk_copy and len(
         {(e.doc_key, e.task) for e in expected.values()}
     ) == len(expected)
 
     def new_chunk() -> settlement.Chunk:
-        encoder = Encoder(rt.warehouse.dialect)  # one per chunk: its timestamp memo stays small
-        return settlement.Chunk(intent, remote, rt.config, encoder, meter, rt.clock(), unique_keys)
+        encoder = Encoder(ctx.db.warehouse.dialect)  # one per chunk: its timestamp memo stays small
+        return settlement.Chunk(intent, remote, ctx.config, encoder, meter, ctx.clock(), unique_keys)
 
     return new_chunk
 
@@ -414,17 +439,17 @@ class _Pass:
 
 
 def _read_pass(
-    rt: Runtime, intent: Intent, writer: _Writer, new_chunk: Callable[[], settlement.Chunk]
+    ctx: _Ctx, intent: Intent, writer: _Writer, new_chunk: Callable[[], settlement.Chunk]
 ) -> _Pass:
     """Read the stream once, handing the results to the writer chunk by chunk. Raises `ResultsGone`."""
     assert intent.batch_id is not None
-    settings = rt.config.collect
+    settings = ctx.config.collect
     read = _Pass()
     chunk = new_chunk()
     # The first chunk is handed over early, so the writer starts while the rest is read.
     limit = min(settings.chunk_size, max(FIRST_CHUNK_MIN, settings.chunk_size // 8))
     try:
-        for line in rt.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
+        for line in ctx.api.provider.iter_result_lines(intent.batch_id, settings.stream_timeout_seconds):
             answer = read.sort(intent, writer.expected, line)
             if answer is None:
                 continue
@@ -442,25 +467,25 @@ def _read_pass(
     return read
 
 
-def _results_gone(rt: Runtime, intent: Intent, out: CollectOutcome, exc: ResultsGone) -> None:
+def _results_gone(ctx: _Ctx, intent: Intent, out: CollectOutcome, exc: ResultsGone) -> None:
     assert intent.batch_id is not None
     log.error("results_gone", batch_id=intent.batch_id, error=str(exc))
-    if _archived_says_the_api(rt, intent.batch_id):
-        _archive(rt, intent, out)
+    if _archived_says_the_api(ctx, intent.batch_id):
+        _archive(ctx, intent, out)
         return
     # a refused read is not proof that the results are gone: try again next run
     problem = f"batch {intent.batch_id}: results unavailable ({exc}); the API does not say archived"
     out.problems.append(problem)
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         intents.note_error(conn, intent.id, problem)
 
 
 def _judge_pass(
-    rt: Runtime, intent: Intent, out: CollectOutcome, read: _Pass, expected: dict[int, Expected], last: bool
+    ctx: _Ctx, intent: Intent, out: CollectOutcome, read: _Pass, expected: dict[int, Expected], last: bool
 ) -> list[int] | None:
     """After a pass: the rows this intent sent still unanswered (complete when none and the stream did not
     break; extra lines never keep a batch open), or None when an adoption was undone."""
-    read.moved |= _moved_on(rt, read.elsewhere)
+    read.moved |= _moved_on(ctx, read.elsewhere)
     for qid, cid in read.elsewhere.items():
         if qid not in read.moved:
             read.extras.add("foreign", cid)
@@ -474,7 +499,7 @@ def _judge_pass(
         and not read.seen
         and (read.extras.foreign or read.moved)
     ):
-        _disown(rt, intent, out)
+        _disown(ctx, intent, out)
         return None
     pending = [qid for qid, e in expected.items() if e.status == DocStatus.SUBMITTED]
     if read.unreadable and ((read.error is None and not pending) or last):
@@ -551,29 +576,29 @@ def _report_extras(intent: Intent, extras: Extras, out: CollectOutcome) -> None:
     )
 
 
-def _archived_says_the_api(rt: Runtime, batch_id: str) -> bool:
+def _archived_says_the_api(ctx: _Ctx, batch_id: str) -> bool:
     """Whether the API itself says the batch's results are archived (a failed look says no)."""
     try:
-        return rt.provider.retrieve(batch_id).archived_at is not None
+        return ctx.api.provider.retrieve(batch_id).archived_at is not None
     except ProviderError:
         return False
 
 
-def _moved_on(rt: Runtime, elsewhere: dict[int, str]) -> set[int]:
+def _moved_on(ctx: _Ctx, elsewhere: dict[int, str]) -> set[int]:
     """Results for rows that exist but no longer point at this intent: a run before this one settled them
     (a re-queued row loses its batch_ref; it may even sit in a newer batch by now). Nothing is written
     for them, but they count towards the batch being complete."""
     if not elsewhere:
         return set()
-    with reading(rt.engine) as conn:
+    with reading(ctx.db.main) as conn:
         return q.existing_ids(conn, list(elsewhere))
 
 
-def _disown(rt: Runtime, intent: Intent, out: CollectOutcome) -> None:
+def _disown(ctx: _Ctx, intent: Intent, out: CollectOutcome) -> None:
     """An adopted batch whose results carry none of our custom_ids was someone else's: undo the adoption."""
-    now = rt.clock()
+    now = ctx.clock()
     reason = f"adopted batch {intent.batch_id} turned out not to be ours; re-queued"
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         if intents.mark_archived(conn, intent.id, reason):
             per_task = q.tasks_of(conn, intent.id, DocStatus.SUBMITTED)
             q.requeue_all_submitted(conn, intent.id, reason, now)

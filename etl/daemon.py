@@ -13,7 +13,7 @@ claims its `(job, slot)` row in `etl_runs` (UNIQUE), so even two leaders by mist
 the queue and batch claims are row-level underneath that. A follower takes over within a lease period
 when the leader dies, and catches up on the slot it missed.
 
-SIGTERM/SIGINT make `rt.should_stop` true: the submitter and collector stop between batches, the
+SIGTERM/SIGINT make the jobs' `should_stop` true: the submitter and collector stop between batches, the
 daemon releases the lease, says STOPPING=1 and exits 0. SIGHUP re-reads the configuration file: the
 schedule, logging level and submit/collect/task settings apply at once; database and API settings
 need a restart (the daemon says so in the log).
@@ -52,15 +52,18 @@ from etl import (
     recovery,
     scheduling,
 )
-from etl.clock import wall
+from etl.api import Api
+from etl.clock import utcnow, wall
+from etl.config import Config
 from etl.errors import ConfigError
 from etl.jobs import Jobs, RunOutcome
+from etl.life import Identity
 from etl.notify import Notifier
-from etl.runtime import Runtime
 from etl.settings import Settings
 from etl.signals import Signals
 from etl.store import batches as intents
 from etl.store import grants, migrate, state
+from etl.store.databases import Databases
 from etl.watchdog import STALL_ENV, Watchdog, default_stall
 
 log = structlog.get_logger("etl.daemon")
@@ -87,9 +90,22 @@ def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 class Daemon:
-    def __init__(self, rt: Runtime, notifier: Notifier, env: Mapping[str, str] | None = None) -> None:
-        self.rt = rt
-        self.settings = Settings(rt.config)  # what the long-lived parts read; `reload` swaps it
+    def __init__(
+        self,
+        cfg: Config,
+        db: Databases,
+        api: Api,
+        notifier: Notifier,
+        env: Mapping[str, str] | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        me: Identity | None = None,
+    ) -> None:
+        # The configuration its long-lived parts (jobs, live worker, metrics page) read while they run:
+        # `reload` swaps it whole, and nothing else changes it.
+        self.settings = Settings(cfg)
+        self.db, self.api, self.clock = db, api, clock
+        self.me = me if me is not None else Identity()  # `life.hold` gives the owner string its proof of life
         self.notifier = notifier
         self.env = os.environ if env is None else env
         self.signals = Signals()
@@ -97,7 +113,7 @@ class Daemon:
         self.leader = False
         self.poll_delay: float | None = None
         self.stop_grace = _float_env(self.env, STOP_GRACE_ENV, DEFAULT_STOP_GRACE)
-        stall_limit = _float_env(self.env, STALL_ENV, default_stall(rt.config))
+        stall_limit = _float_env(self.env, STALL_ENV, default_stall(cfg))
         self.watchdog = Watchdog(stall_limit, self.stop_event)
         self._recovering = True  # etl.recovery has something pending: apply its rules every tick
         self._recovery_at = 0.0
@@ -106,35 +122,52 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.live: live.Background | None = None
         self.metrics: metrics.Server | None = None
-        rt.should_stop = self.watchdog.should_stop
-        self.jobs = Jobs(rt, notifier, self.watchdog, self.stop_event, self._schedule_poll)
+        self.should_stop = self.watchdog.should_stop
+        self.jobs = Jobs(
+            self.settings,
+            db,
+            api,
+            lambda: self.me,
+            clock,
+            notifier,
+            self.watchdog,
+            self.stop_event,
+            self._schedule_poll,
+        )
 
     # -- time ---------------------------------------------------------------------------------------
 
     def now(self) -> datetime:
-        return self.rt.clock()
+        return self.clock()
 
     @property
     def offset(self) -> timedelta:
         """How far the runtime's clock is from the wall clock (non-zero only in tests and the demo)."""
-        return self.rt.clock() - wall()
+        return self.clock() - wall()
 
     def cron(self, job: str) -> str:
-        sch = self.rt.config.schedule
+        sch = self.settings.current.schedule
         return sch.submit_cron if job == "submit" else sch.collect_cron
 
     # -- the service ----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        _check(self.rt, self.notifier)
+        _check(self.settings.current, self.db, self.notifier)
         # Our proof of life for as long as we live (etl.life): PostgreSQL, a session advisory lock
         # (re-taken on the next tick if the connection drops); SQLite, a flock beside the database.
-        self.rt.me = life.hold(self.rt.engine, self.rt.me)
-        event.listen(self.rt.engine, "commit", self.watchdog.on_commit)
-        self.metrics = metrics.serve(
-            self.settings, self.rt.db, self.rt.owner, self.rt.clock
-        )  # the Prometheus page, on every instance (docs/deploy.md)
-        _reconcile(self.rt, self.notifier)
+        self.me = life.hold(self.db.main, self.me)
+        event.listen(self.db.main, "commit", self.watchdog.on_commit)
+        # the Prometheus page, on every instance (docs/deploy.md)
+        self.metrics = metrics.serve(self.settings, self.db, self.me.owner, self.clock)
+        _reconcile(
+            self.settings.current,
+            self.db,
+            self.api,
+            self.me.owner,
+            self.clock,
+            self.should_stop,
+            self.notifier,
+        )
         self.scheduler = _new_scheduler()
         self._schedule_jobs()
         self.scheduler.add_job(
@@ -145,8 +178,16 @@ class Daemon:
             replace_existing=True,
         )
         self.scheduler.start()
-        self.live = live.start_background(self.rt, self.stop_event)  # urgent rows, on every instance
-        _log_started(self.rt, self.notifier.watchdog_interval, self.watchdog.stall_limit, self.scheduler)
+        self.live = live.start_background(
+            self.settings, self.db, self.api, self.clock, self.stop_event
+        )  # urgent rows, on every instance
+        _log_started(
+            self.settings.current,
+            self.me.owner,
+            self.notifier.watchdog_interval,
+            self.watchdog.stall_limit,
+            self.scheduler,
+        )
         self.notifier.ready(self._status_line())
         try:
             self._main_loop()
@@ -172,7 +213,7 @@ class Daemon:
             self.notifier.status(self._status_line())
             # Asleep until the next tick or a signal; the scheduler's own thread fires the jobs.
             tick = _tick_seconds(
-                self.rt.config.schedule.leader_lease_seconds, self.notifier.watchdog_interval
+                self.settings.current.schedule.leader_lease_seconds, self.notifier.watchdog_interval
             )
             self.signals.sleep(tick)
 
@@ -186,41 +227,41 @@ class Daemon:
         nxt = (
             []
             if self.scheduler is None
-            else _next_slots(self.scheduler, self.offset, self.rt.config.schedule.zone)
+            else _next_slots(self.scheduler, self.offset, self.settings.current.schedule.zone)
         )
         return "idle; next: " + ", ".join(nxt) if nxt else "idle"
 
     # -- leadership -----------------------------------------------------------------------------------
 
     def _lease_tick(self) -> None:
-        ttl = timedelta(seconds=self.rt.config.schedule.leader_lease_seconds)
+        ttl = timedelta(seconds=self.settings.current.schedule.leader_lease_seconds)
         try:
-            self.rt.me = life.hold(self.rt.engine, self.rt.me)  # re-taken if its connection dropped
-            with self.rt.engine.begin() as conn:
-                got = state.acquire_lease(conn, state.LEADER_KEY, self.rt.owner, self.now(), ttl)
+            self.me = life.hold(self.db.main, self.me)  # re-taken if its connection dropped
+            with self.db.main.begin() as conn:
+                got = state.acquire_lease(conn, state.LEADER_KEY, self.me.owner, self.now(), ttl)
             if not got:  # held: by a process that is gone? Then at once, not at lease expiry.
-                got = recovery.take_over_leader(self.rt.db, self.rt.owner, self.now(), ttl)
+                got = recovery.take_over_leader(self.db, self.me.owner, self.now(), ttl)
         except Exception as exc:  # recovery loop: a database blip must not kill the service
             log.warning("lease_renewal_failed", error=str(exc))
             got = False
         if got and not self.leader:
             self.leader = True
-            log.info("leadership_acquired", owner=self.rt.owner)
+            log.info("leadership_acquired", owner=self.me.owner)
             self._submit_job(self._catch_up, "catch_up")
             # A poll killed half-way, or batches that ended while we were down: look now, not in 30 minutes.
             self._schedule_poll(STARTUP_POLL_SECONDS)
             self.poll_delay = None  # (the next poll then comes after poll_minutes, as always)
         elif not got and self.leader:
             self.leader = False
-            log.warning("leadership_lost", owner=self.rt.owner)
+            log.warning("leadership_lost", owner=self.me.owner)
         elif not got and not self.leader and not self._standby_logged:
             self._standby_logged = True
             log.info("standby", reason="another instance holds the leader lease")
 
     def _release_lease(self) -> None:
         try:
-            with self.rt.engine.begin() as conn:
-                state.release_lease(conn, state.LEADER_KEY, self.rt.owner)
+            with self.db.main.begin() as conn:
+                state.release_lease(conn, state.LEADER_KEY, self.me.owner)
         except Exception as exc:  # shutting down anyway; the lease expires by itself
             log.warning("lease_release_failed", error=str(exc))
 
@@ -228,7 +269,7 @@ class Daemon:
 
     def _schedule_jobs(self) -> None:
         assert self.scheduler is not None
-        zone = self.rt.config.schedule.zone
+        zone = self.settings.current.schedule.zone
         for job in JOBS:
             self.scheduler.add_job(
                 self._scheduled,
@@ -238,7 +279,7 @@ class Daemon:
                 name=job,
                 replace_existing=True,
             )
-        self._schedule_poll(self.rt.config.schedule.poll_minutes * 60)
+        self._schedule_poll(self.settings.current.schedule.poll_minutes * 60)
 
     def _schedule_poll(self, delay: float) -> None:
         if self.scheduler is None:
@@ -260,22 +301,24 @@ class Daemon:
         """On becoming leader: run the latest missed slot of each job once, oldest slot first."""
         now = self.now()
         todo: list[tuple[datetime, str]] = []
-        with self.rt.engine.connect() as conn:
+        with self.db.main.connect() as conn:
             for job in JOBS:
                 last = state.last_slot(conn, job)
-                slot = scheduling.catch_up_slot(self.cron(job), self.rt.config.schedule.zone, last, now)
+                slot = scheduling.catch_up_slot(
+                    self.cron(job), self.settings.current.schedule.zone, last, now
+                )
                 if slot is not None:
                     log.info(
                         "catching_up", job=job, slot=slot.isoformat(), last_slot=last and last.isoformat()
                     )
                     todo.append((slot, job))
         for job in self.run_now:
-            slot = scheduling.latest_fire(self.cron(job), self.rt.config.schedule.zone, now) or now
+            slot = scheduling.latest_fire(self.cron(job), self.settings.current.schedule.zone, now) or now
             todo.append((slot, job))
         self.run_now = []
         for slot, job in sorted(todo):
             self.run_slot(job, slot)
-        self._rerun(recovery.due_reruns(self.rt.config.schedule, self.rt.db, self.now(), JOBS))
+        self._rerun(recovery.due_reruns(self.settings.current.schedule, self.db, self.now(), JOBS))
 
     def _rerun(self, reruns: list[recovery.Rerun]) -> None:
         for r in sorted(reruns, key=lambda r: r.slot):
@@ -292,23 +335,25 @@ class Daemon:
         self._recovery_at = time.monotonic()
         try:
             with logs.run_context("recovery"):
-                out = recovery.settle(self.rt)
+                out = recovery.settle(
+                    self.settings.current, self.db, self.api, self.me.owner, self.clock, self.should_stop
+                )
                 returned = out is not None and (out.released_claims + out.released_unknown) > 0
                 due = recovery.due_reruns(
-                    self.rt.config.schedule, self.rt.db, self.now(), JOBS, rows_returned=returned
+                    self.settings.current.schedule, self.db, self.now(), JOBS, rows_returned=returned
                 )
                 self._rerun(due)
                 self._recovering = (
                     out is not None
                     or bool(due)
-                    or recovery.retry_pending(self.rt.config.schedule, self.rt.db, self.now())
+                    or recovery.retry_pending(self.settings.current.schedule, self.db, self.now())
                 )
         except Exception as exc:  # recovery loop: the next tick tries again
             self._recovering = True
             self.jobs.failed("recovery_failed", exc)
 
     def _scheduled(self, job: str) -> None:
-        slot = scheduling.latest_fire(self.cron(job), self.rt.config.schedule.zone, self.now())
+        slot = scheduling.latest_fire(self.cron(job), self.settings.current.schedule.zone, self.now())
         if slot is not None:
             self.run_slot(job, slot)
 
@@ -323,19 +368,21 @@ class Daemon:
 
     def _poll(self) -> None:
         """Collect batches that ended since the last look; poll less often while nothing is pending."""
-        sch = self.rt.config.schedule
+        sch = self.settings.current.schedule
         pending = False
         if self.leader and not self.stop_event.is_set():
             with logs.run_context("poll"):
                 try:  # unknown creates and dead processes' intents: settled here too, not only by a submit
-                    recovery.settle(self.rt)
+                    recovery.settle(
+                        self.settings.current, self.db, self.api, self.me.owner, self.clock, self.should_stop
+                    )
                 except Exception as exc:  # recovery loop: the next poll tries again
                     self.jobs.failed("poll_reconcile_failed", exc)
-                with self.rt.engine.connect() as conn:
+                with self.db.main.connect() as conn:
                     pending = bool(intents.open_intents(conn))
                 if pending:
                     self.jobs.poll_collect()
-                    with self.rt.engine.connect() as conn:
+                    with self.db.main.connect() as conn:
                         pending = bool(intents.open_intents(conn))
         delay = scheduling.next_poll_delay(
             self.poll_delay, pending, sch.poll_minutes * 60, sch.poll_max_minutes * 60
@@ -347,7 +394,7 @@ class Daemon:
 
     def reload(self) -> None:
         self.notifier.reloading()
-        old = self.rt.config
+        old = self.settings.current
         path = None if old.source == "<defaults>" else Path(old.source)
         try:
             new = config_mod.load(self.env, path)
@@ -355,8 +402,8 @@ class Daemon:
             log.error("reload_failed", error=str(exc), kept="the previous configuration")
             self.notifier.send("READY=1")
             return
-        self.rt.config, needs_restart = _reloaded(old, new)
-        self.settings.swap(self.rt.config)
+        applied, needs_restart = _reloaded(old, new)
+        self.settings.swap(applied)
         logs.set_level(new.log_level)
         for warning in new.warnings:  # settings an older version read: loaded, ignored, said again
             log.warning("config_setting_ignored", config=new.source, warning=warning)
@@ -384,7 +431,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         self._release_lease()
-        self.rt.life.release()
+        self.me.life.release()
         if not finished:
             # Every step is resumable from the database (the reconciler settles an interrupted
             # create), so leaving now is safe; waiting longer would only get us SIGKILLed.
@@ -396,8 +443,10 @@ class Daemon:
         self.notifier.close()
 
 
-def run_daemon(rt: Runtime) -> int:
-    daemon = Daemon(rt, Notifier.from_env())
+def run_daemon(
+    cfg: Config, db: Databases, api: Api, me: Identity, clock: Callable[[], datetime] = utcnow
+) -> int:
+    daemon = Daemon(cfg, db, api, Notifier.from_env(), clock=clock, me=me)
     daemon.signals.install()
     return daemon.run()
 
@@ -405,21 +454,27 @@ def run_daemon(rt: Runtime) -> int:
 # -- the parts of the daemon that need none of its state ---------------------------------------------
 
 
-def _check(rt: Runtime, notifier: Notifier) -> None:
+def _check(cfg: Config, db: Databases, notifier: Notifier) -> None:
     """What must hold before anything runs: the schema, the database rights, an API key."""
     notifier.status("checking the database schema")
-    migrate.check(rt.engine, rt.warehouse)
-    grants.check(rt.engine, rt.warehouse)  # a missing right: one line now, not a job's traceback
-    rt.config.require_api_key()
+    migrate.check(db.main, db.warehouse)
+    grants.check(db.main, db.warehouse)  # a missing right: one line now, not a job's traceback
+    cfg.require_api_key()
 
 
-def _reconcile(rt: Runtime, notifier: Notifier) -> None:
+def _reconcile(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    me: str,
+    clock: Callable[[], datetime],
+    should_stop: Callable[[], bool],
+    notifier: Notifier,
+) -> None:
     notifier.status("reconciling unfinished batch creates")
     with logs.run_context("reconcile"):
-        found = recovery.sweep(
-            rt.db, rt.owner, rt.clock()
-        )  # a dead predecessor's runs and intents, known at once
-        out = reconciler.run(rt)
+        found = recovery.sweep(db, me, clock())  # a dead predecessor's runs and intents, known at once
+        out = reconciler.run(cfg, db, api, clock, should_stop)
         log.info(
             "startup_reconciled",
             adopted=out.adopted,
@@ -439,12 +494,12 @@ def _new_scheduler() -> BackgroundScheduler:
 
 
 def _log_started(
-    rt: Runtime, watchdog_interval: float | None, stall: float, scheduler: BackgroundScheduler
+    cfg: Config, owner: str, watchdog_interval: float | None, stall: float, scheduler: BackgroundScheduler
 ) -> None:
-    sch = rt.config.schedule
+    sch = cfg.schedule
     log.info(
         "daemon_started",
-        owner=rt.owner,
+        owner=owner,
         timezone=sch.timezone,
         submit_cron=sch.submit_cron,
         collect_cron=sch.collect_cron,

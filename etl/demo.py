@@ -209,7 +209,7 @@ def _urgent(d: _Demo) -> None:
             },
         )
     started = time.perf_counter()
-    answered = live.run(d.rt, once=True)
+    answered = live.run(d.rt.config, d.rt.db, d.rt.api, d.rt.clock, once=True)
     with d.rt.warehouse.connect() as conn:
         cost = conn.execute(  # through the column's type: money is stored scaled on SQLite
             select(results.c.cost_usd).where(results.c.doc_key == URGENT, results.c.mode == "live")
@@ -224,7 +224,7 @@ def _urgent(d: _Demo) -> None:
 
 def _night(d: _Demo) -> None:
     d.say("3. Night: the submit job")
-    out = pipeline.submit(d.rt)
+    out = pipeline.submit(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
     print(f"   {out.documents} documents sent in {out.batches} batches (one create call each, never retried)")
     for batch_id in out.batch_ids:
         print(d.s.dim(f"     {batch_id}"))
@@ -235,7 +235,7 @@ def _night(d: _Demo) -> None:
 
 def _morning(d: _Demo) -> None:
     d.say("5. Morning: the collect job, then the report")
-    col = pipeline.collect(d.rt)
+    col = pipeline.collect(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
     print(
         f"   {col.batches_collected} batches collected: {d.s.green(str(col.succeeded) + ' succeeded')}, "
         f"{d.s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
@@ -249,9 +249,9 @@ def _morning(d: _Demo) -> None:
 def _next_night(d: _Demo) -> None:
     d.say("6. The next night: the overload has passed, the re-queued documents go again")
     d.control.clear_faults()
-    again = pipeline.submit(d.rt)
+    again = pipeline.submit(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
     d.night_passes()
-    col2 = pipeline.collect(d.rt)
+    col2 = pipeline.collect(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
     print(f"   {again.documents} re-sent; {col2.succeeded} succeeded")
     with d.rt.engine.connect() as conn:
         counts: dict[str, int] = {

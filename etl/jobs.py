@@ -16,11 +16,14 @@ from enum import StrEnum
 import structlog
 
 from etl import collector, logs, pipeline, recovery, report, submitter
+from etl.api import Api
 from etl.errors import SubmissionPaused, environmental
+from etl.life import Identity
 from etl.notify import Notifier
-from etl.runtime import Runtime
+from etl.settings import Settings
 from etl.store import batches as intents
 from etl.store import state
+from etl.store.databases import Databases
 from etl.store.engine import denied
 from etl.store.schema import BatchStatus
 from etl.watchdog import Watchdog
@@ -41,13 +44,19 @@ class RunOutcome(StrEnum):
 class Jobs:
     def __init__(
         self,
-        rt: Runtime,
+        conf: Settings,
+        db: Databases,
+        api: Api,
+        me: Callable[[], Identity],
+        clock: Callable[[], datetime],
         notifier: Notifier,
         watchdog: Watchdog,
         stop: threading.Event,
         schedule_poll: Callable[[float], None],
     ) -> None:
-        self.rt = rt
+        # `conf`: each run takes the configuration current when it starts (the daemon's reload swaps it);
+        # `me`: who we are now (the daemon's proof of life may change the owner string).
+        self.conf, self.db, self.api, self.me, self.clock = conf, db, api, me, clock
         self.notifier = notifier
         self.watchdog = watchdog
         self.stop = stop
@@ -58,8 +67,8 @@ class Jobs:
         """Claim (job, slot, attempt) in etl_runs and run it. Returns the outcome, or None if another run
         has the slot."""
         with logs.run_context(job) as run_id:
-            with self.rt.engine.begin() as conn:
-                claimed = state.start_run(conn, job, slot, run_id, self.rt.owner, self.rt.clock(), attempt)
+            with self.db.main.begin() as conn:
+                claimed = state.start_run(conn, job, slot, run_id, self.me().owner, self.clock(), attempt)
             if not claimed:
                 log.info("slot_taken", slot=slot.isoformat(), reason="another run has this slot")
                 return None
@@ -77,8 +86,8 @@ class Jobs:
                 detail = self.failed("job_failed", exc)
             finally:
                 self.watchdog.leave()
-                with self.rt.engine.begin() as conn:
-                    state.finish_run(conn, run_id, outcome, detail, self.rt.clock())
+                with self.db.main.begin() as conn:
+                    state.finish_run(conn, run_id, outcome, detail, self.clock())
                 log.info("job_finished", outcome=outcome, detail=detail)
         return outcome
 
@@ -87,29 +96,34 @@ class Jobs:
         self.notifier.status(f"running {job}")
 
     def body(self, job: str) -> tuple[RunOutcome, str]:
+        cfg = self.conf.current
         if job == "submit":
-            out = pipeline.submit(self.rt)
+            out = pipeline.submit(cfg, self.db, self.api, self.me(), self.clock, self.watchdog.should_stop)
             if out.batches:
-                self.schedule_poll(self.rt.config.schedule.poll_minutes * 60)
-            with self.rt.engine.connect() as conn:
+                self.schedule_poll(cfg.schedule.poll_minutes * 60)
+            with self.db.main.connect() as conn:
                 waiting = len(intents.with_status(conn, BatchStatus.UNKNOWN))
             return submit_outcome(out, waiting)
-        detail = collect_detail(pipeline.collect(self.rt))
+        detail = collect_detail(
+            pipeline.collect(cfg, self.db, self.api, self.me(), self.clock, self.watchdog.should_stop)
+        )
         if self.stop.is_set():
             return RunOutcome.INTERRUPTED, detail
-        with self.rt.engine.connect() as conn:
+        with self.db.main.connect() as conn:
             written = self.slot is not None and recovery.report_written(conn, self.slot)
         if written:  # the crashed attempt got as far as the report: one report per morning
             log.info("morning_report_exists", slot=self.slot and self.slot.isoformat())
         else:
-            report.morning(self.rt.config, self.rt.db, self.rt.clock())
+            report.morning(cfg, self.db, self.clock())
         return RunOutcome.OK, detail
 
     def poll_collect(self) -> None:
         """The adaptive poll's collect of batches that ended (no `etl_runs` row: it is no slot)."""
         self.enter("poll")
         try:
-            out = pipeline.collect(self.rt)
+            out = pipeline.collect(
+                self.conf.current, self.db, self.api, self.me(), self.clock, self.watchdog.should_stop
+            )
             log.info("poll_finished", collected=out.batches_collected, succeeded=out.succeeded)
         except Exception as exc:  # recovery loop: the next poll tries again
             self.failed("poll_failed", exc)
@@ -117,7 +131,7 @@ class Jobs:
             self.watchdog.leave()
 
     def failed(self, event_name: str, exc: Exception) -> str:
-        return log_failure(event_name, exc, self.rt.engine.url.username)
+        return log_failure(event_name, exc, self.db.main.url.username)
 
 
 def log_failure(event_name: str, exc: Exception, username: str | None) -> str:

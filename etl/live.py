@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ import structlog
 
 from etl import counters, failpoints, routing
 from etl.answer import RESULT_COLUMNS, Unreadable, checked_answer, parsed_json, result_row
+from etl.api import Api
+from etl.clock import utcnow
 from etl.config import Config, Task
 from etl.errors import EtlError, ProviderError, clean
 from etl.pacer import Pacer
 from etl.pricing import Meter
 from etl.prompt import Rejection, Row, build_params
-from etl.runtime import Runtime
+from etl.settings import Settings
 from etl.settler import Answer, LiveOutcome, Settler
 from etl.spend import Spend
 from etl.store import events, schema, state
@@ -64,20 +67,29 @@ class _Tries:
 
 
 class LiveWorker:
-    def __init__(self, rt: Runtime, stop: threading.Event | None = None) -> None:
-        self.rt = rt
+    def __init__(
+        self,
+        conf: Settings,
+        db: Databases,
+        api: Api,
+        clock: Callable[[], datetime] = utcnow,
+        stop: threading.Event | None = None,
+    ) -> None:
+        # `conf`: the configuration, read as the worker runs (the daemon's reload swaps it); what is
+        # taken here at the start (concurrency, pacing, pricing, the cap) stays for the worker's life.
+        self.conf, self.db, self.api, self.clock = conf, db, api, clock
         self.stop = stop or threading.Event()
-        self.settings = rt.config.live
-        self.pacer = Pacer(self.settings.requests_per_minute, rt.clock, self.stop)
-        self.meter = Meter(rt.config.pricing)
-        self.spend = Spend(self.settings.daily_spend_cap_usd, self.meter, rt.engine, rt.clock)
+        self.settings = conf.current.live
+        self.pacer = Pacer(self.settings.requests_per_minute, clock, self.stop)
+        self.meter = Meter(conf.current.pricing)
+        self.spend = Spend(self.settings.daily_spend_cap_usd, self.meter, db.main, clock)
         self.outcome = LiveOutcome()
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[None]] = {}
         self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="etl-live")
-        self.settler = Settler(rt, self.spend, self.outcome, self._dead)
-        self._last_renew = rt.clock()
+        self.settler = Settler(db, clock, self.spend, self.outcome, self._dead)
+        self._last_renew = clock()
         self._last_recover: datetime | None = None
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -85,7 +97,7 @@ class LiveWorker:
     def run(self, *, once: bool = False) -> LiveOutcome:
         """Take urgent rows until stopped (or, with `once`, until none is left), then wait for the calls."""
         listener = None
-        if not once and capabilities(self.rt.engine).listen_notify:
+        if not once and capabilities(self.db.main).listen_notify:
             listener = threading.Thread(target=self._listen, name="etl-live-listen", daemon=True)
             listener.start()
         log.info("live_worker_started", concurrency=self.settings.concurrency, once=once)
@@ -120,7 +132,7 @@ class LiveWorker:
         """PostgreSQL: each NOTIFY from the queue's trigger wakes the loop at once."""
         while not self.stop.is_set():
             try:
-                signals = store.listen(self.rt.engine, timeout=LISTEN_TIMEOUT)
+                signals = store.listen(self.db.main, timeout=LISTEN_TIMEOUT)
                 for got in signals:
                     if got:
                         self.wake.set()
@@ -142,12 +154,12 @@ class LiveWorker:
         free = self._free_slots()
         if free <= 0:
             return 0
-        now = self.rt.clock()
-        limit = routing.cutoff(self.rt.config, now)
-        with reading(self.rt.engine) as conn:  # the idle poll: one index probe, no write lock
+        now = self.clock()
+        limit = routing.cutoff(self.conf.current, now)
+        with reading(self.db.main) as conn:  # the idle poll: one index probe, no write lock
             if not store.any_waiting(conn, limit) or state.pause_reason(conn):
                 return 0
-        with self.rt.engine.begin() as conn:
+        with self.db.main.begin() as conn:
             rows = store.claim(conn, limit, free, now)
         for lrow in rows:
             log.info("live_claimed", queue_id=lrow.row.id, doc_key=lrow.row.doc_key, due_by=str(lrow.due_by))
@@ -159,13 +171,13 @@ class LiveWorker:
 
     def _housekeeping(self) -> None:
         """Renew the lease of our `calling` rows; put back rows whose worker died."""
-        now = self.rt.clock()
+        now = self.clock()
         lease = timedelta(seconds=self.settings.claim_lease_seconds)
         if now - self._last_renew >= lease / 3:
             with self._lock:
                 ids = list(self._inflight)
             if ids:
-                with self.rt.engine.begin() as conn:
+                with self.db.main.begin() as conn:
                     store.renew(conn, ids, now)
             self._last_renew = now
         if self._last_recover is None or now - self._last_recover >= lease / 2:
@@ -174,7 +186,7 @@ class LiveWorker:
 
     def recover(self, now: datetime) -> int:
         lease = timedelta(seconds=self.settings.claim_lease_seconds)
-        with self.rt.engine.begin() as conn:
+        with self.db.main.begin() as conn:
             back = store.recover(conn, now, lease)
             twice = [r for r in back if r.in_flight]
             for r in twice:
@@ -199,14 +211,14 @@ class LiveWorker:
             self._process(lrow)
         except Exception as exc:  # recovery loop: the row goes back to the queue, the worker goes on
             log.exception("live_document_failed", queue_id=lrow.row.id, error=str(exc))
-            with suppress(Exception), self.rt.engine.begin() as conn:
+            with suppress(Exception), self.db.main.begin() as conn:
                 store.give_back(
-                    conn, [lrow.row.id], f"live path failed: {type(exc).__name__}: {exc}", self.rt.clock()
+                    conn, [lrow.row.id], f"live path failed: {type(exc).__name__}: {exc}", self.clock()
                 )
 
     def _process(self, lrow: store.LiveRow) -> None:
         row = lrow.row
-        cfg = self.rt.config
+        cfg = self.conf.current
         task = cfg.tasks.get(row.task)
         if task is not None and not task.live:
             self._fall_back(
@@ -236,8 +248,8 @@ class LiveWorker:
                 self._give_back(row.id, "stopped before the live call", uncalled=tries.recorded)
                 return
             if not tries.recorded:
-                with self.rt.engine.begin() as conn:
-                    if not store.record_call(conn, row.id, self.rt.clock()):
+                with self.db.main.begin() as conn:
+                    if not store.record_call(conn, row.id, self.clock()):
                         log.warning("live_claim_lost", queue_id=row.id)
                         return
             tries.recorded = False
@@ -245,25 +257,25 @@ class LiveWorker:
             self.outcome.calls += 1
             counters.LIVE_CALLS.inc()
             try:
-                reply = self.rt.provider.create_message(params)
+                reply = self.api.provider.create_message(params)
             except ProviderError as exc:
                 if self._call_failed(row, exc, tries):
                     continue
                 return
-            self.pacer.observe(reply.headers, self.rt.clock())
+            self.pacer.observe(reply.headers, self.clock())
             failpoints.hit("live.after_call")
             self._succeeded(lrow, task, reply.message)
             return
 
     def _call_failed(self, row: Row, exc: ProviderError, tries: _Tries) -> bool:
         """A refused or failed call: True to call again, False when the row's outcome is settled."""
-        now = self.rt.clock()
+        now = self.clock()
         self.pacer.observe(exc.headers, now)
         reason = str(exc)
         if exc.kind == "rate_limited" or exc.status == OVERLOADED:
             return self._saturated(row, exc, tries, now)
         if exc.kind == "systemic":
-            with self.rt.engine.begin() as conn:
+            with self.db.main.begin() as conn:
                 store.give_back(conn, [row.id], f"not sent: {reason}", now)
                 state.pause(conn, reason, now)
             log.error("live_paused", queue_id=row.id, reason=reason)
@@ -271,7 +283,7 @@ class LiveWorker:
             return False
         if exc.kind in ("ambiguous", "transient") and tries.attempts + 1 < self.settings.max_attempts:
             tries.attempts += 1
-            with self.rt.engine.begin() as conn:
+            with self.db.main.begin() as conn:
                 store.call_ended(conn, row.id, now, count_attempt=True)
                 events.record(
                     conn, now, "live_billed_twice", row.task, 1, "retried after an ambiguous failure"
@@ -294,7 +306,7 @@ class LiveWorker:
         if exc.retry_after is None:
             self.pacer.hold_until(now + timedelta(seconds=tries.backoff))
             tries.backoff = min(tries.backoff * 2, self.settings.max_backoff_seconds)
-        with self.rt.engine.begin() as conn:
+        with self.db.main.begin() as conn:
             store.call_ended(conn, row.id, now, count_attempt=False)
         if tries.saturated >= SATURATED_RETRIES:
             self._give_back(row.id, f"live API saturated, will try again: {exc}")
@@ -305,9 +317,9 @@ class LiveWorker:
 
     def _succeeded(self, lrow: store.LiveRow, task: Task, message: dict[str, Any]) -> None:
         row = lrow.row
-        now = self.rt.clock()  # the answer's time; the settler commits it a moment later
+        now = self.clock()  # the answer's time; the settler commits it a moment later
         try:
-            answer = checked_answer(message, capabilities(self.rt.warehouse))
+            answer = checked_answer(message, capabilities(self.db.warehouse))
         except Unreadable as exc:  # billed, but no database would store it: the row ends here, not re-called
             self._dead(row.id, row.task, clean(str(exc)))
             return
@@ -333,8 +345,8 @@ class LiveWorker:
         )
 
     def _fall_back(self, queue_id: int, task: str, reason: str) -> None:
-        now = self.rt.clock()
-        with self.rt.engine.begin() as conn:
+        now = self.clock()
+        with self.db.main.begin() as conn:
             if store.fall_back(conn, [queue_id], reason, now):
                 events.record(conn, now, "live_fallback", task, 1, reason.split(" (")[0])
         self.outcome.fell_back += 1
@@ -342,24 +354,24 @@ class LiveWorker:
         log.warning("live_fell_back_to_batch", queue_id=queue_id, reason=reason)
 
     def _reject(self, queue_id: int, task: str, reason: str) -> None:
-        now = self.rt.clock()
-        with self.rt.engine.begin() as conn:
+        now = self.clock()
+        with self.db.main.begin() as conn:
             if store.reject(conn, queue_id, reason, now):
                 events.record(conn, now, "rejected", task, 1, events.reason_key(reason))
         self.outcome.rejected += 1
         log.warning("document_rejected", queue_id=queue_id, reason=reason, path="live")
 
     def _dead(self, queue_id: int, task: str, reason: str) -> None:
-        now = self.rt.clock()
-        with self.rt.engine.begin() as conn:
+        now = self.clock()
+        with self.db.main.begin() as conn:
             if store.dead(conn, queue_id, reason, now):
                 events.record(conn, now, "dead", task, 1, events.reason_key(reason))
         self.outcome.dead += 1
         log.error("live_document_dead", queue_id=queue_id, reason=reason)
 
     def _give_back(self, queue_id: int, reason: str, *, uncalled: bool = False) -> None:
-        with self.rt.engine.begin() as conn:
-            store.give_back(conn, [queue_id], reason, self.rt.clock(), uncalled=uncalled)
+        with self.db.main.begin() as conn:
+            store.give_back(conn, [queue_id], reason, self.clock(), uncalled=uncalled)
         self.outcome.given_back += 1
 
 
@@ -394,20 +406,30 @@ def health(cfg: Config, db: Databases, now: datetime) -> list[str]:
     return problems
 
 
-def run(rt: Runtime, *, once: bool, stop: threading.Event | None = None) -> LiveOutcome:
+def run(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    clock: Callable[[], datetime] = utcnow,
+    *,
+    once: bool,
+    stop: threading.Event | None = None,
+) -> LiveOutcome:
     """The worker in the calling thread until `stop` (or, with `once`, until no urgent row is left)."""
-    if not rt.config.live.enabled:
+    if not cfg.live.enabled:
         raise EtlError("the live path is off (live.enabled = false): the nightly batch takes every row")
-    rt.warm_provider()
-    return LiveWorker(rt, stop).run(once=once)
+    api.warm()
+    return LiveWorker(Settings(cfg), db, api, clock, stop).run(once=once)
 
 
-def run_command(rt: Runtime, *, once: bool) -> LiveOutcome:
+def run_command(
+    cfg: Config, db: Databases, api: Api, clock: Callable[[], datetime], *, once: bool
+) -> LiveOutcome:
     """`etl live [--once]`: SIGTERM/SIGINT stop it after the calls in flight."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return run(rt, once=once, stop=stop)
+        return run(cfg, db, api, clock, once=once, stop=stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -425,12 +447,14 @@ class Background:
         self.thread.join(timeout)
 
 
-def start_background(rt: Runtime, stop: threading.Event) -> Background | None:
+def start_background(
+    conf: Settings, db: Databases, api: Api, clock: Callable[[], datetime], stop: threading.Event
+) -> Background | None:
     """Start the live worker beside the daemon's scheduler (None when `live.enabled` is false)."""
-    if not rt.config.live.enabled:
+    if not conf.current.live.enabled:
         return None
-    rt.warm_provider()  # the first urgent row must not wait for the SDK's import
-    holder = Background(LiveWorker(rt, stop), threading.Thread())
+    api.warm()  # the first urgent row must not wait for the SDK's import
+    holder = Background(LiveWorker(conf, db, api, clock, stop), threading.Thread())
 
     def body() -> None:
         while not stop.is_set():
@@ -438,8 +462,8 @@ def start_background(rt: Runtime, stop: threading.Event) -> Background | None:
                 holder.worker.run()
             except Exception as exc:  # recovery loop: a database blip must not end the live path
                 log.exception("live_worker_failed", error=str(exc))
-                stop.wait(rt.config.live.poll_seconds)
-                holder.worker = LiveWorker(rt, stop)
+                stop.wait(conf.current.live.poll_seconds)
+                holder.worker = LiveWorker(conf, db, api, clock, stop)
 
     holder.thread = threading.Thread(target=body, name="etl-live", daemon=True)
     holder.thread.start()

@@ -13,45 +13,63 @@ the order. Reconciliation runs first, split where the SDK's load is overlapped w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from etl import collector, life, reconciler, recovery, submitter
+from etl.api import Api
+from etl.clock import never, utcnow
 from etl.collector import CollectOutcome
-from etl.runtime import Runtime
+from etl.config import Config
+from etl.life import Identity
+from etl.store.databases import Databases
 from etl.submitter import SubmitOutcome
 
 
-def submit(rt: Runtime) -> SubmitOutcome:
+def submit(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    me: Identity,
+    clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] = never,
+) -> SubmitOutcome:
     """Submit everything queued (up to `submit.max_batches_per_run` batches)."""
-    held = submitter.preflight(rt)
+    held = submitter.preflight(cfg, db, clock())
     if held is not None:
         return held
-    rt.me = life.hold(
-        rt.engine, rt.me
+    me = life.hold(
+        db.main, me
     )  # before anything of ours is written: our rows are recovered the moment we die
-    recovery.sweep(
-        rt.db, rt.owner, rt.clock()
-    )  # rows claimed by a process proven dead go back now, not after its lease
-    if submitter.may_call_api(rt):
-        rt.warm_provider()
-    reconciled = reconciler.release_expired(rt.db, rt.clock())
+    # rows claimed by a process proven dead go back now, not after its lease
+    recovery.sweep(db, me.owner, clock())
+    if submitter.may_call_api(db):
+        api.warm()
+    reconciled = reconciler.release_expired(db, clock())
 
     def match_remote() -> str | None:
-        return reconciler.match_remote(rt, reconciled).paused
+        return reconciler.match_remote(cfg, db, api, reconciled, clock, should_stop).paused
 
-    return submitter.run(rt, match_remote)
+    return submitter.run(cfg, db, api, me.owner, match_remote, clock, should_stop)
 
 
-def collect(rt: Runtime) -> CollectOutcome:
+def collect(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    me: Identity,
+    clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] = never,
+) -> CollectOutcome:
     """Collect every batch that has ended: its results into the warehouse, its rows settled."""
     # The SDK loads on a thread (1-3 s of CPU) while the database works: reconciliation's own part and,
     # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
     # batch, which a collect reads next anyway once that batch has ended.
-    rt.warm_provider()
-    rt.me = life.hold(rt.engine, rt.me)
-    recovery.sweep(
-        rt.db, rt.owner, rt.clock()
-    )  # the dead-owner rules (etl.recovery), as the daemon applies them
-    reconciled = reconciler.release_expired(rt.db, rt.clock())
-    preloaded = collector.preload(rt)
+    api.warm()
+    me = life.hold(db.main, me)
+    recovery.sweep(db, me.owner, clock())  # the dead-owner rules (etl.recovery), as the daemon applies them
+    reconciled = reconciler.release_expired(db, clock())
+    preloaded = collector.preload(db, api)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
-    reconciler.match_remote(rt, reconciled)
-    return collector.run(rt, preloaded, paused=reconciled.paused)
+    reconciler.match_remote(cfg, db, api, reconciled, clock, should_stop)
+    return collector.run(cfg, db, api, clock, should_stop, preloaded=preloaded, paused=reconciled.paused)

@@ -11,18 +11,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
 
 from etl import failpoints, liveness
+from etl.api import Api
+from etl.clock import never, utcnow
+from etl.config import Config
 from etl.errors import EtlError, ProviderError
 from etl.prompt import SentId, parse_custom_id
 from etl.remote import RemoteBatch
-from etl.runtime import Runtime
 from etl.store import batches as intents
-from etl.store import events, state
+from etl.store import databases, events, state
 from etl.store import queue as q
 from etl.store.batches import Intent
 from etl.store.databases import Databases
@@ -49,9 +52,26 @@ class ReconcileOutcome:
     paused: str | None = None  # a systemic answer (wrong key, billing) paused submission: its reason
 
 
-def run(rt: Runtime) -> ReconcileOutcome:
-    out = release_expired(rt.db, rt.clock())
-    return match_remote(rt, out)
+@dataclass(frozen=True)
+class _Ctx:
+    """What one reconciliation uses, as its caller gave it (nothing here changes while it runs)."""
+
+    config: Config
+    db: Databases
+    api: Api
+    clock: Callable[[], datetime]
+    should_stop: Callable[[], bool]
+
+
+def run(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] = never,
+) -> ReconcileOutcome:
+    out = release_expired(db, clock())
+    return match_remote(cfg, db, api, out, clock, should_stop)
 
 
 def release_expired(db: Databases, now: datetime) -> ReconcileOutcome:
@@ -76,7 +96,14 @@ def release_expired(db: Databases, now: datetime) -> ReconcileOutcome:
     return out
 
 
-def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
+def match_remote(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    out: ReconcileOutcome,
+    clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] = never,
+) -> ReconcileOutcome:
     """The API's part: `unknown` intents matched against the API's batches (adopted, or released once it
     is proven that no batch holds their requests), and remote batches that match no record reported.
 
@@ -93,29 +120,30 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
     - released: only when the list was read far enough, no candidate is left unexplained, and the grace
       period (on our own clock, measured against our own `sent_at`) has passed.
     """
-    now = rt.clock()
-    with reading(rt.engine) as conn:
+    ctx = _Ctx(cfg, db, api, clock, should_stop)
+    now = ctx.clock()
+    with reading(ctx.db.main) as conn:
         unknown = intents.with_status(conn, BatchStatus.UNKNOWN)
         known = intents.known_batch_ids(conn)
-    listing = _list_or_pause(rt, out, unknown, known, now)
+    listing = _list_or_pause(ctx, out, unknown, known, now)
     if listing is None:
         return out
     failpoints.hit("reconcile.after_list")
-    installation = rt.installation()
+    installation = databases.installation(ctx.db, ctx.clock())
     pending = {i.id: i for i in unknown}
-    unexplained = _read_candidates(rt, out, listing, pending, known, installation, now)
+    unexplained = _read_candidates(ctx, out, listing, pending, known, installation, now)
     # 3. Release only what is proven absent: list read far enough, nothing unexplained, grace over.
     for intent in pending.values():
         waiting_for = [
             c.id for c in listing.candidates[intent.id] if c.id in unexplained and c.id not in known
         ]
-        _settle_unknown(rt, out, intent, intent.id in listing.complete, waiting_for, now)
+        _settle_unknown(ctx, out, intent, intent.id in listing.complete, waiting_for, now)
 
-    _explain_strays(rt, [r for r in listing.recent if r.id not in known], installation, now)
+    _explain_strays(ctx, [r for r in listing.recent if r.id not in known], installation, now)
     out.unmatched_remote = [r.id for r in listing.recent if r.id not in known]
     if out.unmatched_remote:
         # Said once per batch id: batches other tools made on the same account stay in the listing for days.
-        with rt.engine.begin() as conn:
+        with ctx.db.main.begin() as conn:
             new = state.first_seen(conn, "remote_batch_unmatched", out.unmatched_remote, now)
         if new:
             log.warning("remote_batches_unmatched", batch_ids=new[:20], count=len(new))
@@ -123,15 +151,15 @@ def match_remote(rt: Runtime, out: ReconcileOutcome) -> ReconcileOutcome:
 
 
 def _list_or_pause(
-    rt: Runtime, out: ReconcileOutcome, unknown: list[Intent], known: set[str], now: datetime
+    ctx: _Ctx, out: ReconcileOutcome, unknown: list[Intent], known: set[str], now: datetime
 ) -> Listing | None:
     """The API's list, read far enough; None when the read failed (a systemic answer pauses submission)."""
     since = now - ORPHAN_LOOKBACK  # remote batches this recent that match no record are reported
     try:
-        return _read_list(rt, unknown, known, since)
+        return _read_list(ctx, unknown, known, since)
     except ProviderError as exc:
         if exc.kind == "systemic":
-            with rt.engine.begin() as conn:
+            with ctx.db.main.begin() as conn:
                 state.pause(conn, str(exc), now)
             out.paused = str(exc)
         log.warning("reconcile_list_failed", error=str(exc), unknown=len(unknown))
@@ -140,7 +168,7 @@ def _list_or_pause(
 
 
 def _read_candidates(
-    rt: Runtime,
+    ctx: _Ctx,
     out: ReconcileOutcome,
     listing: Listing,
     pending: dict[int, Intent],
@@ -157,11 +185,11 @@ def _read_candidates(
     for r in ordered:
         if not r.ended or r.id in known:
             continue
-        verdict, owner = _proof(rt, r, pending, installation)
+        verdict, owner = _proof(ctx, r, pending, installation)
         if verdict == "unreadable":
             unexplained[r.id] = r
         elif verdict == "ours" and owner in pending:
-            if _adopt(rt, out, pending[owner], r, now, how="its custom_ids are exactly the intent's"):
+            if _adopt(ctx, out, pending[owner], r, now, how="its custom_ids are exactly the intent's"):
                 known.add(r.id)
                 del pending[owner]
             else:
@@ -180,12 +208,12 @@ def _read_candidates(
 
 
 def _settle_unknown(
-    rt: Runtime, out: ReconcileOutcome, intent: Intent, listed: bool, waiting_for: list[str], now: datetime
+    ctx: _Ctx, out: ReconcileOutcome, intent: Intent, listed: bool, waiting_for: list[str], now: datetime
 ) -> None:
     """Step 3 of `match_remote` for one unknown intent not adopted: released once proven absent (`listed`:
     its part of the list read in full; `waiting_for`: candidates not explained yet), else left waiting."""
-    grace = timedelta(seconds=rt.config.submit.reconcile_grace_seconds)
-    settle = timedelta(seconds=rt.config.submit.dead_owner_settle_seconds)
+    grace = timedelta(seconds=ctx.config.submit.reconcile_grace_seconds)
+    settle = timedelta(seconds=ctx.config.submit.dead_owner_settle_seconds)
     sent = intent.sent_at or intent.created_at
     if not listed:
         out.still_unknown += 1
@@ -196,7 +224,7 @@ def _settle_unknown(
     elif now - sent > grace or liveness.settled_after_death(intent.owner, now, settle):
         # (a process known dead for `settle` has nothing in flight: see etl.liveness)
         reason = "batch create had an unknown outcome and no such batch appeared at the API; re-queued"
-        with rt.engine.begin() as conn:
+        with ctx.db.main.begin() as conn:
             if intents.release(conn, intent.id, (BatchStatus.UNKNOWN,), reason):
                 per_task = q.tasks_of(conn, intent.id, DocStatus.CLAIMED)
                 rows = q.unclaim(conn, intent.id, now, reason=reason)
@@ -216,7 +244,7 @@ class Listing:
     complete: set[int] = field(default_factory=set)  # intents whose part of the list has been read in full
 
 
-def _read_list(rt: Runtime, unknown: list[Intent], known: set[str], since: datetime) -> Listing:
+def _read_list(ctx: _Ctx, unknown: list[Intent], known: set[str], since: datetime) -> Listing:
     """Read the API's list far enough for every unknown intent (see `match_remote`).
 
     Decided on whole pages: an intent's part of the list is complete only at the end of a page, once its
@@ -229,7 +257,7 @@ def _read_list(rt: Runtime, unknown: list[Intent], known: set[str], since: datet
     anchor_seen_at: dict[int, datetime] = {}  # intent -> the API's creation time of its anchor
     oldest: datetime | None = None
     listed = 0
-    for page in rt.provider.list_pages():
+    for page in ctx.api.provider.list_pages():
         for r in page:
             listed += 1
             oldest = r.created_at if oldest is None else min(oldest, r.created_at)
@@ -260,13 +288,12 @@ def release_not_before(intent: Intent, grace_seconds: float) -> datetime:
     return (intent.sent_at or intent.created_at) + timedelta(seconds=grace_seconds)
 
 
-def release_by_operator(rt: Runtime, intent_id: int) -> int:
+def release_by_operator(db: Databases, now: datetime, intent_id: int) -> int:
     """`etl reconcile --release`: an unknown intent's rows back to the queue on the operator's word.
 
     If the API does hold a batch of these requests, they are billed twice. Returns the rows re-queued."""
-    now = rt.clock()
     reason = "released by the operator (etl reconcile --release) while its create's outcome was unknown"
-    with rt.engine.begin() as conn:
+    with db.main.begin() as conn:
         intent = intents.get(conn, intent_id)
         if intent is None or intent.status != BatchStatus.UNKNOWN:
             what = "does not exist" if intent is None else f"is {intent.status}, not unknown"
@@ -282,18 +309,16 @@ def release_by_operator(rt: Runtime, intent_id: int) -> int:
     return rows
 
 
-def acknowledge(rt: Runtime, batch_id: str) -> None:
+def acknowledge(db: Databases, batch_id: str) -> None:
     """`etl reconcile --acknowledge`: an unexplained batch of ours no longer fails `etl status --check`."""
-    with rt.engine.begin() as conn:
+    with db.main.begin() as conn:
         if not state.forget(conn, f"{UNEXPLAINED_KIND}:{batch_id}"):
             raise EtlError(f"{batch_id} is not an unexplained batch (etl status lists them)")
     log.warning("unexplained_batch_acknowledged", batch_id=batch_id)
 
 
-def _adopt(
-    rt: Runtime, out: ReconcileOutcome, intent: Intent, r: RemoteBatch, now: datetime, how: str
-) -> bool:
-    with rt.engine.begin() as conn:
+def _adopt(ctx: _Ctx, out: ReconcileOutcome, intent: Intent, r: RemoteBatch, now: datetime, how: str) -> bool:
+    with ctx.db.main.begin() as conn:
         if not intents.record_submitted(conn, intent.id, r, now, adopted=True):
             return False
         per_task = q.tasks_of(conn, intent.id, DocStatus.CLAIMED)
@@ -306,7 +331,7 @@ def _adopt(
 
 
 def _proof(
-    rt: Runtime, r: RemoteBatch, pending: dict[int, Intent], installation: str
+    ctx: _Ctx, r: RemoteBatch, pending: dict[int, Intent], installation: str
 ) -> tuple[str, int | None]:
     """Whose an ended batch is, from its results' custom_ids.
 
@@ -315,19 +340,19 @@ def _proof(
     ("mismatch", intent) / ("stray", intent): ids of ours naming an intent, but not exactly that unknown
     intent's set / an intent that is not unknown (etl.reconciler._explain_strays looks at those).
     ("unreadable", None): the read failed, broke or gave no line: that proves nothing either way."""
-    ids = rt.provider.result_custom_ids(r.id, rt.config.collect.stream_timeout_seconds)
+    ids = ctx.api.provider.result_custom_ids(r.id, ctx.config.collect.stream_timeout_seconds)
     try:
         first = next(ids, None)
         if first is None:
             log.warning("lookalike_results_unreadable", batch_id=r.id, error="no readable first line")
             return "unreadable", None
-        kind, owner = _named_intent(rt, parse_custom_id(first), installation)
+        kind, owner = _named_intent(ctx, parse_custom_id(first), installation)
         target = pending.get(owner) if owner is not None else None
         if kind == "foreign" or (kind == "legacy" and (target is None or target.installation is not None)):
             return "foreign", None
         if target is None:
             return "stray", owner
-        with reading(rt.engine) as conn:
+        with reading(ctx.db.main) as conn:
             expected = {target.custom_id(qid) for qid in q.ids_of(conn, target.id)}
         got = {first}
         lines = 1
@@ -344,18 +369,18 @@ def _proof(
         ids.close()
 
 
-def _named_intent(rt: Runtime, sent: SentId | None, installation: str) -> tuple[str, int | None]:
+def _named_intent(ctx: _Ctx, sent: SentId | None, installation: str) -> tuple[str, int | None]:
     """The intent a custom_id names: ("ours", intent) for this installation's ids; ("legacy", intent)
     for a `q<row>` id (the row's intent now, which only a legacy intent may claim); else ("foreign", None)."""
     if sent is None or (sent.installation is not None and sent.installation != installation):
         return "foreign", None
     if sent.installation is None:
-        with reading(rt.engine) as conn:
+        with reading(ctx.db.main) as conn:
             return "legacy", q.batch_ref_of(conn, sent.queue_id)
     return "ours", sent.intent
 
 
-def _explain_strays(rt: Runtime, unmatched: list[RemoteBatch], installation: str, now: datetime) -> None:
+def _explain_strays(ctx: _Ctx, unmatched: list[RemoteBatch], installation: str, now: datetime) -> None:
     """Batches of ours that no intent explains (billed, and nobody would collect them): an ended,
     unrecorded batch is read once; if its custom_ids carry this installation and name an intent that was
     released (or failed), that intent records it after all: its rows still waiting in the queue go back
@@ -364,28 +389,28 @@ def _explain_strays(rt: Runtime, unmatched: list[RemoteBatch], installation: str
     ended = [r for r in unmatched if r.ended]
     if not ended:
         return
-    with reading(rt.engine) as conn:
+    with reading(ctx.db.main) as conn:
         judged = state.remembered(conn, STRAY_KIND, [r.id for r in ended])
     for r in ended:
-        if r.id in judged or rt.should_stop():
+        if r.id in judged or ctx.should_stop():
             continue
         try:
-            verdict = _stray_ids(rt, r, installation)
+            verdict = _stray_ids(ctx, r, installation)
         except ProviderError as exc:
             log.warning("remote_batch_unreadable", batch_id=r.id, error=str(exc))
             continue
         if verdict is None:
             continue  # no readable line: looked at again next time
         intent_id, qids = verdict
-        if intent_id is None or _take_stray(rt, r, intent_id, qids, now):
-            with rt.engine.begin() as conn:
+        if intent_id is None or _take_stray(ctx, r, intent_id, qids, now):
+            with ctx.db.main.begin() as conn:
                 state.first_seen(conn, STRAY_KIND, [r.id], now)
 
 
-def _stray_ids(rt: Runtime, r: RemoteBatch, installation: str) -> tuple[int | None, list[int]] | None:
+def _stray_ids(ctx: _Ctx, r: RemoteBatch, installation: str) -> tuple[int | None, list[int]] | None:
     """(the intent named, every row id) for a batch of this installation's ids; (None, []) for anyone
     else's; None when nothing could be read."""
-    ids = rt.provider.result_custom_ids(r.id, rt.config.collect.stream_timeout_seconds)
+    ids = ctx.api.provider.result_custom_ids(r.id, ctx.config.collect.stream_timeout_seconds)
     try:
         first = next(ids, None)
         if first is None:
@@ -403,10 +428,10 @@ def _stray_ids(rt: Runtime, r: RemoteBatch, installation: str) -> tuple[int | No
         ids.close()
 
 
-def _take_stray(rt: Runtime, r: RemoteBatch, intent_id: int, qids: list[int], now: datetime) -> bool:
+def _take_stray(ctx: _Ctx, r: RemoteBatch, intent_id: int, qids: list[int], now: datetime) -> bool:
     """A batch of ours naming `intent_id`. True when it is settled (recorded by that intent, or kept as
     unexplained); False when its intent is still in flight or unknown (looked at again next time)."""
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         intent = intents.get(conn, intent_id)
         if intent is not None and intent.status in (
             BatchStatus.CLAIMED,

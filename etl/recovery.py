@@ -26,6 +26,7 @@ has something pending, else every `IDLE_SECONDS`):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from datetime import time as time_of_day
@@ -34,9 +35,9 @@ import structlog
 from sqlalchemy import Connection
 
 from etl import life, liveness, reconciler
+from etl.api import Api
 from etl.clock import ensure_utc
-from etl.config import ScheduleSettings
-from etl.runtime import Runtime
+from etl.config import Config, ScheduleSettings
 from etl.store import batches as intents
 from etl.store import events, state
 from etl.store.databases import Databases
@@ -135,10 +136,17 @@ def sweep(db: Databases, me: str, now: datetime) -> Sweep:
     return out
 
 
-def settle(rt: Runtime) -> reconciler.ReconcileOutcome | None:
+def settle(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    me: str,
+    clock: Callable[[], datetime],
+    should_stop: Callable[[], bool],
+) -> reconciler.ReconcileOutcome | None:
     """Rule 5. Hand unsettled intents to the reconciler (the API is only asked when there are some)."""
     global _last_api_look
-    found = sweep(rt.db, rt.owner, rt.clock())
+    found = sweep(db, me, clock())
     if not found.unsettled:
         return None
     # The API is asked every tick only about a dead process's work; a live process's unknown create (its
@@ -146,7 +154,7 @@ def settle(rt: Runtime) -> reconciler.ReconcileOutcome | None:
     if not (found.ended_leases or found.dead_unknown) and time.monotonic() - _last_api_look < IDLE_SECONDS:
         return reconciler.ReconcileOutcome(still_unknown=found.unsettled)
     _last_api_look = time.monotonic()
-    out = reconciler.run(rt)
+    out = reconciler.run(cfg, db, api, clock, should_stop)
     if out.released_claims or out.released_unknown or out.adopted:
         log.info(
             "recovery_reconciled",

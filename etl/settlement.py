@@ -28,11 +28,10 @@ from etl.config import Config
 from etl.errors import clean, describe
 from etl.pricing import ZERO, Meter
 from etl.remote import RemoteBatch
-from etl.runtime import Runtime
 from etl.store import events, state, warehouse
 from etl.store import queue as q
 from etl.store.batches import Intent
-from etl.store.dialect import capabilities
+from etl.store.databases import Databases
 from etl.store.schema import DocStatus
 
 log = structlog.get_logger("etl.collect")
@@ -236,7 +235,7 @@ class Chunk:
         return self.tally
 
 
-def settles_per_batch(rt: Runtime) -> bool:
+def settles_per_batch(db: Databases) -> bool:
     """Whether a batch's queue rows are settled once, after its last chunk, rather than with each chunk.
 
     On SQLite, yes. Results arrive in random order, so each chunk's rows are spread over the whole batch,
@@ -245,11 +244,12 @@ def settles_per_batch(rt: Runtime) -> bool:
     UPDATE at the end (bench/RESULTS.md). On PostgreSQL the server applies each chunk's UPDATE beside the
     collector's own work; one UPDATE at the end would run alone.
     """
-    return not capabilities(rt.engine).server
+    return not db.capabilities.server
 
 
 def write(
-    rt: Runtime,
+    db: Databases,
+    now: datetime,
     conn: Connection,
     chunk: Chunk,
     expected: dict[int, Expected],
@@ -258,7 +258,7 @@ def write(
     settle: bool = True,
 ) -> None:
     """Apply one chunk: the warehouse rows, then the queue rows' new states and the chunk's events, in one
-    transaction on `conn` (a connection to `rt.engine` with no transaction open).
+    transaction on `conn` (a connection to `db.main` with no transaction open; `now` is when the chunk is applied).
 
     With a separate warehouse the results are committed there first: a crash in between leaves rows
     `submitted`, and the next collect writes the same results again (the upsert is idempotent).
@@ -269,23 +269,22 @@ def write(
     """
     if chunk.size == 0:
         return
-    now = rt.clock()
-    if not rt.same_database and chunk.results.rows:
-        with rt.warehouse.begin() as wconn:
+    if not db.same and chunk.results.rows:
+        with db.warehouse.begin() as wconn:
             chunk.refuse(warehouse.write_isolating(wconn, chunk.results), expected)
         failpoints.hit("collect.after_warehouse")
     if not settle:
-        if rt.same_database and chunk.results.rows:
+        if db.same and chunk.results.rows:
             with conn.begin():
                 chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
             failpoints.hit("collect.after_warehouse")
         chunk.results.rows.clear()  # written: only the queue transitions are kept
         return
     with conn.begin():
-        if rt.same_database and chunk.results.rows:
+        if db.same and chunk.results.rows:
             chunk.refuse(warehouse.write_isolating(conn, chunk.results), expected)
         _settle_rows(conn, chunk, expected, now)
-    if rt.same_database and chunk.results.rows:
+    if db.same and chunk.results.rows:
         failpoints.hit("collect.after_warehouse")
     if chunk.counted or chunk.free:
         failpoints.hit("requeue.after_requeue")

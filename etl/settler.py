@@ -6,6 +6,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -13,10 +14,10 @@ import structlog
 
 from etl.errors import describe, environmental
 from etl.pricing import Usage
-from etl.runtime import Runtime
 from etl.spend import Spend
 from etl.store import events, warehouse
 from etl.store import live as store
+from etl.store.databases import Databases
 
 log = structlog.get_logger("etl.live")
 
@@ -52,8 +53,10 @@ class Settler:
     the process dies is an in-flight call like any other: called again, counted as possibly billed twice.
     """
 
-    def __init__(self, rt: Runtime, spend: Spend, outcome: LiveOutcome, dead: Dead) -> None:
-        self.rt = rt
+    def __init__(
+        self, db: Databases, clock: Callable[[], datetime], spend: Spend, outcome: LiveOutcome, dead: Dead
+    ) -> None:
+        self.db, self.clock = db, clock
         self.spend = spend
         self.outcome = outcome
         self.dead = dead  # ends a row `dead` with a reason, as the worker does
@@ -117,15 +120,15 @@ class Settler:
             log.error("live_settle_failed", documents=1, error=describe(again))
 
     def _write(self, group: list[Answer]) -> None:
-        rt = self.rt
-        now = rt.clock()
+        db = self.db
+        now = self.clock()
         tally = events.Tally()
         results = [a.result for a in group]
-        if not rt.same_database:
-            with rt.warehouse.begin() as wconn:
+        if not db.same:
+            with db.warehouse.begin() as wconn:
                 warehouse.upsert_few(wconn, results)
-        with rt.engine.begin() as conn:
-            if rt.same_database:
+        with db.main.begin() as conn:
+            if db.same:
                 warehouse.upsert_few(conn, results)
             settled = []
             for a in group:

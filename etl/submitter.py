@@ -20,15 +20,17 @@ import structlog
 from sqlalchemy import Connection, delete
 
 from etl import budget, failpoints, routing
-from etl.clock import isoformat
-from etl.config import SubmitSettings, Task
+from etl.api import Api
+from etl.clock import isoformat, never, utcnow
+from etl.config import Config, SubmitSettings, Task
 from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
 from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, Row, build_params, custom_id, encode_request
 from etl.remote import RemoteBatch
-from etl.runtime import Runtime, gc_paused
+from etl.runtime import gc_paused
 from etl.store import batches as intents
-from etl.store import events, spend, state
+from etl.store import databases, events, spend, state
 from etl.store import queue as q
+from etl.store.databases import Databases
 from etl.store.engine import reading
 from etl.store.schema import BatchStatus, batches
 
@@ -61,21 +63,41 @@ class SubmitOutcome:
 MatchRemote = Callable[[], str | None]
 
 
-def preflight(rt: Runtime) -> SubmitOutcome | None:
+def preflight(cfg: Config, db: Databases, now: datetime) -> SubmitOutcome | None:
     """What is checked before a single row is claimed: a run that stops on a missing key must not leave
     rows `claimed` for the lease. Raises when paused or without a key; an outcome when creates are held."""
-    with rt.engine.begin() as conn:
+    with db.main.begin() as conn:
         paused = state.pause_reason(conn)
     if paused:
         raise SubmissionPaused(paused_message(paused, already=True))
-    held = _creates_held(rt)
+    held = _creates_held(db, now)
     if held is not None:
         return held
-    rt.config.require_api_key()
+    cfg.require_api_key()
     return None
 
 
-def run(rt: Runtime, match_remote: MatchRemote) -> SubmitOutcome:
+@dataclass(frozen=True)
+class _Ctx:
+    """What one submit uses, as its caller gave it (nothing here changes while it runs)."""
+
+    config: Config
+    db: Databases
+    api: Api
+    owner: str  # etl.liveness: who claims, fences and renews
+    clock: Callable[[], datetime]
+    should_stop: Callable[[], bool]
+
+
+def run(
+    cfg: Config,
+    db: Databases,
+    api: Api,
+    owner: str,
+    match_remote: MatchRemote,
+    clock: Callable[[], datetime] = utcnow,
+    should_stop: Callable[[], bool] = never,
+) -> SubmitOutcome:
     """Claim, build and send batches, after `preflight` and the database's part of reconciliation.
 
     The first claim (an UPDATE of up to 100,000 rows: seconds of database work) runs while the SDK loads
@@ -83,24 +105,25 @@ def run(rt: Runtime, match_remote: MatchRemote) -> SubmitOutcome:
     first create (whose fence follows it), so the first batch is read and encoded while the SDK loads.
     With nothing claimed there is nothing to build meanwhile, and it may give rows back to claim now.
     With nothing to send and nothing to reconcile the run never calls the API (nor loads the SDK)."""
-    _supersede(rt)
-    claim = _claim(rt)
+    ctx = _Ctx(cfg, db, api, owner, clock, should_stop)
+    _supersede(ctx)
+    claim = _claim(ctx)
     reconcile: list[Callable[[], object]] = []
     if claim is not None:
         reconcile.append(lambda: _match_remote(match_remote))
-    elif _has_unknown(rt):
+    elif _has_unknown(ctx):
         _match_remote(match_remote)
     outcome = SubmitOutcome()
-    _send_claims(rt, outcome, claim, reconcile)
+    _send_claims(ctx, outcome, claim, reconcile)
     while reconcile:  # no batch got as far as its create
         reconcile.pop()()
     if outcome.waiting:
-        _mark_waiting(rt, outcome)
+        _mark_waiting(ctx, outcome)
     if outcome.documents == 0 and outcome.stopped is None:
         outcome.idle_reason = (
             f"the nightly budget is spent: {outcome.waiting} document(s) wait for a later night"
             if outcome.waiting
-            else _why_idle(rt)
+            else _why_idle(ctx)
         )
     log.info(
         "submit_finished",
@@ -115,23 +138,23 @@ def run(rt: Runtime, match_remote: MatchRemote) -> SubmitOutcome:
 
 
 def _send_claims(
-    rt: Runtime, outcome: SubmitOutcome, claim: Claim | None, reconcile: list[Callable[[], object]]
+    ctx: _Ctx, outcome: SubmitOutcome, claim: Claim | None, reconcile: list[Callable[[], object]]
 ) -> None:
     """One batch per claim, up to `submit.max_batches_per_run`, until a stop, the budget or the queue ends."""
-    while outcome.batches < rt.config.submit.max_batches_per_run:
-        if rt.should_stop():
+    while outcome.batches < ctx.config.submit.max_batches_per_run:
+        if ctx.should_stop():
             outcome.stopped = "stop requested"
             outcome.interrupted = True
             if claim is not None:  # claimed, never sent: back to the queue now rather than at lease expiry
-                _give_back(rt, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
+                _give_back(ctx, claim.intent_id, (BatchStatus.CLAIMED,), "submit stopped before building")
             return
         if outcome.budget_spent:
             return
-        claim = claim or _claim(rt, outcome.held_tasks)
+        claim = claim or _claim(ctx, outcome.held_tasks)
         if claim is None:
             return
         with gc_paused():  # a batch is 100,000 request dicts: no GC rescans while it is built
-            if not _one_batch(rt, outcome, claim, reconcile):
+            if not _one_batch(ctx, outcome, claim, reconcile):
                 return
         claim = None
 
@@ -144,11 +167,10 @@ def paused_message(reason: str, *, already: bool = False) -> str:
     )
 
 
-def _creates_held(rt: Runtime) -> SubmitOutcome | None:
+def _creates_held(db: Databases, now: datetime) -> SubmitOutcome | None:
     """The API said `retry-after` on the last create: nothing is claimed or sent before that time (the
     daemon re-runs the slot then, if it is before `schedule.retry_until`; after it the slot is reported)."""
-    now = rt.clock()
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         until = state.creates_held_until(conn)
     if until is None or now >= until:
         return None
@@ -157,20 +179,20 @@ def _creates_held(rt: Runtime) -> SubmitOutcome | None:
     return out
 
 
-def may_call_api(rt: Runtime) -> bool:
+def may_call_api(db: Databases) -> bool:
     """Something is queued, or an intent may need the API (an unknown create, or a claim or send whose
     lease may have run out: the reconciler turns those into queued rows or unknown creates)."""
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         return q.any_queued(conn) or bool(
             intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.CLAIMED, BatchStatus.SENDING)
         )
 
 
-def _has_unknown(rt: Runtime) -> bool:
+def _has_unknown(ctx: _Ctx) -> bool:
     """An unknown create waits for the API's list (the API's part of reconciliation). Without one, a run that
     claimed nothing skips the list: remote batches matching no record are reported by the next collect
     or `etl reconcile`, which list every time."""
-    with reading(rt.engine) as conn:
+    with reading(ctx.db.main) as conn:
         return bool(intents.with_status(conn, BatchStatus.UNKNOWN))
 
 
@@ -182,9 +204,9 @@ def _match_remote(match_remote: MatchRemote) -> None:
         raise SubmissionPaused(paused_message(paused))
 
 
-def _why_idle(rt: Runtime) -> str:
+def _why_idle(ctx: _Ctx) -> str:
     """Why a run sent nothing: nothing queued, or rows held by another run's claim (and until when)."""
-    with reading(rt.engine) as conn:
+    with reading(ctx.db.main) as conn:
         counts = q.counts(conn)
         held = [i for i in intents.with_status(conn, BatchStatus.CLAIMED, BatchStatus.SENDING)]
     if counts.get("claimed"):
@@ -205,21 +227,21 @@ class Claim:
     at: datetime  # when the lease began
 
 
-def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
+def _claim(ctx: _Ctx, exclude_tasks: set[str] | None = None) -> Claim | None:
     """Take the next batch's rows under a new intent and lease; None when nothing is queued."""
-    limits = rt.config.submit
+    limits = ctx.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
-    installation = rt.installation()
-    now = rt.clock()
-    with rt.engine.begin() as conn:
-        intent_id = intents.create_intent(conn, rt.owner, now + lease, now, installation)
+    installation = databases.installation(ctx.db, ctx.clock())
+    now = ctx.clock()
+    with ctx.db.main.begin() as conn:
+        intent_id = intents.create_intent(conn, ctx.owner, now + lease, now, installation)
         claimed = q.claim(
             conn,
             intent_id,
             limits.max_requests_per_batch,
             now,
             exclude_tasks=exclude_tasks,
-            live_cutoff=routing.batch_cutoff(rt.config, now),
+            live_cutoff=routing.batch_cutoff(ctx.config, now),
         )
         if claimed == 0:
             conn.execute(delete(batches).where(batches.c.id == intent_id))
@@ -229,19 +251,19 @@ def _claim(rt: Runtime, exclude_tasks: set[str] | None = None) -> Claim | None:
     return Claim(intent_id, now)
 
 
-def _supersede(rt: Runtime) -> None:
+def _supersede(ctx: _Ctx) -> None:
     """Older queued versions of a document are never sent: only the newest row's result would be kept."""
-    with rt.engine.begin() as conn:
-        n = q.supersede(conn, rt.clock())
+    with ctx.db.main.begin() as conn:
+        n = q.supersede(conn, ctx.clock())
     if n:
         log.warning("documents_superseded", rows=n, reason=q.SUPERSEDED_REASON)
 
 
-def _give_back(rt: Runtime, intent_id: int, statuses: tuple[str, ...], reason: str) -> None:
+def _give_back(ctx: _Ctx, intent_id: int, statuses: tuple[str, ...], reason: str) -> None:
     """An intent of ours that was never sent: released, its rows back in the queue with attempts untouched."""
-    with rt.engine.begin() as conn:
-        if intents.release(conn, intent_id, statuses, reason, batches.c.owner == rt.owner):
-            q.unclaim(conn, intent_id, rt.clock())
+    with ctx.db.main.begin() as conn:
+        if intents.release(conn, intent_id, statuses, reason, batches.c.owner == ctx.owner):
+            q.unclaim(conn, intent_id, ctx.clock())
 
 
 @dataclass
@@ -271,13 +293,13 @@ class _Packing:
 
 
 def _one_batch(
-    rt: Runtime, outcome: SubmitOutcome, claim: Claim, before_send: list[Callable[[], object]]
+    ctx: _Ctx, outcome: SubmitOutcome, claim: Claim, before_send: list[Callable[[], object]]
 ) -> bool:
     """Build and send the batch of one claim. False when the run must stop. `before_send` runs (once)
     before the first fence: the reconciliation that needs the API."""
     intent_id = claim.intent_id
-    packing = _pack_claim(rt, outcome, claim)
-    if packing is None or not _record_build(rt, outcome, intent_id, packing):
+    packing = _pack_claim(ctx, outcome, claim)
+    if packing is None or not _record_build(ctx, outcome, intent_id, packing):
         return False
     if not packing.body.count:
         return True
@@ -285,11 +307,11 @@ def _one_batch(
     body = packing.body.finish()
     del packing.body
     failpoints.hit("submit.after_build")
-    provider = _ready_to_send(rt, intent_id, before_send)
-    if not _fence(rt, outcome, intent_id, packing.lease_until):
+    provider = _ready_to_send(ctx, intent_id, before_send)
+    if not _fence(ctx, outcome, intent_id, packing.lease_until):
         return False
-    remote = _create(rt, outcome, provider, intent_id, body)
-    if remote is None or not _record_sent(rt, outcome, intent_id, remote, packing.per_task):
+    remote = _create(ctx, outcome, provider, intent_id, body)
+    if remote is None or not _record_sent(ctx, outcome, intent_id, remote, packing.per_task):
         return False
     failpoints.hit("submit.after_record")
     outcome.batches += 1
@@ -300,34 +322,34 @@ def _one_batch(
     return True
 
 
-def _pack_claim(rt: Runtime, outcome: SubmitOutcome, claim: Claim) -> _Packing | None:
+def _pack_claim(ctx: _Ctx, outcome: SubmitOutcome, claim: Claim) -> _Packing | None:
     """Read the claim's rows and pack them (`_pack`), renewing the lease as it goes; None: lease lost.
 
     The nightly budget: every document's upper-bound cost is counted as it is added, and one that would
     cross a cap stays queued. The sum is checked again under the budget lock before anything is sent."""
-    limits = rt.config.submit
+    limits = ctx.config.submit
     lease = timedelta(seconds=limits.claim_lease_seconds)
-    installation = rt.installation()
-    caps = budget.caps(rt.config)
-    night = budget.night_of(claim.at, rt.config.schedule.zone)
+    installation = databases.installation(ctx.db, ctx.clock())
+    caps = budget.caps(ctx.config)
+    night = budget.night_of(claim.at, ctx.config.schedule.zone)
     spent: dict[str, Decimal] = {}
-    with reading(rt.engine) as reader:
+    with reading(ctx.db.main) as reader:
         # input tokens of the upper bound raised by what count_tokens last measured (etl estimate)
-        costing = budget.Costing(rt.config, budget.margin(state.get_value(reader, budget.CALIBRATION_KEY)))
+        costing = budget.Costing(ctx.config, budget.margin(state.get_value(reader, budget.CALIBRATION_KEY)))
         if caps:
             spent = spend.reserved(reader, night)
     allowance = budget.Allowance(costing, caps, spent)
     packing = _Packing(costing, allowance, caps, night, outcome.held_tasks, claim.at + lease)
     renew_at = claim.at + lease / 3
-    with reading(rt.engine) as reader:
+    with reading(ctx.db.main) as reader:
         for row in q.iter_claimed(reader, claim.intent_id):
             added = _pack(
-                packing, row, rt.config.tasks, limits, custom_id(row.id, installation, claim.intent_id)
+                packing, row, ctx.config.tasks, limits, custom_id(row.id, installation, claim.intent_id)
             )
-            if added and packing.body.count % 1000 == 0 and rt.clock() >= renew_at:
-                now = rt.clock()
-                with rt.engine.begin() as conn:
-                    if not intents.renew_lease(conn, claim.intent_id, rt.owner, now, now + lease):
+            if added and packing.body.count % 1000 == 0 and ctx.clock() >= renew_at:
+                now = ctx.clock()
+                with ctx.db.main.begin() as conn:
+                    if not intents.renew_lease(conn, claim.intent_id, ctx.owner, now, now + lease):
                         log.warning(
                             "claim_lost", intent=claim.intent_id, reason="lease expired while building"
                         )
@@ -374,11 +396,11 @@ def _pack(p: _Packing, row: Row, tasks: Mapping[str, Task], limits: SubmitSettin
     return True
 
 
-def _record_build(rt: Runtime, outcome: SubmitOutcome, intent_id: int, p: _Packing) -> bool:
+def _record_build(ctx: _Ctx, outcome: SubmitOutcome, intent_id: int, p: _Packing) -> bool:
     """What the build decided, durable before anything is sent: rejects written, rows that did not fit or
     wait for the budget back in the queue, the payload and its spend reserved. False: lease lost."""
-    now = rt.clock()
-    with rt.engine.begin() as conn:
+    now = ctx.clock()
+    with ctx.db.main.begin() as conn:
         if p.rejects:
             q.reject(conn, intent_id, p.rejects, now)
             for (task, reason), n in p.rejected_per_task.items():
@@ -387,7 +409,7 @@ def _record_build(rt: Runtime, outcome: SubmitOutcome, intent_id: int, p: _Packi
             q.unclaim(conn, intent_id, now, ids=p.overflow)
         for reason, ids in q.group_by_reason(p.held).items():
             q.unclaim(conn, intent_id, now, ids=ids, reason=reason)
-        if not intents.set_payload(conn, intent_id, rt.owner, p.body.count, p.body.size):
+        if not intents.set_payload(conn, intent_id, ctx.owner, p.body.count, p.body.size):
             outcome.stopped = "lease lost"
             return False
         if p.body.count:
@@ -420,34 +442,34 @@ def _reserve(conn: Connection, outcome: SubmitOutcome, intent_id: int, p: _Packi
         spend.reserve(conn, intent_id, p.night, shares, now)
 
 
-def _ready_to_send(rt: Runtime, intent_id: int, before_send: list[Callable[[], object]]) -> Provider:
+def _ready_to_send(ctx: _Ctx, intent_id: int, before_send: list[Callable[[], object]]) -> Provider:
     """Run what must precede the first create (the API's part of reconciliation), then build the client
     before the fence: a client that cannot be made sends nothing. On failure the claim is given back."""
     try:
         while before_send:
             before_send.pop()()
-        return rt.provider
+        return ctx.api.provider
     except SubmissionPaused:
-        _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "submission paused before sending")
+        _give_back(ctx, intent_id, (BatchStatus.CLAIMED,), "submission paused before sending")
         raise
     except EtlError:
-        _give_back(rt, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")
+        _give_back(ctx, intent_id, (BatchStatus.CLAIMED,), "not sent: the API client could not be built")
         raise
 
 
-def _fence(rt: Runtime, outcome: SubmitOutcome, intent_id: int, lease_until: datetime) -> bool:
+def _fence(ctx: _Ctx, outcome: SubmitOutcome, intent_id: int, lease_until: datetime) -> bool:
     """The intent `sending`, durable before the create; False (nothing sent) when the lease is lost."""
-    with rt.engine.begin() as conn:
-        if not intents.fence_sending(conn, intent_id, rt.owner, rt.clock()):
+    with ctx.db.main.begin() as conn:
+        if not intents.fence_sending(conn, intent_id, ctx.owner, ctx.clock()):
             log.warning("claim_lost", intent=intent_id, reason="another process took these rows over")
             outcome.stopped = "lease lost"
             return False
     failpoints.hit("submit.after_fence")
-    if rt.clock() >= lease_until:
+    if ctx.clock() >= lease_until:
         # Paused between the fence and the call for longer than the lease: others may already treat this
         # intent as abandoned. We know it was never sent, so give the rows back instead of sending late.
         _give_back(
-            rt,
+            ctx,
             intent_id,
             (BatchStatus.SENDING, BatchStatus.UNKNOWN),
             "lease ran out before the create was sent",
@@ -459,14 +481,14 @@ def _fence(rt: Runtime, outcome: SubmitOutcome, intent_id: int, lease_until: dat
 
 
 def _create(
-    rt: Runtime, outcome: SubmitOutcome, provider: Provider, intent_id: int, body: bytes
+    ctx: _Ctx, outcome: SubmitOutcome, provider: Provider, intent_id: int, body: bytes
 ) -> RemoteBatch | None:
     """The create, sent once (max_retries=0); None when it failed (`_create_failed` settled the intent)."""
     timer = _arm_during_create()
     try:
         remote = provider.create_batch(body)
     except ProviderError as exc:
-        _create_failed(rt, intent_id, exc, outcome)
+        _create_failed(ctx, intent_id, exc, outcome)
         return None
     finally:
         if timer is not None:
@@ -476,11 +498,11 @@ def _create(
 
 
 def _record_sent(
-    rt: Runtime, outcome: SubmitOutcome, intent_id: int, remote: RemoteBatch, per_task: Counter[str]
+    ctx: _Ctx, outcome: SubmitOutcome, intent_id: int, remote: RemoteBatch, per_task: Counter[str]
 ) -> bool:
     """The batch id recorded and the rows `submitted`. False when the intent was released meanwhile."""
-    now = rt.clock()
-    with rt.engine.begin() as conn:
+    now = ctx.clock()
+    with ctx.db.main.begin() as conn:
         recorded = intents.record_submitted(conn, intent_id, remote, now)
         if recorded:
             q.mark_submitted(conn, intent_id, now)
@@ -489,7 +511,7 @@ def _record_sent(
     if recorded:
         return True
     outcome.stopped = "lease lost"
-    if _recorded_by_another(rt, intent_id, remote.id):
+    if _recorded_by_another(ctx, intent_id, remote.id):
         # A reconciler released this intent while we were paused, then found our batch and recorded it
         # (etl.reconciler._explain_strays): it is collected like any other; nothing to cancel.
         return False
@@ -497,28 +519,28 @@ def _record_sent(
     # batch. Cancel ours before it is processed (unprocessed requests are not billed).
     log.error("orphan_batch_canceled", intent=intent_id, batch_id=remote.id)
     try:
-        rt.provider.cancel(remote.id)
+        ctx.api.provider.cancel(remote.id)
     except ProviderError as exc:
         log.error("orphan_cancel_failed", batch_id=remote.id, error=str(exc))
     return False
 
 
-def _recorded_by_another(rt: Runtime, intent_id: int, batch_id: str) -> bool:
-    with reading(rt.engine) as conn:
+def _recorded_by_another(ctx: _Ctx, intent_id: int, batch_id: str) -> bool:
+    with reading(ctx.db.main) as conn:
         intent = intents.get(conn, intent_id)
     return intent is not None and intent.batch_id == batch_id
 
 
-def _mark_waiting(rt: Runtime, outcome: SubmitOutcome) -> None:
+def _mark_waiting(ctx: _Ctx, outcome: SubmitOutcome) -> None:
     """Say on every queued row a cap holds back why it waits, not only on the rows this run looked at.
 
     One UPDATE per capped task (or one for all when the night's cap is reached); rows already carrying
     the reason are left alone, so only the first capped run of a night writes them.
     """
-    caps = budget.caps(rt.config)
-    night = budget.night_of(rt.clock(), rt.config.schedule.zone)
-    now = rt.clock()
-    with rt.engine.begin() as conn:
+    caps = budget.caps(ctx.config)
+    night = budget.night_of(ctx.clock(), ctx.config.schedule.zone)
+    now = ctx.clock()
+    with ctx.db.main.begin() as conn:
         if outcome.budget_spent and budget.ALL in caps:
             reason = budget.waiting_reason(night, {budget.ALL: caps[budget.ALL]}, "")
             q.mark_waiting(conn, reason, None, now)
@@ -561,10 +583,10 @@ def _arm_during_create() -> threading.Timer | None:
     return timer
 
 
-def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: SubmitOutcome) -> None:
-    now = rt.clock()
+def _create_failed(ctx: _Ctx, intent_id: int, exc: ProviderError, outcome: SubmitOutcome) -> None:
+    now = ctx.clock()
     reason = str(exc)
-    with rt.engine.begin() as conn:
+    with ctx.db.main.begin() as conn:
         if exc.kind == "ambiguous":
             intents.mark_unknown(conn, intent_id, reason)
             outcome.unknown += 1
@@ -595,7 +617,7 @@ def _create_failed(rt: Runtime, intent_id: int, exc: ProviderError, outcome: Sub
             log.warning("create_rate_limited", intent=intent_id, error=reason, retry_after=exc.retry_after)
         else:
             moved = q.fail_claimed(
-                conn, intent_id, f"the API refused the batch: {reason}", now, rt.config.submit.max_attempts
+                conn, intent_id, f"the API refused the batch: {reason}", now, ctx.config.submit.max_attempts
             )
             outcome.stopped = f"create refused: {reason}"
             log.error("create_refused", intent=intent_id, error=reason, rows=moved)

@@ -184,7 +184,9 @@ def test_pause_cancel_dry_run_canceling_and_retry_of_an_unconfigured_task(
     insert_docs(runtime, [{"doc_key": "x", "body": "b", "task": "gone"}])
     with runtime.engine.begin() as conn:  # rows are inserted queued only; the submit would reject it so
         conn.execute(text("UPDATE etl_queue SET status = 'rejected', reason = 'no task' WHERE doc_key = 'x'"))
-    (batch_id,) = pipeline.submit(runtime).batch_ids
+    (batch_id,) = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    ).batch_ids
 
     dry = run_etl(["cancel", "--all-pending", "--dry-run", "--json"], env)
     assert dry.returncode == 0 and json.loads(dry.stdout) == [{"batch_id": batch_id, "requests": 1}], (

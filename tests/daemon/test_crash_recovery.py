@@ -209,7 +209,9 @@ class Schedule:
             points = SUBMIT_POINTS
         else:
             # The night's submit ran after midnight (set up in this process: only the daemon is under test).
-            sub = self.in_process(offset, pipeline.submit)
+            sub = self.in_process(
+                offset, lambda rt: pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+            )
             assert sub.documents == DOCS and not sub.stopped, sub
             later = timedelta(hours=7 if job == "collect" else 3)
             control.advance(later.total_seconds())
@@ -279,7 +281,9 @@ class Schedule:
         if job == "submit":  # completion: the batches end, their results are collected (in this process)
             control.advance(600)
             offset += 600
-            self.in_process(offset, pipeline.collect)
+            self.in_process(
+                offset, lambda rt: pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+            )
 
         engine = make_engine(url)
         try:

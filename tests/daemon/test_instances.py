@@ -55,7 +55,7 @@ def test_catch_up_after_downtime_runs_the_missed_slot_once(sqlite_url: str, tmp_
         state.start_run(conn, "collect", datetime(2025, 6, 1, 7, tzinfo=UTC), "old-c", "h", now[0])
     ran: list[tuple[str, datetime]] = []
 
-    daemon = Daemon(rt, Notifier(None), env={})
+    daemon = Daemon(rt.config, rt.db, rt.api, Notifier(None), env={}, clock=rt.clock, me=rt.me)
 
     def recording(job: str) -> tuple[RunOutcome, str]:
         ran.append((job, daemon.now()))
@@ -81,7 +81,7 @@ def test_a_follower_does_not_run_jobs(sqlite_url: str, tmp_path: Path) -> None:
     prepare_db(sqlite_url, 0)
     cfg = config_mod.load({"ETL_DATABASE_URL": sqlite_url, "ANTHROPIC_API_KEY": "k"}, write_config(tmp_path))
     rt = build(cfg)
-    daemon = Daemon(rt, Notifier(None), env={})
+    daemon = Daemon(rt.config, rt.db, rt.api, Notifier(None), env={}, clock=rt.clock, me=rt.me)
     assert daemon.run_slot("submit", datetime(2025, 6, 4, tzinfo=UTC)) is None
     assert query(sqlite_url, "SELECT count(*) FROM etl_runs")[0][0] == 0
     rt.close()

@@ -177,7 +177,9 @@ def test_the_cutoff_is_the_next_retry_until_after_the_slot(
 
 def test_a_silent_job_stops_the_watchdog_pings_and_any_commit_is_progress(rt: Runtime) -> None:
     assert default_stall(rt.config) == 360.0  # the 300 s create call + a minute: shipped settings
-    daemon = Daemon(rt, Notifier(None), env={STALL_ENV: "0.2"})
+    daemon = Daemon(
+        rt.config, rt.db, rt.api, Notifier(None), env={STALL_ENV: "0.2"}, clock=rt.clock, me=rt.me
+    )
     from sqlalchemy import event
 
     event.listen(rt.engine, "commit", daemon.watchdog.on_commit)

@@ -86,7 +86,7 @@ def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_s
     assert [t.task for t in only.tasks] == ["cached"] and only.documents == 3
 
     # The submit's own estimate of each batch, summed, is the estimate printed before.
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == 13
     with rt.engine.connect() as conn:
         estimated = conn.execute(text("SELECT estimated_usd FROM etl_spend")).scalars().all()
@@ -115,7 +115,7 @@ def test_the_cap_holds_exactly_at_the_boundary(
     rt = make_runtime(submit={"max_requests_per_batch": 2, "max_cost_usd_per_night": float(cap)})
     assert rt.config.submit.max_cost_usd_per_night == cap  # exact in the TOML float for these prices
 
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == fits and out.waiting > 0
     assert control.ledger()["requests_created"] == fits
     assert reserved_tonight(rt) == cap
@@ -124,7 +124,9 @@ def test_the_cap_holds_exactly_at_the_boundary(
     assert len(waiting) == 8 - fits
     assert all(r["reason"].startswith(budget.BUDGET_REASON) for r in waiting)
 
-    again = pipeline.submit(rt)  # the same night: the cap is spent
+    again = pipeline.submit(
+        rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+    )  # the same night: the cap is spent
     assert again.documents == 0 and control.ledger()["requests_created"] == fits
     body = report.build(rt.config, rt.db, rt.clock(), None)
     assert body["budget"]["reserved_usd"] == str(cap.quantize(Decimal("1e-10")))
@@ -132,7 +134,9 @@ def test_the_cap_holds_exactly_at_the_boundary(
     assert "waiting for the budget: default" in report.render(body)
 
     clock.advance(24 * 3600)  # the next night has a budget of its own
-    assert pipeline.submit(rt).documents == min(fits, 8 - fits)
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == min(
+        fits, 8 - fits
+    )
 
 
 def test_one_unit_under_the_boundary_sends_one_document_fewer(
@@ -150,7 +154,7 @@ def test_one_unit_under_the_boundary_sends_one_document_fewer(
     )
     cap = per_doc * 3 - Decimal("1e-10")
     rt = make_runtime(submit={"max_cost_usd_per_night": float(cap)})
-    assert pipeline.submit(rt).documents == 2
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 2
     assert control.ledger()["requests_created"] == 2
 
 
@@ -160,7 +164,7 @@ def test_a_task_cap_holds_its_task_back_and_lets_the_others_go(
     extra = CACHED_TASK + "max_cost_usd_per_night = 0.000001\n"
     rt = make_runtime(extra=extra, submit={"max_requests_per_batch": 3})
     insert_docs(rt, [{**d, "priority": 5} for d in docs(4, "cached", "c")] + docs(5))
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == 5  # every `default` document, none of `cached` (one costs more than its cap)
     statuses = {k: r["status"] for k, r in queue_rows(rt).items()}
     assert {statuses[f"c{i}"] for i in range(4)} == {"queued"}
@@ -189,7 +193,7 @@ def test_two_submitters_at_once_never_cross_the_cap(
     def submit(rt: Runtime) -> None:
         try:
             start.wait()
-            pipeline.submit(rt)
+            pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
         except BaseException as exc:
             errors.append(exc)
 
@@ -251,9 +255,9 @@ def test_the_reports_cost_is_the_ledgers_tokens_at_the_configured_prices(
     rt = make_runtime(extra=CACHED_TASK, submit={"max_requests_per_batch": 7})
     task = "cached" if caching else "default"
     insert_docs(rt, [{**d, "body": d["body"] + " more" * i} for i, d in enumerate(docs(20, task))])
-    pipeline.submit(rt)
+    pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     clock.advance(3600)
-    assert pipeline.collect(rt).succeeded == 20
+    assert pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).succeeded == 20
     body = report.build(rt.config, rt.db, rt.clock(), None)
     ledger = control.ledger()
     if caching:
@@ -308,7 +312,7 @@ def test_a_measured_shortfall_of_the_local_estimate_raises_what_the_cap_reserves
     cap = plain_bound / 6 * 4  # four documents by the local estimate alone
     rt = make_runtime(submit={"max_cost_usd_per_night": float(cap)})
     capped = estimate.run(rt.config, rt.db, rt.api, rt.clock(), estimate.Selection())
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == capped.within_cap < 4
     assert control.ledger()["requests_created"] == out.documents
     assert reserved_tonight(rt) <= cap

@@ -108,20 +108,45 @@ def test_two_installations_on_one_account_never_take_each_others_batch(
     insert_docs(production, docs(50, "production"))
     ambiguous = {"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}
     control.set_faults(rules=[ambiguous])
-    assert pipeline.submit(staging).unknown == 1
+    assert (
+        pipeline.submit(
+            staging.config, staging.db, staging.api, staging.me, staging.clock, staging.should_stop
+        ).unknown
+        == 1
+    )
     if both_ambiguous:
         control.set_faults(rules=[ambiguous])
-        assert pipeline.submit(production).unknown == 1
+        assert (
+            pipeline.submit(
+                production.config,
+                production.db,
+                production.api,
+                production.me,
+                production.clock,
+                production.should_stop,
+            ).unknown
+            == 1
+        )
     else:
         control.clear_faults()
-        assert pipeline.submit(production).documents == 50
+        assert (
+            pipeline.submit(
+                production.config,
+                production.db,
+                production.api,
+                production.me,
+                production.clock,
+                production.should_stop,
+            ).documents
+            == 50
+        )
     control.clear_faults()
     assert control.ledger()["batches_created"] == 2
 
     clock.advance(GRACE + 120)  # past the grace; both batches have ended
     for rt in (staging, production):
-        reconciler.run(rt)
-        pipeline.collect(rt)
+        reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
+        pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert control.ledger()["batches_created"] == 2
     for rt in (staging, production):
         assert_settled(rt, control, 50)
@@ -139,16 +164,20 @@ def test_a_batch_of_ours_that_no_intent_explains_fails_the_check_and_is_collecte
         rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}],
         list_delay_seconds=10 * GRACE,
     )
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.set_faults(list_delay_seconds=10 * GRACE)
     clock.advance(GRACE + 120)
-    assert reconciler.run(rt).released_unknown == 1  # the list does not show it yet: released
+    assert (
+        reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop).released_unknown == 1
+    )  # the list does not show it yet: released
     control.clear_faults()
     clock.advance(60)
-    reconciler.run(rt)  # now listed, ended, and its ids are ours: the released intent records it
+    reconciler.run(
+        rt.config, rt.db, rt.api, rt.clock, rt.should_stop
+    )  # now listed, ended, and its ids are ours: the released intent records it
     with rt.engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM etl_batches WHERE id = 1")).scalar_one() == "submitted"
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert control.ledger()["batches_created"] == 1
     assert_settled(rt, control, 10)
 
@@ -164,16 +193,16 @@ def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
         batch_body([encode_request(custom_id(1, rt.installation(), 99), params)])
     )
     clock.advance(120)
-    reconciler.run(rt)
+    reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
     _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy and any(stray.id in p and "never collected" in p for p in problems), problems
-    reconciler.run(rt)  # read once: not again
+    reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)  # read once: not again
     with rt.engine.connect() as conn:
         events = conn.execute(text("SELECT count(*) FROM etl_events WHERE kind = 'unexplained'")).scalar_one()
     assert events == 1
     with pytest.raises(EtlError, match="not an unexplained batch"):
-        reconciler.acknowledge(rt, "msgbatch_typo")
-    reconciler.acknowledge(rt, stray.id)
+        reconciler.acknowledge(rt.db, "msgbatch_typo")
+    reconciler.acknowledge(rt.db, stray.id)
     assert status(rt.config, rt.db, rt.owner, rt.clock())[1]
 
 
@@ -186,7 +215,7 @@ def test_an_extra_results_line_never_keeps_a_batch_open(
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, docs(100, "extra"))
-    assert pipeline.submit(rt).documents == 100
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 100
     with rt.engine.connect() as conn:
         row = conn.execute(text("SELECT id, batch_ref FROM etl_queue WHERE batch_ref = 2 LIMIT 1")).one()
         first = conn.execute(text("SELECT id FROM etl_queue WHERE batch_ref = 1 LIMIT 1")).scalar_one()
@@ -200,7 +229,7 @@ def test_an_extra_results_line_never_keeps_a_batch_open(
     control.set_faults(
         rules=[{"endpoint": "results", "action": "extra_line", "custom_id": extra, "times": 1}]
     )
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     control.clear_faults()
     assert out.batches_collected == 2
     assert any("another batch's rows" in p for p in out.problems)  # reported
@@ -242,7 +271,7 @@ def test_a_sigkilled_etl_submit_leaves_nothing_for_the_lease_the_next_submit_sen
     assert again.returncode == 0, again.stdout + again.stderr
     assert {r["status"] for r in queue_rows(rt).values()} == {"submitted"}
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert_settled(rt, control, 30)
 
 
@@ -273,19 +302,19 @@ def test_an_unordered_list_page_does_not_release_a_batch_that_exists(
     rt.provider.create_batch(batch_body([encode_request(f"old-{i}", params) for i in range(3)]))
     clock.advance(3 * 86400)
     insert_docs(rt, docs(10, "anchor"))
-    assert pipeline.submit(rt).documents == 10
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 10
     clock.advance(5)
     insert_docs(rt, [{"doc_key": f"u{i}", "body": f"unordered {i}"} for i in range(10)])
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.clear_faults()
     clock.advance(GRACE + 120)
     control.set_faults(rules=[{"endpoint": "list", "action": "unordered"}])
-    out = reconciler.run(rt)
+    out = reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
     control.clear_faults()
     assert (out.adopted, out.released_unknown) == (1, 0)
-    pipeline.collect(rt)
-    pipeline.submit(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+    pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert control.ledger()["batches_created"] == 3
     assert_settled(rt, control, 20)
 

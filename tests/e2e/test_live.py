@@ -18,6 +18,7 @@ from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_text
 from etl.prompt import Row, build_params
 from etl.runtime import Runtime
+from etl.settings import Settings
 from etl.store import batches as intents
 from etl.store import live as live_store
 from etl.store import queue as q
@@ -58,7 +59,7 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
         ],
     )
 
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
 
     assert (out.succeeded, out.dead, out.rejected, out.fell_back) == (2, 0, 0, 0)
     rows = queue_rows(rt)
@@ -86,7 +87,7 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
     )
 
     # The night: the batch takes only what the live path left.
-    sub = pipeline.submit(rt)
+    sub = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert sub.documents == 5
     assert {k: r["status"] for k, r in queue_rows(rt).items() if r["status"] == "submitted"}.keys() == {
         *(f"night-{i}" for i in range(4)),
@@ -198,7 +199,7 @@ def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
             {"doc_key": "bad-model", "body": "x", "task": "classify", "mode": "live"},  # lacks metadata
         ],
     )
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
     rows = queue_rows(rt)
     assert rows["forbidden"]["status"] == "queued"
     assert "forbids the live path" in rows["forbidden"]["reason"]
@@ -207,7 +208,7 @@ def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
     assert (out.fell_back, out.rejected, out.calls) == (1, 3, 0)
     assert control.ledger()["live"]["calls"] == 0
     # The fallen-back row is the batch's now.
-    assert pipeline.submit(rt).documents == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 1
 
 
 def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_report_says_so(
@@ -217,7 +218,7 @@ def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_rep
     # leaves: the first call fits under $0.00103; the second, on top of the first's $0.000045, would not.
     rt = make_runtime(extra=FAST + "daily_spend_cap_usd = 0.00103\nconcurrency = 1\n")
     insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(3)])
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
     assert (out.succeeded, out.fell_back) == (1, 2)
     rows = queue_rows(rt)
     assert sorted(r["status"] for r in rows.values()) == ["done", "queued", "queued"]
@@ -239,11 +240,11 @@ def test_permanent_api_errors_are_dead_with_the_reason_and_529_bursts_are_waited
         ]
     )
     insert_docs(rt, [{"doc_key": "ok", "body": "fine", "mode": "live"}])
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
     assert out.succeeded == 1 and out.calls == 4
     control.set_faults([{"endpoint": "messages", "action": "status", "status": 400, "message": "bad prompt"}])
     insert_docs(rt, [{"doc_key": "refused", "body": "fine too", "mode": "live"}])
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
     rows = queue_rows(rt)
     assert rows["refused"]["status"] == "dead" and "bad prompt" in rows["refused"]["reason"]
     assert rows["refused"]["attempts"] == 1 and out.calls == 1
@@ -259,7 +260,7 @@ def test_the_api_rate_limits_are_honoured_by_waiting_for_the_window(
     rt = make_runtime(extra=FAST + "concurrency = 3\n")
     control.set_live(requests_per_minute=2)
     insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(5)])
-    worker = live.LiveWorker(rt)
+    worker = live.LiveWorker(Settings(rt.config), rt.db, rt.api, rt.clock)
     runner = threading.Thread(target=worker.run, kwargs={"once": True})
     runner.start()
     for _ in range(600):  # 120 s at most: a loaded CI machine, not the pacing, sets the pace
@@ -282,7 +283,7 @@ def test_the_worker_never_exceeds_its_own_requests_per_minute(
     rt = make_runtime(extra=FAST + "concurrency = 4\nrequests_per_minute = 3\n")
     control.set_live(requests_per_minute=3)  # the API would refuse a fourth call within the minute
     insert_docs(rt, [{"doc_key": f"u{i}", "body": f"urgent {i}", "mode": "live"} for i in range(7)])
-    worker = live.LiveWorker(rt)
+    worker = live.LiveWorker(Settings(rt.config), rt.db, rt.api, rt.clock)
     runner = threading.Thread(target=worker.run, kwargs={"once": True})
     runner.start()
     for _ in range(600):  # 120 s at most: a loaded CI machine, not the pacing, sets the pace
@@ -312,7 +313,7 @@ def test_status_check_names_stuck_live_calls_and_urgent_rows_nobody_takes(
     assert not healthy
     assert any("not renewed" in p for p in problems)
     assert any("is `etl run` or `etl live` running?" in p for p in problems)
-    live.run(rt, once=True)  # takes the stuck call back and answers both
+    live.run(rt.config, rt.db, rt.api, rt.clock, once=True)  # takes the stuck call back and answers both
     assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
     assert status(rt.config, rt.db, rt.owner, rt.clock())[1] is True
 
@@ -335,7 +336,9 @@ def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
             r.doc_key: r for r in conn.execute(text("SELECT doc_key, due_by, mode, metadata FROM etl_queue"))
         }
     assert rows["b"].mode == "live" and rows["c"].mode is None and rows["a"].metadata is None
-    assert live.run(runtime, once=True).succeeded == 2  # a (due in 5 minutes) and b
+    assert (
+        live.run(runtime.config, runtime.db, runtime.api, runtime.clock, once=True).succeeded == 2
+    )  # a (due in 5 minutes) and b
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"doc_key": "d", "body": "x", "due_by": "tomorrow"}\n')
     with pytest.raises(InputError, match="line 1: due_by 'tomorrow' is not an ISO 8601 time"):

@@ -58,9 +58,9 @@ def test_page_after_a_night_counts_documents_tokens_and_money_as_the_report_does
     insert_docs(runtime, [{"doc_key": "gone", "body": "given up"}])
     with runtime.engine.begin() as conn:  # rows are inserted queued only (migration 0008)
         conn.execute(text("UPDATE etl_queue SET status = 'dead', reason = 'test' WHERE doc_key = 'gone'"))
-    pipeline.submit(runtime)
+    pipeline.submit(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
     clock.advance(3600)
-    pipeline.collect(runtime)
+    pipeline.collect(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
     insert_docs(runtime, [{"doc_key": "next", "body": "for tomorrow"}])
 
     text_page = metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock)
@@ -99,7 +99,7 @@ def test_a_batch_aged_28_days_shows_its_expiry_within_a_day_and_fails_the_health
     runtime: Runtime, clock: SharedClock
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"d{i}", "body": "x"} for i in range(3)])
-    pipeline.submit(runtime)
+    pipeline.submit(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
     page = samples(metrics.page(runtime.config, runtime.db, runtime.owner, runtime.clock))
     assert value(page, "etl_batch_results_expiry_seconds") == pytest.approx(29 * DAY, abs=600)
     assert value(page, "etl_batches", status="submitted") == 1

@@ -41,7 +41,7 @@ from etl import config, pipeline, recovery, submitter
 from etl.runtime import build
 rt = build(config.load(dict(os.environ), Path(os.environ["ETL_CONFIG"])))
 recovery.settle(rt)
-print("sent", pipeline.submit(rt).documents)
+print("sent", pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents)
 rt.close()
 """
 
@@ -116,7 +116,7 @@ def test_a_live_process_in_another_pid_namespace_with_the_same_hostname_is_not_d
             a.kill()
     control.clear_faults()
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert {r["status"] for r in queue_rows(rt).values()} == {"done"}
     assert control.ledger()["batches_created"] == 1
     assert [k for k, n in by_row(control.ledger()).items() if n > 1] == []

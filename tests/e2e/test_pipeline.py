@@ -35,9 +35,9 @@ def expected_params(rt: Runtime, qid: int, doc: dict[str, Any]) -> dict[str, Any
 
 
 def cycle(rt: Runtime, clock: SharedClock, hours: float = 2) -> collector.CollectOutcome:
-    pipeline.submit(rt)
+    pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     clock.advance(hours * 3600)
-    return pipeline.collect(rt)
+    return pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
 
 
 def test_rows_inserted_with_plain_sql_end_in_the_warehouse_once_with_the_models_output(
@@ -53,12 +53,16 @@ def test_rows_inserted_with_plain_sql_end_in_the_warehouse_once_with_the_models_
         }
     )
     insert_docs(runtime, docs)
-    out = pipeline.submit(runtime)
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (out.batches, out.documents, out.rejected) == (1, 26, 0)
     assert {r["status"] for r in queue_rows(runtime).values()} == {"submitted"}
 
     clock.advance(3600)
-    col = pipeline.collect(runtime)
+    col = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (col.batches_collected, col.succeeded, col.requeued, col.dead) == (1, 26, 0, 0)
 
     rows = queue_rows(runtime)
@@ -84,7 +88,9 @@ def test_rows_inserted_with_plain_sql_end_in_the_warehouse_once_with_the_models_
     assert {r["status"] for r in rows.values()} == {"done"}
 
     # Re-collecting changes nothing, and nobody was billed twice.
-    again = pipeline.collect(runtime)
+    again = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert again.batches_checked == 0
     assert len(results_by_key(runtime)) == 26
     ledger = control.ledger()
@@ -175,7 +181,9 @@ def test_bad_rows_are_rejected_with_a_reason_and_never_reach_the_api(
             {"doc_key": "good", "body": "a perfectly fine document"},
         ],
     )
-    out = pipeline.submit(runtime)
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (out.documents, out.rejected) == (1, 5)
     rows = queue_rows(runtime)
     assert rows["empty"]["reason"] == "body is empty or only whitespace"
@@ -194,7 +202,7 @@ def test_bad_rows_are_rejected_with_a_reason_and_never_reach_the_api(
     }
     assert control.ledger()["requests_created"] == 1
     clock.advance(3600)
-    pipeline.collect(runtime)
+    pipeline.collect(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
     assert list(by_row(control.ledger())) == [f"q{rows['good']['id']}"]
 
 
@@ -270,10 +278,10 @@ def test_batches_are_cut_by_bytes_as_well_as_by_count(
         submit={"max_requests_per_batch": 400, "max_batch_bytes": 60_000, "max_body_bytes": 10_000}
     )
     insert_docs(rt, [{"doc_key": f"k{i}", "body": f"body {i} " + "y" * 100} for i in range(1000)])
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == 1000 and out.batches >= 3  # the byte cap, not the count cap, decides here
     clock.advance(3600)
-    col = pipeline.collect(rt)
+    col = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert col.succeeded == 1000 and col.batches_collected == out.batches
     assert len(results_by_key(rt)) == 1000
     assert sorted(by_row(control.ledger())) == sorted(f"q{r['id']}" for r in queue_rows(rt).values())
@@ -288,10 +296,14 @@ def test_150k_document_queue_splits_into_batches_whose_custom_ids_all_map_back(
             text("INSERT INTO etl_queue (doc_key, body) VALUES (:doc_key, :body)"),
             [{"doc_key": f"n{i}", "body": f"note {i}"} for i in range(150_000)],
         )
-    out = pipeline.submit(runtime)
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert out.documents == 150_000 and out.batches == 2  # the API's 100,000-request cap
     clock.advance(3600)
-    col = pipeline.collect(runtime)
+    col = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (col.succeeded, col.batches_collected) == (150_000, 2)
     ledger = control.ledger()
     with runtime.engine.connect() as conn:
@@ -319,10 +331,12 @@ def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_
     runtime: Runtime, clock: SharedClock, control: EmulatorControl
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"l{i}", "body": f"late doc {i}"} for i in range(3)])
-    pipeline.submit(runtime)
+    pipeline.submit(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
     control.set_faults(rules=[{"endpoint": "results", "action": "status", "status": 500}])
     clock.advance(8 * DAY)
-    out = pipeline.collect(runtime)
+    out = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert out.batches_collected == 0 and out.problems
     body = report.morning(runtime.config, runtime.db, runtime.clock())
     assert len(body["late"]) == 1
@@ -332,7 +346,9 @@ def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_
     assert "!! LATE OR AT RISK" in report.render(body)
 
     clock.advance(22 * DAY)  # 30 days after creation: archived
-    out = pipeline.collect(runtime)
+    out = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert out.archived == 3
     rows = queue_rows(runtime)
     assert {r["status"] for r in rows.values()} == {"queued"}
@@ -347,7 +363,7 @@ def test_a_request_too_big_for_any_batch_is_rejected_not_retried_forever(
 ) -> None:
     rt = make_runtime(submit={"max_batch_bytes": 2_000, "max_body_bytes": 2_000})
     insert_docs(rt, [{"doc_key": "big", "body": "z" * 1_990}, {"doc_key": "small", "body": "tiny"}])
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert (out.documents, out.rejected) == (1, 1)
     reason = queue_rows(rt)["big"]["reason"]
     assert reason.startswith("request is ") and reason.endswith(
@@ -363,21 +379,25 @@ def test_a_write_failing_mid_batch_stops_the_collect_and_the_next_collect_finish
     # chunks after it must not be written (their rows stay `submitted` for the next run).
     runtime.config = replace(runtime.config, collect=replace(runtime.config.collect, chunk_size=4))
     insert_docs(runtime, [{"doc_key": f"m{i}", "body": f"mid-batch failure {i}"} for i in range(30)])
-    pipeline.submit(runtime)
+    pipeline.submit(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
     clock.advance(3600)
     failpoints.configure({"ETL_FAILPOINTS": "collect.after_warehouse=raise@3"})
     try:
         with pytest.raises(failpoints.FailpointHit):
-            pipeline.collect(runtime)
+            pipeline.collect(
+                runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+            )
     finally:
         failpoints.configure({})
     assert len(results_by_key(runtime)) == 12  # three chunks of 4 committed, then the failure
     # PostgreSQL settles the queue rows with each chunk; SQLite once the stream is written, which the
     # failure prevented: the next collect writes the same 12 results again and settles all 30.
-    settled = 0 if settlement.settles_per_batch(runtime) else 12
+    settled = 0 if settlement.settles_per_batch(runtime.db) else 12
     statuses = Counter(r["status"] for r in queue_rows(runtime).values())
     assert statuses == Counter(done=settled, submitted=30 - settled)
-    out = pipeline.collect(runtime)
+    out = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (out.batches_collected, out.succeeded) == (1, 30 - settled)
     assert len(results_by_key(runtime)) == 30
     assert {r["status"] for r in queue_rows(runtime).values()} == {"done"}
@@ -390,7 +410,9 @@ def test_a_submit_told_to_stop_before_its_first_batch_gives_the_claimed_rows_bac
     requested by then sends nothing and leaves every row queued, not waiting for a lease to run out."""
     insert_docs(runtime, [{"doc_key": f"k{i}", "body": f"body {i}"} for i in range(5)])
     runtime.should_stop = lambda: True
-    out = pipeline.submit(runtime)
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (out.batches, out.documents, out.stopped) == (0, 0, "stop requested")
     rows = queue_rows(runtime)
     assert {r["status"] for r in rows.values()} == {"queued"} and len(rows) == 5
@@ -399,7 +421,12 @@ def test_a_submit_told_to_stop_before_its_first_batch_gives_the_claimed_rows_bac
         assert conn.execute(text("SELECT status FROM etl_batches")).scalars().all() == ["released"]
     assert by_row(control.ledger()) == {}
     runtime.should_stop = lambda: False
-    assert pipeline.submit(runtime).documents == 5  # the next run takes them at once
+    assert (
+        pipeline.submit(
+            runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+        ).documents
+        == 5
+    )  # the next run takes them at once
 
 
 def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collects_it(
@@ -409,9 +436,12 @@ def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collec
     drops them, and the collect after it ends reads them again."""
     first = make_runtime()
     insert_docs(first, [{"doc_key": f"k{i}", "body": f"body {i}"} for i in range(6)])
-    assert pipeline.submit(first).documents == 6
+    assert (
+        pipeline.submit(first.config, first.db, first.api, first.me, first.clock, first.should_stop).documents
+        == 6
+    )
     early = make_runtime()  # a fresh process: its SDK is still loading when the collect starts
-    out = pipeline.collect(early)
+    out = pipeline.collect(early.config, early.db, early.api, early.me, early.clock, early.should_stop)
     assert (out.batches_checked, out.batches_collected, out.succeeded) == (1, 0, 0)
     assert {r["status"] for r in queue_rows(early).values()} == {"submitted"}
     clock.advance(3600)
@@ -441,7 +471,7 @@ def test_a_batch_fills_its_byte_cap_exactly_and_records_the_bytes_it_sent(
         ]
     )
     rt = make_runtime(submit={"max_batch_bytes": len(body), "max_body_bytes": 1000})
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert (out.batches, out.documents, out.payload_bytes) == (1, 30, len(body))
     with rt.engine.connect() as conn:
         recorded = conn.execute(text("SELECT payload_bytes FROM etl_batches WHERE batch_id IS NOT NULL"))

@@ -30,7 +30,7 @@ def _send(rt: Runtime, n: int, per_batch: int) -> list[tuple[int, int]]:
     """Enqueue n fresh documents and submit them; (queue id, batch intent) of each, in batch order."""
     tag = next(_serial)
     insert_docs(rt, [{"doc_key": f"d{tag}-{i}", "body": f"document {tag} {i}"} for i in range(n)])
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == n, out
     with rt.engine.connect() as conn:
         rows = conn.execute(
@@ -117,7 +117,7 @@ def test_a_poison_line_in_the_first_batch_kills_its_row_only_and_the_second_batc
     poison = sent[1][0]  # in the first batch
     _serve(control, {poison: _poisoned(variant)})
     clock.advance(3600)
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.batches_collected == 2, out.problems
     fates = _assert_settled(rt, sent)
     state, reason = fates.pop(poison)
@@ -185,7 +185,7 @@ def test_any_result_line_in_any_position_settles_every_row_and_collects_every_ba
         served[qid] = "\n".join(junk) + "\n" + served[qid]
     _serve(control, served)
     clock.advance(3600)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     fates = _assert_settled(rt, sent)
     untouched = [qid for qid, _ in sent if qid not in served]
     assert all(fates[q][0] == "done" for q in untouched)
@@ -210,7 +210,7 @@ def test_status_check_fails_while_an_ended_batch_has_rows_submitted(
     _, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     assert not healthy
     assert any(intent.batch_id in p and "3 row(s) still 'submitted'" in p for p in problems), problems
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     _assert_settled(rt, sent)
 
 
@@ -228,7 +228,7 @@ def test_a_row_that_cannot_be_encoded_is_rejected_with_its_reason_and_the_others
             {"doc_key": "fine-2", "body": "another fine document"},
         ],
     )
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.documents == 2 and out.rejected == 1, out
     with rt.engine.connect() as conn:
         rows = {r.doc_key: r for r in conn.execute(text("SELECT doc_key, status, reason FROM etl_queue"))}
@@ -258,7 +258,7 @@ def test_answers_without_text_are_stored_done_with_a_reason_the_report_counts(
         lines[qid] = line({"type": "succeeded", "message": {**good_message(), "content": content}})
     _serve(control, lines)
     clock.advance(3600)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     fates = _assert_settled(rt, sent)
     assert [fates[qid] for qid, _ in sent] == [("done", why) for why in NO_TEXT]
     with rt.engine.connect() as conn:

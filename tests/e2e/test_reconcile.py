@@ -28,25 +28,27 @@ def test_lookalike_unknown_intents_wait_for_custom_id_proof_and_nothing_is_paid_
     rt = make_runtime(submit={"max_requests_per_batch": 5, "reconcile_grace_seconds": 20})
     insert_docs(rt, [{"doc_key": f"a{i}", "body": f"look-alike {i}"} for i in range(10)])
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 500, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.clear_faults()
     assert intent_statuses(rt) == [(1, "unknown"), (2, "unknown")]
     assert control.ledger()["batches_created"] == 1
 
     clock.advance(30)  # past the grace period, but the batch at the API has not ended yet
-    out = reconciler.run(rt)
+    out = reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
     assert (out.adopted, out.released_unknown, out.still_unknown) == (0, 0, 2)
 
     clock.advance(60)  # ended: its first custom_id names a row of intent 2
-    out = reconciler.run(rt)
+    out = reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
     assert (out.adopted, out.released_unknown) == (1, 1)
     assert intent_statuses(rt) == [(1, "released"), (2, "submitted")]
 
-    pipeline.submit(rt)  # intent 1's rows, which the API never had, go out now
+    pipeline.submit(
+        rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+    )  # intent 1's rows, which the API never had, go out now
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     rows = queue_rows(rt)
     assert {r["status"] for r in rows.values()} == {"done"}
     billed = by_row(control.ledger())
@@ -59,13 +61,22 @@ def test_an_unknown_create_whose_batch_exists_is_adopted_not_resent(
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"u{i}", "body": f"unknown {i}"} for i in range(4)])
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert pipeline.submit(runtime).unknown == 1
+    assert (
+        pipeline.submit(
+            runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+        ).unknown
+        == 1
+    )
     control.clear_faults()
-    out = pipeline.submit(runtime)  # reconciles first: the look-alike has not ended, so its rows wait
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )  # reconciles first: the look-alike has not ended, so its rows wait
     assert out.documents == 0
     assert intent_statuses(runtime) == [(1, "unknown")]
     clock.advance(120)
-    col = pipeline.collect(runtime)  # reconciles first: ended, its custom_ids prove it ours; collected now
+    col = pipeline.collect(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )  # reconciles first: ended, its custom_ids prove it ours; collected now
     assert intent_statuses(runtime) == [(1, "collected")]
     assert col.succeeded == 4
     assert control.ledger()["batches_created"] == 1
@@ -77,11 +88,23 @@ def test_an_unknown_create_that_never_reached_the_api_is_released_after_the_grac
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"n{i}", "body": f"never sent {i}"} for i in range(3)])
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 529, "times": 1}])
-    assert pipeline.submit(runtime).unknown == 1
+    assert (
+        pipeline.submit(
+            runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+        ).unknown
+        == 1
+    )
     control.clear_faults()
-    assert reconciler.run(runtime).still_unknown == 1  # inside the grace period: wait
+    assert (
+        reconciler.run(
+            runtime.config, runtime.db, runtime.api, runtime.clock, runtime.should_stop
+        ).still_unknown
+        == 1
+    )  # inside the grace period: wait
     clock.advance(runtime.config.submit.reconcile_grace_seconds + 1)
-    out = pipeline.submit(runtime)
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert out.documents == 3
     assert {r["attempts"] for r in queue_rows(runtime).values()} == {0}
     assert control.ledger()["batches_created"] == 1
@@ -99,7 +122,9 @@ def test_a_process_stalled_between_fence_and_create_past_its_lease_does_not_send
         real_hit(name)
 
     monkeypatch.setattr(failpoints, "hit", stall)
-    out = pipeline.submit(runtime)
+    out = pipeline.submit(
+        runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop
+    )
     assert (out.batches, out.stopped) == (0, "lease lost")
     assert control.ledger()["batches_created"] == 0
     assert intent_statuses(runtime) == [(1, "released")]
@@ -116,7 +141,12 @@ def test_a_batch_another_tool_made_is_reported_once_not_every_run(runtime: Runti
     seen = []
     for _ in range(3):
         with capture_logs() as logs:
-            assert foreign.id in reconciler.run(runtime).unmatched_remote
+            assert (
+                foreign.id
+                in reconciler.run(
+                    runtime.config, runtime.db, runtime.api, runtime.clock, runtime.should_stop
+                ).unmatched_remote
+            )
         seen.append([e for e in logs if e["event"] == "remote_batches_unmatched"])
     assert [len(s) for s in seen] == [1, 0, 0]
     assert seen[0][0]["batch_ids"] == [foreign.id]

@@ -31,13 +31,13 @@ def test_a_doc_key_longer_than_its_limit_is_rejected_before_anything_is_sent(
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, [{"doc_key": "k" * 3000, "body": "a document with a very long key"}, *docs(100)])
-    out = pipeline.submit(rt)
+    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert (out.documents, out.rejected) == (100, 1)
     long_row = queue_rows(rt)["k" * 3000]
     assert long_row["status"] == "rejected"
     assert "doc_key is 3,000 bytes; the limit is 1,024" in long_row["reason"]
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert len(by_row(control.ledger())) == 100
     assert_settled(rt, control, 100)
 
@@ -81,9 +81,9 @@ def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_
         rt, [{"doc_key": "poison-1", "body": "refused"}, *docs(99), {"doc_key": "poison-2", "body": "x"}]
     )
     _refuse_poison_rows(rt)
-    assert pipeline.submit(rt).batches == 3
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).batches == 3
     clock.advance(120)
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert (out.batches_collected, out.succeeded, out.dead) == (3, 99, 2)
     rows = queue_rows(rt)
     for key in ("poison-1", "poison-2"):
@@ -108,9 +108,9 @@ def test_postgresql_index_limit_isolates_a_long_key_that_got_past_validation(
     pick = random.Random(12)
     long_key = "".join(pick.choice(string.ascii_letters + string.digits) for _ in range(3000))
     insert_docs(rt, [{"doc_key": long_key, "body": "long key"}, *docs(100)])
-    assert pipeline.submit(rt).batches == 3
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).batches == 3
     clock.advance(120)
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert (out.batches_collected, out.succeeded, out.dead) == (3, 100, 1)
     reason = queue_rows(rt)[long_key]["reason"]
     assert "index row size" in reason and "etl_results_pkey" in reason, reason
@@ -127,14 +127,14 @@ def test_only_the_newest_queued_row_of_a_document_is_sent_the_older_are_supersed
     insert_docs(rt, [{"doc_key": f"pair{i}", "body": f"old {i}"} for i in range(25)])
     insert_docs(rt, docs(50))
     insert_docs(rt, [{"doc_key": f"pair{i}", "body": f"new {i}"} for i in range(25)])
-    assert pipeline.submit(rt).documents == 75
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 75
     with rt.engine.connect() as conn:
         old = conn.execute(text("SELECT id, status, reason FROM etl_queue WHERE body LIKE 'old %'")).all()
     assert {r.status for r in old} == {"superseded"} and len(old) == 25
     billed = by_row(control.ledger())
     assert not {f"q{r.id}" for r in old} & set(billed)
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     with rt.warehouse.connect() as conn:
         texts = conn.execute(text("SELECT output_text FROM etl_results WHERE doc_key LIKE 'pair%'")).scalars()
         assert all("new" in t for t in texts)
@@ -149,9 +149,9 @@ def test_a_body_of_invisible_characters_is_rejected_like_a_blank_one(
 ) -> None:
     rt = make_runtime()
     insert_docs(rt, [{"doc_key": "invisible", "body": body}, *docs(3)])
-    assert pipeline.submit(rt).rejected == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).rejected == 1
     row = queue_rows(rt)["invisible"]
     assert row["status"] == "rejected" and "only invisible characters" in row["reason"]
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert_settled(rt, control, 3)

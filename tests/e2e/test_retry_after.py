@@ -25,12 +25,14 @@ def test_a_create_refused_with_retry_after_is_not_tried_again_before_it(
     control.set_faults(
         rules=[{"endpoint": "create", "action": "status", "status": 429, "retry_after": 3600, "times": 1}]
     )
-    first = pipeline.submit(rt)
+    first = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert first.documents == 0 and first.stopped and "rate limited" in first.stopped
     created = control.ledger()
     control.clear_faults()
 
-    again = pipeline.submit(rt)  # the API would accept now, but it asked for an hour
+    again = pipeline.submit(
+        rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+    )  # the API would accept now, but it asked for an hour
     assert again.documents == 0 and again.stopped and "no batch create before" in again.stopped
     assert control.ledger() == created
     assert {r["status"] for r in queue_rows(rt).values()} == {"queued"}
@@ -48,5 +50,5 @@ def test_a_create_refused_with_retry_after_is_not_tried_again_before_it(
     rerun = recovery.due_reruns(rt.config.schedule, rt.db, clock(), ("submit",))
     in_time = clock() < recovery.cutoff(rt.config.schedule, slot)
     assert len(rerun) == (1 if in_time else 0)  # past schedule.retry_until the slot is given up instead
-    done = pipeline.submit(rt)
+    done = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert done.documents == 3, done

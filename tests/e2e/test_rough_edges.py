@@ -42,7 +42,7 @@ def test_the_live_daily_cap_counts_calls_in_flight_and_is_never_crossed(
         for i in range(8)
     ]
     insert_docs(rt, rows)
-    out = live.run(rt, once=True)
+    out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
     ledger = control.ledger()["live"]
     assert ledger["calls"] == 2 and (out.succeeded, out.fell_back) == (2, 6), (ledger, out)
     assert Decimal(str(ledger["standard_cost_usd"])) <= Decimal("0.0000225")
@@ -74,10 +74,10 @@ def test_every_amount_of_report_status_and_estimate_json_is_a_decimal_string(
     rt = make_runtime(extra=ONE_TOKEN)
     insert_docs(rt, [{"doc_key": "now", "body": "urgent", "task": "tiny", "mode": "live"}])
     insert_docs(rt, [{"doc_key": f"b{i}", "body": f"nightly {i}", "task": "default"} for i in range(3)])
-    assert live.run(rt, once=True).succeeded == 1
-    assert pipeline.submit(rt).documents == 3
+    assert live.run(rt.config, rt.db, rt.api, rt.clock, once=True).succeeded == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 3
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     insert_docs(rt, [{"doc_key": "later", "body": "queued", "task": "default"}])
     info, _, _ = status.status(rt.config, rt.db, rt.owner, rt.clock())
     bodies = {
@@ -106,10 +106,10 @@ def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_it
     rt = make_runtime()
     insert_docs(rt, [{"doc_key": f"r{i}", "body": f"released {i}", "task": "default"} for i in range(2)])
     control.set_faults(rules=[{"endpoint": "create", "action": "reset", "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     with rt.engine.connect() as conn:
         (intent,) = intents.with_status(conn, BatchStatus.UNKNOWN)
-    reconciler.release_by_operator(rt, intent.id)
+    reconciler.release_by_operator(rt.db, rt.clock(), intent.id)
     control.set_faults(
         outcomes=[
             {
@@ -120,9 +120,9 @@ def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_it
             }
         ]
     )
-    assert pipeline.submit(rt).documents == 2
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 2
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     body = report.build(rt.config, rt.db, clock(), None)
     assert set(body["tasks"]) == {"default"}, body["tasks"]  # no "(all)" beside the real tasks
     assert body["tasks"]["default"]["released"] == 2

@@ -28,17 +28,17 @@ def test_a_batch_that_cannot_be_collected_is_named_by_status_and_does_not_stop_t
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 5})
     insert_docs(rt, docs(10))
-    assert pipeline.submit(rt).batches == 2
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).batches == 2
     clock.advance(120)
     with rt.warehouse.begin() as conn:  # the warehouse cannot be written at all for a while
         conn.exec_driver_sql("ALTER TABLE etl_results RENAME TO etl_results_away")
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert out.batches_collected == 0 and len(out.problems) == 2  # both tried, neither stopped the run
     stuck = problems(rt)
     assert sum("last collect failed" in p for p in stuck) == 2, stuck
     with rt.warehouse.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE etl_results_away RENAME TO etl_results")
-    assert pipeline.collect(rt).batches_collected == 2
+    assert pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).batches_collected == 2
     assert_settled(rt, control, 10)
 
 
@@ -85,7 +85,7 @@ def test_rows_set_to_submitted_or_claimed_by_hand_are_reported_as_stuck(
     assert any("1 row(s) 'claimed' with no live intent" in p for p in stuck), stuck
     with rt.engine.begin() as conn:  # the operator's fix, as the line says
         conn.execute(text("UPDATE etl_queue SET status = 'queued' WHERE doc_key IN ('d0000', 'd0001')"))
-    pipeline.submit(rt)
+    pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert_settled(rt, control, 3)

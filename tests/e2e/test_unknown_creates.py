@@ -35,7 +35,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, docs(100))
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.clear_faults()
     assert any("create outcome unknown" in p for p in problems(rt))
 
@@ -43,7 +43,9 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     control.set_faults(
         rules=[{"endpoint": "results", "action": "stream_reset", "after_lines": 0, "times": 1}]
     )
-    out = pipeline.submit(rt)  # reconciles first: the read breaks, so intent 1 waits; the other 50 go out
+    out = pipeline.submit(
+        rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+    )  # reconciles first: the read breaks, so intent 1 waits; the other 50 go out
     control.clear_faults()
     assert out.documents == 50
     with rt.engine.connect() as conn:
@@ -51,9 +53,11 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
     stuck = problems(rt)
     assert any("intent 1" in p and "past its grace" in p for p in stuck), stuck
 
-    assert reconciler.run(rt).adopted == 1  # readable now: its custom_ids prove it ours
+    assert (
+        reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop).adopted == 1
+    )  # readable now: its custom_ids prove it ours
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert control.ledger()["batches_created"] == 2
     assert_settled(rt, control, 100)
 
@@ -69,12 +73,14 @@ def test_an_ambiguous_create_is_adopted_whatever_the_host_clock_says(
     clock.offset += timedelta(seconds=skew)  # the host's clock only
     insert_docs(rt, docs(100))
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.clear_faults()
     clock.advance(GRACE + 120)
-    pipeline.submit(rt)  # adopts intent 1 (proved by its results), sends the other 50
+    pipeline.submit(
+        rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+    )  # adopts intent 1 (proved by its results), sends the other 50
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert control.ledger()["batches_created"] == 2
     assert_settled(rt, control, 100)
 
@@ -88,10 +94,14 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     clock.offset += timedelta(seconds=skew)
     insert_docs(rt, docs(50, "a"))
-    assert pipeline.submit(rt).batches == 1  # the anchor of the next intent
+    assert (
+        pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).batches == 1
+    )  # the anchor of the next intent
     insert_docs(rt, docs(50, "b"))
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 529, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1  # no batch was made
+    assert (
+        pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
+    )  # no batch was made
     control.clear_faults()
     with rt.engine.connect() as conn:
         anchor = conn.execute(
@@ -111,14 +121,16 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
     rt.provider.create_batch(b'{"requests":[' + b",".join(foreign) + b"]}")
 
     clock.offset += timedelta(seconds=GRACE + 1)  # our grace is over, the API's
-    out = reconciler.run(rt)  # clock has not moved: the foreign batch has not ended, so intent 2 waits
+    out = reconciler.run(
+        rt.config, rt.db, rt.api, rt.clock, rt.should_stop
+    )  # clock has not moved: the foreign batch has not ended, so intent 2 waits
     assert (out.released_unknown, out.still_unknown) == (0, 1)
     clock.advance(120)  # it ends; its first custom_id is not one of ours: proven absent
-    out = reconciler.run(rt)
+    out = reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
     assert out.released_unknown == 1
-    pipeline.submit(rt)
+    pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     ours = {k: v for k, v in by_row(control.ledger()).items() if k.startswith("q")}
     assert len(ours) == 100 and set(ours.values()) == {1}
     assert_settled(rt, control, 100)
@@ -143,15 +155,17 @@ def test_a_refused_connection_sends_nothing_and_the_rows_go_back_at_once(
     rt = build(config_mod.load(env, config_file()), clock=clock)
     try:
         insert_docs(rt, docs(4))
-        out = pipeline.submit(rt)
+        out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
         assert out.unknown == 0 and out.stopped is not None and out.stopped.startswith("API unreachable")
         assert {r["status"] for r in queue_rows(rt).values()} == {"queued"}
         assert problems(rt) == []
     finally:
         rt.close()
-    assert pipeline.submit(good).documents == 4  # at once: no grace to wait out
+    assert (
+        pipeline.submit(good.config, good.db, good.api, good.me, good.clock, good.should_stop).documents == 4
+    )  # at once: no grace to wait out
     clock.advance(120)
-    pipeline.collect(good)
+    pipeline.collect(good.config, good.db, good.api, good.me, good.clock, good.should_stop)
     assert_settled(good, control, 4)
 
 
@@ -161,16 +175,16 @@ def test_an_unknown_intent_says_when_it_is_released_and_the_operator_can_release
     rt = make_runtime()
     insert_docs(rt, docs(4))
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 504, "times": 1}])
-    assert pipeline.submit(rt).unknown == 1
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).unknown == 1
     control.clear_faults()
     stuck = problems(rt)
     assert any("released at the first reconcile after" in p and "--release 1" in p for p in stuck), stuck
-    assert reconciler.release_by_operator(rt, 1) == 4
+    assert reconciler.release_by_operator(rt.db, rt.clock(), 1) == 4
     with pytest.raises(Exception, match="intent 1 is released, not unknown"):
-        reconciler.release_by_operator(rt, 1)
-    pipeline.submit(rt)
+        reconciler.release_by_operator(rt.db, rt.clock(), 1)
+    pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     clock.advance(120)
-    pipeline.collect(rt)
+    pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     assert_settled(rt, control, 4)
 
 
@@ -185,13 +199,13 @@ def test_results_are_treated_as_archived_only_on_the_apis_word(
     batch whose results still existed: all of them paid for twice."""
     rt = make_runtime()
     insert_docs(rt, docs(6))
-    assert pipeline.submit(rt).documents == 6
+    assert pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents == 6
     clock.advance(120)
     clock.offset += timedelta(days=skew_days)
     control.set_faults(rules=[{"endpoint": "results", "action": "status", "status": 404, "times": 1}])
-    out = pipeline.collect(rt)
+    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     control.clear_faults()
     assert (out.archived, out.batches_collected) == (0, 0)
     assert any("last collect failed" in p or "results unavailable" in p for p in problems(rt))
-    assert pipeline.collect(rt).batches_collected == 1
+    assert pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).batches_collected == 1
     assert_settled(rt, control, 6)

@@ -439,9 +439,12 @@ class FaultModel(RuleBasedStateMachine):
         started = time.perf_counter()
         try:
             with self._runtime(crash, db_kill, fired, disk_full) as rt:
-                {"submit": pipeline.submit, "collect": pipeline.collect, "reconcile": reconciler.run}[
-                    command
-                ](rt)
+                if command == "reconcile":
+                    reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
+                else:
+                    {"submit": pipeline.submit, "collect": pipeline.collect}[command](
+                        rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+                    )
         except failpoints.FailpointHit as hit:
             fired.append(f"crash@{hit}")
             outcome = "crashed"
@@ -609,7 +612,9 @@ class FaultModel(RuleBasedStateMachine):
 
         try:
             with self._runtime(None, None, [], url=self.w.other_url) as rt:
-                {"submit": pipeline.submit, "collect": pipeline.collect}[command](rt)
+                {"submit": pipeline.submit, "collect": pipeline.collect}[command](
+                    rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop
+                )
         except EtlError:  # a fault of ours still armed met it: the account is shared
             pass
 

@@ -23,6 +23,7 @@ pickup_p99_s=... samples=...`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import shutil
 import statistics
@@ -48,9 +49,9 @@ from sqlalchemy import text
 from etl import config as config_mod
 from etl import live
 from etl.api import Api
+from etl.parts import Parts
 from etl.prompt import Row, build_params
 from etl.provider import LiveReply, Provider
-from etl.runtime import Runtime, build
 from etl.settings import Settings
 from etl.store import migrate
 
@@ -78,7 +79,7 @@ class TimedProvider(Provider):
         return super().create_message(params)
 
 
-def runtime(db_url: str, base_url: str, concurrency: int, poll: float) -> Runtime:
+def runtime(db_url: str, base_url: str, concurrency: int, poll: float) -> Parts:
     path = Path(tempfile.mkdtemp(prefix="etl-live-cfg-")) / "etl.toml"
     body = (ROOT / "config" / "etl.toml").read_text()
     body = body.replace("concurrency = 4", f"concurrency = {concurrency}")
@@ -87,24 +88,23 @@ def runtime(db_url: str, base_url: str, concurrency: int, poll: float) -> Runtim
     path.write_text(body)
     env = {"ETL_DATABASE_URL": db_url, "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": KEY}
     cfg = config_mod.load(env, path)
-    rt = build(cfg)
+    rt = Parts.open(cfg)
 
     def factory() -> Provider:
         return TimedProvider(api_key=KEY, base_url=base_url, timeout=60)
 
-    rt.api = Api(factory)
-    return rt
+    return dataclasses.replace(rt, api=Api(factory))
 
 
-def insert(rt: Runtime, docs: list[tuple[str, str]]) -> None:
-    with rt.engine.begin() as conn:
+def insert(rt: Parts, docs: list[tuple[str, str]]) -> None:
+    with rt.db.main.begin() as conn:
         conn.execute(
             text("INSERT INTO etl_queue (doc_key, body, mode) VALUES (:k, :b, 'live')"),
             [{"k": k, "b": b} for k, b in docs],
         )
 
 
-def throughput(rt: Runtime, base_url: str, n: int, concurrency: int) -> tuple[float, float]:
+def throughput(rt: Parts, base_url: str, n: int, concurrency: int) -> tuple[float, float]:
     docs = [(f"t{i}", f"Throughput document {i}: crates, invoices and the weather.") for i in range(n)]
     params = [
         build_params(Row(i, k, "default", b, None), rt.config.tasks, rt.config.submit.max_body_bytes)
@@ -124,7 +124,7 @@ def throughput(rt: Runtime, base_url: str, n: int, concurrency: int) -> tuple[fl
     baseline = time.perf_counter() - started
     client.close()
 
-    _ = rt.provider  # the SDK imported before the clock starts, as in a running daemon
+    _ = rt.api.provider  # the SDK imported before the clock starts, as in a running daemon
     insert(rt, docs)
     started = time.perf_counter()
     out = live.run(rt.config, rt.db, rt.api, rt.clock, once=True)
@@ -134,7 +134,7 @@ def throughput(rt: Runtime, base_url: str, n: int, concurrency: int) -> tuple[fl
     return worker, baseline
 
 
-def pickup(rt: Runtime, samples: int, seed: int, poll: float) -> list[float]:
+def pickup(rt: Parts, samples: int, seed: int, poll: float) -> list[float]:
     rng = random.Random(seed)
     stop = threading.Event()
     worker = live.LiveWorker(Settings(rt.config), rt.db, rt.api, rt.clock, stop)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_latency(emulator.base_url, args.latency)
         rt = runtime(db.url, emulator.base_url, args.concurrency, args.poll)
-        migrate.upgrade(rt.engine, rt.warehouse)
+        migrate.upgrade(rt.db.main, rt.db.warehouse)
         worker_s, baseline_s = throughput(rt, emulator.base_url, args.docs, args.concurrency)
         set_latency(emulator.base_url, 0.0)
         delays = pickup(rt, args.samples, seed=1, poll=args.poll)

@@ -41,17 +41,17 @@ sys.path.insert(0, str(ROOT))
 def scrape_cost(url: str, config: Path, scrapes: int) -> tuple[float, float]:
     from etl import metrics, status
     from etl.config import load
-    from etl.runtime import build
+    from etl.parts import Parts
 
-    rt = build(load({"ETL_DATABASE_URL": url, "ANTHROPIC_API_KEY": "bench-key"}, config))
+    rt = Parts.open(load({"ETL_DATABASE_URL": url, "ANTHROPIC_API_KEY": "bench-key"}, config))
     try:
         pages, verdicts = [], []
         for _ in range(scrapes):
             start = time.perf_counter()
-            page = metrics.page(rt.config, rt.db, rt.owner, rt.clock)
+            page = metrics.page(rt.config, rt.db, rt.me.owner, rt.clock)
             pages.append(time.perf_counter() - start)
             start = time.perf_counter()
-            status.status(rt.config, rt.db, rt.owner, rt.clock())
+            status.status(rt.config, rt.db, rt.me.owner, rt.clock())
             verdicts.append(time.perf_counter() - start)
         if "etl_database_up 1.0" not in page:
             raise SystemExit("the page did not read the database:\n" + page[-2000:])

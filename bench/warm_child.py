@@ -30,35 +30,34 @@ def cpu() -> float:
 
 
 def main() -> int:
+    import dataclasses
+
     import baseline_collect
     import baseline_submit
 
     from etl import config as config_mod
     from etl import logs, pipeline, report
     from etl.api import Api
-    from etl.runtime import build
+    from etl.parts import Parts
 
     cfg = config_mod.load(dict(os.environ), None)
     logs.configure(cfg.log_level, json=True)
-    warm = build(cfg)
-    client = warm.provider  # the SDK imported and a client built, as `etl run` does at start-up
+    warm = Parts.open(cfg)
+    client = warm.api.provider  # the SDK imported and a client built, as `etl run` does at start-up
     print("ready", flush=True)
 
     def etl_step(name: str) -> str:
-        rt = build(cfg)
-        rt.api = Api(lambda: client)
+        rt = dataclasses.replace(Parts.open(cfg), api=Api(lambda: client))
         try:
             if name == "etl_submit":
-                out: Any = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+                out: Any = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock)
                 return f"submitted {out.documents} document(s) in {out.batches} batch(es)"
-            col = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+            col = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock)
             report.morning(rt.config, rt.db, rt.clock())
             return f"collected {col.succeeded} succeeded"
         finally:
-            rt.life.release()  # the proof-of-life session (etl.life) would hold the database open
-            rt.engine.dispose()
-            if not rt.same_database:
-                rt.warehouse.dispose()
+            rt.me.life.release()  # the proof-of-life session (etl.life) would hold the database open
+            rt.db.close()
 
     for line in sys.stdin:
         request = json.loads(line)

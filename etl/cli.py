@@ -19,7 +19,7 @@ import structlog
 from etl import __version__, failpoints, logs, moments
 from etl import config as config_mod
 from etl.errors import ConfigError, EtlError, SubmissionPaused, environmental
-from etl.runtime import Runtime, build
+from etl.parts import Parts
 from etl.store.engine import denied
 
 log = structlog.get_logger("etl.cli")
@@ -489,21 +489,23 @@ def _main(argv: list[str]) -> int:
     handler = COMMANDS[args.command]
     try:
         _refuse_missing_sqlite(cfg, args)
-        rt = build(cfg)
+        parts = Parts.open(cfg)
     except Exception as exc:  # the top of the CLI: one line, never a traceback
         return _fail(exc)
     try:
         try:
-            code, cause = handler(rt, args), getattr(args, "failure", None)
+            code, cause = handler(parts, args), getattr(args, "failure", None)
         except BrokenPipeError:
             raise  # not a failure of the command: the reader left (below)
         except Exception as exc:  # the top of the CLI: one line, never a traceback
-            code, cause = _failure(exc, user=rt.engine.url.username)
+            code, cause = _failure(exc, user=parts.db.main.url.username)
             print(f"etl: {cause}", file=sys.stderr)
         if args.command in ("submit", "collect") and not getattr(args, "dry_run", False):
             from etl import failures
 
-            failures.note(rt.db, rt.clock, args.command, code, cause)  # where `etl status --check` reads it
+            failures.note(
+                parts.db, parts.clock, args.command, code, cause
+            )  # where `etl status --check` reads it
         return code
     except KeyboardInterrupt:
         return 130
@@ -511,7 +513,7 @@ def _main(argv: list[str]) -> int:
         raise  # `main` ends it quietly with 141: the reader left (`etl report | head -1`)
     finally:
         try:
-            rt.close()
+            parts.close()
         except Exception as exc:  # closing the pool on a full disk: already said, or nothing to say
             log.debug("close_failed", error=str(exc))
 
@@ -594,24 +596,24 @@ def _refuse_missing_sqlite(cfg: config_mod.Config, args: argparse.Namespace) -> 
             )
 
 
-def _check_schema(rt: Runtime) -> None:
+def _check_schema(parts: Parts) -> None:
     from etl.store import migrate
 
-    migrate.check(rt.engine, rt.warehouse)
+    migrate.check(parts.db.main, parts.db.warehouse)
 
 
-def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_db(parts: Parts, args: argparse.Namespace) -> int:
     from etl.store import migrate
 
     if args.db_command in ("current", "history"):
-        return _db_reading(rt, args)
+        return _db_reading(parts, args)
     if args.db_command == "check":
-        migrate.check(rt.engine, rt.warehouse)
+        migrate.check(parts.db.main, parts.db.warehouse)
         print("schema is current")
         return 0
     if args.db_command == "grants":
-        return _db_grants(rt, args)
-    for role, before, after in migrate.upgrade(rt.engine, rt.warehouse):
+        return _db_grants(parts, args)
+    for role, before, after in migrate.upgrade(parts.db.main, parts.db.warehouse):
         what = {"both": "database (queue and warehouse)", "main": "queue database", "warehouse": "warehouse"}[
             role
         ]
@@ -619,13 +621,13 @@ def cmd_db(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
+def _db_grants(parts: Parts, args: argparse.Namespace) -> int:
     from etl.store import grants, migrate
     from etl.store.dialect import capabilities, database_file
 
     roles = grants.Roles(producer=args.producer, reader=args.reader, daemon=args.daemon)
-    if not (capabilities(rt.engine).roles and capabilities(rt.warehouse).roles):
-        for eng, _ in migrate.roles(rt.engine, rt.warehouse):
+    if not (capabilities(parts.db.main).roles and capabilities(parts.db.warehouse).roles):
+        for eng, _ in migrate.roles(parts.db.main, parts.db.warehouse):
             path = database_file(eng)
             if path is not None:
                 mode = f"{path.stat().st_mode & 0o777:04o}" if path.exists() else "not made yet"
@@ -637,8 +639,8 @@ def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1 if args.apply else 0
-    migrate.check(rt.engine, rt.warehouse)
-    for eng, db_role in migrate.roles(rt.engine, rt.warehouse):
+    migrate.check(parts.db.main, parts.db.warehouse)
+    for eng, db_role in migrate.roles(parts.db.main, parts.db.warehouse):
         with eng.begin() as conn:
             sql = grants.statements(conn, db_role, roles)
             if args.apply:
@@ -653,13 +655,14 @@ def _db_grants(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_reading(rt: Runtime, args: argparse.Namespace) -> int:
+def _db_reading(parts: Parts, args: argparse.Namespace) -> int:
     """`etl db current` and `etl db history`: read the version tables, change nothing (no database file is
-    made: `Runtime` refuses a missing SQLite file for reading commands)."""
+    made: the CLI refuses a missing SQLite file for reading commands)."""
     from etl.store import migrate
 
     current = {
-        role: migrate.current_revision(eng, role) for eng, role in migrate.roles(rt.engine, rt.warehouse)
+        role: migrate.current_revision(eng, role)
+        for eng, role in migrate.roles(parts.db.main, parts.db.warehouse)
     }
     if args.db_command == "current":
         body: dict[str, Any] = {"needed": migrate.HEAD, "databases": current}
@@ -680,39 +683,41 @@ def _db_reading(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_enqueue(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_enqueue(parts: Parts, args: argparse.Namespace) -> int:
     from etl.enqueue import enqueue_file
     from etl.errors import InputMissing
 
     if args.file != "-" and not Path(args.file).exists():
         raise InputMissing(f"input file {args.file} does not exist; nothing was enqueued")
-    _check_schema(rt)
+    _check_schema(parts)
     n = enqueue_file(
-        rt.config, rt.db, args.file, fmt=args.format, default_task=args.task, batch_rows=args.batch_rows
+        parts.config, parts.db, args.file, fmt=args.format, default_task=args.task, batch_rows=args.batch_rows
     )
     print(f"enqueued {n:,} document(s)")
     return 0
 
 
-def cmd_estimate(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_estimate(parts: Parts, args: argparse.Namespace) -> int:
     from etl import estimate
 
-    _check_schema(rt)
-    now = rt.clock()
+    _check_schema(parts)
+    now = parts.clock()
     older_than = None if args.older_than is None else now - args.older_than.resolve(now)
     selection = estimate.Selection(task=args.task, min_priority=args.min_priority, older_than=older_than)
-    result = estimate.run(rt.config, rt.db, rt.api, rt.clock(), selection, count_tokens=args.count_tokens)
+    result = estimate.run(
+        parts.config, parts.db, parts.api, parts.clock(), selection, count_tokens=args.count_tokens
+    )
     print(json.dumps(result.to_json(), indent=2) if args.json else estimate.render(result))
     return 0
 
 
-def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_submit(parts: Parts, args: argparse.Namespace) -> int:
     from etl import pipeline, submitter
 
     if args.dry_run:
-        return cmd_estimate(rt, args)
-    _check_schema(rt)
-    out = pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+        return cmd_estimate(parts, args)
+    _check_schema(parts)
+    out = pipeline.submit(parts.config, parts.db, parts.api, parts.me, parts.clock)
     print(
         f"submitted {out.documents} document(s) in {out.batches} batch(es); rejected {out.rejected}"
         + (f"; {out.waiting} wait for the nightly budget" if out.waiting else "")
@@ -733,11 +738,11 @@ def cmd_submit(rt: Runtime, args: argparse.Namespace) -> int:
     return 3
 
 
-def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_collect(parts: Parts, args: argparse.Namespace) -> int:
     from etl import pipeline, report, submitter
 
-    _check_schema(rt)
-    out = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+    _check_schema(parts)
+    out = pipeline.collect(parts.config, parts.db, parts.api, parts.me, parts.clock)
     print(
         f"checked {out.batches_checked} batch(es), collected {out.batches_collected}: {out.succeeded} succeeded, "
         f"{out.requeued} re-queued, {out.dead} dead, {out.archived} re-queued from archived batches"
@@ -748,7 +753,7 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
         print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
     if not args.no_report:
         readable = sys.stdout.isatty()
-        body = report.morning(rt.config, rt.db, rt.clock(), log_body=not readable)
+        body = report.morning(parts.config, parts.db, parts.clock(), log_body=not readable)
         if readable:
             print()
             print(report.render(body))
@@ -759,23 +764,23 @@ def cmd_collect(rt: Runtime, args: argparse.Namespace) -> int:
     return 3  # finished with problems: each batch that needs action says so itself (etl.failures)
 
 
-def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_reconcile(parts: Parts, args: argparse.Namespace) -> int:
     from etl import reconciler
 
-    _check_schema(rt)
+    _check_schema(parts)
     if args.release is not None:
-        rows = reconciler.release_by_operator(rt.db, rt.clock(), args.release)
+        rows = reconciler.release_by_operator(parts.db, parts.clock(), args.release)
         print(f"released intent {args.release}: {rows} row(s) back in the queue")
         return 0
     if args.acknowledge is not None:
-        reconciler.acknowledge(rt.db, args.acknowledge)
+        reconciler.acknowledge(parts.db, args.acknowledge)
         print(f"acknowledged unexplained batch {args.acknowledge}")
         return 0
     from etl import life, recovery
 
-    rt.me = life.hold(rt.engine, rt.me)
-    recovery.sweep(rt.db, rt.owner, rt.clock())  # the dead-owner rules, as every command applies them
-    out = reconciler.run(rt.config, rt.db, rt.api, rt.clock, rt.should_stop)
+    me = life.hold(parts.db.main, parts.me)
+    recovery.sweep(parts.db, me.owner, parts.clock())  # the dead-owner rules, as every command applies them
+    out = reconciler.run(parts.config, parts.db, parts.api, parts.clock)
     print(
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "
         f"still unknown {out.still_unknown}; {len(out.unmatched_remote)} remote batch(es) match no record"
@@ -783,11 +788,11 @@ def cmd_reconcile(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_status(parts: Parts, args: argparse.Namespace) -> int:
     from etl.status import status
 
-    _check_schema(rt)
-    info, healthy, problems = status(rt.config, rt.db, rt.owner, rt.clock())
+    _check_schema(parts)
+    info, healthy, problems = status(parts.config, parts.db, parts.me.owner, parts.clock())
     if args.json:
         print(json.dumps({**info, "healthy": healthy, "problems": problems}, default=str, indent=2))
     else:
@@ -799,18 +804,18 @@ def cmd_status(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_report(parts: Parts, args: argparse.Namespace) -> int:
     from etl import report
     from etl.store import events
 
-    _check_schema(rt)
+    _check_schema(parts)
     if args.since is not None:
-        now = rt.clock()
-        body = report.build(rt.config, rt.db, now, args.since.resolve(now))
+        now = parts.clock()
+        body = report.build(parts.config, parts.db, now, args.since.resolve(now))
     elif args.now:
-        body = report.build(rt.config, rt.db, rt.clock(), None)
+        body = report.build(parts.config, parts.db, parts.clock(), None)
     else:
-        with rt.engine.connect() as conn:
+        with parts.db.main.connect() as conn:
             last = events.last_report(conn)
         if last is None:
             print("no morning report yet: run `etl collect` (or wait for the morning job)", file=sys.stderr)
@@ -820,39 +825,39 @@ def cmd_report(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_resume(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_resume(parts: Parts, args: argparse.Namespace) -> int:
     from etl.store import state
 
-    _check_schema(rt)
-    with rt.engine.begin() as conn:
+    _check_schema(parts)
+    with parts.db.main.begin() as conn:
         reason = state.resume(conn)
     print(f"submission resumed (was paused: {reason})" if reason else "submission was not paused")
     return 0
 
 
-def cmd_pause(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_pause(parts: Parts, args: argparse.Namespace) -> int:
     from etl.store import state
 
-    _check_schema(rt)
-    with rt.engine.begin() as conn:
+    _check_schema(parts)
+    with parts.db.main.begin() as conn:
         before = state.pause_reason(conn)
-        state.pause(conn, args.reason, rt.clock())
+        state.pause(conn, args.reason, parts.clock())
     print(f"submission was already paused: {before}" if before else f"submission paused: {args.reason}")
     return 0
 
 
-def cmd_config(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_config(parts: Parts, args: argparse.Namespace) -> int:
     from etl import config_view
 
-    print(config_view.render(rt.config), end="")
+    print(config_view.render(parts.config), end="")
     return 0
 
 
-def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_retry(parts: Parts, args: argparse.Namespace) -> int:
     from etl import retry
     from etl.errors import InputError
 
-    now = rt.clock()
+    now = parts.clock()
     statuses = ("dead",) if args.dead else ("rejected",) if args.rejected else ("dead", "rejected")
     sel = retry.Selection(
         statuses=statuses,
@@ -867,8 +872,8 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
             "say which documents: DOC_KEY..., --task, --reason, --since or --until (or --all for every "
             "dead and rejected row); nothing was retried"
         )
-    _check_schema(rt)
-    out = retry.run(rt, sel, dry_run=args.dry_run)
+    _check_schema(parts)
+    out = retry.run(parts.config, parts.db, parts.clock(), sel, dry_run=args.dry_run)
     for task, n in out.unconfigured.items():
         print(
             f"etl: warning: {n:,} of these row(s) name task {task!r}, which is not configured: the next submit "
@@ -890,19 +895,19 @@ def cmd_retry(rt: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_cancel(parts: Parts, args: argparse.Namespace) -> int:
     from etl import cancel, pipeline
     from etl.errors import InputError
 
     if bool(args.batch_ids) == bool(args.all_pending):
         raise InputError("name the batches to cancel (BATCH_ID...) or pass --all-pending, not both")
-    _check_schema(rt)
+    _check_schema(parts)
     if args.json and not args.dry_run:
         raise InputError(
             "etl cancel prints JSON only with --dry-run (a cancel is an action); nothing was canceled"
         )
     if args.dry_run:
-        chosen = cancel.targets(rt.db, list(args.batch_ids), args.all_pending)
+        chosen = cancel.targets(parts.db, list(args.batch_ids), args.all_pending)
         if args.json:
             print(
                 json.dumps([{"batch_id": i.batch_id, "requests": i.request_count} for i in chosen], indent=2)
@@ -912,7 +917,7 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
             print(f"  {intent.batch_id}  {intent.request_count:,} request(s)")
         print(f"would cancel {len(chosen)} batch(es) (dry run: nothing was asked of the API)")
         return 0
-    out = cancel.run(rt.db, rt.api, list(args.batch_ids), all_pending=args.all_pending)
+    out = cancel.run(parts.db, parts.api, list(args.batch_ids), all_pending=args.all_pending)
     for problem in out.problems:
         print(f"  problem: {problem}", file=sys.stderr)
     if not out.canceled:
@@ -920,7 +925,7 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
         return 3 if out.problems else 0
     print(f"canceled {len(out.canceled)} batch(es): {', '.join(out.canceled)}")
     if out.ended:
-        done = pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
+        done = pipeline.collect(parts.config, parts.db, parts.api, parts.me, parts.clock)
         print(
             f"settled now: {done.succeeded} succeeded, {done.requeued} re-queued "
             f"(canceled requests go back to the queue without using an attempt), {done.dead} dead"
@@ -933,26 +938,26 @@ def cmd_cancel(rt: Runtime, args: argparse.Namespace) -> int:
     return 3 if out.problems else 0
 
 
-def cmd_metrics(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_metrics(parts: Parts, args: argparse.Namespace) -> int:
     from etl import metrics
 
-    _check_schema(rt)
-    sys.stdout.write(metrics.page(rt.config, rt.db, rt.owner, rt.clock))
+    _check_schema(parts)
+    sys.stdout.write(metrics.page(parts.config, parts.db, parts.me.owner, parts.clock))
     return 0
 
 
-def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_run(parts: Parts, args: argparse.Namespace) -> int:
     from etl.daemon import run_daemon
 
-    return run_daemon(rt.config, rt.db, rt.api, rt.me, rt.clock)
+    return run_daemon(parts.config, parts.db, parts.api, parts.me, parts.clock)
 
 
-def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
+def cmd_live(parts: Parts, args: argparse.Namespace) -> int:
     from etl import live
 
-    _check_schema(rt)
-    rt.config.require_api_key()
-    out = live.run_command(rt.config, rt.db, rt.api, rt.clock, once=args.once)
+    _check_schema(parts)
+    parts.config.require_api_key()
+    out = live.run_command(parts.config, parts.db, parts.api, parts.clock, once=args.once)
     print(
         f"live: {out.succeeded} done, {out.dead} dead, {out.rejected} rejected, {out.fell_back} fell back to "
         f"the batch, {out.recovered} recovered after a crash ({out.possibly_billed_twice} possibly billed twice)"
@@ -962,7 +967,7 @@ def cmd_live(rt: Runtime, args: argparse.Namespace) -> int:
 
 READINGS = frozenset({"current", "history"})  # the `etl db` actions that print a reading
 JSON_COMMANDS = frozenset({"status", "report", "estimate", "submit", "db", "retry", "cancel"})
-COMMANDS: dict[str, Callable[[Runtime, argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[Parts, argparse.Namespace], int]] = {
     "db": cmd_db,
     "enqueue": cmd_enqueue,
     "submit": cmd_submit,

@@ -24,10 +24,10 @@ from etl.api import Api
 from etl.clock import never, utcnow
 from etl.config import Config
 from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
+from etl.memory import gc_paused
 from etl.pricing import Meter
 from etl.prompt import parse_custom_id
 from etl.remote import RemoteBatch
-from etl.runtime import gc_paused
 from etl.settlement import Expected
 from etl.store import batches as intents
 from etl.store import events, schema, state

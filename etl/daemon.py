@@ -142,7 +142,7 @@ class Daemon:
 
     @property
     def offset(self) -> timedelta:
-        """How far the runtime's clock is from the wall clock (non-zero only in tests and the demo)."""
+        """How far the daemon's clock is from the wall clock (non-zero only in tests and the demo)."""
         return self.clock() - wall()
 
     def cron(self, job: str) -> str:
@@ -519,7 +519,7 @@ def _next_runs(scheduler: BackgroundScheduler) -> dict[str, str | None]:
 
 
 def _next_slots(scheduler: BackgroundScheduler, offset: timedelta, zone: ZoneInfo) -> list[str]:
-    """The next run of each job in the schedule's zone, on the runtime's clock, for the STATUS line."""
+    """The next run of each job in the schedule's zone, on the daemon's clock, for the STATUS line."""
     nxt = []
     for job in (*JOBS, "poll"):
         sj = scheduler.get_job(job)

@@ -25,7 +25,7 @@ from etl import config as config_mod
 from etl import live, pipeline, report
 from etl.clock import utcnow
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
-from etl.runtime import Runtime, build
+from etl.parts import Parts
 from etl.store import migrate
 from etl.store.schema import results
 
@@ -68,7 +68,7 @@ def _demo_config_path() -> Iterator[Path]:
         yield path
 
 
-def _enqueue(rt: Runtime, docs: list[dict[str, Any]], max_attempts: int) -> dict[str, int]:
+def _enqueue(parts: Parts, docs: list[dict[str, Any]], max_attempts: int) -> dict[str, int]:
     """Plain SQL, as any other system would write to the queue. Returns doc_key -> queue id."""
     rows = [
         {
@@ -80,7 +80,7 @@ def _enqueue(rt: Runtime, docs: list[dict[str, Any]], max_attempts: int) -> dict
         }
         for d in docs
     ]
-    with rt.engine.begin() as conn:
+    with parts.db.main.begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO etl_queue (doc_key, body, task, metadata, attempts) "
@@ -123,7 +123,7 @@ class _Demo:
     """What every step of the demo uses."""
 
     s: _Style
-    rt: Runtime
+    parts: Parts
     control: EmulatorControl
     clock: _Clock
     docs: list[dict[str, Any]] = field(default_factory=list)
@@ -150,23 +150,23 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         "ANTHROPIC_API_KEY": DEMO_KEY,
         "ANTHROPIC_BASE_URL": emulator.base_url,
     }
-    rt: Runtime | None = None
+    parts: Parts | None = None
     try:
         with _demo_config_path() as path:
             cfg = config_mod.load(env, path)
-        rt = build(cfg, clock=clock)
-        rt.warm_provider()  # the SDK loads while the schema is made, as it has in a running daemon
+        parts = Parts.open(cfg, clock=clock)
+        parts.api.warm()  # the SDK loads while the schema is made, as it has in a running daemon
         print(
             s.bold("etl demo") + s.dim(f"  (database {db_path}, Batches API emulator at {emulator.base_url})")
         )
-        demo = _Demo(s, rt, EmulatorControl(emulator.base_url), clock)
+        demo = _Demo(s, parts, EmulatorControl(emulator.base_url), clock)
         for step in STEPS:
             step(demo)
         _use_it_for_real(s, db_path, kept=bool(keep or directory))
         return 0
     finally:
-        if rt is not None:
-            rt.close()
+        if parts is not None:
+            parts.close()
         emulator.stop()
         if not keep and directory is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -174,15 +174,15 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
 
 def _schema(d: _Demo) -> None:
     d.say("1. Create the schema")
-    for _role, before, after in migrate.upgrade(d.rt.engine, d.rt.warehouse):
+    for _role, before, after in migrate.upgrade(d.parts.db.main, d.parts.db.warehouse):
         print(f"   schema {before or 'empty'} -> {after}")
 
 
 def _enqueue_samples(d: _Demo) -> None:
     d.say("2. Enqueue sample documents (plain SQL INSERT INTO etl_queue)")
-    max_attempts = d.rt.config.submit.max_attempts
+    max_attempts = d.parts.config.submit.max_attempts
     d.docs = _samples()
-    ids = _enqueue(d.rt, d.docs, max_attempts)
+    ids = _enqueue(d.parts, d.docs, max_attempts)
     tasks: dict[str, int] = {}
     for doc in d.docs:
         tasks[doc.get("task", "default")] = tasks.get(doc.get("task", "default"), 0) + 1
@@ -199,8 +199,8 @@ def _enqueue_samples(d: _Demo) -> None:
 def _urgent(d: _Demo) -> None:
     d.say("2b. One urgent document: someone is waiting for it (INSERT ... mode = 'live')")
     d.control.set_live(latency_seconds=0.3)  # a live call takes a moment, as the real API's does
-    _ = d.rt.provider  # loaded since step 1 (in `etl run` it is loaded at start-up)
-    with d.rt.engine.begin() as conn:
+    _ = d.parts.api.provider  # loaded since step 1 (in `etl run` it is loaded at start-up)
+    with d.parts.db.main.begin() as conn:
         conn.execute(
             text("INSERT INTO etl_queue (doc_key, body, mode) VALUES (:k, :b, 'live')"),
             {
@@ -209,22 +209,22 @@ def _urgent(d: _Demo) -> None:
             },
         )
     started = time.perf_counter()
-    answered = live.run(d.rt.config, d.rt.db, d.rt.api, d.rt.clock, once=True)
-    with d.rt.warehouse.connect() as conn:
+    answered = live.run(d.parts.config, d.parts.db, d.parts.api, d.parts.clock, once=True)
+    with d.parts.db.warehouse.connect() as conn:
         cost = conn.execute(  # through the column's type: money is stored scaled on SQLite
             select(results.c.cost_usd).where(results.c.doc_key == URGENT, results.c.mode == "live")
         ).scalar_one_or_none()
     print(
         f"   {d.s.green(URGENT + ' answered live')} in {time.perf_counter() - started:.1f} s through the Messages "
         f"API ({answered.succeeded} call, ${cost or 0:.6f} at the standard price, "
-        f"${(cost or 0) * d.rt.config.pricing.batch_discount:.6f} in the batch)"
+        f"${(cost or 0) * d.parts.config.pricing.batch_discount:.6f} in the batch)"
     )
     print(f"   the other {len(d.docs)} documents wait for the night")
 
 
 def _night(d: _Demo) -> None:
     d.say("3. Night: the submit job")
-    out = pipeline.submit(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
+    out = pipeline.submit(d.parts.config, d.parts.db, d.parts.api, d.parts.me, d.parts.clock)
     print(f"   {out.documents} documents sent in {out.batches} batches (one create call each, never retried)")
     for batch_id in out.batch_ids:
         print(d.s.dim(f"     {batch_id}"))
@@ -235,13 +235,13 @@ def _night(d: _Demo) -> None:
 
 def _morning(d: _Demo) -> None:
     d.say("5. Morning: the collect job, then the report")
-    col = pipeline.collect(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
+    col = pipeline.collect(d.parts.config, d.parts.db, d.parts.api, d.parts.me, d.parts.clock)
     print(
         f"   {col.batches_collected} batches collected: {d.s.green(str(col.succeeded) + ' succeeded')}, "
         f"{d.s.yellow(str(col.requeued) + ' re-queued')} for the next night, "
         f"{d.s.yellow(str(col.dead) + ' dead-lettered')}"
     )
-    body = report.morning(d.rt.config, d.rt.db, d.rt.clock())
+    body = report.morning(d.parts.config, d.parts.db, d.parts.clock())
     print()
     print("\n".join("   " + line for line in report.render(body).splitlines()))
 
@@ -249,11 +249,11 @@ def _morning(d: _Demo) -> None:
 def _next_night(d: _Demo) -> None:
     d.say("6. The next night: the overload has passed, the re-queued documents go again")
     d.control.clear_faults()
-    again = pipeline.submit(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
+    again = pipeline.submit(d.parts.config, d.parts.db, d.parts.api, d.parts.me, d.parts.clock)
     d.night_passes()
-    col2 = pipeline.collect(d.rt.config, d.rt.db, d.rt.api, d.rt.me, d.rt.clock, d.rt.should_stop)
+    col2 = pipeline.collect(d.parts.config, d.parts.db, d.parts.api, d.parts.me, d.parts.clock)
     print(f"   {again.documents} re-sent; {col2.succeeded} succeeded")
-    with d.rt.engine.connect() as conn:
+    with d.parts.db.main.connect() as conn:
         counts: dict[str, int] = {
             str(k): int(v)
             for k, v in conn.execute(text("SELECT status, count(*) FROM etl_queue GROUP BY status"))

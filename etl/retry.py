@@ -14,8 +14,9 @@ from typing import Any
 
 import structlog
 
-from etl.runtime import Runtime
+from etl.config import Config
 from etl.store import queue as q
+from etl.store.databases import Databases
 from etl.store.engine import reading
 
 log = structlog.get_logger("etl.retry")
@@ -45,7 +46,7 @@ class RetryOutcome:
     unconfigured: dict[str, int] = field(default_factory=dict)  # rows whose task is not in the config
 
 
-def run(rt: Runtime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
+def run(cfg: Config, db: Databases, now: datetime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
     where = q.retry_filter(
         statuses=sel.statuses,
         doc_keys=sel.doc_keys,
@@ -55,18 +56,18 @@ def run(rt: Runtime, sel: Selection, *, dry_run: bool) -> RetryOutcome:
         until=sel.until,
     )
     out = RetryOutcome()
-    with reading(rt.engine) as conn:
+    with reading(db.main) as conn:
         out.matched = q.count_where(conn, where)
         out.sample = [
             {"queue_id": r.id, "doc_key": r.doc_key, "task": r.task, "status": r.status, "reason": r.reason}
             for r in q.retry_candidates(conn, where, SAMPLE)
         ]
         tasks = q.tasks_where(conn, where) if out.matched else {}
-    out.unconfigured = {t: n for t, n in sorted(tasks.items()) if t not in rt.config.tasks}
+    out.unconfigured = {t: n for t, n in sorted(tasks.items()) if t not in cfg.tasks}
     if dry_run or out.matched == 0:
         return out
-    with rt.engine.begin() as conn:
-        out.retried = q.retry(conn, where, rt.clock())
+    with db.main.begin() as conn:
+        out.retried = q.retry(conn, where, now)
     log.info(
         "documents_retried",
         documents=out.retried,

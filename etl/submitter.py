@@ -24,9 +24,9 @@ from etl.api import Api
 from etl.clock import isoformat, never, utcnow
 from etl.config import Config, SubmitSettings, Task
 from etl.errors import EtlError, ProviderError, SubmissionPaused, clean, describe
+from etl.memory import gc_paused
 from etl.prompt import BODY_OVERHEAD, BatchBody, Rejection, Row, build_params, custom_id, encode_request
 from etl.remote import RemoteBatch
-from etl.runtime import gc_paused
 from etl.store import batches as intents
 from etl.store import databases, events, spend, state
 from etl.store import queue as q

@@ -1,4 +1,4 @@
-"""Shared fixtures: a throwaway database per test on SQLite *and* PostgreSQL, the emulator, a Runtime.
+"""Shared fixtures: a throwaway database per test on SQLite *and* PostgreSQL, the emulator, a Harness.
 
 Store and end-to-end tests take the `db_url` fixture, which is parametrized over both databases. When
 the `CI` environment variable is set, an unreachable PostgreSQL is an error, never a skip.
@@ -24,8 +24,8 @@ from sqlalchemy import text
 from etl import config as config_mod
 from etl.clock import utcnow
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
-from etl.runtime import Runtime, build
 from etl.store import migrate
+from tests.harness import Harness, build
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("ETL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -208,13 +208,13 @@ def config_file(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def make_runtime(
     db_url: str, emulator: EmulatorServer, clock: SharedClock, config_file: Callable[..., Path]
-) -> Iterator[Callable[..., Runtime]]:
+) -> Iterator[Callable[..., Harness]]:
     """Runtimes on `db_url` (or, with `url`, another database: a second installation), migrated."""
-    made: list[Runtime] = []
+    made: list[Harness] = []
 
     def make(
         *, extra: str = "", submit: dict[str, Any] | None = None, warehouse_url: str = "", url: str = ""
-    ) -> Runtime:
+    ) -> Harness:
         env = {
             "ETL_DATABASE_URL": url or db_url,
             "ANTHROPIC_BASE_URL": emulator.base_url,
@@ -234,11 +234,11 @@ def make_runtime(
 
 
 @pytest.fixture
-def runtime(make_runtime: Callable[..., Runtime]) -> Runtime:
+def runtime(make_runtime: Callable[..., Harness]) -> Harness:
     return make_runtime()
 
 
-def insert_docs(rt: Runtime, docs: list[dict[str, Any]]) -> None:
+def insert_docs(rt: Harness, docs: list[dict[str, Any]]) -> None:
     """Plain SQL, as a user would: only the columns they name."""
     with rt.engine.begin() as conn:
         for doc in docs:
@@ -247,7 +247,7 @@ def insert_docs(rt: Runtime, docs: list[dict[str, Any]]) -> None:
             conn.execute(text(f"INSERT INTO etl_queue ({cols}) VALUES ({params})"), doc)
 
 
-def queue_rows(rt: Runtime) -> dict[str, dict[str, Any]]:
+def queue_rows(rt: Harness) -> dict[str, dict[str, Any]]:
     with rt.engine.connect() as conn:
         rows = conn.execute(
             text("SELECT id, doc_key, task, status, attempts, reason FROM etl_queue ORDER BY id")

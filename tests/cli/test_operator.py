@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from etl.emulator import EmulatorControl, EmulatorServer
-from etl.runtime import Runtime
 from tests.cli.test_cli import env_for
 from tests.conftest import ROOT, SharedClock, insert_docs, queue_rows, run_etl
+from tests.harness import Harness
 from tests.ledger import by_row
 
 
@@ -31,7 +31,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *fragments
     return err
 
 
-def batches(rt: Runtime) -> list[dict[str, object]]:
+def batches(rt: Harness) -> list[dict[str, object]]:
     with rt.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(text("SELECT id, status, batch_id FROM etl_batches"))]
 
@@ -77,7 +77,7 @@ def test_a_sqlite_file_in_a_folder_that_cannot_be_made_is_one_line(config_file: 
 
 
 def test_enqueue_of_a_missing_file_is_one_line_and_enqueues_nothing(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path], tmp_path: Path
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     env = env_for(db_url, emulator, config_file())
     proc = run_etl(["enqueue", str(tmp_path / "no-such-file.jsonl")], env)
@@ -146,7 +146,7 @@ def test_an_unsupported_url_is_shown_whole_with_its_password_masked(config_file:
 
 
 def test_a_broken_line_enqueues_nothing_and_the_fixed_file_goes_in_once(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path], tmp_path: Path
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     env = env_for(db_url, emulator, config_file())
     rows: list[dict[str, object]] = [{"doc_key": f"k{i}", "body": f"document {i}"} for i in range(7)]
@@ -167,7 +167,7 @@ def test_a_broken_line_enqueues_nothing_and_the_fixed_file_goes_in_once(
 
 
 def test_a_row_naming_an_unknown_task_is_refused_at_enqueue_with_the_configured_tasks(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path], tmp_path: Path
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path], tmp_path: Path
 ) -> None:
     env = env_for(db_url, emulator, config_file())
     rows: list[dict[str, object]] = [
@@ -188,7 +188,7 @@ def test_a_row_naming_an_unknown_task_is_refused_at_enqueue_with_the_configured_
 
 
 def test_submit_without_a_key_claims_nothing_and_the_next_run_sends_everything(
-    runtime: Runtime,
+    runtime: Harness,
     db_url: str,
     emulator: EmulatorServer,
     control: EmulatorControl,
@@ -211,7 +211,7 @@ def test_submit_without_a_key_claims_nothing_and_the_next_run_sends_everything(
 
 
 def test_a_run_that_sends_nothing_says_rows_are_held_by_another_claim(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
 ) -> None:
     from etl.store import batches as intents
     from etl.store import queue as q
@@ -230,7 +230,7 @@ def test_a_run_that_sends_nothing_says_rows_are_held_by_another_claim(
 
 
 def test_retry_selects_dead_and_rejected_rows_and_dry_run_changes_nothing(
-    runtime: Runtime,
+    runtime: Harness,
     db_url: str,
     emulator: EmulatorServer,
     control: EmulatorControl,
@@ -301,7 +301,7 @@ def test_retry_selects_dead_and_rejected_rows_and_dry_run_changes_nothing(
 
 
 def test_cancel_gives_unprocessed_requests_back_to_the_queue_without_an_attempt(
-    runtime: Runtime,
+    runtime: Harness,
     db_url: str,
     emulator: EmulatorServer,
     control: EmulatorControl,
@@ -341,7 +341,7 @@ def test_cancel_gives_unprocessed_requests_back_to_the_queue_without_an_attempt(
 
 
 def test_cancel_all_pending_settles_a_batch_that_ended_at_once(
-    runtime: Runtime,
+    runtime: Harness,
     db_url: str,
     emulator: EmulatorServer,
     clock: SharedClock,
@@ -362,7 +362,7 @@ def test_cancel_all_pending_settles_a_batch_that_ended_at_once(
 
 
 def test_collect_on_a_terminal_prints_the_readable_report(
-    runtime: Runtime,
+    runtime: Harness,
     db_url: str,
     emulator: EmulatorServer,
     clock: SharedClock,

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import text
 
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
-from etl.runtime import Runtime
 from tests.cli.test_cli import env_for
 from tests.conftest import API_KEY, ROOT, insert_docs, queue_rows, run_etl
+from tests.harness import Harness
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def keyed_emulator() -> Iterator[EmulatorServer]:
     server.stop()
 
 
-def pause_reason(rt: Runtime) -> str | None:
+def pause_reason(rt: Harness) -> str | None:
     with rt.engine.connect() as conn:
         return conn.execute(
             text("SELECT value FROM etl_state WHERE key = 'submission_paused'")
@@ -41,7 +41,7 @@ def pause_reason(rt: Runtime) -> str | None:
 @pytest.mark.parametrize("queued", [0, 3], ids=["empty-queue", "rows-queued"])
 def test_a_wrong_key_pauses_and_exits_75_at_the_first_command_that_asks_the_api(
     queued: int,
-    runtime: Runtime,
+    runtime: Harness,
     db_url: str,
     keyed_emulator: EmulatorServer,
     config_file: Callable[..., Path],
@@ -72,7 +72,7 @@ def test_a_wrong_key_pauses_and_exits_75_at_the_first_command_that_asks_the_api(
     assert run_etl(["collect", "--no-report"], env).returncode == 75
 
 
-def intents(rt: Runtime) -> list[str]:
+def intents(rt: Harness) -> list[str]:
     with rt.engine.connect() as conn:
         return list(conn.execute(text("SELECT status FROM etl_batches")).scalars())
 
@@ -81,7 +81,7 @@ def intents(rt: Runtime) -> list[str]:
 
 
 def test_a_base_url_without_scheme_is_a_config_error_before_anything_is_claimed(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
 ) -> None:
     insert_docs(runtime, [{"doc_key": "a", "body": "text", "task": "default"}])
     bare = emulator.base_url.removeprefix("http://")
@@ -96,7 +96,7 @@ def test_a_base_url_without_scheme_is_a_config_error_before_anything_is_claimed(
 
 
 def test_a_404_on_create_is_a_configuration_error_not_a_rate_limit(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
 ) -> None:
     insert_docs(runtime, [{"doc_key": "a", "body": "text", "task": "default"}])
     env = {**env_for(db_url, emulator, config_file()), "ANTHROPIC_BASE_URL": emulator.base_url + "/gateway"}
@@ -114,7 +114,7 @@ def test_a_404_on_create_is_a_configuration_error_not_a_rate_limit(
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
 ) -> None:
     """The pipe's reader is gone before the command prints (as `head -1` is, most of the time): the
     command stops quietly with SIGPIPE's shell code, as `git log | head` does."""
@@ -174,7 +174,7 @@ def test_every_time_option_takes_the_same_syntax_and_refuses_the_same_way(
 
 
 def test_pause_cancel_dry_run_canceling_and_retry_of_an_unconfigured_task(
-    runtime: Runtime, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
+    runtime: Harness, db_url: str, emulator: EmulatorServer, config_file: Callable[..., Path]
 ) -> None:
     from etl import pipeline
 

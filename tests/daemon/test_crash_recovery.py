@@ -40,11 +40,11 @@ from sqlalchemy import insert
 from etl import config as config_mod
 from etl import pipeline
 from etl.emulator import EmulatorConfig, EmulatorControl, EmulatorServer
-from etl.runtime import Runtime, build
 from etl.store.engine import make_engine
 from etl.store.schema import runs as runs_table
 from tests.conftest import write_config
 from tests.daemon.conftest import KEY, EtlProcess, pg_database, prepare_db, query, wait_for
+from tests.harness import Harness, build
 from tests.reliability import checker
 
 SEEDS = int(os.environ.get("ETL_DAEMON_KILLS", "3"))
@@ -189,7 +189,7 @@ class Schedule:
         self.procs.append(p)
         return p
 
-    def in_process(self, offset: float, job: Callable[[Runtime], T]) -> T:
+    def in_process(self, offset: float, job: Callable[[Harness], T]) -> T:
         cfg = config_mod.load(self.env(), None)
         rt = build(cfg, clock=lambda: datetime.now(UTC) + timedelta(seconds=offset))
         try:

@@ -12,10 +12,10 @@ from etl.daemon import Daemon
 from etl.emulator import EmulatorControl
 from etl.jobs import RunOutcome
 from etl.notify import Notifier
-from etl.runtime import build
 from etl.store import state
 from tests.conftest import write_config
 from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for
+from tests.harness import build
 
 
 def test_two_daemons_on_one_database_run_each_slot_once_and_take_over(

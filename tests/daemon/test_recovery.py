@@ -25,13 +25,13 @@ from etl import liveness, recovery
 from etl.daemon import Daemon
 from etl.emulator import EmulatorControl
 from etl.notify import Notifier
-from etl.runtime import Runtime, build
 from etl.store import batches as intents
 from etl.store import queue as q
 from etl.store import state
 from etl.watchdog import STALL_ENV, default_stall
 from tests.daemon.conftest import EtlProcess, prepare_db, query, wait_for, write_config
 from tests.daemon.test_crash_recovery import midnight_offset
+from tests.harness import Harness, build
 
 T0 = datetime(2026, 6, 4, 0, 0, 20, tzinfo=UTC)
 
@@ -48,7 +48,7 @@ def dead_owner() -> str:
 
 
 @pytest.fixture
-def rt(db_url: str, tmp_path: Path) -> Iterator[Runtime]:
+def rt(db_url: str, tmp_path: Path) -> Iterator[Harness]:
     prepare_db(db_url, 6)
     cfg = config_mod.load({"ETL_DATABASE_URL": db_url, "ANTHROPIC_API_KEY": "k"}, write_config(tmp_path))
     runtime = build(cfg, clock=lambda: T0)
@@ -96,7 +96,7 @@ def test_postgresql_knows_a_dead_owner_of_any_host_by_its_session_lock(
     runtime.close()
 
 
-def test_a_dead_leaders_lease_is_taken_at_once_a_live_ones_is_not(rt: Runtime) -> None:
+def test_a_dead_leaders_lease_is_taken_at_once_a_live_ones_is_not(rt: Harness) -> None:
     ttl = timedelta(seconds=120)
     with rt.engine.begin() as conn:
         assert state.acquire_lease(conn, state.LEADER_KEY, dead_owner(), T0, ttl)
@@ -108,7 +108,7 @@ def test_a_dead_leaders_lease_is_taken_at_once_a_live_ones_is_not(rt: Runtime) -
     assert not recovery.take_over_leader(rt.db, rt.owner, T0, ttl)
 
 
-def test_the_sweep_crashes_a_dead_owners_run_and_ends_its_claims_now(rt: Runtime) -> None:
+def test_the_sweep_crashes_a_dead_owners_run_and_ends_its_claims_now(rt: Harness) -> None:
     gone = dead_owner()
     alive = liveness.new_owner(os.getppid())
     lease = T0 + timedelta(seconds=600)
@@ -128,7 +128,7 @@ def test_the_sweep_crashes_a_dead_owners_run_and_ends_its_claims_now(rt: Runtime
     assert recovery.sweep(rt.db, rt.owner, rt.clock()).crashed_runs == []  # once
 
 
-def test_slots_are_rerun_crashed_at_once_partial_with_backoff_until_the_cutoff(rt: Runtime) -> None:
+def test_slots_are_rerun_crashed_at_once_partial_with_backoff_until_the_cutoff(rt: Harness) -> None:
     slot = T0.replace(second=0)
     with rt.engine.begin() as conn:
         state.start_run(conn, "submit", slot, "a1", "h", T0)
@@ -175,7 +175,7 @@ def test_the_cutoff_is_the_next_retry_until_after_the_slot(
     assert (local.hour, local.minute) == (hh, mm) or local.fold or at - slot > timedelta(hours=22)
 
 
-def test_a_silent_job_stops_the_watchdog_pings_and_any_commit_is_progress(rt: Runtime) -> None:
+def test_a_silent_job_stops_the_watchdog_pings_and_any_commit_is_progress(rt: Harness) -> None:
     assert default_stall(rt.config) == 360.0  # the 300 s create call + a minute: shipped settings
     daemon = Daemon(
         rt.config, rt.db, rt.api, Notifier(None), env={STALL_ENV: "0.2"}, clock=rt.clock, me=rt.me
@@ -262,7 +262,7 @@ def test_sigstop_inside_the_submit_is_a_crash_the_watchdog_kills_and_the_restart
     assert second.terminate() == 0
 
 
-def test_status_check_fails_on_a_crashed_slot_and_on_a_partial_submit_past_the_cutoff(rt: Runtime) -> None:
+def test_status_check_fails_on_a_crashed_slot_and_on_a_partial_submit_past_the_cutoff(rt: Harness) -> None:
     from etl import status
 
     slot = T0.replace(second=0)

@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import text
 
 from etl.emulator import EmulatorControl
-from etl.runtime import Runtime
 from etl.status import status
 from tests.conftest import queue_rows
+from tests.harness import Harness
 from tests.ledger import by_row
 
 GRACE = 600  # the tests' reconcile_grace_seconds
@@ -19,7 +19,7 @@ def billed_twice(control: EmulatorControl) -> int:
     return sum(1 for n in by_row(control.ledger()).values() if n > 1)
 
 
-def open_batches(rt: Runtime) -> int:
+def open_batches(rt: Harness) -> int:
     with rt.engine.connect() as conn:
         return int(
             conn.execute(
@@ -31,13 +31,13 @@ def open_batches(rt: Runtime) -> int:
         )
 
 
-def problems(rt: Runtime) -> list[str]:
+def problems(rt: Harness) -> list[str]:
     _, healthy, found = status(rt.config, rt.db, rt.owner, rt.clock())
     assert healthy == (not found)
     return found
 
 
-def assert_settled(rt: Runtime, control: EmulatorControl, good: int) -> None:
+def assert_settled(rt: Harness, control: EmulatorControl, good: int) -> None:
     """The end state every finding must reach."""
     rows = queue_rows(rt)
     assert sum(1 for r in rows.values() if r["status"] == "done") == good

@@ -12,10 +12,10 @@ from pathlib import Path
 from sqlalchemy import text
 
 from etl.emulator import EmulatorServer
-from etl.runtime import Runtime
 from etl.status import status
 from etl.store import state
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
+from tests.harness import Harness
 
 
 def _env(
@@ -30,14 +30,14 @@ def _env(
     }
 
 
-def _recorded(rt: Runtime, command: str) -> list[str]:
+def _recorded(rt: Harness, command: str) -> list[str]:
     _, _, problems = status(rt.config, rt.db, rt.owner, rt.clock())
     return [p for p in problems if p.startswith(f"last etl {command} run by hand failed")]
 
 
 def test_a_failed_etl_submit_fails_the_check_naming_its_cause_until_the_next_submit_succeeds(
     db_url: str,
-    runtime: Runtime,
+    runtime: Harness,
     emulator: EmulatorServer,
     clock: SharedClock,
     config_file: Callable[..., Path],
@@ -64,7 +64,7 @@ def test_a_failed_etl_submit_fails_the_check_naming_its_cause_until_the_next_sub
 
 def test_a_failed_etl_collect_fails_the_check_naming_its_cause_until_the_next_collect_succeeds(
     db_url: str,
-    runtime: Runtime,
+    runtime: Harness,
     emulator: EmulatorServer,
     clock: SharedClock,
     config_file: Callable[..., Path],
@@ -106,7 +106,7 @@ REFUSE_PG = [
 
 def test_a_failure_that_cannot_be_recorded_is_said_as_before(
     db_url: str,
-    runtime: Runtime,
+    runtime: Harness,
     emulator: EmulatorServer,
     clock: SharedClock,
     config_file: Callable[..., Path],
@@ -134,7 +134,7 @@ def test_a_failure_that_cannot_be_recorded_is_said_as_before(
 
 def test_a_submit_that_stopped_fails_the_check_with_its_reason_until_the_next_submit_succeeds(
     db_url: str,
-    runtime: Runtime,
+    runtime: Harness,
     emulator: EmulatorServer,
     clock: SharedClock,
     config_file: Callable[..., Path],

@@ -14,9 +14,9 @@ from sqlalchemy import text
 
 from etl import budget, estimate, pipeline, report
 from etl.emulator import EmulatorControl, EmulatorServer
-from etl.runtime import Runtime
 from etl.store import spend
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
+from tests.harness import Harness
 
 CACHED_TASK = """
 [tasks.cached]
@@ -30,7 +30,7 @@ cache_system = true
 CACHED_TASK = CACHED_TASK.replace('exact. " ', "exact. " + "Never guess a number. " * 20 + '"')
 
 
-def snapshot(rt: Runtime) -> list[tuple[Any, ...]]:
+def snapshot(rt: Harness) -> list[tuple[Any, ...]]:
     with rt.engine.connect() as conn:
         return [
             tuple(r)
@@ -47,14 +47,14 @@ def docs(n: int, task: str = "default", prefix: str = "d") -> list[dict[str, Any
     ]
 
 
-def reserved_tonight(rt: Runtime) -> Decimal:
+def reserved_tonight(rt: Harness) -> Decimal:
     with rt.engine.connect() as conn:
         night = budget.night_of(rt.clock(), rt.config.schedule.zone)
         return sum(spend.reserved(conn, night).values(), Decimal(0))
 
 
 def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_sends(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     rt = make_runtime(extra=CACHED_TASK, submit={"max_requests_per_batch": 4})
     older = {"doc_key": "d0", "body": "an older version of d0, superseded by the submit, never sent"}
@@ -98,7 +98,7 @@ def test_estimate_claims_nothing_sends_nothing_and_prices_what_the_submit_then_s
 
 @pytest.mark.parametrize("fits", [3, 5])
 def test_the_cap_holds_exactly_at_the_boundary(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl, clock: SharedClock, fits: int
+    make_runtime: Callable[..., Harness], control: EmulatorControl, clock: SharedClock, fits: int
 ) -> None:
     """A cap of exactly `fits` documents' upper bound sends `fits`; one unit less sends one fewer."""
     probe = make_runtime(submit={"max_requests_per_batch": 2})
@@ -140,7 +140,7 @@ def test_the_cap_holds_exactly_at_the_boundary(
 
 
 def test_one_unit_under_the_boundary_sends_one_document_fewer(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     probe = make_runtime()
     insert_docs(probe, docs(4))
@@ -159,7 +159,7 @@ def test_one_unit_under_the_boundary_sends_one_document_fewer(
 
 
 def test_a_task_cap_holds_its_task_back_and_lets_the_others_go(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     extra = CACHED_TASK + "max_cost_usd_per_night = 0.000001\n"
     rt = make_runtime(extra=extra, submit={"max_requests_per_batch": 3})
@@ -172,7 +172,7 @@ def test_a_task_cap_holds_its_task_back_and_lets_the_others_go(
 
 
 def test_two_submitters_at_once_never_cross_the_cap(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     probe = make_runtime()
     insert_docs(probe, docs(12))
@@ -190,7 +190,7 @@ def test_two_submitters_at_once_never_cross_the_cap(
     start = threading.Barrier(2)
     errors: list[BaseException] = []
 
-    def submit(rt: Runtime) -> None:
+    def submit(rt: Harness) -> None:
         try:
             start.wait()
             pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
@@ -213,7 +213,7 @@ def test_a_submit_killed_after_reserving_never_lets_the_cap_be_crossed(
     emulator: EmulatorServer,
     control: EmulatorControl,
     clock: SharedClock,
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
     config_file: Callable[..., Path],
     point: str,
 ) -> None:
@@ -250,7 +250,7 @@ def test_a_submit_killed_after_reserving_never_lets_the_cap_be_crossed(
 
 @pytest.mark.parametrize("caching", [False, True], ids=["no-cache", "cache"])
 def test_the_reports_cost_is_the_ledgers_tokens_at_the_configured_prices(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl, clock: SharedClock, caching: bool
+    make_runtime: Callable[..., Harness], control: EmulatorControl, clock: SharedClock, caching: bool
 ) -> None:
     rt = make_runtime(extra=CACHED_TASK, submit={"max_requests_per_batch": 7})
     task = "cached" if caching else "default"
@@ -286,7 +286,7 @@ def test_the_reports_cost_is_the_ledgers_tokens_at_the_configured_prices(
 
 
 def test_a_measured_shortfall_of_the_local_estimate_raises_what_the_cap_reserves(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     """count_tokens once found 1.5x the local estimate: the cap then reserves input tokens x 1.5, and
     `etl estimate` says so before the submit does it."""
@@ -322,7 +322,7 @@ def test_two_etl_submit_processes_at_once_never_cross_the_cap(
     db_url: str,
     emulator: EmulatorServer,
     control: EmulatorControl,
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
     config_file: Callable[..., Path],
 ) -> None:
     """The same as with two threads, with two real `etl submit` processes racing for the budget."""

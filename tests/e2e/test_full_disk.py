@@ -14,9 +14,9 @@ import pytest
 
 from etl import config as config_mod
 from etl.emulator import EmulatorControl, EmulatorServer
-from etl.runtime import Runtime, build
 from etl.store import migrate
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
+from tests.harness import Harness, build
 
 DISK_MB = 80  # above etl.disk.LOW_DISK_BYTES, so a disk with room is healthy
 
@@ -56,7 +56,7 @@ def _fill(disk: Path, leave: int) -> Path:
 @pytest.fixture
 def disk_env(
     small_disk: Path, emulator: EmulatorServer, clock: SharedClock, config_file: Callable[..., Path]
-) -> Iterator[tuple[dict[str, str], Runtime]]:
+) -> Iterator[tuple[dict[str, str], Harness]]:
     env = {
         "ETL_DATABASE_URL": f"sqlite:///{small_disk / 'etl.db'}",
         "ANTHROPIC_BASE_URL": emulator.base_url,
@@ -81,7 +81,7 @@ def _one_line_about_the_disk(done: subprocess.CompletedProcess[str]) -> None:
 @pytest.mark.parametrize("leave_kb", [8, 256])
 def test_collect_on_a_full_disk_says_so_and_finishes_once_space_is_freed(
     leave_kb: int,
-    disk_env: tuple[dict[str, str], Runtime],
+    disk_env: tuple[dict[str, str], Harness],
     small_disk: Path,
     clock: SharedClock,
     control: EmulatorControl,
@@ -109,7 +109,7 @@ def test_collect_on_a_full_disk_says_so_and_finishes_once_space_is_freed(
 
 
 def test_submit_on_a_full_disk_says_so_and_sends_once_space_is_freed(
-    disk_env: tuple[dict[str, str], Runtime], small_disk: Path, clock: SharedClock, control: EmulatorControl
+    disk_env: tuple[dict[str, str], Harness], small_disk: Path, clock: SharedClock, control: EmulatorControl
 ) -> None:
     env, rt = disk_env
     insert_docs(rt, [{"doc_key": f"d{i}", "body": "x" * 2000 + str(i)} for i in range(100)])

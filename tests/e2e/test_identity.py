@@ -23,9 +23,9 @@ from etl.emulator import EmulatorControl, EmulatorServer
 from etl.emulator.model import reply_text
 from etl.errors import EtlError
 from etl.prompt import Row, batch_body, build_params, custom_id, encode_request
-from etl.runtime import Runtime
 from etl.status import status
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows, run_etl
+from tests.harness import Harness
 from tests.ledger import by_row
 
 GRACE = 600  # the tests' reconcile_grace_seconds
@@ -33,11 +33,11 @@ GRACE = 600  # the tests' reconcile_grace_seconds
 
 @pytest.fixture
 def other_installation(
-    db_url: str, make_pg_database: Callable[[], str], tmp_path: Path, make_runtime: Callable[..., Runtime]
-) -> Callable[..., Runtime]:
+    db_url: str, make_pg_database: Callable[[], str], tmp_path: Path, make_runtime: Callable[..., Harness]
+) -> Callable[..., Harness]:
     """A second installation (its own database of the same kind) on the same API account."""
 
-    def make(**submit: Any) -> Runtime:
+    def make(**submit: Any) -> Harness:
         url = f"sqlite:///{tmp_path / 'production.db'}" if db_url.startswith("sqlite") else make_pg_database()
         return make_runtime(submit=submit or None, url=url)
 
@@ -48,7 +48,7 @@ def docs(n: int, who: str) -> list[dict[str, Any]]:
     return [{"doc_key": f"d{i:03d}", "body": f"{who} document number {i}"} for i in range(n)]
 
 
-def wrong_answers(rt: Runtime) -> list[str]:
+def wrong_answers(rt: Harness) -> list[str]:
     """Warehouse rows whose answer is not the emulator's answer to that row's own document."""
     with rt.engine.connect() as conn:
         rows = conn.execute(
@@ -65,7 +65,7 @@ def wrong_answers(rt: Runtime) -> list[str]:
     return bad
 
 
-def open_batches(rt: Runtime) -> int:
+def open_batches(rt: Harness) -> int:
     with rt.engine.connect() as conn:
         return int(
             conn.execute(
@@ -76,7 +76,7 @@ def open_batches(rt: Runtime) -> int:
         )
 
 
-def assert_settled(rt: Runtime, control: EmulatorControl, good: int) -> None:
+def assert_settled(rt: Harness, control: EmulatorControl, good: int) -> None:
     rows = queue_rows(rt)
     assert sum(1 for r in rows.values() if r["status"] == "done") == good, rows
     assert wrong_answers(rt) == []
@@ -92,8 +92,8 @@ def assert_settled(rt: Runtime, control: EmulatorControl, good: int) -> None:
 
 @pytest.mark.parametrize("both_ambiguous", [False, True], ids=["staging-ambiguous", "both-ambiguous"])
 def test_two_installations_on_one_account_never_take_each_others_batch(
-    make_runtime: Callable[..., Runtime],
-    other_installation: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
+    other_installation: Callable[..., Harness],
     clock: SharedClock,
     control: EmulatorControl,
     both_ambiguous: bool,
@@ -154,7 +154,7 @@ def test_two_installations_on_one_account_never_take_each_others_batch(
 
 
 def test_a_batch_of_ours_that_no_intent_explains_fails_the_check_and_is_collected_while_its_rows_wait(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     """A create whose batch showed in the list only after its intent was released (the API's list can be
     late): billed, and nobody would collect it. Found, recorded by that intent, collected from it."""
@@ -183,7 +183,7 @@ def test_a_batch_of_ours_that_no_intent_explains_fails_the_check_and_is_collecte
 
 
 def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     """Ids of this installation naming an intent this database never had (a restored backup, a copied
     database): billed, and no intent can take it. `etl status --check` fails naming it."""
@@ -211,7 +211,7 @@ def test_a_batch_of_ours_naming_no_intent_fails_the_check_until_acknowledged(
 
 @pytest.mark.parametrize("kind", ["another-batch", "foreign", "duplicate", "another-installation"])
 def test_an_extra_results_line_never_keeps_a_batch_open(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl, kind: str
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl, kind: str
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, docs(100, "extra"))
@@ -255,7 +255,7 @@ def cli_env(db_url: str, emulator: EmulatorServer, config_file: Callable[..., Pa
 
 def test_a_sigkilled_etl_submit_leaves_nothing_for_the_lease_the_next_submit_sends_at_once(
     db_url: str,
-    runtime: Runtime,
+    runtime: Harness,
     emulator: EmulatorServer,
     clock: SharedClock,
     control: EmulatorControl,
@@ -276,7 +276,7 @@ def test_a_sigkilled_etl_submit_leaves_nothing_for_the_lease_the_next_submit_sen
 
 
 def test_etl_status_applies_the_dead_owner_rules_and_says_what_it_found(
-    db_url: str, runtime: Runtime, emulator: EmulatorServer, config_file: Callable[..., Path]
+    db_url: str, runtime: Harness, emulator: EmulatorServer, config_file: Callable[..., Path]
 ) -> None:
     rt = runtime
     insert_docs(rt, docs(5, "status"))
@@ -292,7 +292,7 @@ def test_etl_status_applies_the_dead_owner_rules_and_says_what_it_found(
 
 
 def test_an_unordered_list_page_does_not_release_a_batch_that_exists(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     """An old batch (3 days before), our recorded batch (the anchor), then our ambiguous create: the page
     lists the newest entry last. Reading entry by entry, the old batch ended the reading before our batch
@@ -320,7 +320,7 @@ def test_an_unordered_list_page_does_not_release_a_batch_that_exists(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL's proof is a session lock
-def test_the_lock_file_of_a_finished_command_is_removed(db_url: str, runtime: Runtime) -> None:
+def test_the_lock_file_of_a_finished_command_is_removed(db_url: str, runtime: Harness) -> None:
     """SQLite: proof of life is a flock on `<db>.owners/<token>.lock`; a clean exit leaves no file."""
     from etl import life
 

@@ -17,25 +17,25 @@ from etl import live, pipeline, report, routing
 from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_text
 from etl.prompt import Row, build_params
-from etl.runtime import Runtime
 from etl.settings import Settings
 from etl.store import batches as intents
 from etl.store import live as live_store
 from etl.store import queue as q
 from etl.store import schema
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.harness import Harness
 
 FAST = "\n[live]\nbackoff_seconds = 0.05\npoll_seconds = 0.2\n"
 
 
-def ts(rt: Runtime, value: datetime) -> Any:
+def ts(rt: Harness, value: datetime) -> Any:
     """A timestamp as a user's plain SQL writes it: on SQLite UTC text like `datetime('now')` gives."""
     if rt.engine.dialect.name == "sqlite":
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     return value
 
 
-def results(rt: Runtime) -> dict[str, dict[str, Any]]:
+def results(rt: Harness) -> dict[str, dict[str, Any]]:
     with rt.warehouse.connect() as conn:  # through the table's types: money is stored scaled on SQLite
         return {r.doc_key: dict(r._mapping) for r in conn.execute(select(schema.results))}
 
@@ -45,7 +45,7 @@ def live_double_bills(control: EmulatorControl) -> int:
 
 
 def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime(extra=FAST)
     now = clock()
@@ -105,7 +105,7 @@ def test_urgent_rows_are_answered_live_while_ordinary_rows_wait_for_the_batch(
     assert "live path" in report.render(body)
 
 
-def _body(rt: Runtime, key: str) -> str:
+def _body(rt: Harness, key: str) -> str:
     with rt.engine.connect() as conn:
         return str(
             conn.execute(text("SELECT body FROM etl_queue WHERE doc_key = :k"), {"k": key}).scalar_one()
@@ -115,7 +115,7 @@ def _body(rt: Runtime, key: str) -> str:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(offsets=st.lists(st.integers(min_value=-3, max_value=3), min_size=1, max_size=6))
 def test_a_row_goes_live_exactly_when_the_batch_cannot_meet_its_due_by(
-    runtime: Runtime, offsets: list[int]
+    runtime: Harness, offsets: list[int]
 ) -> None:
     """At the boundary (due_by = next slot + allowance, give or take microseconds), SQL and the documented
     rule agree, and the batch claim takes exactly the rows the live claim does not."""
@@ -147,7 +147,7 @@ def test_a_row_goes_live_exactly_when_the_batch_cannot_meet_its_due_by(
 )
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_due_by_written_by_hand_in_any_iso_form_is_routed_by_its_instant(
-    runtime: Runtime, minutes: list[int], offsets: list[int], style: str
+    runtime: Harness, minutes: list[int], offsets: list[int], style: str
 ) -> None:
     """Plain SQL may write `due_by` as any ISO 8601 text: `T` or space, `Z` or an offset. SQLite keeps the
     text and once compared it as text, so `'2026-12-04 01:00:00+02:00'` (before the cutoff) went to the
@@ -187,7 +187,7 @@ def test_a_due_by_written_by_hand_in_any_iso_form_is_routed_by_its_instant(
 
 
 def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     rt = make_runtime(extra=FAST + "\n[tasks.quiet]\nmodel = 'claude-haiku-4-5'\nlive = false\n")
     insert_docs(
@@ -212,7 +212,7 @@ def test_tasks_that_forbid_the_live_path_and_bad_input_never_reach_the_api(
 
 
 def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_report_says_so(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     # A call's upper bound (10 input tokens and 200 output tokens of haiku: $0.00101) is counted before it
     # leaves: the first call fits under $0.00103; the second, on top of the first's $0.000045, would not.
@@ -231,7 +231,7 @@ def test_past_the_daily_spend_cap_urgent_rows_fall_back_to_the_batch_and_the_rep
 
 
 def test_permanent_api_errors_are_dead_with_the_reason_and_529_bursts_are_waited_out(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     rt = make_runtime(extra=FAST + "concurrency = 1\n")
     control.set_faults(
@@ -252,7 +252,7 @@ def test_permanent_api_errors_are_dead_with_the_reason_and_529_bursts_are_waited
 
 
 def test_the_api_rate_limits_are_honoured_by_waiting_for_the_window(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     """The emulator allows 2 requests a minute; the worker is told nothing in advance, gets 429 with
     retry-after and the ratelimit headers, and waits (on the shared clock the test moves) before calling
@@ -278,7 +278,7 @@ def test_the_api_rate_limits_are_honoured_by_waiting_for_the_window(
 
 
 def test_the_worker_never_exceeds_its_own_requests_per_minute(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime(extra=FAST + "concurrency = 4\nrequests_per_minute = 3\n")
     control.set_live(requests_per_minute=3)  # the API would refuse a fourth call within the minute
@@ -298,7 +298,7 @@ def test_the_worker_never_exceeds_its_own_requests_per_minute(
 
 
 def test_status_check_names_stuck_live_calls_and_urgent_rows_nobody_takes(
-    make_runtime: Callable[..., Runtime], clock: SharedClock
+    make_runtime: Callable[..., Harness], clock: SharedClock
 ) -> None:
     from etl.status import status
 
@@ -319,7 +319,7 @@ def test_status_check_names_stuck_live_calls_and_urgent_rows_nobody_takes(
 
 
 def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
-    runtime: Runtime, clock: SharedClock, tmp_path: Any
+    runtime: Harness, clock: SharedClock, tmp_path: Any
 ) -> None:
     from etl.enqueue import InputError, enqueue_file
 
@@ -346,7 +346,7 @@ def test_enqueue_files_carry_due_by_and_mode_and_refuse_bad_ones(
 
 
 def test_seams_with_the_other_commands_leave_the_live_path_its_rows_and_its_stuck_calls_seen(
-    make_runtime: Callable[..., Runtime], clock: SharedClock
+    make_runtime: Callable[..., Harness], clock: SharedClock
 ) -> None:
     """Where the live path meets the rest: `etl estimate` prices only what the batch would send (not
     the rows the live path takes), `etl retry` gives a row its live calls back, and a call left

@@ -16,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from etl import metrics, pipeline, report
-from etl.runtime import Runtime, build
 from etl.settings import Settings
 from etl.store.schema import DOC_STATUSES
 from tests.conftest import SharedClock, insert_docs
+from tests.harness import Harness, build
 
 DAY = 86400
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -50,7 +50,7 @@ def check_with_promtool(page: str) -> None:
 
 
 def test_page_after_a_night_counts_documents_tokens_and_money_as_the_report_does(
-    runtime: Runtime, clock: SharedClock
+    runtime: Harness, clock: SharedClock
 ) -> None:
     docs = [{"doc_key": f"d{i}", "body": f"Invoice {i} for {i * 3} crates"} for i in range(7)]
     docs.append({"doc_key": "c1", "body": "Revenue grew", "task": "classify", "metadata": '{"title": "Q3"}'})
@@ -96,7 +96,7 @@ def test_page_after_a_night_counts_documents_tokens_and_money_as_the_report_does
 
 
 def test_a_batch_aged_28_days_shows_its_expiry_within_a_day_and_fails_the_health_gauge(
-    runtime: Runtime, clock: SharedClock
+    runtime: Harness, clock: SharedClock
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"d{i}", "body": "x"} for i in range(3)])
     pipeline.submit(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
@@ -119,7 +119,7 @@ def test_a_batch_aged_28_days_shows_its_expiry_within_a_day_and_fails_the_health
 )
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_queue_rows_by_status_and_task_match_the_table_whatever_it_holds(
-    runtime: Runtime, rows: list[tuple[str, str]]
+    runtime: Harness, rows: list[tuple[str, str]]
 ) -> None:
     with runtime.engine.begin() as conn:
         conn.execute(text("DELETE FROM etl_queue"))
@@ -143,7 +143,7 @@ def test_queue_rows_by_status_and_task_match_the_table_whatever_it_holds(
     assert {dict(k)["status"] for k in seen if dict(k)["task"] == "default"} == set(DOC_STATUSES)
 
 
-def test_a_batch_of_ours_that_nothing_explains_is_counted_until_acknowledged(runtime: Runtime) -> None:
+def test_a_batch_of_ours_that_nothing_explains_is_counted_until_acknowledged(runtime: Harness) -> None:
     """The reconciler keeps each batch of this installation that no intent could take (billed, never to
     be collected) under `unexplained_batch:<id>`; the page counts them and the health gauge fails."""
     from etl import reconciler
@@ -172,7 +172,7 @@ def test_a_batch_of_ours_that_nothing_explains_is_counted_until_acknowledged(run
     )
 
 
-def test_an_unreachable_database_gives_database_up_0_not_an_error(runtime: Runtime) -> None:
+def test_an_unreachable_database_gives_database_up_0_not_an_error(runtime: Harness) -> None:
     url = "postgresql://nobody@127.0.0.1:1/none"
     rt = build(replace(runtime.config, database_url=url, warehouse_url=url))
     try:
@@ -183,7 +183,7 @@ def test_an_unreachable_database_gives_database_up_0_not_an_error(runtime: Runti
     assert not any(name == "etl_health_ok" for name, _ in page)
 
 
-def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(runtime: Runtime) -> None:
+def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(runtime: Harness) -> None:
     """A scrape every second cannot make the page read the database all the time (etl.metrics.DUTY)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -206,7 +206,7 @@ def test_the_served_page_reuses_a_read_within_its_duty_cycle_and_says_how_old(ru
     assert value(page_of(fresh), "etl_queue_rows", status="queued", task="default") == 1
 
 
-def test_a_stale_read_is_served_at_once_while_the_next_one_runs_in_the_background(runtime: Runtime) -> None:
+def test_a_stale_read_is_served_at_once_while_the_next_one_runs_in_the_background(runtime: Harness) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     collector = metrics.DatabaseCollector(

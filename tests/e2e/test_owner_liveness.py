@@ -20,9 +20,9 @@ from sqlalchemy import text
 
 from etl import liveness, pipeline, recovery
 from etl.emulator import EmulatorControl, EmulatorServer
-from etl.runtime import Runtime
 from etl.store import state
 from tests.conftest import API_KEY, ROOT, SharedClock, insert_docs, queue_rows
+from tests.harness import Harness
 from tests.ledger import by_row
 
 CREATE_SECONDS = 20.0  # how long the leader's create stays in flight (the issue: 40 s; the rule is the same)
@@ -38,9 +38,9 @@ DAEMON_TICK = """
 import os
 from pathlib import Path
 from etl import config, pipeline, recovery, submitter
-from etl.runtime import build
+from tests.harness import build
 rt = build(config.load(dict(os.environ), Path(os.environ["ETL_CONFIG"])))
-recovery.settle(rt)
+recovery.settle(rt.config, rt.db, rt.api, rt.owner, rt.clock, rt.should_stop)
 print("sent", pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop).documents)
 rt.close()
 """
@@ -60,7 +60,7 @@ def in_own_pid_namespace(args: list[str], env: dict[str, str]) -> subprocess.Pop
     )
 
 
-def intent_status(rt: Runtime) -> list[tuple[int, str, str | None]]:
+def intent_status(rt: Harness) -> list[tuple[int, str, str | None]]:
     with rt.engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text("SELECT id, status, owner FROM etl_batches ORDER BY id"))]
 
@@ -68,7 +68,7 @@ def intent_status(rt: Runtime) -> list[tuple[int, str, str | None]]:
 @needs_unshare
 def test_a_live_process_in_another_pid_namespace_with_the_same_hostname_is_not_declared_dead(
     db_url: str,
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
     emulator: EmulatorServer,
     control: EmulatorControl,
     clock: SharedClock,
@@ -137,7 +137,7 @@ def test_a_name_says_alive_or_dead_only_where_its_pid_means_the_same(tmp_path: P
 
 
 def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
-    make_runtime: Callable[..., Runtime], db_url: str
+    make_runtime: Callable[..., Harness], db_url: str
 ) -> None:
     """The lock is asked first: a name whose /proc says 'dead' (pid 1 with another start time, in our
     own namespace) is alive while its lock is held; once the lock is free it is dead."""

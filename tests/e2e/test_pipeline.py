@@ -16,32 +16,32 @@ from etl import collector, failpoints, pipeline, report, settlement
 from etl.emulator import EmulatorControl
 from etl.emulator.model import reply_json, reply_text
 from etl.prompt import Row, build_params
-from etl.runtime import Runtime
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.harness import Harness
 from tests.ledger import by_row
 
 DAY = 86400
 
 
-def results_by_key(rt: Runtime) -> dict[str, dict[str, Any]]:
+def results_by_key(rt: Harness) -> dict[str, dict[str, Any]]:
     with rt.warehouse.connect() as conn:
         rows = conn.execute(text("SELECT * FROM etl_results"))
         return {f"{r.doc_key}/{r.task}": dict(r._mapping) for r in rows}
 
 
-def expected_params(rt: Runtime, qid: int, doc: dict[str, Any]) -> dict[str, Any]:
+def expected_params(rt: Harness, qid: int, doc: dict[str, Any]) -> dict[str, Any]:
     row = Row(qid, doc["doc_key"], doc.get("task", "default"), doc["body"], doc.get("metadata"))
     return build_params(row, rt.config.tasks, rt.config.submit.max_body_bytes)
 
 
-def cycle(rt: Runtime, clock: SharedClock, hours: float = 2) -> collector.CollectOutcome:
+def cycle(rt: Harness, clock: SharedClock, hours: float = 2) -> collector.CollectOutcome:
     pipeline.submit(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
     clock.advance(hours * 3600)
     return pipeline.collect(rt.config, rt.db, rt.api, rt.me, rt.clock, rt.should_stop)
 
 
 def test_rows_inserted_with_plain_sql_end_in_the_warehouse_once_with_the_models_output(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     docs = [{"doc_key": f"doc-{i}", "body": f"Invoice {i} for {i * 7} crates of apples"} for i in range(25)]
     docs.append(
@@ -99,7 +99,7 @@ def test_rows_inserted_with_plain_sql_end_in_the_warehouse_once_with_the_models_
 
 
 def test_transient_errors_expired_and_invalid_requests_end_in_the_right_states(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     # Chunks of 3: the outcomes spread over several chunks, which SQLite settles together at the end.
     runtime.config = replace(runtime.config, collect=replace(runtime.config.collect, chunk_size=3))
@@ -147,7 +147,7 @@ def test_transient_errors_expired_and_invalid_requests_end_in_the_right_states(
 
 
 def test_a_document_failing_three_times_goes_dead_with_its_attempts(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     insert_docs(
         runtime, [{"doc_key": "flaky", "body": "always overloaded"}, {"doc_key": "fine", "body": "ok"}]
@@ -168,7 +168,7 @@ def test_a_document_failing_three_times_goes_dead_with_its_attempts(
 
 
 def test_bad_rows_are_rejected_with_a_reason_and_never_reach_the_api(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     insert_docs(
         runtime,
@@ -207,7 +207,7 @@ def test_bad_rows_are_rejected_with_a_reason_and_never_reach_the_api(
 
 
 def test_reenqueued_document_with_a_new_body_replaces_its_result(
-    runtime: Runtime, clock: SharedClock
+    runtime: Harness, clock: SharedClock
 ) -> None:
     insert_docs(runtime, [{"doc_key": "policy", "body": "version one of the travel policy"}])
     cycle(runtime, clock)
@@ -219,7 +219,7 @@ def test_reenqueued_document_with_a_new_body_replaces_its_result(
 
 
 def test_two_versions_of_a_document_in_one_batch_leave_the_newer_result(
-    runtime: Runtime, clock: SharedClock
+    runtime: Harness, clock: SharedClock
 ) -> None:
     insert_docs(runtime, [{"doc_key": "policy", "body": "version one of the travel policy"}])
     insert_docs(runtime, [{"doc_key": "policy", "body": "version two of the travel policy"}])
@@ -233,7 +233,7 @@ def test_two_versions_of_a_document_in_one_batch_leave_the_newer_result(
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_hand_written_enqueued_at_that_is_no_timestamp_does_not_stop_its_batch(
-    runtime: Runtime, clock: SharedClock
+    runtime: Harness, clock: SharedClock
 ) -> None:
     """SQLite stores any text in `enqueued_at`; the result is written without it, the batch collected."""
     insert_docs(runtime, [{"doc_key": "odd", "body": "a document", "enqueued_at": "last tuesday"}])
@@ -246,7 +246,7 @@ def test_a_hand_written_enqueued_at_that_is_no_timestamp_does_not_stop_its_batch
 
 
 def test_morning_report_counts_and_costs_match_the_ledger(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     runtime.config = replace(runtime.config, collect=replace(runtime.config.collect, chunk_size=3))
     insert_docs(runtime, [{"doc_key": f"r{i}", "body": f"report document {i} " * (i + 1)} for i in range(10)])
@@ -272,7 +272,7 @@ def test_morning_report_counts_and_costs_match_the_ledger(
 
 
 def test_batches_are_cut_by_bytes_as_well_as_by_count(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime(
         submit={"max_requests_per_batch": 400, "max_batch_bytes": 60_000, "max_body_bytes": 10_000}
@@ -289,7 +289,7 @@ def test_batches_are_cut_by_bytes_as_well_as_by_count(
 
 @pytest.mark.slow
 def test_150k_document_queue_splits_into_batches_whose_custom_ids_all_map_back(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     with runtime.engine.begin() as conn:
         conn.execute(
@@ -315,7 +315,7 @@ def test_150k_document_queue_splits_into_batches_whose_custom_ids_all_map_back(
 
 
 def test_results_go_to_a_separate_warehouse_database(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, tmp_path: Any
+    make_runtime: Callable[..., Harness], clock: SharedClock, tmp_path: Any
 ) -> None:
     rt = make_runtime(warehouse_url=f"sqlite:///{tmp_path / 'warehouse.db'}")
     assert not rt.same_database
@@ -328,7 +328,7 @@ def test_results_go_to_a_separate_warehouse_database(
 
 
 def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_vanish(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"l{i}", "body": f"late doc {i}"} for i in range(3)])
     pipeline.submit(runtime.config, runtime.db, runtime.api, runtime.me, runtime.clock, runtime.should_stop)
@@ -359,7 +359,7 @@ def test_uncollected_batches_are_reported_late_then_requeued_when_their_results_
 
 
 def test_a_request_too_big_for_any_batch_is_rejected_not_retried_forever(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     rt = make_runtime(submit={"max_batch_bytes": 2_000, "max_body_bytes": 2_000})
     insert_docs(rt, [{"doc_key": "big", "body": "z" * 1_990}, {"doc_key": "small", "body": "tiny"}])
@@ -373,7 +373,7 @@ def test_a_request_too_big_for_any_batch_is_rejected_not_retried_forever(
 
 
 def test_a_write_failing_mid_batch_stops_the_collect_and_the_next_collect_finishes_it(
-    runtime: Runtime, clock: SharedClock
+    runtime: Harness, clock: SharedClock
 ) -> None:
     # Chunks are written on the collector's writer thread; its error must reach the caller, and the
     # chunks after it must not be written (their rows stay `submitted` for the next run).
@@ -404,7 +404,7 @@ def test_a_write_failing_mid_batch_stops_the_collect_and_the_next_collect_finish
 
 
 def test_a_submit_told_to_stop_before_its_first_batch_gives_the_claimed_rows_back(
-    runtime: Runtime, control: EmulatorControl
+    runtime: Harness, control: EmulatorControl
 ) -> None:
     """The first batch is claimed before the API's part of reconciliation (while the SDK loads); a stop
     requested by then sends nothing and leaves every row queued, not waiting for a lease to run out."""
@@ -430,7 +430,7 @@ def test_a_submit_told_to_stop_before_its_first_batch_gives_the_claimed_rows_bac
 
 
 def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collects_it(
-    make_runtime: Callable[..., Runtime], clock: SharedClock
+    make_runtime: Callable[..., Harness], clock: SharedClock
 ) -> None:
     """`etl collect` reads the first open batch's rows while the SDK loads; a batch still processing
     drops them, and the collect after it ends reads them again."""
@@ -451,7 +451,7 @@ def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collec
 
 
 def test_a_batch_fills_its_byte_cap_exactly_and_records_the_bytes_it_sent(
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
 ) -> None:
     """`etl_batches.payload_bytes` is the size of the body sent (it was one byte more), and a batch takes
     requests up to `max_batch_bytes` exactly (it left the last one out when it fitted to the byte)."""

@@ -17,16 +17,16 @@ from sqlalchemy import text
 
 from etl import pipeline, prompt
 from etl.emulator import EmulatorControl, EmulatorServer
-from etl.runtime import Runtime
 from etl.status import status
 from tests.conftest import API_KEY, SharedClock, insert_docs, run_etl
+from tests.harness import Harness
 from tests.reliability.lines import JUNK_LINES, RESULT_LINES, good_line
 
 EXAMPLES = int(os.environ.get("ETL_POISON_EXAMPLES", "20"))
 _serial = iter(range(10**9))
 
 
-def _send(rt: Runtime, n: int, per_batch: int) -> list[tuple[int, int]]:
+def _send(rt: Harness, n: int, per_batch: int) -> list[tuple[int, int]]:
     """Enqueue n fresh documents and submit them; (queue id, batch intent) of each, in batch order."""
     tag = next(_serial)
     insert_docs(rt, [{"doc_key": f"d{tag}-{i}", "body": f"document {tag} {i}"} for i in range(n)])
@@ -51,7 +51,7 @@ def _serve(control: EmulatorControl, lines: dict[int, str]) -> None:
     )
 
 
-def _fates(rt: Runtime, ids: list[int]) -> dict[int, tuple[str, str | None]]:
+def _fates(rt: Harness, ids: list[int]) -> dict[int, tuple[str, str | None]]:
     with rt.engine.connect() as conn:
         rows = conn.execute(
             text(f"SELECT id, status, reason FROM etl_queue WHERE id IN ({','.join(map(str, ids))})")
@@ -59,13 +59,13 @@ def _fates(rt: Runtime, ids: list[int]) -> dict[int, tuple[str, str | None]]:
     return {int(r.id): (r.status, r.reason) for r in rows}
 
 
-def _batch_states(rt: Runtime, refs: set[int]) -> dict[int, tuple[str, str | None]]:
+def _batch_states(rt: Harness, refs: set[int]) -> dict[int, tuple[str, str | None]]:
     with rt.engine.connect() as conn:
         rows = conn.execute(text("SELECT id, status, error FROM etl_batches")).all()
     return {int(r.id): (r.status, r.error) for r in rows if int(r.id) in refs}
 
 
-def _assert_settled(rt: Runtime, sent: list[tuple[int, int]]) -> dict[int, tuple[str, str | None]]:
+def _assert_settled(rt: Harness, sent: list[tuple[int, int]]) -> dict[int, tuple[str, str | None]]:
     """The property: no row left `submitted`, every failure with a reason, every batch collected, health OK."""
     fates = _fates(rt, [qid for qid, _ in sent])
     for qid, (state, reason) in fates.items():
@@ -80,7 +80,7 @@ def _assert_settled(rt: Runtime, sent: list[tuple[int, int]]) -> dict[int, tuple
 
 
 @pytest.fixture
-def two_batches(make_runtime: Callable[..., Runtime]) -> Runtime:
+def two_batches(make_runtime: Callable[..., Harness]) -> Harness:
     # One attempt: a retryable outcome (expired, api_error, an unknown result type) ends the row `dead`
     # ("gave up after 1 attempts") instead of queueing it for the next example's submit.
     return make_runtime(submit={"max_requests_per_batch": 3, "max_attempts": 1})
@@ -110,7 +110,7 @@ def _poisoned(variant: str) -> str:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_a_poison_line_in_the_first_batch_kills_its_row_only_and_the_second_batch_is_collected(
-    variant: str, two_batches: Runtime, control: EmulatorControl, clock: SharedClock
+    variant: str, two_batches: Harness, control: EmulatorControl, clock: SharedClock
 ) -> None:
     rt = two_batches
     sent = _send(rt, 6, 3)
@@ -130,7 +130,7 @@ def test_a_poison_line_in_the_first_batch_kills_its_row_only_and_the_second_batc
 
 
 def test_the_cli_collect_says_problems_in_lines_and_status_check_passes_after(
-    two_batches: Runtime, control: EmulatorControl, clock: SharedClock, db_url: str, emulator: EmulatorServer
+    two_batches: Harness, control: EmulatorControl, clock: SharedClock, db_url: str, emulator: EmulatorServer
 ) -> None:
     rt = two_batches
     sent = _send(rt, 6, 3)
@@ -168,7 +168,7 @@ def test_the_cli_collect_says_problems_in_lines_and_status_check_passes_after(
     where=st.integers(0, 5),
 )
 def test_any_result_line_in_any_position_settles_every_row_and_collects_every_batch(
-    two_batches: Runtime,
+    two_batches: Harness,
     control: EmulatorControl,
     clock: SharedClock,
     lines: list[str],
@@ -193,7 +193,7 @@ def test_any_result_line_in_any_position_settles_every_row_and_collects_every_ba
 
 
 def test_status_check_fails_while_an_ended_batch_has_rows_submitted(
-    two_batches: Runtime, clock: SharedClock
+    two_batches: Harness, clock: SharedClock
 ) -> None:
     """A collect killed after it saw the batch ended (nothing recorded on the batch) still fails the check."""
     from etl.store import batches as intents
@@ -215,7 +215,7 @@ def test_status_check_fails_while_an_ended_batch_has_rows_submitted(
 
 
 def test_a_row_that_cannot_be_encoded_is_rejected_with_its_reason_and_the_others_are_sent(
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
 ) -> None:
     """Metadata nested deeper than Python's stack: once a RecursionError out of every submit."""
     rt = make_runtime()
@@ -245,7 +245,7 @@ NO_TEXT = {
 
 
 def test_answers_without_text_are_stored_done_with_a_reason_the_report_counts(
-    two_batches: Runtime, control: EmulatorControl, clock: SharedClock
+    two_batches: Harness, control: EmulatorControl, clock: SharedClock
 ) -> None:
     """Once stored `done` with an empty text and no word: now the reason says what the answer held."""
     from etl import report

@@ -10,18 +10,18 @@ from sqlalchemy import text
 
 from etl import failpoints, pipeline, reconciler
 from etl.emulator import EmulatorControl
-from etl.runtime import Runtime
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.harness import Harness
 from tests.ledger import by_row
 
 
-def intent_statuses(rt: Runtime) -> list[tuple[int, str]]:
+def intent_statuses(rt: Harness) -> list[tuple[int, str]]:
     with rt.engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text("SELECT id, status FROM etl_batches ORDER BY id"))]
 
 
 def test_lookalike_unknown_intents_wait_for_custom_id_proof_and_nothing_is_paid_twice(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     """Intent 1's create never reached the API; intent 2's did, but its answer was lost. Both have five
     requests and were sent within a minute: size and time cannot tell whose batch the API holds."""
@@ -57,7 +57,7 @@ def test_lookalike_unknown_intents_wait_for_custom_id_proof_and_nothing_is_paid_
 
 
 def test_an_unknown_create_whose_batch_exists_is_adopted_not_resent(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"u{i}", "body": f"unknown {i}"} for i in range(4)])
     control.set_faults(rules=[{"endpoint": "create", "action": "ambiguous", "drop": True, "times": 1}])
@@ -84,7 +84,7 @@ def test_an_unknown_create_whose_batch_exists_is_adopted_not_resent(
 
 
 def test_an_unknown_create_that_never_reached_the_api_is_released_after_the_grace_period(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl
+    runtime: Harness, clock: SharedClock, control: EmulatorControl
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"n{i}", "body": f"never sent {i}"} for i in range(3)])
     control.set_faults(rules=[{"endpoint": "create", "action": "status", "status": 529, "times": 1}])
@@ -111,7 +111,7 @@ def test_an_unknown_create_that_never_reached_the_api_is_released_after_the_grac
 
 
 def test_a_process_stalled_between_fence_and_create_past_its_lease_does_not_send(
-    runtime: Runtime, clock: SharedClock, control: EmulatorControl, monkeypatch: pytest.MonkeyPatch
+    runtime: Harness, clock: SharedClock, control: EmulatorControl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     insert_docs(runtime, [{"doc_key": f"s{i}", "body": f"stalled {i}"} for i in range(3)])
     real_hit = failpoints.hit
@@ -131,7 +131,7 @@ def test_a_process_stalled_between_fence_and_create_past_its_lease_does_not_send
     assert {r["status"] for r in queue_rows(runtime).values()} == {"queued"}
 
 
-def test_a_batch_another_tool_made_is_reported_once_not_every_run(runtime: Runtime) -> None:
+def test_a_batch_another_tool_made_is_reported_once_not_every_run(runtime: Harness) -> None:
     from structlog.testing import capture_logs
 
     from etl.prompt import batch_body, encode_request

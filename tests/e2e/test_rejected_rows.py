@@ -18,16 +18,16 @@ from sqlalchemy import text
 
 from etl import pipeline
 from etl.emulator import EmulatorControl
-from etl.runtime import Runtime
 from tests.conftest import SharedClock, insert_docs, queue_rows
 from tests.e2e.settled import assert_settled, docs
+from tests.harness import Harness
 from tests.ledger import by_row
 
 # -- finding 3: a value the unique index cannot hold ---------------------------------------------------
 
 
 def test_a_doc_key_longer_than_its_limit_is_rejected_before_anything_is_sent(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, [{"doc_key": "k" * 3000, "body": "a document with a very long key"}, *docs(100)])
@@ -42,7 +42,7 @@ def test_a_doc_key_longer_than_its_limit_is_rejected_before_anything_is_sent(
     assert_settled(rt, control, 100)
 
 
-def _refuse_poison_rows(rt: Runtime) -> None:
+def _refuse_poison_rows(rt: Harness) -> None:
     """A warehouse that refuses some rows: a trigger, on either database."""
     with rt.warehouse.begin() as conn:
         if conn.dialect.name == "postgresql":
@@ -65,7 +65,7 @@ def _refuse_poison_rows(rt: Runtime) -> None:
 
 @pytest.mark.parametrize("warehouse", ["same", "separate"])
 def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_collected(
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
     clock: SharedClock,
     control: EmulatorControl,
     db_url: str,
@@ -95,7 +95,7 @@ def test_a_row_the_warehouse_refuses_ends_dead_and_every_other_row_and_batch_is_
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite has no index entry size limit
 def test_postgresql_index_limit_isolates_a_long_key_that_got_past_validation(
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
     clock: SharedClock,
     control: EmulatorControl,
     db_url: str,
@@ -121,7 +121,7 @@ def test_postgresql_index_limit_isolates_a_long_key_that_got_past_validation(
 
 
 def test_only_the_newest_queued_row_of_a_document_is_sent_the_older_are_superseded(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     insert_docs(rt, [{"doc_key": f"pair{i}", "body": f"old {i}"} for i in range(25)])
@@ -145,7 +145,7 @@ def test_only_the_newest_queued_row_of_a_document_is_sent_the_older_are_supersed
     "body", ["\u200b", "\ufeff\u200b\u200b", " \u2060 \u200d\n", "\u3164\u00a0", "\u180e\u2028"]
 )
 def test_a_body_of_invisible_characters_is_rejected_like_a_blank_one(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl, body: str
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl, body: str
 ) -> None:
     rt = make_runtime()
     insert_docs(rt, [{"doc_key": "invisible", "body": body}, *docs(3)])

@@ -8,9 +8,9 @@ from datetime import timedelta
 
 from etl import pipeline, recovery
 from etl.emulator import EmulatorControl
-from etl.runtime import Runtime
 from etl.store import state
 from tests.conftest import SharedClock, insert_docs, queue_rows
+from tests.harness import Harness
 
 
 def _batches_created(control: EmulatorControl) -> int:
@@ -18,7 +18,7 @@ def _batches_created(control: EmulatorControl) -> int:
 
 
 def test_a_create_refused_with_retry_after_is_not_tried_again_before_it(
-    runtime: Runtime, control: EmulatorControl, clock: SharedClock
+    runtime: Harness, control: EmulatorControl, clock: SharedClock
 ) -> None:
     rt = runtime
     insert_docs(rt, [{"doc_key": f"d{i}", "body": f"document {i}"} for i in range(3)])

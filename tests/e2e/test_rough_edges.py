@@ -8,10 +8,10 @@ from decimal import Decimal
 
 from etl import estimate, live, pipeline, reconciler, report, status
 from etl.emulator import EmulatorControl
-from etl.runtime import Runtime
 from etl.store import batches as intents
 from etl.store.schema import BatchStatus
 from tests.conftest import SharedClock, insert_docs
+from tests.harness import Harness
 
 # -- 6. money: the live daily cap counts the calls in flight ------------------------------------------
 
@@ -29,7 +29,7 @@ concurrency = 4
 
 
 def test_the_live_daily_cap_counts_calls_in_flight_and_is_never_crossed(
-    make_runtime: Callable[..., Runtime], control: EmulatorControl
+    make_runtime: Callable[..., Harness], control: EmulatorControl
 ) -> None:
     """Eight rows at concurrency 4, each call at most (and, with max_tokens 1, exactly) $0.000011 (6 input
     tokens at $1/M, 1 output token at $5/M); a cap of just over two calls. Checked against settled spend
@@ -69,7 +69,7 @@ def amounts(value: object, path: str = "") -> Iterator[tuple[str, object]]:
 
 
 def test_every_amount_of_report_status_and_estimate_json_is_a_decimal_string(
-    make_runtime: Callable[..., Runtime], clock: SharedClock
+    make_runtime: Callable[..., Harness], clock: SharedClock
 ) -> None:
     rt = make_runtime(extra=ONE_TOKEN)
     insert_docs(rt, [{"doc_key": "now", "body": "urgent", "task": "tiny", "mode": "live"}])
@@ -101,7 +101,7 @@ def test_every_amount_of_report_status_and_estimate_json_is_a_decimal_string(
 
 
 def test_the_report_counts_failures_by_their_whole_reason_and_every_row_under_its_task(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime()
     insert_docs(rt, [{"doc_key": f"r{i}", "body": f"released {i}", "task": "default"} for i in range(2)])

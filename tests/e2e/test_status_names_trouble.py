@@ -16,15 +16,15 @@ from sqlalchemy import text
 from etl import pipeline
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.errors import SchemaIncomplete
-from etl.runtime import Runtime
 from etl.store import migrate
 from etl.store.engine import make_engine
 from tests.conftest import API_KEY, SharedClock, insert_docs, run_etl
 from tests.e2e.settled import assert_settled, docs, problems
+from tests.harness import Harness
 
 
 def test_a_batch_that_cannot_be_collected_is_named_by_status_and_does_not_stop_the_others(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 5})
     insert_docs(rt, docs(10))
@@ -73,7 +73,7 @@ def test_a_failed_upgrade_then_one_without_the_warehouse_leaves_no_schema_that_l
 
 
 def test_rows_set_to_submitted_or_claimed_by_hand_are_reported_as_stuck(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime()
     insert_docs(rt, docs(3))

@@ -19,16 +19,16 @@ from etl import config as config_mod
 from etl import pipeline, reconciler
 from etl.emulator import EmulatorControl
 from etl.prompt import encode_request
-from etl.runtime import Runtime, build
 from tests.conftest import API_KEY, SharedClock, insert_docs, queue_rows
 from tests.e2e.settled import GRACE, assert_settled, docs, problems
+from tests.harness import Harness, build
 from tests.ledger import by_row
 
 # -- finding 1: a broken results read is not proof that a look-alike is someone else's -----------------
 
 
 def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     """100 documents, batches of 50; the first create's answer is lost (the batch was made); at the next
     run the look-alike's results stream is reset before its first line."""
@@ -67,7 +67,7 @@ def test_a_lookalike_whose_results_read_breaks_is_waited_for_not_released(
 
 @pytest.mark.parametrize("skew", [600, -1200], ids=["host-ahead-600s", "host-behind-1200s"])
 def test_an_ambiguous_create_is_adopted_whatever_the_host_clock_says(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl, skew: int
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl, skew: int
 ) -> None:
     rt = make_runtime(submit={"max_requests_per_batch": 50})
     clock.offset += timedelta(seconds=skew)  # the host's clock only
@@ -87,7 +87,7 @@ def test_an_ambiguous_create_is_adopted_whatever_the_host_clock_says(
 
 @pytest.mark.parametrize("skew", [600, -1200], ids=["host-ahead-600s", "host-behind-1200s"])
 def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_past_its_anchor(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl, skew: int
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl, skew: int
 ) -> None:
     """Batches recorded before the create bound the list read; a look-alike of someone else (same size,
     not ended) holds the release until it ends and its results prove it is not ours."""
@@ -140,7 +140,7 @@ def test_an_unknown_create_that_made_no_batch_is_released_once_the_list_is_read_
 
 
 def test_a_refused_connection_sends_nothing_and_the_rows_go_back_at_once(
-    make_runtime: Callable[..., Runtime],
+    make_runtime: Callable[..., Harness],
     clock: SharedClock,
     control: EmulatorControl,
     config_file: Callable[..., Path],
@@ -170,7 +170,7 @@ def test_a_refused_connection_sends_nothing_and_the_rows_go_back_at_once(
 
 
 def test_an_unknown_intent_says_when_it_is_released_and_the_operator_can_release_it(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl
 ) -> None:
     rt = make_runtime()
     insert_docs(rt, docs(4))
@@ -193,7 +193,7 @@ def test_an_unknown_intent_says_when_it_is_released_and_the_operator_can_release
 
 @pytest.mark.parametrize("skew_days", [0, 30], ids=["same-clock", "host-30-days-ahead"])
 def test_results_are_treated_as_archived_only_on_the_apis_word(
-    make_runtime: Callable[..., Runtime], clock: SharedClock, control: EmulatorControl, skew_days: int
+    make_runtime: Callable[..., Harness], clock: SharedClock, control: EmulatorControl, skew_days: int
 ) -> None:
     """A 404 from the results endpoint, or a host clock past the 29 days, used to re-queue every row of a
     batch whose results still existed: all of them paid for twice."""

@@ -1,7 +1,7 @@
 """The fault model that writes its own cases: a Hypothesis state machine over the whole pipeline.
 
 Steps interleave enqueue (good, bad and duplicate rows, keys of any length and alphabet), submit, collect,
-reconcile, clock steps on either side (the host's: `Runtime.clock`; the API's: the emulator's virtual clock
+reconcile, clock steps on either side (the host's: `Harness.clock`; the API's: the emulator's virtual clock
 and its clock offset fault), API faults at every endpoint (statuses, resets, ambiguous creates, results
 streams that break at any byte), process crashes at any failpoint or any SQL statement, and database
 connection kills at any SQL statement. After every step the checker judges the invariants against the
@@ -9,7 +9,7 @@ emulator's ledger; at the end of each example the faults are lifted and a comple
 everything (`teardown`).
 
 Runs are in-process (see docs/survival.md, "The stateful fault model", for why): each `etl` run is a fresh
-`Runtime` (new engine, new SDK client) like a new process. A crash is an exception raised at the failpoint or
+`Harness` (new engine, new SDK client) like a new process. A crash is an exception raised at the failpoint or
 before the chosen statement: every open transaction rolls back as the database would roll back a dead
 connection's, and the runtime's connections are then discarded. A database kill terminates every
 connection of the database (PostgreSQL: `pg_terminate_backend`) or closes the run's connection under it
@@ -47,12 +47,12 @@ from etl.emulator import EmulatorControl, EmulatorServer
 from etl.emulator.model import reply_text
 from etl.errors import EtlError, environmental
 from etl.prompt import Row, build_params, custom_id
-from etl.runtime import Runtime
 from etl.store import state
 from etl.store.databases import Databases
 from etl.store.engine import make_engine
 from etl.store.schema import metadata, warehouse_metadata
 from tests.conftest import API_KEY, TASKS_TOML, write_config
+from tests.harness import Harness
 from tests.ledger import by_row
 from tests.reliability import checker
 from tests.reliability.lines import RESULT_LINES
@@ -259,7 +259,7 @@ class World:
 
 
 class _Unclosable:
-    """The shared SDK client, as each run's `Runtime` sees it: closing it is a no-op."""
+    """The shared SDK client, as each run's `Harness` sees it: closing it is a no-op."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -372,7 +372,7 @@ class FaultModel(RuleBasedStateMachine):
         fired: list[str],
         disk_full: int | None = None,
         url: str | None = None,
-    ) -> Iterator[Runtime]:
+    ) -> Iterator[Harness]:
         from etl.provider import Provider
 
         engine = make_engine(url or self.w.url)
@@ -415,7 +415,7 @@ class FaultModel(RuleBasedStateMachine):
         sa_event.listen(engine, "before_cursor_execute", before)
         if crash is not None and crash[0] != "statement":
             failpoints.configure({failpoints.ENV: f"{crash[0]}=raise@{crash[1]}"})
-        rt = Runtime(config=cfg, db=Databases.one(engine), api=Api(factory), clock=self.host_now)
+        rt = Harness(config=cfg, db=Databases.one(engine), api=Api(factory), clock=self.host_now)
         try:
             yield rt
         finally:
@@ -700,7 +700,7 @@ class FaultModel(RuleBasedStateMachine):
 
     @rule(side=st.sampled_from(["host", "api"]), delta=signed_steps)
     def clock_steps(self, side: str, delta: int) -> None:
-        """One clock jumps, forward or back: the host's (`Runtime.clock`) or the API's (its timestamps
+        """One clock jumps, forward or back: the host's (`Harness.clock`) or the API's (its timestamps
         and `Date` header; its batches still live on true time)."""
         if side == "host":
             self.host_jumped = True

@@ -11,8 +11,9 @@ import pytest
 
 from etl.api import Api
 from etl.errors import ConfigError
-from etl.runtime import Runtime, gc_paused
+from etl.memory import gc_paused
 from etl.store.databases import Databases
+from tests.harness import Harness
 
 
 @pytest.fixture(autouse=True)
@@ -58,11 +59,11 @@ def test_an_exception_still_restores_gc() -> None:
     assert gc.isenabled()
 
 
-def _runtime(factory: Any) -> Runtime:
+def _runtime(factory: Any) -> Harness:
     from sqlalchemy import create_engine
 
     engine = create_engine("sqlite://")
-    return Runtime(config=None, db=Databases.one(engine), api=Api(factory))  # type: ignore[arg-type]
+    return Harness(config=None, db=Databases.one(engine), api=Api(factory))  # type: ignore[arg-type]
 
 
 def test_a_warmed_provider_is_built_once_on_another_thread_and_handed_over() -> None:

@@ -445,7 +445,8 @@ def test_a_collect_before_the_batch_ends_changes_nothing_and_the_next_one_collec
     assert (out.batches_checked, out.batches_collected, out.succeeded) == (1, 0, 0)
     assert {r["status"] for r in queue_rows(early).values()} == {"submitted"}
     clock.advance(3600)
-    out = pipeline.collect(make_runtime())
+    late = make_runtime()
+    out = pipeline.collect(late.config, late.db, late.api, late.me, late.clock, late.should_stop)
     assert (out.batches_collected, out.succeeded) == (1, 6)
     assert {r["status"] for r in queue_rows(early).values()} == {"done"}
 

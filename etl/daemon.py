@@ -54,7 +54,7 @@ from etl import (
 )
 from etl.api import Api
 from etl.clock import utcnow, wall
-from etl.config import Config
+from etl.config import Config, ScheduleSettings
 from etl.errors import ConfigError
 from etl.jobs import Jobs, RunOutcome
 from etl.life import Identity
@@ -146,8 +146,7 @@ class Daemon:
         return self.clock() - wall()
 
     def cron(self, job: str) -> str:
-        sch = self.settings.current.schedule
-        return sch.submit_cron if job == "submit" else sch.collect_cron
+        return _cron(self.settings.current.schedule, job)
 
     # -- the service ----------------------------------------------------------------------------------
 
@@ -159,15 +158,8 @@ class Daemon:
         event.listen(self.db.main, "commit", self.watchdog.on_commit)
         # the Prometheus page, on every instance (docs/deploy.md)
         self.metrics = metrics.serve(self.settings, self.db, self.me.owner, self.clock)
-        _reconcile(
-            self.settings.current,
-            self.db,
-            self.api,
-            self.me.owner,
-            self.clock,
-            self.should_stop,
-            self.notifier,
-        )
+        cfg = self.settings.current
+        _reconcile(cfg, self.db, self.api, self.me.owner, self.clock, self.should_stop, self.notifier)
         self.scheduler = _new_scheduler()
         self._schedule_jobs()
         self.scheduler.add_job(
@@ -218,18 +210,10 @@ class Daemon:
             self.signals.sleep(tick)
 
     def _status_line(self) -> str:
-        if self.stop_event.is_set():
-            return "stopping"
-        if self.watchdog.current:
-            return f"running {self.watchdog.current}"
-        if not self.leader:
-            return "standby: another instance holds the leader lease"
-        nxt = (
-            []
-            if self.scheduler is None
-            else _next_slots(self.scheduler, self.offset, self.settings.current.schedule.zone)
-        )
-        return "idle; next: " + ", ".join(nxt) if nxt else "idle"
+        if self.stop_event.is_set() or self.watchdog.current or not self.leader or self.scheduler is None:
+            return _status_text(self.stop_event.is_set(), self.watchdog.current, self.leader, [])
+        nxt = _next_slots(self.scheduler, self.offset, self.settings.current.schedule.zone)
+        return _status_text(False, None, True, nxt)
 
     # -- leadership -----------------------------------------------------------------------------------
 
@@ -299,22 +283,7 @@ class Daemon:
 
     def _catch_up(self) -> None:
         """On becoming leader: run the latest missed slot of each job once, oldest slot first."""
-        now = self.now()
-        todo: list[tuple[datetime, str]] = []
-        with self.db.main.connect() as conn:
-            for job in JOBS:
-                last = state.last_slot(conn, job)
-                slot = scheduling.catch_up_slot(
-                    self.cron(job), self.settings.current.schedule.zone, last, now
-                )
-                if slot is not None:
-                    log.info(
-                        "catching_up", job=job, slot=slot.isoformat(), last_slot=last and last.isoformat()
-                    )
-                    todo.append((slot, job))
-        for job in self.run_now:
-            slot = scheduling.latest_fire(self.cron(job), self.settings.current.schedule.zone, now) or now
-            todo.append((slot, job))
+        todo = _missed_slots(self.db, self.settings.current.schedule, self.run_now, self.now())
         self.run_now = []
         for slot, job in sorted(todo):
             self.run_slot(job, slot)
@@ -335,19 +304,13 @@ class Daemon:
         self._recovery_at = time.monotonic()
         try:
             with logs.run_context("recovery"):
-                out = recovery.settle(
-                    self.settings.current, self.db, self.api, self.me.owner, self.clock, self.should_stop
-                )
+                cfg = self.settings.current
+                out = recovery.settle(cfg, self.db, self.api, self.me.owner, self.clock, self.should_stop)
                 returned = out is not None and (out.released_claims + out.released_unknown) > 0
-                due = recovery.due_reruns(
-                    self.settings.current.schedule, self.db, self.now(), JOBS, rows_returned=returned
-                )
+                due = recovery.due_reruns(cfg.schedule, self.db, self.now(), JOBS, rows_returned=returned)
                 self._rerun(due)
-                self._recovering = (
-                    out is not None
-                    or bool(due)
-                    or recovery.retry_pending(self.settings.current.schedule, self.db, self.now())
-                )
+                pending = recovery.retry_pending(cfg.schedule, self.db, self.now())
+                self._recovering = out is not None or bool(due) or pending
         except Exception as exc:  # recovery loop: the next tick tries again
             self._recovering = True
             self.jobs.failed("recovery_failed", exc)
@@ -372,10 +335,9 @@ class Daemon:
         pending = False
         if self.leader and not self.stop_event.is_set():
             with logs.run_context("poll"):
+                cfg, me = self.settings.current, self.me.owner
                 try:  # unknown creates and dead processes' intents: settled here too, not only by a submit
-                    recovery.settle(
-                        self.settings.current, self.db, self.api, self.me.owner, self.clock, self.should_stop
-                    )
+                    recovery.settle(cfg, self.db, self.api, me, self.clock, self.should_stop)
                 except Exception as exc:  # recovery loop: the next poll tries again
                     self.jobs.failed("poll_reconcile_failed", exc)
                 with self.db.main.connect() as conn:
@@ -395,28 +357,11 @@ class Daemon:
     def reload(self) -> None:
         self.notifier.reloading()
         old = self.settings.current
-        path = None if old.source == "<defaults>" else Path(old.source)
-        try:
-            new = config_mod.load(self.env, path)
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc), kept="the previous configuration")
-            self.notifier.send("READY=1")
-            return
-        applied, needs_restart = _reloaded(old, new)
-        self.settings.swap(applied)
-        logs.set_level(new.log_level)
-        for warning in new.warnings:  # settings an older version read: loaded, ignored, said again
-            log.warning("config_setting_ignored", config=new.source, warning=warning)
-        if new.schedule != old.schedule and self.scheduler is not None:
-            self._schedule_jobs()
-        log.info(
-            "config_reloaded",
-            source=new.source,
-            schedule_changed=new.schedule != old.schedule,
-            needs_restart=needs_restart or None,
-        )
-        if needs_restart:
-            log.warning("reload_partial", settings=needs_restart, hint="restart the service to apply these")
+        new = _load_again(old, self.env)
+        if new is not None:
+            self.settings.swap(new)
+            if new.schedule != old.schedule and self.scheduler is not None:
+                self._schedule_jobs()
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
 
     def _shutdown(self) -> None:
@@ -549,3 +494,58 @@ def _reloaded(old: config_mod.Config, new: config_mod.Config) -> tuple[config_mo
         needs_restart.append("metrics.listen")  # the page stays where it is served until a restart
     keep = {n: getattr(old, n) for n in (*RESTART_ONLY, "metrics")}
     return dataclasses.replace(new, api_key=old.api_key, **keep), needs_restart
+
+
+def _missed_slots(
+    db: Databases, sch: ScheduleSettings, run_now: list[str], now: datetime
+) -> list[tuple[datetime, str]]:
+    """On becoming leader: the latest missed slot of each job, and the jobs asked to run now."""
+    todo: list[tuple[datetime, str]] = []
+    with db.main.connect() as conn:
+        for job in JOBS:
+            last = state.last_slot(conn, job)
+            slot = scheduling.catch_up_slot(_cron(sch, job), sch.zone, last, now)
+            if slot is not None:
+                log.info("catching_up", job=job, slot=slot.isoformat(), last_slot=last and last.isoformat())
+                todo.append((slot, job))
+    for job in run_now:
+        todo.append((scheduling.latest_fire(_cron(sch, job), sch.zone, now) or now, job))
+    return todo
+
+
+def _cron(sch: ScheduleSettings, job: str) -> str:
+    return sch.submit_cron if job == "submit" else sch.collect_cron
+
+
+def _load_again(old: Config, env: Mapping[str, str]) -> Config | None:
+    """SIGHUP: the configuration file read again, what a reload can apply of it (None: kept the old one)."""
+    path = None if old.source == "<defaults>" else Path(old.source)
+    try:
+        new = config_mod.load(env, path)
+    except ConfigError as exc:
+        log.error("reload_failed", error=str(exc), kept="the previous configuration")
+        return None
+    applied, needs_restart = _reloaded(old, new)
+    logs.set_level(new.log_level)
+    for warning in new.warnings:  # settings an older version read: loaded, ignored, said again
+        log.warning("config_setting_ignored", config=new.source, warning=warning)
+    log.info(
+        "config_reloaded",
+        source=new.source,
+        schedule_changed=new.schedule != old.schedule,
+        needs_restart=needs_restart or None,
+    )
+    if needs_restart:
+        log.warning("reload_partial", settings=needs_restart, hint="restart the service to apply these")
+    return applied
+
+
+def _status_text(stopping: bool, current: str | None, leader: bool, next_slots: list[str]) -> str:
+    """The daemon's one-line status (systemd's STATUS=, `etl status`)."""
+    if stopping:
+        return "stopping"
+    if current:
+        return f"running {current}"
+    if not leader:
+        return "standby: another instance holds the leader lease"
+    return "idle; next: " + ", ".join(next_slots) if next_slots else "idle"

@@ -275,19 +275,12 @@ class LiveWorker:
         if exc.kind == "rate_limited" or exc.status == OVERLOADED:
             return self._saturated(row, exc, tries, now)
         if exc.kind == "systemic":
-            with self.db.main.begin() as conn:
-                store.give_back(conn, [row.id], f"not sent: {reason}", now)
-                state.pause(conn, reason, now)
-            log.error("live_paused", queue_id=row.id, reason=reason)
+            _pause_for(self.db, row.id, reason, now)
             self.outcome.given_back += 1
             return False
         if exc.kind in ("ambiguous", "transient") and tries.attempts + 1 < self.settings.max_attempts:
             tries.attempts += 1
-            with self.db.main.begin() as conn:
-                store.call_ended(conn, row.id, now, count_attempt=True)
-                events.record(
-                    conn, now, "live_billed_twice", row.task, 1, "retried after an ambiguous failure"
-                )
+            _record_retry(self.db, row, now)
             self.outcome.possibly_billed_twice += 1
             self.pacer.hold_until(now + timedelta(seconds=exc.retry_after or tries.backoff))
             tries.backoff = min(tries.backoff * 2, self.settings.max_backoff_seconds)
@@ -468,3 +461,18 @@ def start_background(
     holder.thread = threading.Thread(target=body, name="etl-live", daemon=True)
     holder.thread.start()
     return holder
+
+
+def _pause_for(db: Databases, row_id: int, reason: str, now: datetime) -> None:
+    """A systemic refusal (key, billing): the row back to the queue, submission paused for everyone."""
+    with db.main.begin() as conn:
+        store.give_back(conn, [row_id], f"not sent: {reason}", now)
+        state.pause(conn, reason, now)
+    log.error("live_paused", queue_id=row_id, reason=reason)
+
+
+def _record_retry(db: Databases, row: Row, now: datetime) -> None:
+    """A call that may have been billed is made again: its attempt counted, the possible double billing kept."""
+    with db.main.begin() as conn:
+        store.call_ended(conn, row.id, now, count_attempt=True)
+        events.record(conn, now, "live_billed_twice", row.task, 1, "retried after an ambiguous failure")

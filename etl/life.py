@@ -80,6 +80,7 @@ def hold(engine: Engine, me: Identity) -> Identity:
             return replace(me, owner=_hold_advisory(engine, me.owner, life))
         if life.fd is None:
             return replace(me, owner=_hold_flock(engine, me.owner, life))
+        return replace(me, owner=liveness.with_flock(me.owner))  # held already: say so in the owner
     except Exception as exc:  # no proof of life: leases are the fallback
         log.warning("liveness_lock_failed", error=str(exc))
     return me
@@ -88,7 +89,7 @@ def hold(engine: Engine, me: Identity) -> Identity:
 def _hold_advisory(engine: Engine, me: str, life: Life) -> str:
     if life.conn is not None:
         if not life.conn.invalidated and not life.conn.closed:
-            return me
+            return liveness.with_lock(me)  # held already (`me` may be the entry point's bare name)
         with contextlib.suppress(Exception):
             life.conn.invalidate()
         life.conn = None

@@ -163,3 +163,18 @@ def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
         )  # its flock file (named by the token) is held
         other.life.release()
     assert recovery.owner_dead(rt.db, rt.owner, liar, rt.clock())
+
+
+def test_holding_again_with_the_identity_an_entry_point_keeps_still_names_the_proof(
+    make_runtime: Callable[..., Harness],
+) -> None:
+    """An entry point keeps the Identity it made (its owner has no lock suffix) and hands it to each stage,
+    which holds again: once the lock is held, every hold must still return the owner that says so, or the
+    second stage's claims are recorded under a name no proof of life stands behind."""
+    from etl import life
+
+    h = make_runtime()
+    first = life.hold(h.engine, h.me)
+    again = life.hold(h.engine, h.me)
+    assert first.owner[-2:] in (":L", ":F")
+    assert again.owner == first.owner

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections import Counter
 from collections.abc import Mapping
 
@@ -74,6 +75,10 @@ def hit(name: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # To this thread, not the process: a process-directed SIGSTOP is taken by the main thread, and the
+        # thread that passed the point (a daemon job runs on a pool thread) could go on until the group
+        # stop reaches it, far enough under load to send the create that "after_fence" promises is unsent.
+        # A thread-directed stop is taken on the way out of this call, so this thread stops here.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     else:
         raise FailpointHit(name)

@@ -234,6 +234,16 @@ def due_reruns(
     return todo
 
 
+def rerun_possible(sch: ScheduleSettings, last: state.Run, now: datetime) -> bool:
+    """Whether rule 6 will still re-run this crashed or interrupted run (at once or after its backoff):
+    a submit's re-run must start before its slot's cut-off. What `etl status` promises, from the same rule."""
+    if last.job != "submit":
+        return True
+    ended = last.ended_at or last.started_at
+    earliest = ended if last.attempt < 3 else ended + backoff(sch, last.attempt)
+    return max(now, earliest) < cutoff(sch, last.slot)
+
+
 def retry_pending(sch: ScheduleSettings, db: Databases, now: datetime) -> bool:
     """A slot that rule 6 will re-run later (backoff not over yet): keep looking every tick."""
     with reading(db.main) as conn:

@@ -87,7 +87,13 @@ def recovery_problems(sch: ScheduleSettings, runs: list[state.Run], now: datetim
         newest.setdefault(r.job, r)
     out = []
     for job, r in newest.items():
-        if r.outcome == "crashed":
+        if r.outcome == "crashed" and not recovery.rerun_possible(sch, r, now):
+            out.append(
+                f"last submit run crashed ({r.detail}) and its slot {isoformat(r.slot)} is past "
+                f"schedule.retry_until {sch.retry_until}: it is not re-run; the next night's submit takes "
+                "what it left queued"
+            )
+        elif r.outcome == "crashed":
             out.append(f"last {job} run crashed ({r.detail}); the daemon re-runs it once it is leader")
         elif job == "submit" and r.outcome == "partial" and now >= recovery.cutoff(sch, r.slot):
             out.append(

@@ -16,12 +16,12 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
 from etl import config as config_mod
-from etl import liveness, recovery
+from etl import liveness, recovery, status
 from etl.daemon import Daemon
 from etl.emulator import EmulatorControl
 from etl.notify import Notifier
@@ -327,3 +327,30 @@ def test_a_submit_stopped_by_a_429_is_retried_the_same_night_with_backoff(
     assert query(sqlite_url, "SELECT count(*) FROM etl_queue WHERE status = 'submitted'")[0][0] == 5
     assert control.ledger()["requests_created"] == 5
     assert p.terminate() == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    job=st.sampled_from(["submit", "collect"]),
+    attempt=st.integers(1, 4),
+    later=st.timedeltas(min_value=timedelta(0), max_value=timedelta(hours=30)),
+)
+def test_status_promises_a_rerun_of_a_crashed_run_exactly_when_the_daemon_would_make_one(
+    rt: Harness, job: str, attempt: int, later: timedelta
+) -> None:
+    """`etl status` said "the daemon re-runs it" of a crashed submit past schedule.retry_until, which the
+    daemon gives up (a test that ran after 06:00 UTC found it). The promise and the rule must agree."""
+    slot = datetime(2026, 6, 4, tzinfo=UTC)
+    sch = rt.config.schedule
+    with rt.engine.begin() as conn:
+        conn.execute(text("DELETE FROM etl_runs"))
+        for n in range(1, attempt + 1):
+            state.start_run(conn, job, slot, f"r{n}", "h", slot, attempt=n)
+            state.finish_run(conn, f"r{n}", "crashed", "its process died", slot)
+        runs = state.last_runs(conn)
+    now = slot + later
+    promised = "re-runs it" in " ".join(status.recovery_problems(sch, runs, now))
+    # the first instants the daemon's rule could re-run it: now, or once the backoff is over
+    instants = (now, max(now, slot + recovery.backoff(sch, attempt)))
+    rerun = any(recovery.due_reruns(sch, rt.db, t, (job,)) for t in instants)
+    assert promised == rerun, (now, status.recovery_problems(sch, runs, now))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from etl.emulator import EmulatorControl
 from tests.conftest import run_etl, write_config
 from tests.daemon.conftest import QUEUE_INSERT, EtlProcess, execute, nightly, query, wait_for
+from tests.daemon.test_crash_recovery import midnight_offset
 from tests.pg_roles import granted
 
 NIGHTLY = 6
@@ -26,21 +28,25 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
         execute(g.url("producer"), QUEUE_INSERT, nightly(NIGHTLY))
         daemon_url = g.url("daemon")
         cfg = str(write_config(tmp_path, **{"live.poll_seconds": 0.5}))
+        # Just after the nightly slot, whatever the hour: the crashed submit is re-run only before
+        # schedule.retry_until (06:00), so on the wall clock this test would fail every afternoon.
+        at = str(midnight_offset(control, timedelta(minutes=5)))
+
+        def env_of(**extra: str) -> dict[str, str]:
+            return etl_env(daemon_url, config=cfg, ETL_CLOCK_OFFSET_SECONDS=at, **extra)
 
         def statuses() -> dict[str, str]:
             return dict(query(g.owner_url, "SELECT doc_key, status FROM etl_queue"))
 
         # Submit, killed right after the API accepted the batch and before its id was recorded.
         first = spawn(
-            etl_env(
-                daemon_url, config=cfg, ETL_DAEMON_RUN_NOW="submit", ETL_FAILPOINTS="submit.after_create=kill"
-            ),
+            env_of(ETL_DAEMON_RUN_NOW="submit", ETL_FAILPOINTS="submit.after_create=kill"),
             "--log-json",
             "run",
         )
         assert first.proc.wait(60) == -signal.SIGKILL, first.output()
         # The restart adopts that batch (recovery, reconcile) and answers an urgent row live.
-        second = spawn(etl_env(daemon_url, config=cfg), "--log-json", "run")
+        second = spawn(env_of(), "--log-json", "run")
         wait_for(lambda: second.logged("live_worker_started"), 60, "the live worker to start")
         execute(
             g.url("producer"),
@@ -52,9 +58,19 @@ def test_a_whole_night_with_a_crash_runs_as_the_daemon_role(
             30,
             "the crashed submit's batch to be adopted",
         )
+        wait_for(
+            lambda: (
+                query(g.owner_url, "SELECT outcome FROM etl_runs WHERE job = 'submit' ORDER BY attempt DESC")[
+                    0
+                ][0]
+                == "ok"
+            ),
+            30,
+            "the crashed submit slot to be re-run",
+        )
         assert second.terminate() == 0, second.output()
         # The morning: collect as the daemon role, until the batch has ended and is in.
-        env = etl_env(daemon_url, config=cfg)
+        env = env_of()
         wait_for(
             lambda: run_etl(["collect"], env).returncode == 0 and set(statuses().values()) == {"done"},
             60,

@@ -785,6 +785,11 @@ def cmd_reconcile(parts: Parts, args: argparse.Namespace) -> int:
         f"released {out.released_claims} expired claim(s); adopted {out.adopted}, released {out.released_unknown}, "
         f"still unknown {out.still_unknown}; {len(out.unmatched_remote)} remote batch(es) match no record"
     )
+    if out.paused is not None:  # the API refused the list: the key, billing or a spend limit
+        from etl import submitter
+
+        print(f"etl: {submitter.paused_message(out.paused)}", file=sys.stderr)
+        return SubmissionPaused.exit_code
     return 0
 
 

@@ -64,11 +64,17 @@ def collect(
     """Collect every batch that has ended: its results into the warehouse, its rows settled."""
     # The SDK loads on a thread (1-3 s of CPU) while the database works: reconciliation's own part and,
     # when the SDK is not loaded yet (`etl collect`, not the daemon), the sent rows of the first open
-    # batch, which a collect reads next anyway once that batch has ended.
-    api.warm()
+    # batch, which a collect reads next anyway once that batch has ended. Nothing open and nothing to
+    # reconcile: no API call, so no SDK (remote batches matching no record are then reported by the next
+    # run that has something to ask, or by `etl reconcile`).
+    asks = collector.may_call_api(db)
+    if asks:
+        api.warm()
     me = life.hold(db.main, me)
     recovery.sweep(db, me.owner, clock())  # the dead-owner rules (etl.recovery), as the daemon applies them
     reconciled = reconciler.release_expired(db, clock())
+    if not asks:
+        return collector.run(cfg, db, api, clock, should_stop, paused=reconciled.paused)
     preloaded = collector.preload(db, api)
     # Unknown creates whose batch has ended can now be confirmed by their custom_ids and collected at once.
     reconciler.match_remote(cfg, db, api, reconciled, clock, should_stop)

@@ -190,8 +190,8 @@ def may_call_api(db: Databases) -> bool:
 
 def _has_unknown(ctx: _Ctx) -> bool:
     """An unknown create waits for the API's list (the API's part of reconciliation). Without one, a run that
-    claimed nothing skips the list: remote batches matching no record are reported by the next collect
-    or `etl reconcile`, which list every time."""
+    claimed nothing skips the list: remote batches matching no record are reported by the next run that
+    asks the API anything (a submit that sends, a collect with a batch open) or by `etl reconcile`."""
     with reading(ctx.db.main) as conn:
         return bool(intents.with_status(conn, BatchStatus.UNKNOWN))
 

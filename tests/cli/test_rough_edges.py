@@ -47,8 +47,9 @@ def test_a_wrong_key_pauses_and_exits_75_at_the_first_command_that_asks_the_api(
     config_file: Callable[..., Path],
 ) -> None:
     """One behaviour: the first command that calls the API with a wrong key pauses submission and exits
-    75 in one line, and so does every later one. A submit on an empty queue calls no API (issue 23: it
-    does not even load the SDK), so it learns nothing about the key: it exits 0 and pauses nothing."""
+    75 in one line, and so does every later one that calls it. A submit on an empty queue and a collect
+    with no batch open call no API (issue 23: they do not even load the SDK), so they learn nothing about
+    the key: they exit 0 and pause nothing; `etl reconcile` always lists the API's batches."""
     insert_docs(
         runtime, [{"doc_key": f"d{i}", "body": f"document {i}", "task": "default"} for i in range(queued)]
     )
@@ -56,9 +57,10 @@ def test_a_wrong_key_pauses_and_exits_75_at_the_first_command_that_asks_the_api(
     if queued:
         first = run_etl(["submit"], env)
     else:
-        idle = run_etl(["submit"], env)
-        assert idle.returncode == 0 and pause_reason(runtime) is None, (idle.stdout, idle.stderr)
-        first = run_etl(["collect", "--no-report"], env)  # collect always lists the API's batches
+        for command in (["submit"], ["collect", "--no-report"]):
+            idle = run_etl(command, env)
+            assert idle.returncode == 0 and pause_reason(runtime) is None, (idle.stdout, idle.stderr)
+        first = run_etl(["reconcile"], env)
     assert first.returncode == 75, (first.returncode, first.stdout, first.stderr)
     assert "Traceback" not in first.stderr
     lines = [line for line in first.stderr.splitlines() if line.startswith("etl: ")]
@@ -67,9 +69,12 @@ def test_a_wrong_key_pauses_and_exits_75_at_the_first_command_that_asks_the_api(
     # Nothing was sent, and every row is back in the queue with its attempts untouched.
     assert EmulatorControl(keyed_emulator.base_url).ledger().get("batches_created", 0) == 0
     assert all(r["status"] == "queued" and r["attempts"] == 0 for r in queue_rows(runtime).values())
-    # Paused: every later submit and collect says so with the same code.
+    # Paused: every later submit and reconcile says so with the same code; a collect with nothing open
+    # asks the API nothing (the pause is still named by `etl status --check`).
     assert run_etl(["submit"], env).returncode == 75
-    assert run_etl(["collect", "--no-report"], env).returncode == 75
+    assert run_etl(["reconcile"], env).returncode == 75
+    assert run_etl(["collect", "--no-report"], env).returncode == 0
+    assert run_etl(["status", "--check"], env).returncode == 1
 
 
 def intents(rt: Harness) -> list[str]:

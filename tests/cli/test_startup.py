@@ -55,3 +55,25 @@ def test_submit_loads_the_sdk_when_there_is_something_to_send(
     loaded, rc, out = probe(["submit"], env)
     assert loaded and rc == 0 and "submitted 1 document(s) in 1 batch(es)" in out, out
     assert len(control.ledger()["billed"]) == 0  # created, not yet processed: nothing billed twice
+
+
+def test_collect_with_nothing_open_does_not_load_the_sdk_and_with_a_batch_open_does(
+    db_url: str, emulator: EmulatorServer, control: EmulatorControl, config_file: Callable[..., Path]
+) -> None:
+    """`etl collect` from cron every few minutes: with no batch open and no create to reconcile it asks the
+    API nothing, so it never pays the SDK's import (3.4 s of CPU a run before)."""
+    env = env_for(db_url, emulator, config_file())
+    assert run_etl(["db", "upgrade"], env).returncode == 0
+    loaded, rc, out = probe(["collect"], env)
+    assert rc == 0 and not loaded, out
+    docs = Path(env["ETL_CONFIG"]).with_suffix(".jsonl")
+    docs.write_text('{"doc_key": "a", "body": "some text"}\n', encoding="utf-8")
+    assert run_etl(["enqueue", str(docs)], env).returncode == 0
+    assert run_etl(["submit"], env).returncode == 0
+    loaded, rc, out = probe(["collect"], env)
+    assert rc == 0 and loaded, out  # a batch is open: it is retrieved
+    control.advance(86400)  # the emulator's batches end within a day
+    loaded, rc, out = probe(["collect"], env)
+    assert rc == 0 and loaded and "1 succeeded" in out, out
+    loaded, rc, out = probe(["collect"], env)
+    assert rc == 0 and not loaded, out  # collected: nothing open again

@@ -17,6 +17,7 @@ from etl.errors import clean, describe
 from etl.pricing import Usage
 from etl.store import warehouse
 from etl.store.dialect import Capabilities
+from etl.store.schema import MoneyUnits
 
 
 class Unreadable(Exception):
@@ -173,8 +174,8 @@ def result_row(
     queue_id: int,
     answer: tuple[str, Usage, str, str | None],
     output_json: Any,
-    cost: Decimal,
-    standard: Decimal,
+    cost: Decimal | MoneyUnits,
+    standard: Decimal | MoneyUnits,
     source_id: str | None,
     enqueued_at: datetime | None,
     ended_at: datetime | None,

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from etl.config import ModelPrice, Pricing
-from etl.store.schema import MONEY_UNIT, to_money
+from etl.store.schema import MONEY_SCALE, MONEY_UNIT, MoneyUnits, to_money
 
 MILLION = 1_000_000
 ZERO = Decimal(0).quantize(MONEY_UNIT)
@@ -93,6 +93,14 @@ class Rates:
             + usage.cache_read * self.read
         )
 
+    def money(self, units: int) -> tuple[MoneyUnits, MoneyUnits]:
+        """(batch cost, standard cost) of standard-price `units` as `MoneyUnits`, rounded as `usd` and
+        `batch_usd` round (half-even): the same stored value, in integers only."""
+        return (
+            MoneyUnits(_rescale(units * self.discount, self.scale + self.discount_scale)),
+            MoneyUnits(_rescale(units, self.scale)),
+        )
+
     def usd(self, units: int) -> Decimal:
         """Standard-price units as USD money."""
         return to_money(Decimal(units).scaleb(-self.scale))
@@ -100,6 +108,18 @@ class Rates:
     def batch_usd(self, units: int) -> Decimal:
         """Standard-price units at the batch discount, as USD money."""
         return to_money(Decimal(units * self.discount).scaleb(-(self.scale + self.discount_scale)))
+
+
+def _rescale(n: int, scale: int) -> int:
+    """`n` 10**-scale USD as a whole number of `MONEY_UNIT`, rounded half-even (as `to_money`)."""
+    if scale <= MONEY_SCALE:
+        return n * int(10 ** (MONEY_SCALE - scale))
+    step = int(10 ** (scale - MONEY_SCALE))
+    q, r = divmod(n, step)
+    return q + 1 if 2 * r > step or (2 * r == step and q % 2) else q
+
+
+NO_MONEY = (MoneyUnits(0), MoneyUnits(0))
 
 
 def costs(pricing: Pricing, model: str, usage: Usage) -> tuple[Decimal, Decimal]:
@@ -133,3 +153,10 @@ class Meter:
             return ZERO, ZERO
         units = rates.units(usage)
         return rates.batch_usd(units), rates.usd(units)
+
+    def money(self, model: str, usage: Usage) -> tuple[MoneyUnits, MoneyUnits]:
+        """`costs` as `MoneyUnits`: the collector's per-result pricing, no Decimal made."""
+        rates = self.rates(model)
+        if rates is None:
+            return NO_MONEY
+        return rates.money(rates.units(usage))

@@ -26,13 +26,13 @@ from etl.answer import kind_of as _kind
 from etl.answer import object_in as _object
 from etl.config import Config
 from etl.errors import clean, describe
-from etl.pricing import ZERO, Meter
+from etl.pricing import Meter
 from etl.remote import RemoteBatch
 from etl.store import events, state, warehouse
 from etl.store import queue as q
 from etl.store.batches import Intent
 from etl.store.databases import Databases
-from etl.store.schema import DocStatus
+from etl.store.schema import DocStatus, MoneyUnits
 
 log = structlog.get_logger("etl.collect")
 
@@ -156,7 +156,7 @@ class Chunk:
         answer = checked_answer(message, self.encoder.caps)
         text, usage, model, _ = answer
         output_json = parsed_json(text) if exp.task in self._json_tasks else None
-        cost, standard = self.meter.costs(model, usage)
+        cost, standard = self.meter.money(model, usage)
         row = self.encoder.encode_values(
             result_row(
                 doc_key=exp.doc_key,
@@ -179,7 +179,7 @@ class Chunk:
         self.done.append(qid)
         sums = self._sums.get(exp.task)
         if sums is None:
-            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, ZERO, ZERO]
+            sums = self._sums[exp.task] = [0, 0, 0, 0, 0, 0, 0]  # money in MONEY_UNIT: integers
         sums[0] += 1
         sums[1] += usage.input_tokens
         sums[2] += usage.output_tokens
@@ -228,8 +228,8 @@ class Chunk:
                 output_tokens=out,
                 cache_write_tokens=write,
                 cache_read_tokens=read,
-                cost_usd=cost,
-                standard_cost_usd=standard,
+                cost_usd=MoneyUnits(cost).usd(),
+                standard_cost_usd=MoneyUnits(standard).usd(),
             )
         self._sums.clear()
         return self.tally

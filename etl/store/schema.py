@@ -68,6 +68,25 @@ def to_money(value: Decimal | int | str) -> Decimal:
     return Decimal(value).quantize(MONEY_UNIT, rounding=ROUND_HALF_EVEN)
 
 
+class MoneyUnits(int):
+    """An amount as an integer count of `MONEY_UNIT` (10**-10 USD): how the collector prices a result, so
+    the hot path makes no Decimal (bench/RESULTS.md). `Money` stores it as it is on SQLite and as its
+    exact decimal text on PostgreSQL; `usd` is the Decimal it stands for."""
+
+    __slots__ = ()
+
+    def usd(self) -> Decimal:
+        return Decimal(int(self)).scaleb(-MONEY_SCALE)
+
+
+def money_text(value: Any) -> Any:
+    """A `MoneyUnits` as the decimal text PostgreSQL's COPY reads ("12.0000001000"); anything else as is."""
+    if type(value) is MoneyUnits:
+        whole, frac = divmod(int(value), 10**MONEY_SCALE)
+        return f"{whole}.{frac:0{MONEY_SCALE}d}"
+    return value
+
+
 class Money(TypeDecorator[Decimal]):
     """USD held exactly: `NUMERIC(22, 10)` on PostgreSQL, an INTEGER count of 10**-10 USD on SQLite.
 
@@ -86,6 +105,8 @@ class Money(TypeDecorator[Decimal]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
+        if type(value) is MoneyUnits:
+            return value.usd() if capabilities(dialect).exact_numeric else int(value)
         if isinstance(value, float):
             raise TypeError(f"money must be Decimal, int or str, not float ({value!r})")
         money = to_money(value)

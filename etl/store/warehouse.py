@@ -24,11 +24,12 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from etl.clock import ensure_utc
 from etl.errors import clean, describe, environmental
 from etl.store.dialect import Capabilities, capabilities, insert_for
-from etl.store.schema import UtcDateTime, results
+from etl.store.schema import Money, MoneyUnits, UtcDateTime, money_text, results
 
 COLUMNS = [c.name for c in results.columns]
 UPDATABLE = [c.name for c in results.columns if c.name not in ("doc_key", "task")]
 TIMESTAMPS = {c.name for c in results.columns if isinstance(c.type, UtcDateTime)}
+MONEY = {c.name for c in results.columns if isinstance(c.type, Money)}
 LOAD_TABLE = "etl_results_load"
 SQLITE_ROWS_PER_STATEMENT = 500
 
@@ -50,16 +51,27 @@ class Encoder:
         self.dialect = self.caps.name  # what `Encoded` carries, checked against the connection by `write`
         self._values = operator.itemgetter(*COLUMNS)
         steps: list[Callable[[Any], Any] | None]
-        if self.caps.bulk_copy:  # COPY text format: None is NULL, datetimes and JSON as text
+        if self.caps.bulk_copy:  # COPY text format: None is NULL, datetimes, JSON and money as text
             steps = [
-                _memo(ensure_utc) if name in TIMESTAMPS else json.dumps if name == "output_json" else None
+                _memo(ensure_utc)
+                if name in TIMESTAMPS
+                else json.dumps
+                if name == "output_json"
+                else money_text
+                if name in MONEY
+                else None
                 for name in COLUMNS
             ]
             self._steps = [(i, step, False) for i, step in enumerate(steps) if step is not None]
         else:  # the columns' own bind processors, None included where they make something of it
             _, processors = _sqlite_statement(dialect)
             steps = [
-                _memo(proc) if proc is not None and name in TIMESTAMPS else proc for name, proc in processors
+                _memo(proc)
+                if proc is not None and name in TIMESTAMPS
+                else _units_first(proc)
+                if proc is not None and name in MONEY
+                else proc
+                for name, proc in processors
             ]
             self._steps = [
                 (i, step, step(None) is not None) for i, step in enumerate(steps) if step is not None
@@ -243,6 +255,16 @@ def _sqlite_statement(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[
         (name, results.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in order
     ]
     return compiled.string, processors
+
+
+def _units_first(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """SQLite keeps money as an integer count of MONEY_UNIT: a `MoneyUnits` is that count already (the
+    collector's prices); anything else goes through the column's own processor."""
+
+    def convert(value: Any) -> Any:
+        return int(value) if type(value) is MoneyUnits else process(value)
+
+    return convert
 
 
 def _memo(process: Callable[[Any], Any]) -> Callable[[Any], Any]:

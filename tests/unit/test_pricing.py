@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from etl.config import DEFAULT_PRICES, ModelPrice, Pricing, decimal_of
 from etl.pricing import Meter, Usage, costs
-from etl.store.schema import MONEY_UNIT
+from etl.store.schema import MONEY_UNIT, MoneyUnits
 
 PRICING = Pricing(models=DEFAULT_PRICES)
 
@@ -81,3 +81,39 @@ def test_toml_numbers_are_read_as_written() -> None:
     assert decimal_of(0.1) == Decimal("0.1")
     assert decimal_of(0.8) * 3 == Decimal("2.4")
     assert decimal_of(3) == Decimal(3)
+
+
+FINE_PRICES = st.decimals(min_value=Decimal("0"), max_value=Decimal("100"), places=7)
+FACTORS = st.decimals(min_value=Decimal("0"), max_value=Decimal("3"), places=4)
+
+
+@settings(deadline=None, max_examples=300)
+@given(FINE_PRICES, FINE_PRICES, FACTORS, FACTORS, FACTORS, FACTORS, TOKENS, TOKENS, TOKENS, TOKENS, TOKENS)
+def test_the_collectors_integer_money_is_the_decimal_money_exactly(
+    inp: Decimal,
+    out: Decimal,
+    discount: Decimal,
+    w5m: Decimal,
+    w1h: Decimal,
+    read: Decimal,
+    i: int,
+    o: int,
+    w5: int,
+    w1: int,
+    r: int,
+) -> None:
+    """`Meter.money` (integers of MONEY_UNIT, what the collector stores) rounds as `Meter.costs` (Decimal,
+    half-even) does, also where a price has more places than the stored unit (rounding, not scaling)."""
+    pricing = Pricing(
+        models={"m": ModelPrice(inp, out)},
+        batch_discount=discount,
+        cache_write_5m=w5m,
+        cache_write_1h=w1h,
+        cache_read=read,
+    )
+    meter = Meter(pricing)
+    usage = Usage(i, o, w5, w1, r)
+    batch, standard = meter.money("m", usage)
+    assert (batch.usd(), standard.usd()) == meter.costs("m", usage)
+    assert type(batch) is MoneyUnits and type(standard) is MoneyUnits
+    assert meter.money("unknown", usage) == (0, 0)

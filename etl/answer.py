@@ -48,19 +48,33 @@ def string_in(parent: dict[str, Any], key: str) -> str | None:
 
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 TOKEN_LIMIT = 1 << 40  # far above any answer; keeps the sums inside a BIGINT
+NO_USAGE = Usage()
 
 
 def _usage(value: Any) -> Usage:
     """`usage` as the API gives it: an object of non-negative integer token counts (missing or null: 0)."""
     if value is None:
-        value = {}
+        return NO_USAGE
     if not isinstance(value, dict):
         raise Unreadable(f"unreadable result: `usage` is {kind_of(value)}, not an object")
-    for key in USAGE_KEYS:
+    counts = [0, 0, 0, 0]
+    for i, key in enumerate(USAGE_KEYS):
         n = value.get(key)
-        if n is not None and (type(n) is not int or not 0 <= n < TOKEN_LIMIT):
+        if n is None:
+            continue
+        if type(n) is not int or not 0 <= n < TOKEN_LIMIT:
             raise Unreadable(f"unreadable result: usage.{key} is {clean(repr(n), 60)}, not a token count")
+        counts[i] = n
     detail = value.get("cache_creation")
+    if not counts[2] and (
+        detail is None
+        or (
+            type(detail) is dict
+            and not detail.get("ephemeral_5m_input_tokens")
+            and not detail.get("ephemeral_1h_input_tokens")
+        )
+    ):  # nearly every result: no cache writes, so no breakdown to price (as Usage.from_api reads it)
+        return Usage(counts[0], counts[1], 0, 0, counts[3])
     if detail is not None and not isinstance(detail, dict):
         value = {**value, "cache_creation": None}  # the breakdown is optional: priced at the 5-minute rate
     try:

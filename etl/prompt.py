@@ -8,13 +8,14 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from etl.config import Task
 
 CUSTOM_ID_PREFIX = "q"
+_PREFIX_LEN = len(CUSTOM_ID_PREFIX)
 # A doc_key is part of the warehouse's primary key (doc_key, task). PostgreSQL refuses a btree entry
 # over 2,704 bytes ("index row size ... exceeds btree version 4 maximum 2704"), which once let a long key
 # be sent and billed and then stop every collect. 1,024 bytes of UTF-8 plus a task name of at most 128
@@ -52,9 +53,9 @@ def custom_id(queue_id: int, installation: str | None = None, intent: int | None
     return f"{CUSTOM_ID_PREFIX}{queue_id}_{intent}_{installation}"
 
 
-@dataclass(frozen=True)
-class SentId:
-    """What a custom_id says about itself. `installation`/`intent` are None for a legacy `q<row>`."""
+class SentId(NamedTuple):
+    """What a custom_id says about itself. `installation`/`intent` are None for a legacy `q<row>`.
+    (A tuple: the collector parses one per result line.)"""
 
     queue_id: int
     intent: int | None = None
@@ -65,11 +66,14 @@ def parse_custom_id(cid: object) -> SentId | None:
     """The parts of a custom_id this etl writes; None for anything else (another sender's id)."""
     if not isinstance(cid, str) or not cid.startswith(CUSTOM_ID_PREFIX):
         return None
-    parts = cid[len(CUSTOM_ID_PREFIX) :].split("_")
+    parts = cid[_PREFIX_LEN:].split("_")
+    if len(parts) == 3:
+        row, intent, installation = parts
+        if _digits(row) and _digits(intent) and _INSTALLATION.fullmatch(installation):
+            return SentId(int(row), int(intent), installation)
+        return None
     if len(parts) == 1 and _digits(parts[0]):
         return SentId(int(parts[0]))
-    if len(parts) == 3 and _digits(parts[0]) and _digits(parts[1]) and _INSTALLATION.fullmatch(parts[2]):
-        return SentId(int(parts[0]), int(parts[1]), parts[2])
     return None
 
 
@@ -79,7 +83,7 @@ def queue_id_of(cid: str) -> int | None:
 
 
 def _digits(s: str) -> bool:
-    return s.isascii() and s.isdigit() and len(s) <= 19
+    return len(s) <= 19 and s.isascii() and s.isdigit()
 
 
 _INSTALLATION = re.compile(r"[0-9a-f]{12}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from decimal import Decimal
 from fractions import Fraction
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from etl import answer
 from etl.config import DEFAULT_PRICES, ModelPrice, Pricing, decimal_of
 from etl.pricing import Meter, Usage, costs
 from etl.store.schema import MONEY_UNIT, MoneyUnits
@@ -117,3 +119,48 @@ def test_the_collectors_integer_money_is_the_decimal_money_exactly(
     assert (batch.usd(), standard.usd()) == meter.costs("m", usage)
     assert type(batch) is MoneyUnits and type(standard) is MoneyUnits
     assert meter.money("unknown", usage) == (0, 0)
+
+
+def _usage_as_before(value: Any) -> Usage:
+    """What `answer._usage` returned before its fast path: the checks, then `Usage.from_api`."""
+    detail = value.get("cache_creation")
+    if detail is not None and not isinstance(detail, dict):
+        value = {**value, "cache_creation": None}
+    return Usage.from_api(value)
+
+
+COUNT = st.one_of(st.none(), st.integers(0, 10**6))
+ODD = st.one_of(COUNT, st.integers(-5, 5), st.just(""), st.just("7"), st.just("x"), st.floats(0, 9))
+
+
+@settings(deadline=None, max_examples=400)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "input_tokens": COUNT,
+            "output_tokens": COUNT,
+            "cache_creation_input_tokens": COUNT,
+            "cache_read_input_tokens": COUNT,
+            "cache_creation": st.one_of(
+                st.none(),
+                st.text(max_size=3),
+                st.fixed_dictionaries(
+                    {}, optional={"ephemeral_5m_input_tokens": ODD, "ephemeral_1h_input_tokens": ODD}
+                ),
+            ),
+        },
+    )
+)
+def test_reading_usage_fast_gives_what_the_full_read_gives(value: dict[str, Any]) -> None:
+    """The collector's usage read skips the cache breakdown when nothing was written to the cache; it must
+    give the same counts as the full read, and refuse what the full read refuses."""
+    try:
+        before: Usage | str = _usage_as_before(value)
+    except (TypeError, ValueError):
+        before = "refused"
+    try:
+        after: Usage | str = answer._usage(value)
+    except answer.Unreadable:
+        after = "refused"
+    assert after == before

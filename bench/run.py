@@ -454,7 +454,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--profile",
-        choices=["cprofile", "py-spy"],
+        choices=["cprofile", "py-spy", "py-spy-gil"],
         help="also write a profile of each etl process to the work folder (timings then include the profiler)",
     )
     return p.parse_args(argv)
@@ -507,7 +507,7 @@ class Steps:
                 "etl.cli",
                 command,
             ]
-        if self.args.profile == "py-spy":
+        if self.args.profile in ("py-spy", "py-spy-gil"):
             spy = shutil.which("py-spy") or str(Path(python).parent / "py-spy")
             out = str(workdir / f"{command}.speedscope.json")
             return [
@@ -519,7 +519,9 @@ class Steps:
                 out,
                 "-r",
                 "200",
-                "--idle",
+                # --idle: where the time goes, waits included; --gil: only the thread holding the GIL,
+                # which is where the process's own CPU goes (waits on the database and the socket left out)
+                "--idle" if self.args.profile == "py-spy" else "--gil",
                 "--",
                 python,
                 "-m",

@@ -79,11 +79,14 @@ class MoneyUnits(int):
         return Decimal(int(self)).scaleb(-MONEY_SCALE)
 
 
+_MONEY_TEXT = f"%de-{MONEY_SCALE}"
+
+
 def money_text(value: Any) -> Any:
-    """A `MoneyUnits` as the decimal text PostgreSQL's COPY reads ("12.0000001000"); anything else as is."""
+    """A `MoneyUnits` as the exact decimal text PostgreSQL's COPY reads into a NUMERIC ("1234567e-10" is
+    0.0001234567: numeric input takes an exponent, exactly); anything else as is."""
     if type(value) is MoneyUnits:
-        whole, frac = divmod(int(value), 10**MONEY_SCALE)
-        return f"{whole}.{frac:0{MONEY_SCALE}d}"
+        return _MONEY_TEXT % value
     return value
 
 

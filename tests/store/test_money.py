@@ -18,7 +18,7 @@ NOW = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
 MONEY = st.decimals(min_value=Decimal(0), max_value=Decimal("99999999"), places=10)
 
 
-def result_row(i: int, cost: Decimal, standard: Decimal) -> dict[str, object]:
+def result_row(i: int, cost: object, standard: object) -> dict[str, object]:
     return {
         "doc_key": f"k{i}",
         "task": "default",
@@ -46,13 +46,22 @@ def test_money_round_trips_exactly_and_sums_exactly_through_the_bulk_write_paths
     migrate.upgrade(engine, engine)
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(st.lists(MONEY, min_size=1, max_size=30))
-    def check(amounts: list[Decimal]) -> None:
+    @given(st.lists(st.tuples(MONEY, st.booleans()), min_size=1, max_size=30))
+    def check(generated: list[tuple[Decimal, bool]]) -> None:
+        amounts = [a for a, _ in generated]
+
+        def money(a: Decimal, as_units: bool) -> Decimal | schema.MoneyUnits:
+            # the collector writes integers of the stored unit (schema.MoneyUnits), the rest Decimals
+            return schema.MoneyUnits(int(a.scaleb(schema.MONEY_SCALE))) if as_units else a
+
         with engine.begin() as conn:
             conn.execute(delete(schema.results))
             conn.execute(delete(schema.events))
             # COPY on PostgreSQL, multi-row upserts on SQLite: the collector's own write path
-            warehouse.upsert(conn, [result_row(i, a, a * 2) for i, a in enumerate(amounts)])
+            warehouse.upsert(
+                conn,
+                [result_row(i, money(a, u), money(a * 2, u)) for i, (a, u) in enumerate(generated)],
+            )
             tally = events.Tally()
             for a in amounts:
                 tally.add("succeeded", "default", None, 1, cost_usd=a, standard_cost_usd=a * 2)

@@ -130,3 +130,18 @@ def test_metrics_bench_prints_a_parsable_result_line_with_the_submit_comparison(
         r"slowdown=[-+][\d.]+$",
         last,
     ), last
+
+
+def test_per_result_bench_runs_the_collectors_own_code_on_both_encoders() -> None:
+    """bench/per_result.py calls the collector's internals (`_Pass.sort`, `Chunk.add`): it breaks, and says
+    so here, when they change shape."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "per_result.py"), "--lines", "2000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = re.findall(r"^RESULT db=(\w+) lines=2000 us_per_result=[\d.]+ ratio=[\d.]+$", proc.stdout, re.M)
+    assert found == ["sqlite", "postgresql"], proc.stdout

@@ -22,6 +22,7 @@ from etl import liveness, pipeline, recovery
 from etl.emulator import EmulatorControl, EmulatorServer
 from etl.store import state
 from tests.conftest import API_KEY, ROOT, SharedClock, insert_docs, queue_rows
+from tests.daemon.conftest import wait_for
 from tests.harness import Harness
 from tests.ledger import by_row
 
@@ -136,6 +137,13 @@ def test_a_name_says_alive_or_dead_only_where_its_pid_means_the_same(tmp_path: P
     assert liveness.local_verdict(f"{host}:{pid}:{token}:{boot}:{start}") is None  # before issue 20
 
 
+def backend_alive(rt: Harness, pid: int) -> bool:
+    with rt.engine.connect() as conn:
+        return bool(
+            conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+        )
+
+
 def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
     make_runtime: Callable[..., Harness], db_url: str
 ) -> None:
@@ -154,9 +162,13 @@ def test_a_held_proof_of_life_wins_over_proc_and_a_free_one_is_death(
     if flag == ":L":  # PostgreSQL: the lock is keyed on the whole name, so take it under the liar's name
         conn = rt.engine.connect()
         assert state.hold_owner_lock(conn, liar)
+        backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         conn.commit()
         assert not recovery.owner_dead(rt.db, rt.owner, liar, rt.clock())
         conn.invalidate()
+        # The server ends the session (and frees its locks) after the client has gone: wait for the
+        # backend to be gone, as a process that died is, before asking (CI once asked in between).
+        wait_for(lambda: not backend_alive(rt, backend), 10, "the closed session's backend to exit")
     else:
         assert not recovery.owner_dead(
             rt.db, rt.owner, liar, rt.clock()

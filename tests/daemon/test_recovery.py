@@ -257,6 +257,12 @@ def test_sigstop_inside_the_submit_is_a_crash_the_watchdog_kills_and_the_restart
         timeout=60,
         what="the restarted daemon to send every document",
     )
+    # the rows are committed `submitted` a moment before the run records its outcome
+    wait_for(
+        lambda: query(sqlite_url, "SELECT outcome FROM etl_runs ORDER BY attempt DESC")[0][0] != "running",
+        timeout=60,
+        what="the re-run to finish",
+    )
     runs = query(sqlite_url, "SELECT attempt, outcome FROM etl_runs ORDER BY attempt")
     assert [tuple(r) for r in runs][:1] == [(1, "crashed")] and runs[-1][1] == "ok", runs
     assert second.terminate() == 0

@@ -36,7 +36,7 @@ from etl.store.batches import Intent
 from etl.store.databases import Databases
 from etl.store.dialect import capabilities
 from etl.store.engine import bulk_writes, reading
-from etl.store.schema import BatchStatus, DocStatus
+from etl.store.schema import DocStatus
 from etl.store.warehouse import Encoder
 
 log = structlog.get_logger("etl.collect")
@@ -66,10 +66,7 @@ def may_call_api(db: Databases) -> bool:
     or a claim or send whose lease may have run out: reconciliation turns those into unknown creates).
     Without one a collect has nothing to ask the API, so it never loads the SDK."""
     with reading(db.main) as conn:
-        return bool(
-            intents.open_intents(conn)
-            or intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.CLAIMED, BatchStatus.SENDING)
-        )
+        return bool(intents.open_intents(conn)) or intents.may_need_the_list(conn)
 
 
 def preload(db: Databases, api: Api) -> dict[int, dict[int, Expected]]:

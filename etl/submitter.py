@@ -183,9 +183,7 @@ def may_call_api(db: Databases) -> bool:
     """Something is queued, or an intent may need the API (an unknown create, or a claim or send whose
     lease may have run out: the reconciler turns those into queued rows or unknown creates)."""
     with reading(db.main) as conn:
-        return q.any_queued(conn) or bool(
-            intents.with_status(conn, BatchStatus.UNKNOWN, BatchStatus.CLAIMED, BatchStatus.SENDING)
-        )
+        return q.any_queued(conn) or intents.may_need_the_list(conn)
 
 
 def _has_unknown(ctx: _Ctx) -> bool:

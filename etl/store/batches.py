@@ -101,6 +101,12 @@ def open_intents(conn: Connection) -> list[Intent]:
     return with_status(conn, *OPEN_BATCH_STATUSES)
 
 
+def may_need_the_list(conn: Connection) -> bool:
+    """An intent the API's part of reconciliation may have to look up: an unknown create, or a claim or a
+    send whose lease may have run out (the database's part turns those into unknown creates)."""
+    return bool(with_status(conn, B.UNKNOWN, B.CLAIMED, B.SENDING))
+
+
 def known_batch_ids(conn: Connection) -> set[str]:
     return {r[0] for r in conn.execute(select(batches.c.batch_id).where(batches.c.batch_id.is_not(None)))}
 

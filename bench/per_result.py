@@ -87,7 +87,7 @@ def etl(batch: list[bytes], dialect: object) -> float:
     remote = RemoteBatch("msgbatch_x", "ended", {"succeeded": n}, NOW, None, NOW, None, None, None)
     expected = {q: Expected(f"doc-{q}", "default", 0, "submitted", NOW) for q in range(1, n + 1)}
     chunk = settlement.Chunk(intent, remote, cfg, Encoder(dialect), Meter(cfg.pricing), NOW, True)  # type: ignore[arg-type]
-    read = collector._Pass()
+    read = collector._Pass(suffix=collector.own_suffix(intent))
     started = time.process_time()
     for line in batch:
         answer = read.sort(intent, expected, line)

@@ -26,7 +26,7 @@ from etl.config import Config
 from etl.errors import ProviderError, ResultsGone, clean, describe, environmental
 from etl.memory import gc_paused
 from etl.pricing import Meter
-from etl.prompt import parse_custom_id
+from etl.prompt import id_suffix, parse_custom_id, row_of
 from etl.remote import RemoteBatch
 from etl.settlement import Expected
 from etl.store import batches as intents
@@ -415,6 +415,7 @@ class _Pass:
     elsewhere: dict[int, str] = field(default_factory=dict)  # legacy ids: rows no longer in this intent
     moved: set[int] = field(default_factory=set)  # rows this intent sent that a run before this one settled
     error: str | None = None  # the stream broke
+    suffix: str | None = None  # `prompt.id_suffix` of the intent read (None: a legacy intent)
 
     def sort(
         self, intent: Intent, expected: dict[int, Expected], line: bytes
@@ -424,7 +425,11 @@ class _Pass:
         if cid is None:  # names no row, so settles none (a cut line leaves the batch short)
             self.unreadable.append(clean(bytes(line[:80]).decode("utf-8", "replace"), 80))
             return None
-        kind, qid = whose_line(intent, cid)
+        qid = None if self.suffix is None else row_of(cid, self.suffix)
+        if qid is not None:
+            kind = "row"  # what whose_line says of it, without splitting the id
+        else:
+            kind, qid = whose_line(intent, cid)
         if qid is None:
             self.extras.add(kind, cid)
             return None
@@ -452,7 +457,7 @@ def _read_pass(
     """Read the stream once, handing the results to the writer chunk by chunk. Raises `ResultsGone`."""
     assert intent.batch_id is not None
     settings = ctx.config.collect
-    read = _Pass()
+    read = _Pass(suffix=own_suffix(intent))
     chunk = new_chunk()
     # The first chunk is handed over early, so the writer starts while the rest is read.
     limit = min(settings.chunk_size, max(FIRST_CHUNK_MIN, settings.chunk_size // 8))
@@ -552,6 +557,11 @@ class Extras:
             f"{len(self.other_batch)} line(s) for another batch's rows, {len(self.foreign)} for ids never "
             f"sent by this installation, {len(self.duplicates)} duplicate(s); nothing written for them"
         )
+
+
+def own_suffix(intent: Intent) -> str | None:
+    """What every custom_id `intent` sent ends with; None for a legacy intent (ids `q<row>`)."""
+    return None if intent.installation is None else id_suffix(intent.id, intent.installation)
 
 
 def whose_line(intent: Intent, cid: object) -> tuple[str, int | None]:

@@ -50,7 +50,7 @@ def custom_id(queue_id: int, installation: str | None = None, intent: int | None
     """
     if installation is None or intent is None:
         return f"{CUSTOM_ID_PREFIX}{queue_id}"
-    return f"{CUSTOM_ID_PREFIX}{queue_id}_{intent}_{installation}"
+    return f"{CUSTOM_ID_PREFIX}{queue_id}{id_suffix(intent, installation)}"
 
 
 class SentId(NamedTuple):
@@ -75,6 +75,22 @@ def parse_custom_id(cid: object) -> SentId | None:
     if len(parts) == 1 and _digits(parts[0]):
         return SentId(int(parts[0]))
     return None
+
+
+def id_suffix(intent: int, installation: str) -> str:
+    """What every custom_id one intent sends ends with (`_<intent>_<installation>`)."""
+    return f"_{intent}_{installation}"
+
+
+def row_of(cid: str, suffix: str) -> int | None:
+    """The row of a custom_id that is exactly `q<digits>` + `suffix` (`id_suffix`), else None: the
+    collector's shortcut for its own lines, the same answer `parse_custom_id` gives for them without
+    splitting the id. Anything else (another intent's, another installation's, a zero-padded intent)
+    is None here and left to `parse_custom_id`."""
+    if not cid.endswith(suffix) or not cid.startswith(CUSTOM_ID_PREFIX):
+        return None
+    row = cid[_PREFIX_LEN : len(cid) - len(suffix)]
+    return int(row) if _digits(row) else None
 
 
 def queue_id_of(cid: str) -> int | None:

@@ -194,3 +194,48 @@ def test_a_batch_body_built_in_one_buffer_is_the_joined_body_and_knows_its_size(
     size = built.size
     body = built.finish()
     assert body == batch_body(taken) and len(body) == size and built.count == len(taken)
+
+
+_DIGITS = (
+    "0123456789\u0660\u0661\u0662"  # Arabic-Indic digits too: str.isdigit() says yes, a custom_id must say no
+)
+_INSTALLATIONS = ["3d1219c7c4c5", "aaaaaaaaaaaa"]
+
+
+def _near(canonical: str, other: list[str]) -> st.SearchStrategy[str]:
+    """Mostly the canonical piece, sometimes a look-alike."""
+    return st.one_of(st.just(canonical), st.just(canonical), st.sampled_from(other))
+
+
+@st.composite
+def _ids_near(draw: st.DrawFn) -> tuple[str, int, str]:
+    """An intent, an installation, and an id that is, or nearly is, one of theirs."""
+    intent = draw(st.sampled_from([7, 8, 70]))
+    inst = draw(st.sampled_from(_INSTALLATIONS))
+    if draw(st.integers(0, 5)) == 0:
+        return draw(st.text(max_size=40)), intent, inst
+    cid = (
+        draw(_near("q", ["Q", "", "qq"]))
+        + draw(st.text(_DIGITS, max_size=22))
+        + draw(_near("_", ["-", "__", ""]))
+        + draw(_near(str(intent), [f"0{intent}", f"{intent}0", "8", ""]))
+        + draw(_near("_", ["-", ""]))
+        + draw(_near(inst, [inst.upper(), inst[:-1], inst + "5", "3d1219c7c4c6"]))
+    )
+    return cid, intent, inst
+
+
+@given(_ids_near())
+def test_the_collectors_shortcut_reads_an_id_as_the_full_parse_does(case: tuple[str, int, str]) -> None:
+    """`row_of` (one endswith, no split) is the collector's shortcut for its own lines: whatever it reads
+    as a row, `parse_custom_id` reads as that row of that intent of that installation; and every id the
+    full parse reads as this intent's row of canonical form, the shortcut reads too."""
+    from etl.prompt import SentId, id_suffix, parse_custom_id, row_of
+
+    cid, intent, inst = case
+    fast = row_of(cid, id_suffix(intent, inst))
+    sent = parse_custom_id(cid)
+    if fast is not None:
+        assert sent == SentId(fast, intent, inst)
+    elif sent is not None and cid == custom_id(sent.queue_id, inst, intent):
+        raise AssertionError(f"{cid!r} is this intent's canonical id, and the shortcut missed it")

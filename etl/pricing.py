@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from etl.config import ModelPrice, Pricing
-from etl.store.schema import MONEY_SCALE, MONEY_UNIT, MoneyUnits, to_money
+from etl.store.schema import MONEY_SCALE, MONEY_UNIT, MoneyUnits
 
 MILLION = 1_000_000
 ZERO = Decimal(0).quantize(MONEY_UNIT)
@@ -94,8 +94,8 @@ class Rates:
         )
 
     def money(self, units: int) -> tuple[MoneyUnits, MoneyUnits]:
-        """(batch cost, standard cost) of standard-price `units` as `MoneyUnits`, rounded as `usd` and
-        `batch_usd` round (half-even): the same stored value, in integers only."""
+        """(batch cost, standard cost) of standard-price `units` in `MONEY_UNIT`, rounded half-even: the
+        one rounding rule of money (`usd` and `batch_usd` are these as Decimal), in integers only."""
         return (
             MoneyUnits(_rescale(units * self.discount, self.scale + self.discount_scale)),
             MoneyUnits(_rescale(units, self.scale)),
@@ -103,15 +103,16 @@ class Rates:
 
     def usd(self, units: int) -> Decimal:
         """Standard-price units as USD money."""
-        return to_money(Decimal(units).scaleb(-self.scale))
+        return MoneyUnits(_rescale(units, self.scale)).usd()
 
     def batch_usd(self, units: int) -> Decimal:
         """Standard-price units at the batch discount, as USD money."""
-        return to_money(Decimal(units * self.discount).scaleb(-(self.scale + self.discount_scale)))
+        return MoneyUnits(_rescale(units * self.discount, self.scale + self.discount_scale)).usd()
 
 
 def _rescale(n: int, scale: int) -> int:
-    """`n` 10**-scale USD as a whole number of `MONEY_UNIT`, rounded half-even (as `to_money`)."""
+    """`n` 10**-scale USD as a whole number of `MONEY_UNIT`, rounded half-even (as `to_money`). Every
+    price etl computes is rounded here, once (tests/unit/test_pricing.py holds it to exact fractions)."""
     if scale <= MONEY_SCALE:
         return n * int(10 ** (MONEY_SCALE - scale))
     step = int(10 ** (scale - MONEY_SCALE))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 from alembic import command
@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, func, select, text
 
+from etl.clock import ensure_utc
 from etl.store import events, migrate, schema, warehouse
 from etl.store.engine import make_engine
 
@@ -140,3 +141,48 @@ def test_migration_0005_converts_float_costs_to_their_decimal_values(db_url: str
     assert saved is not None
     assert saved[1]["tokens_and_cost"]["cost_usd"] == "0.0041086000"
     engine.dispose()
+
+
+AWARE = st.datetimes(
+    min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+) | st.datetimes(
+    min_value=datetime(1970, 1, 2),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.builds(
+        lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-14 * 60 + 1, 14 * 60 - 1)
+    ),
+)
+NAIVE = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1))  # read as UTC
+
+
+def test_timestamps_round_trip_to_the_microsecond_through_the_bulk_write_paths(db_url: str) -> None:
+    """The collector's write path hands COPY its timestamps as text (`warehouse.timestamp_text`), SQLite
+    the column's own processor: any instant, with any offset or none (UTC), reads back as the same
+    instant in UTC, to the microsecond."""
+    engine = make_engine(db_url)
+    migrate.upgrade(engine, engine)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(AWARE | NAIVE, AWARE | NAIVE, AWARE | NAIVE), min_size=1, max_size=30))
+    def check(generated: list[tuple[datetime, datetime, datetime]]) -> None:
+        rows = []
+        for i, (enqueued, ended, collected) in enumerate(generated):
+            row = result_row(i, Decimal(0), Decimal(0))
+            row.update(enqueued_at=enqueued, batch_ended_at=ended, collected_at=collected)
+            rows.append(row)
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # a session zone that is not UTC: the text carries its offset
+                conn.exec_driver_sql("SET LOCAL TIME ZONE 'Asia/Kathmandu'")
+            conn.execute(delete(schema.results))
+            warehouse.upsert(conn, rows)
+        r = schema.results.c
+        with engine.connect() as conn:
+            stored = conn.execute(
+                select(r.enqueued_at, r.batch_ended_at, r.collected_at).order_by(r.queue_id)
+            ).all()
+        assert [tuple(s) for s in stored] == [tuple(map(ensure_utc, g)) for g in generated]
+
+    try:
+        check()
+    finally:
+        engine.dispose()

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
+from etl import memory
+
 if TYPE_CHECKING:
     from etl.config import Config
     from etl.provider import Provider
@@ -26,6 +28,7 @@ class Api:
         def factory() -> Provider:
             from etl.provider import Provider
 
+            memory.freeze_imports()  # the SDK's modules, now loaded, are never garbage
             return Provider(
                 api_key=config.require_api_key(),
                 base_url=config.base_url,

@@ -1,4 +1,4 @@
-"""Garbage collection paused while a batch is built or collected."""
+"""Garbage collection paused while a batch is built or collected; the imported modules kept out of it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,23 @@ from contextlib import contextmanager
 _gc_lock = threading.Lock()
 _gc_pauses = 0  # jobs running inside `gc_paused` (the daemon may run a submit and a collect at once)
 _gc_was_enabled = [True]
+_frozen = threading.Event()
+
+
+def freeze_imports() -> None:
+    """Once a process has loaded what it runs on (the SDK, SQLAlchemy: ~200,000 objects), move every
+    object alive to the collector's permanent generation (`gc.freeze`), once per process.
+
+    Each batch leaves more than a hundred thousand new objects behind (its expected rows), so about one
+    full collection follows each batch, and a full collection visits every object alive: the modules'
+    own objects took 0.13 s of each (measured), 2 s of a million-result collect's 23 s of CPU. Frozen
+    objects are still freed by reference counting; only a reference cycle among objects alive at this
+    instant would never be collected, once (Python's documented use of `gc.freeze` at start-up).
+    """
+    if _frozen.is_set():
+        return
+    _frozen.set()
+    gc.freeze()
 
 
 @contextmanager

@@ -16,8 +16,12 @@ from etl.emulator import EmulatorControl, EmulatorServer
 from tests.cli.test_cli import env_for
 from tests.conftest import ROOT, run_etl
 
-# Runs the command in this process, then says whether the SDK was imported (and the exit code).
-PROBE = "import sys\nfrom etl.cli import main\nrc = main(sys.argv[1:])\nprint('SDK', 'anthropic' in sys.modules, rc)\n"
+# Runs the command in this process, then says whether the SDK was imported, the exit code, and whether
+# the modules loaded were moved out of the garbage collector's way (etl.memory.freeze_imports).
+PROBE = (
+    "import gc, sys\nfrom etl.cli import main\nrc = main(sys.argv[1:])\n"
+    "print('SDK', 'anthropic' in sys.modules, rc, 'frozen', gc.get_freeze_count() > 0)\n"
+)
 
 
 def probe(args: list[str], env: dict[str, str]) -> tuple[bool, int, str]:
@@ -27,7 +31,7 @@ def probe(args: list[str], env: dict[str, str]) -> tuple[bool, int, str]:
         [sys.executable, "-c", PROBE, *args], env=full, capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     last = proc.stdout.strip().splitlines()[-1]
-    _, loaded, rc = last.split()
+    _, loaded, rc, _, _ = last.split()
     return loaded == "True", int(rc), proc.stdout + proc.stderr
 
 
@@ -40,6 +44,7 @@ def test_commands_that_call_no_api_do_not_load_the_sdk(
         loaded, rc, out = probe(args, env)
         assert rc == 0, out
         assert not loaded, (args, out)
+        assert "frozen False" in out, (args, out)
 
 
 def test_submit_loads_the_sdk_when_there_is_something_to_send(
@@ -54,6 +59,8 @@ def test_submit_loads_the_sdk_when_there_is_something_to_send(
     assert run_etl(["enqueue", str(docs)], env).returncode == 0
     loaded, rc, out = probe(["submit"], env)
     assert loaded and rc == 0 and "submitted 1 document(s) in 1 batch(es)" in out, out
+    # with the SDK loaded, its ~200,000 objects leave the collector's full scans (one per batch)
+    assert "frozen True" in out, out
     assert len(control.ledger()["billed"]) == 0  # created, not yet processed: nothing billed twice
 
 

@@ -171,7 +171,8 @@ def test_timestamps_round_trip_to_the_microsecond_through_the_bulk_write_paths(d
             row.update(enqueued_at=enqueued, batch_ended_at=ended, collected_at=collected)
             rows.append(row)
         with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":  # a session zone that is not UTC: the text carries its offset
+            # a session zone that is not UTC: the text must carry its offset
+            if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SET LOCAL TIME ZONE 'Asia/Kathmandu'")
             conn.execute(delete(schema.results))
             warehouse.upsert(conn, rows)

@@ -14,7 +14,6 @@ import operator
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -22,7 +21,7 @@ from sqlalchemy import Connection, Dialect, Engine, column, func, select, table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from etl.clock import ensure_utc
+from etl.clock import isoformat
 from etl.errors import clean, describe, environmental
 from etl.store.dialect import Capabilities, capabilities, insert_for
 from etl.store.schema import Money, MoneyUnits, UtcDateTime, money_text, results
@@ -54,7 +53,7 @@ class Encoder:
         steps: list[Callable[[Any], Any] | None]
         if self.caps.bulk_copy:  # COPY text format: None is NULL, datetimes, JSON and money as text
             steps = [
-                _memo(timestamp_text)
+                _memo(isoformat)  # text, not datetimes: psycopg formats a datetime anew for every row
                 if name in TIMESTAMPS
                 else json.dumps
                 if name == "output_json"
@@ -256,14 +255,6 @@ def _sqlite_statement(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[
         (name, results.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in order
     ]
     return compiled.string, processors
-
-
-def timestamp_text(value: datetime) -> str:
-    """A timestamp as COPY's text for a `timestamptz`: ISO 8601 in UTC with its offset, exact to the
-    microsecond ("2026-12-05T03:00:00.000500+00:00"). Handed a datetime, psycopg formats it anew for every
-    row: 2.5 of the 3.4 us that formatting one result row for COPY took (bench/RESULTS.md); a text is
-    only escaped, and `_memo` makes each distinct one once per chunk."""
-    return ensure_utc(value).isoformat()
 
 
 def _units_first(process: Callable[[Any], Any]) -> Callable[[Any], Any]:

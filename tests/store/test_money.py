@@ -156,7 +156,7 @@ NAIVE = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1,
 
 
 def test_timestamps_round_trip_to_the_microsecond_through_the_bulk_write_paths(db_url: str) -> None:
-    """The collector's write path hands COPY its timestamps as text (`warehouse.timestamp_text`), SQLite
+    """The collector's write path hands COPY its timestamps as text (`clock.isoformat`, UTC as `Z`), SQLite
     the column's own processor: any instant, with any offset or none (UTC), reads back as the same
     instant in UTC, to the microsecond."""
     engine = make_engine(db_url)
